@@ -1,0 +1,20 @@
+"""lmforge: build Transformer language models from scratch around a clear self-attention layer,
+pretrain them, and adapt them with fine-tuning and parameter-efficient methods."""
+
+from .config import PRESETS, ModelConfig
+from .errors import LMForgeError
+from .model import KVCache, ModelCache, ModelOutput, SelfAttention, Transformer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "KVCache",
+    "LMForgeError",
+    "ModelCache",
+    "ModelConfig",
+    "ModelOutput",
+    "SelfAttention",
+    "Transformer",
+    "__version__",
+]

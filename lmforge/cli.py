@@ -1,0 +1,299 @@
+"""The ``lmforge`` command line, generated from typed function signatures.
+
+Each command is a plain, typed Python function in ``COMMANDS`` (the one table of commands). Its
+keyword parameters become ``--key value`` options, positional ones become arguments, a parameter
+typed as a dataclass (e.g. ``model: ModelConfig``) takes ``--model.field value`` options, and the
+first line of its docstring plus its ``Args:`` section become ``--help``. Every command also takes
+``--config FILE.yaml``: a mapping of the same keys (a dataclass parameter as a nested section);
+options on the command line override the file.
+
+User mistakes raise :class:`~lmforge.errors.LMForgeError`; :func:`main` prints them as one line
+(what, where) and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import LMForgeError, did_you_mean
+from .settings import coerce, dataclass_from_dict, dataclass_update, load_yaml, type_name
+
+CommandFn = Callable[..., Any]
+
+
+# ---- the table of commands ---------------------------------------------------------------------
+
+
+def _commands() -> dict[str, CommandFn]:
+    """Name -> function. Imported lazily so ``lmforge --help`` stays fast."""
+    from .commands import attention, presets
+
+    return {
+        "attention": attention,
+        "presets": presets,
+    }
+
+
+# ---- signature -> options ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Option:
+    """One parameter of a command as the command line sees it."""
+
+    name: str
+    annotation: Any
+    default: Any
+    positional: bool
+    help: str
+
+    @property
+    def required(self) -> bool:
+        return self.default is inspect.Parameter.empty
+
+    @property
+    def is_dataclass(self) -> bool:
+        return dataclasses.is_dataclass(self.annotation)
+
+
+def docstring_args(fn: CommandFn) -> dict[str, str]:
+    """Parameter descriptions from the ``Args:`` section of a Google-style docstring."""
+    doc = inspect.getdoc(fn) or ""
+    match = re.search(r"^Args:\n((?:[ \t]+.*\n?|\n)+)", doc, flags=re.MULTILINE)
+    if not match:
+        return {}
+    result: dict[str, str] = {}
+    current = None
+    for line in match.group(1).splitlines():
+        item = re.match(r"^\s{2,8}(\w+)(?: \([^)]*\))?:\s*(.*)$", line)
+        if item:
+            current = item.group(1)
+            result[current] = item.group(2).strip()
+        elif current and line.strip():
+            result[current] += " " + line.strip()
+    return result
+
+
+def options_of(fn: CommandFn) -> list[Option]:
+    hints = typing.get_type_hints(fn)
+    helps = docstring_args(fn)
+    options = []
+    for param in inspect.signature(fn).parameters.values():
+        options.append(
+            Option(
+                name=param.name,
+                annotation=hints.get(param.name, str),
+                default=param.default,
+                positional=param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD),
+                help=helps.get(param.name, ""),
+            )
+        )
+    return options
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake raises LMForgeError (one line, exit 2) instead of printing usage,
+    and options are never abbreviated (a typo is reported, not guessed)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        choice = re.match(r"argument (?:command|COMMAND): invalid choice: '([^']*)'", message)
+        if choice:
+            name = choice.group(1)
+            raise LMForgeError(
+                f"unknown command '{name}'" + did_you_mean(name, _commands()) + " (see lmforge --help)"
+            )
+        raise LMForgeError(f"{message} (see {self.prog} --help)")
+
+
+def _add_command(subparsers: Any, name: str, fn: CommandFn) -> None:
+    doc = inspect.getdoc(fn) or ""
+    summary = doc.splitlines()[0] if doc else ""
+    description = doc.split("\nArgs:")[0].strip()
+    parser = subparsers.add_parser(
+        name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", metavar="FILE.yaml", help="read options from a YAML file (flags override it)"
+    )
+    for option in options_of(fn):
+        if option.positional:  # always optional to argparse: resolve_arguments reports a missing one
+            parser.add_argument(
+                option.name, nargs="?", default=None, metavar=option.name.upper(), help=option.help
+            )
+        elif option.is_dataclass:
+            group = parser.add_argument_group(
+                f"{option.name} ({option.annotation.__name__} fields)", option.help
+            )
+            hints = typing.get_type_hints(option.annotation)
+            for field in dataclasses.fields(option.annotation):
+                flag = f"--{option.name}.{field.name}"
+                group.add_argument(
+                    flag,
+                    dest=f"{option.name}.{field.name}",
+                    default=None,
+                    metavar=_metavar(hints[field.name]),
+                    help=type_name(hints[field.name]),
+                )
+        else:
+            flags = [f"--{option.name}"]
+            if "_" in option.name:
+                flags.append(f"--{option.name.replace('_', '-')}")
+            default = "" if option.required else f" (default: {option.default})"
+            kwargs: dict[str, Any] = {"dest": option.name, "default": None, "help": option.help + default}
+            if option.annotation is bool or option.annotation == bool | None:
+                kwargs.update(nargs="?", const="true", metavar="true|false")
+            else:
+                kwargs["metavar"] = _metavar(option.annotation)
+            parser.add_argument(*flags, **kwargs)
+
+
+def _metavar(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "{" + ",".join(map(str, typing.get_args(annotation))) + "}"
+    return type_name(annotation).split(" ")[0].upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lmforge",
+        description="Build, pretrain and adapt Transformer language models. "
+        "Every command takes --config FILE.yaml plus --key value overrides.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, fn in _commands().items():
+        _add_command(subparsers, name, fn)
+    return parser
+
+
+def resolve_arguments(fn: CommandFn, parsed: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Merge defaults ← ``--config`` file ← command-line values and convert each to its type."""
+    options = options_of(fn)
+    config_path = parsed.pop("config", None)
+    file_values: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    if config_path:
+        file_values, lines = load_yaml(config_path)
+        names = [o.name for o in options]
+        for key in file_values:
+            if key not in names:
+                raise LMForgeError(
+                    f"unknown key '{key}'" + did_you_mean(key, names), file=config_path, line=lines.get(key)
+                )
+
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for option in options:
+        if option.is_dataclass:
+            value = _resolve_dataclass(option, file_values, parsed, config_path, lines)
+        else:
+            raw = parsed.get(option.name)
+            if raw is not None:
+                value = coerce(raw, option.annotation, key=f"--{option.name}")
+            elif option.name in file_values:
+                value = coerce(
+                    file_values[option.name],
+                    option.annotation,
+                    key=option.name,
+                    file=config_path,
+                    line=lines.get(option.name),
+                )
+            elif option.required:
+                label = option.name.upper() if option.positional else f"--{option.name}"
+                raise LMForgeError(f"missing required {label}")
+            else:
+                value = option.default
+        if option.positional:
+            args.append(value)
+        else:
+            kwargs[option.name] = value
+    return args, kwargs
+
+
+def _resolve_dataclass(
+    option: Option,
+    file_values: dict[str, Any],
+    parsed: dict[str, Any],
+    config_path: str | None,
+    lines: dict[str, int],
+) -> Any:
+    """A dataclass parameter: its default, updated by the file's section, then by ``--name.field`` flags."""
+    section = file_values.get(option.name)
+    overrides = {
+        k.split(".", 1)[1]: v for k, v in parsed.items() if k.startswith(option.name + ".") and v is not None
+    }
+    value = None if option.required else option.default
+    if section is not None:
+        prefix = option.name + "."
+        if value is None:
+            value = dataclass_from_dict(
+                option.annotation, section, file=config_path, lines=lines, prefix=prefix
+            )
+        else:
+            value = dataclass_update(value, section, file=config_path, lines=lines, prefix=prefix)
+    if overrides:
+        prefix = f"--{option.name}."
+        if value is None:
+            value = dataclass_from_dict(option.annotation, overrides, prefix=prefix)
+        else:
+            value = dataclass_update(value, overrides, prefix=prefix)
+    if value is None and option.required:
+        raise LMForgeError(
+            f"missing required section '{option.name}' (in --config or as --{option.name}.FIELD)"
+        )
+    return value
+
+
+def _unknown_option(parser: argparse.ArgumentParser, command: str | None, flag: str) -> typing.NoReturn:
+    """Report the first unknown option with the nearest option of the command it was given to."""
+    sub = parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            sub = action.choices[command]
+    known = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
+    what = "option" if flag.startswith("-") else "argument"
+    raise LMForgeError(
+        f"unknown {what} '{flag}'" + did_you_mean(flag.split("=")[0], known) + f" (see {sub.prog} --help)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lmforge`` and ``python -m lmforge``: returns the exit status."""
+    parser = build_parser()
+    try:
+        namespace, extras = parser.parse_known_args(argv)
+        parsed = vars(namespace)
+        if extras:
+            _unknown_option(parser, parsed.get("command"), extras[0])
+        if parsed.pop("version", False):
+            from . import __version__
+
+            print(f"lmforge {__version__}")
+            return 0
+        name = parsed.pop("command", None)
+        if name is None:
+            parser.print_help()
+            return 0
+        fn = _commands()[name]
+        args, kwargs = resolve_arguments(fn, parsed)
+        result = fn(*args, **kwargs)
+        return result if isinstance(result, int) else 0
+    except LMForgeError as err:
+        print(f"lmforge: error: {err.one_line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `lmforge ... | head`
+        return 0

@@ -1,0 +1,188 @@
+"""Norms, MLPs and the Transformer block.
+
+- LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich 2019: no mean, no bias; Llama, T5).
+- The position-wise MLP of Vaswani et al. 2017, and its gated form (Shazeer 2020, "GLU Variants
+  Improve Transformer": SwiGLU = silu(x W_gate) ⊙ x W_up, as in Llama).
+- The block: self-attention, optional cross-attention (encoder-decoder), MLP, each wrapped in a
+  residual connection, with the norm before the sublayer (pre-norm: GPT-2, Llama) or after the
+  residual sum (post-norm: the original Transformer, BERT).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .attention import SelfAttention
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight, computed in fp32 (as Llama and T5 do)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """A LayerNorm or RMSNorm of width ``dim``."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm '{kind}' (layernorm or rmsnorm)")
+
+
+ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+}
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: down(act(up(x))), or down(act(gate(x)) ⊙ up(x)) gated.
+
+    Args:
+        dim: input/output width.
+        hidden_dim: inner width.
+        activation: "gelu", "gelu_tanh", "relu" or "silu".
+        gated: GLU-style (adds ``gate_proj``).
+        bias: bias terms in the projections.
+        dropout: dropout on the inner activations.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        activation: str = "gelu",
+        gated: bool = False,
+        bias: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation '{activation}' (one of {', '.join(ACTIVATIONS)})")
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias) if gated else None
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.act = ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate_proj is not None:
+            hidden = self.act(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            hidden = self.act(self.up_proj(x))
+        return self.down_proj(self.dropout(hidden))
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention (+ cross-attention) + MLP, each with a residual connection and a norm.
+
+    Args:
+        config: the model config (widths, norm, MLP kind, pre/post-norm).
+        causal: self-attention masks future positions (decoder blocks).
+        cross_attention: add a cross-attention sublayer over an encoder memory.
+    """
+
+    def __init__(self, config: ModelConfig, *, causal: bool, cross_attention: bool = False) -> None:
+        super().__init__()
+        self.prenorm = config.prenorm
+
+        def attention(is_causal: bool) -> SelfAttention:
+            return SelfAttention(
+                config.embed_dim,
+                config.num_heads,
+                num_kv_heads=config.num_kv_heads,
+                head_dim=config.head_dim,
+                bias=config.bias,
+                qkv_bias=config.qkv_bias,
+                dropout=config.attn_dropout,
+                causal=is_causal,
+                scale=config.attn_scale,
+            )
+
+        self.attn_norm = make_norm(config.norm, config.embed_dim, config.norm_eps)
+        self.self_attn = attention(causal)
+        self.cross_norm = (
+            make_norm(config.norm, config.embed_dim, config.norm_eps) if cross_attention else None
+        )
+        self.cross_attn = attention(False) if cross_attention else None
+        self.mlp_norm = make_norm(config.norm, config.embed_dim, config.norm_eps)
+        assert config.mlp_hidden_dim is not None
+        self.mlp = MLP(
+            config.embed_dim,
+            config.mlp_hidden_dim,
+            activation=config.activation,
+            gated=config.gated_mlp,
+            bias=config.bias,
+        )
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
+        position_bias: Tensor | None = None,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cross_kv_cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x (B, T, E) -> (x, self-attention α or None, cross-attention α or None)."""
+        self_weights = cross_weights = None
+
+        def sublayer(norm: nn.Module, fn, x: Tensor) -> Tensor:  # noqa: ANN001
+            if self.prenorm:  # x + f(norm(x))
+                return x + self.dropout(fn(norm(x)))
+            return norm(x + self.dropout(fn(x)))  # norm(x + f(x))
+
+        def self_attention(h: Tensor) -> Tensor:
+            nonlocal self_weights
+            out = self.self_attn(
+                h,
+                attention_mask=attention_mask,
+                rope=rope,
+                position_bias=position_bias,
+                kv_cache=kv_cache,
+                need_weights=need_weights,
+            )
+            if need_weights:
+                out, self_weights = out
+            return out
+
+        def cross_attention(h: Tensor) -> Tensor:
+            nonlocal cross_weights
+            assert self.cross_attn is not None
+            out = self.cross_attn(
+                h, memory, attention_mask=memory_mask, kv_cache=cross_kv_cache, need_weights=need_weights
+            )
+            if need_weights:
+                out, cross_weights = out
+            return out
+
+        x = sublayer(self.attn_norm, self_attention, x)
+        if self.cross_attn is not None:
+            if memory is None:
+                raise ValueError("this block has cross-attention: pass the encoder output as memory")
+            x = sublayer(self.cross_norm, cross_attention, x)
+        x = sublayer(self.mlp_norm, self.mlp, x)
+        return x, self_weights, cross_weights

@@ -1,0 +1,30 @@
+#!/bin/sh
+# Create or refresh lmforge's virtual environment.
+#   sh scripts/setup-env.sh [VENV_DIR] [EXTRAS]      e.g.  sh scripts/setup-env.sh .venv test
+# On a machine without an NVIDIA GPU it installs PyTorch's CPU build first: a bare `torch`
+# requirement would otherwise pull the multi-GB CUDA build.
+set -eu
+VENV=${1:-.venv}
+EXTRAS=${2:-}
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip --disable-pip-version-check --quiet"
+
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+        echo "installing PyTorch (CUDA build)"
+        $PIP install "torch>=2.5"
+    else
+        echo "installing PyTorch (CPU build)"
+        $PIP install --retries 1 --timeout 10 "torch==2.13.0" \
+            --extra-index-url https://download.pytorch.org/whl/cpu \
+            || $PIP install "torch>=2.5" --index-url https://download.pytorch.org/whl/cpu
+    fi
+fi
+
+echo "installing lmforge${EXTRAS:+[$EXTRAS]} (editable)"
+$PIP install --editable ".${EXTRAS:+[$EXTRAS]}"
