@@ -18,6 +18,7 @@ import dataclasses
 import inspect
 import re
 import sys
+import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,7 +33,8 @@ CommandFn = Callable[..., Any]
 
 
 def _commands() -> dict[str, CommandFn]:
-    """Name -> function. Imported lazily so ``lmforge --help`` stays fast."""
+    """Name -> function; a name with a space ("tokenizer train") is a command inside a group.
+    Imported lazily so ``lmforge --help`` stays fast."""
     from .commands import attention, presets
 
     return {
@@ -128,8 +130,9 @@ def _add_command(subparsers: Any, name: str, fn: CommandFn) -> None:
     )
     for option in options_of(fn):
         if option.positional:  # always optional to argparse: resolve_arguments reports a missing one
+            nargs = "*" if _is_list(option.annotation) else "?"
             parser.add_argument(
-                option.name, nargs="?", default=None, metavar=option.name.upper(), help=option.help
+                option.name, nargs=nargs, default=None, metavar=option.name.upper(), help=option.help
             )
         elif option.is_dataclass:
             group = parser.add_argument_group(
@@ -158,6 +161,13 @@ def _add_command(subparsers: Any, name: str, fn: CommandFn) -> None:
             parser.add_argument(*flags, **kwargs)
 
 
+def _is_list(annotation: Any) -> bool:
+    """list[...] or list[...] | None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) in (list, tuple)
+
+
 def _metavar(annotation: Any) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         return "{" + ",".join(map(str, typing.get_args(annotation))) + "}"
@@ -172,8 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    groups: dict[str, Any] = {}
     for name, fn in _commands().items():
-        _add_command(subparsers, name, fn)
+        if " " in name:  # "group command": a second level of subcommands
+            group, sub = name.split(" ", 1)
+            if group not in groups:
+                group_parser = subparsers.add_parser(group, help=f"{group} commands ({group} COMMAND --help)")
+                groups[group] = group_parser.add_subparsers(
+                    dest="subcommand", metavar="COMMAND", parser_class=_Parser
+                )
+            _add_command(groups[group], sub, fn)
+        else:
+            _add_command(subparsers, name, fn)
     return parser
 
 
@@ -199,6 +219,8 @@ def resolve_arguments(fn: CommandFn, parsed: dict[str, Any]) -> tuple[list[Any],
             value = _resolve_dataclass(option, file_values, parsed, config_path, lines)
         else:
             raw = parsed.get(option.name)
+            if raw == [] and option.positional:  # nargs="*" with nothing given
+                raw = None
             if raw is not None:
                 value = coerce(raw, option.annotation, key=f"--{option.name}")
             elif option.name in file_values:
@@ -255,12 +277,14 @@ def _resolve_dataclass(
     return value
 
 
-def _unknown_option(parser: argparse.ArgumentParser, command: str | None, flag: str) -> typing.NoReturn:
+def _unknown_option(parser: argparse.ArgumentParser, names: list[str | None], flag: str) -> typing.NoReturn:
     """Report the first unknown option with the nearest option of the command it was given to."""
     sub = parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            sub = action.choices[command]
+    for name in names:  # descend: command, then subcommand of a group
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                sub = action.choices[name]
+                break
     known = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
     what = "option" if flag.startswith("-") else "argument"
     raise LMForgeError(
@@ -275,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         namespace, extras = parser.parse_known_args(argv)
         parsed = vars(namespace)
         if extras:
-            _unknown_option(parser, parsed.get("command"), extras[0])
+            _unknown_option(parser, [parsed.get("command"), parsed.get("subcommand")], extras[0])
         if parsed.pop("version", False):
             from . import __version__
 
@@ -285,6 +309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name is None:
             parser.print_help()
             return 0
+        sub = parsed.pop("subcommand", None)
+        if f"{name} {sub}" in _commands():
+            name = f"{name} {sub}"
+        elif name not in _commands():  # a group given without its command
+            group = [c.split(" ", 1)[1] for c in _commands() if c.startswith(name + " ")]
+            raise LMForgeError(f"'{name}' needs a command: one of {', '.join(group)}")
         fn = _commands()[name]
         args, kwargs = resolve_arguments(fn, parsed)
         result = fn(*args, **kwargs)

@@ -20,9 +20,14 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
         $PIP install "torch>=2.5"
     else
         echo "installing PyTorch (CPU build)"
-        $PIP install --retries 1 --timeout 10 "torch==2.13.0" \
-            --extra-index-url https://download.pytorch.org/whl/cpu \
-            || $PIP install "torch>=2.5" --index-url https://download.pytorch.org/whl/cpu
+        # 1. a CPU wheel already on this machine (pip's find-links), then its dependencies;
+        # 2. else PyTorch's CPU index.
+        if $PIP install --no-index --no-deps "torch==2.13.0" >/dev/null 2>&1; then
+            $PIP install "torch==2.13.0"
+        else
+            $PIP install --retries 1 --timeout 15 "torch>=2.5" --index-url https://download.pytorch.org/whl/cpu \
+                --extra-index-url https://pypi.org/simple
+        fi
     fi
 fi
 

@@ -148,3 +148,32 @@ def test_python_dash_m_and_console_script() -> None:
         check=False,
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_group_commands(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A table name with a space ("group command") becomes a second level of subcommands."""
+    import lmforge.cli as cli
+
+    seen = {}
+
+    def train(files: list[str] | None = None, *, vocab_size: int = 100) -> int:
+        """Train something.
+
+        Args:
+            files: inputs.
+            vocab_size: a size.
+        """
+        seen.update(files=files, vocab_size=vocab_size)
+        return 0
+
+    monkeypatch.setattr(cli, "_commands", lambda: {"thing train": train, "attention": cli_attention})
+    assert main(["thing", "train", "a.txt", "b.txt", "--vocab_size", "7"]) == 0
+    assert seen == {"files": ["a.txt", "b.txt"], "vocab_size": 7}
+    assert main(["thing", "train", "--vocab_sise", "7"]) == 2
+    assert "unknown option '--vocab_sise' (did you mean '--vocab_size'?)" in capsys.readouterr().err
+    assert main(["thing"]) == 2
+    assert "'thing' needs a command: one of train" in capsys.readouterr().err
+
+
+def cli_attention() -> int:
+    return 0
