@@ -1,0 +1,244 @@
+"""Resumable checkpoints: weights, optimizer, RNG states, data position — written atomically.
+
+A checkpoint is a folder ``RUN_DIR/checkpoints/step-00000500/`` holding ``model.safetensors``,
+``optimizer.pt`` (tensors, numbers and lists only, read back with ``torch.load(weights_only=True)``)
+and ``trainer_state.json``. It is built under a temporary name (``.tmp-step-…``), every file
+fsynced, and renamed into place in one step, so a process killed midway leaves the previous
+checkpoint whole; a folder without the ``.tmp`` prefix is always complete. After the rename, the
+run directory's top-level ``model.safetensors`` (a hard link, no copy) and ``trainer_state.json``
+are replaced atomically, so ``lmforge.load(RUN_DIR)`` always sees the newest complete weights.
+
+Exact resume restores the python, numpy and torch (CPU and CUDA) random states and the batch
+source's position (``state_dict()`` / ``load_state_dict()``), after the approach of Hugging Face
+``Trainer._save_rng_state`` and torchtitan's checkpointer.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import LMForgeError
+from ..runs import (
+    STATE_FILE,
+    WEIGHTS_FILE,
+    atomic_write,
+    atomic_write_text,
+    fsync_dir,
+    load_weights,
+    save_weights,
+)
+
+CHECKPOINTS_DIR = "checkpoints"
+OPTIMIZER_FILE = "optimizer.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# ---- JSON with tensors, arrays and tuples (RNG and sampler states) ------------------------------
+
+
+def to_json(obj: Any) -> Any:
+    """A JSON-safe form of ``obj`` that :func:`from_json` turns back into the same values
+    (tensors, numpy arrays and scalars, tuples, bytes are tagged)."""
+    if isinstance(obj, torch.Tensor):
+        array = obj.detach().cpu().contiguous()
+        return {
+            "__tensor__": base64.b64encode(array.view(torch.uint8).numpy().tobytes()).decode("ascii")
+            if array.numel()
+            else "",
+            "dtype": str(array.dtype).removeprefix("torch."),
+            "shape": list(array.shape),
+        }
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, bytes):
+        return {"__bytes__": base64.b64encode(obj).decode("ascii")}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [to_json(v) for v in obj]}
+    if isinstance(obj, list):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def from_json(obj: Any) -> Any:
+    """Inverse of :func:`to_json`."""
+    if isinstance(obj, list):
+        return [from_json(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        dtype = getattr(torch, obj["dtype"])
+        raw = base64.b64decode(obj["__tensor__"])
+        flat = (
+            torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        )
+        return flat.view(dtype).reshape(obj["shape"]).clone()
+    if "__ndarray__" in obj:
+        return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+    if "__bytes__" in obj:
+        return base64.b64decode(obj["__bytes__"])
+    if "__tuple__" in obj:
+        return tuple(from_json(v) for v in obj["__tuple__"])
+    return {k: from_json(v) for k, v in obj.items()}
+
+
+# ---- random states -----------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """The python, numpy and torch random states (CUDA too when present)."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are never listed)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Put ``source``'s bytes at ``target`` atomically: a hard link when the filesystem allows."""
+
+    def write(tmp: Path) -> None:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    atomic_write(target, write)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int = 1,
+) -> Path:
+    """Write a resumable checkpoint of step ``state["step"]`` atomically; keep the newest ``keep``.
+
+    Args:
+        run_dir: the run directory (checkpoints go into its ``checkpoints/`` folder).
+        model: the model; its weights are stored with tied tensors once.
+        optimizer: the optimizer; its state_dict is stored with ``torch.save`` (no custom objects).
+        state: the trainer state (JSON after :func:`to_json`), including ``step``.
+        keep: how many checkpoints to keep (older ones are deleted after the new one is in place).
+
+    Returns:
+        The checkpoint folder.
+    """
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(int(state["step"]))
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state_text = json.dumps(to_json({**state, "checkpoint": f"{CHECKPOINTS_DIR}/{name}"}), indent=1)
+    try:
+        save_weights(model, tmp / WEIGHTS_FILE, metadata={"step": str(state["step"])})
+        atomic_write(tmp / OPTIMIZER_FILE, lambda path: torch.save(optimizer.state_dict(), path))
+        atomic_write_text(tmp / STATE_FILE, state_text)
+        fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. interrupted right after a save)
+            old = root / f".old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(root)
+    # The top level of the run directory shows the newest weights and state.
+    _link_or_copy(final / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
+    atomic_write_text(run_dir / STATE_FILE, state_text)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Load a checkpoint folder (or the newest one of a run directory) into ``model`` and
+    ``optimizer``; returns the trainer state (RNG and data states not yet applied)."""
+    path = Path(path)
+    if not (path / OPTIMIZER_FILE).is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise LMForgeError("no checkpoint to resume from (no checkpoints/step-* folder)", file=path)
+        path = latest
+    try:
+        state = from_json(json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError) as err:
+        raise LMForgeError(f"cannot read the trainer state ({err})", file=path / STATE_FILE) from None
+    load_weights(model, path / WEIGHTS_FILE)
+    if optimizer is not None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        try:
+            saved = torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=True)
+            optimizer.load_state_dict(saved)
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            raise LMForgeError(
+                f"cannot load the optimizer state ({str(err).splitlines()[0]})", file=path / OPTIMIZER_FILE
+            ) from None
+    return state

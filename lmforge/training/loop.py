@@ -1,0 +1,426 @@
+"""The one training loop, for pretraining and fine-tuning alike.
+
+    for each step:  grad_accum micro-batches → objective → loss_sum / targets(window) → backward
+                    → clip → AdamW step → schedule → callbacks (log, evaluate, checkpoint, …)
+
+What varies between pretraining and fine-tuning is the objective (``objective(model, batch) ->
+ObjectiveOutput``), the batches, and whether a PEFT method froze most of the model; never the
+loop (STYLE.md habit 6). After nanoGPT's ``train.py`` (accumulation, clipping, bf16 autocast,
+cosine schedule) with the callback hooks of Hugging Face's ``Trainer``.
+
+Gradient accumulation normalizes by the number of targets of the whole window, counted before
+the first backward, so k micro-batches give the gradient of one batch k times as large — exactly,
+even when micro-batches hold different numbers of targets (padding, masked-LM selections).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LMForgeError
+from ..runs import METRICS_FILE, write_run_metadata
+from .callbacks import Callback, EarlyStopping, JSONLLogger, ProgressBar, TensorBoardLogger, WandbLogger
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .optim import build_optimizer, lr_at, set_lr
+
+Batch = dict[str, Any]
+
+
+class Objective(Protocol):
+    """``objective(model, batch)`` → an output with ``loss_sum`` (scalar tensor, summed over the
+    counted targets), ``num_targets`` (scalar) and ``metrics`` (dict of floats)."""
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Any: ...
+
+
+class TrainingDiverged(LMForgeError):
+    """The loss or the gradient became NaN/inf: training stopped before using it."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint (``trainer_state.json``)."""
+
+    step: int = 0  # optimizer steps taken
+    tokens_seen: int = 0  # input tokens processed (encoder + decoder inputs)
+    train_time_s: float = 0.0  # time spent in training steps (evaluation and saving excluded)
+    eval_time_s: float = 0.0  # time spent evaluating
+    epoch: int = 0  # completed passes over a finite batch source
+    best_eval_loss: float = math.inf
+    evals: list[dict[str, float]] = field(default_factory=list)  # every evaluation, with its step
+    last_loss: float = math.nan  # the loss of the latest step
+    should_stop: bool = False  # set by a callback (early stopping) or the time limit
+    stop_reason: str = ""
+    interrupted: bool = False  # stopped by Ctrl-C (a checkpoint was saved)
+
+
+def default_num_targets(batch: Batch) -> int:
+    """Targets of a token-level batch: labels that are not -100."""
+    return int((batch["labels"] != -100).sum())
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" → CUDA if available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LMForgeError(f"unknown device '{name}'", key="train.device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LMForgeError("device cuda asked for, but no CUDA GPU is available", key="train.device")
+    return device
+
+
+def _count_tokens(batch: Batch) -> int:
+    tokens = 0
+    for key in ("input_ids", "decoder_input_ids"):
+        if isinstance(batch.get(key), Tensor):
+            tokens += batch[key].numel()
+    return tokens
+
+
+class Trainer:
+    """Trains ``model`` with ``objective`` on batches from ``train_data``.
+
+    Args:
+        model: the model (moved to the configured device).
+        objective: ``objective(model, batch) -> ObjectiveOutput`` (lmforge.objectives).
+        train_data: an iterable of batches; re-iterated when it ends (an epoch). For exact
+            resume it also has ``state_dict()`` / ``load_state_dict()`` (its position).
+        config: the :class:`TrainConfig`.
+        eval_data: validation batches, iterated afresh at every evaluation (a list, or an
+            iterable whose ``__iter__`` starts over).
+        callbacks: extra :class:`Callback` objects, called before the built-in ones.
+        run_dir: where config.yaml, tokenizer.json, checkpoints and metrics.jsonl go (None: no
+            files, no checkpoints).
+        tokenizer: saved into the run directory.
+        run_config: the rest of the resolved config, saved as config.yaml (its ``train``
+            section is set from ``config``).
+        num_targets: counts the targets of a batch (default: labels != -100), used to normalize
+            the loss over the accumulation window.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        train_data: Iterable[Batch],
+        *,
+        config: TrainConfig,
+        eval_data: Iterable[Batch] | None = None,
+        callbacks: Sequence[Callback] = (),
+        run_dir: str | Path | None = None,
+        tokenizer: Any = None,
+        run_config: dict[str, Any] | None = None,
+        num_targets: Callable[[Batch], int] | None = None,
+    ) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.objective = objective
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.tokenizer = tokenizer
+        self.run_config = {**(run_config or {}), "train": asdict(config)}
+        self.num_targets = num_targets or default_num_targets
+        self.state = TrainState()
+
+        for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
+            if stack is not None and hasattr(stack, "activation_checkpointing"):
+                stack.activation_checkpointing = config.activation_checkpointing
+        self.forward_model: nn.Module = torch.compile(model) if config.compile else model
+        self.optimizer = build_optimizer(model, config)
+        self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+
+        self.callbacks: list[Callback] = list(callbacks)
+        if config.early_stopping_patience is not None:
+            self.callbacks.append(
+                EarlyStopping(
+                    patience=config.early_stopping_patience, min_delta=config.early_stopping_min_delta
+                )
+            )
+        if self.run_dir is not None:
+            self.callbacks.append(JSONLLogger(self.run_dir / METRICS_FILE, every=config.log_every))
+            if config.tensorboard:
+                self.callbacks.append(TensorBoardLogger(self.run_dir / "tensorboard", every=config.log_every))
+            if config.wandb:
+                self.callbacks.append(
+                    WandbLogger(self.run_dir, config=self.run_config, every=config.log_every)
+                )
+        if config.progress:
+            self.callbacks.append(ProgressBar())
+
+        self._iterator: Iterator[Batch] | None = None
+        self._interrupt_requested = False
+        self._last_saved_step = -1
+        self._last_eval_step = -1
+        self._recent: deque[tuple[int, float]] = deque(maxlen=20)  # (tokens, seconds) of recent steps
+
+    # ---- public API ----------------------------------------------------------------------------
+
+    def fit(self) -> TrainState:
+        """Train until ``max_steps`` (or early stopping, the time limit, Ctrl-C); evaluate and
+        checkpoint along the way and at the end. Returns the final :class:`TrainState`.
+
+        Raises:
+            TrainingDiverged: the loss or gradient norm became NaN/inf (nothing was trained on it).
+        """
+        config = self.config
+        if self.run_dir is not None:
+            write_run_metadata(
+                self.run_dir, model=self.model, tokenizer=self.tokenizer, config=self.run_config
+            )
+        self.model.train()
+        self._iterator = iter(self.train_data)
+        self.state.should_stop = False
+        self._call("on_train_begin")
+        restore_sigint = self._install_sigint()
+        try:
+            while self.state.step < config.max_steps and not self.state.should_stop:
+                start = time.perf_counter()
+                metrics = self._train_step()
+                self.state.train_time_s += time.perf_counter() - start
+                self._call("on_step_end", metrics)
+                step = self.state.step
+                if config.eval_every and step % config.eval_every == 0:
+                    self._evaluate_and_report()
+                if config.max_minutes is not None and self.state.train_time_s >= 60 * config.max_minutes:
+                    self.state.should_stop = True
+                    self.state.stop_reason = f"time limit of {config.max_minutes:g} minutes reached"
+                if self._interrupt_requested:
+                    self.state.should_stop = self.state.interrupted = True
+                    self.state.stop_reason = "interrupted (Ctrl-C)"
+                if self.run_dir is not None and (
+                    (config.save_every and step % config.save_every == 0) or self.state.should_stop
+                ):
+                    self.save()
+            if not self.state.interrupted:
+                if self._last_eval_step != self.state.step:
+                    self._evaluate_and_report()
+                if self.run_dir is not None and self._last_saved_step != self.state.step:
+                    self.save()
+        finally:
+            restore_sigint()
+            self._call("on_train_end")
+        return self.state
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss (per target) and objective metrics over the validation batches
+        (``eval_batches`` of them, or all); {} without validation data."""
+        if self.eval_data is None:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum, targets = 0.0, 0
+        metric_sums: dict[str, float] = {}
+        try:
+            for index, batch in enumerate(self.eval_data):
+                if self.config.eval_batches is not None and index >= self.config.eval_batches:
+                    break
+                batch = self._to_device(batch)
+                with self._autocast():
+                    out = self.objective(self.forward_model, batch)
+                n = int(out.num_targets)
+                loss_sum += float(out.loss_sum)
+                targets += n
+                for key, value in out.metrics.items():
+                    metric_sums[key] = metric_sums.get(key, 0.0) + float(value) * n
+        finally:
+            self.model.train(was_training)
+        if targets == 0:
+            raise LMForgeError("the validation data has no targets to evaluate on")
+        loss = loss_sum / targets
+        metrics = {f"eval_{k}": v / targets for k, v in metric_sums.items() if k != "loss"}
+        metrics.update(eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)))
+        return metrics
+
+    def save(self) -> Path:
+        """Write a resumable checkpoint of the current step into the run directory."""
+        if self.run_dir is None:
+            raise ValueError("this Trainer has no run_dir to save into")
+        path = save_checkpoint(
+            self.run_dir,
+            model=self.model,
+            optimizer=self.optimizer,
+            state=self._state_dict(),
+            keep=self.config.keep_checkpoints,
+        )
+        self._last_saved_step = self.state.step
+        self._call("on_save", path)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> int:
+        """Restore a checkpoint (a ``checkpoints/step-*`` folder, or the newest one of a run
+        directory; default: this trainer's run_dir): weights, optimizer, RNG states, data
+        position, callback states. Returns the step training continues from."""
+        path = Path(path) if path is not None else self.run_dir
+        if path is None:
+            raise ValueError("resume() needs a path when the Trainer has no run_dir")
+        saved = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        for key, value in saved["trainer"].items():
+            if key in TrainState.__dataclass_fields__:
+                setattr(self.state, key, value)
+        self.state.should_stop = self.state.interrupted = False
+        self.state.stop_reason = ""
+        self._last_saved_step = self._last_eval_step = self.state.step
+        if saved.get("data") is not None:
+            if not hasattr(self.train_data, "load_state_dict"):
+                raise LMForgeError(
+                    "the checkpoint holds a data position, but the batch source cannot restore one"
+                )
+            self.train_data.load_state_dict(saved["data"])
+        for key, callback in self._keyed_callbacks().items():
+            if key in saved.get("callbacks", {}):
+                callback.load_state_dict(saved["callbacks"][key])
+        set_rng_state(saved["rng"])
+        return self.state.step
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def _train_step(self) -> dict[str, float]:
+        config = self.config
+        batches = [self._to_device(self._next_batch()) for _ in range(config.grad_accum)]
+        counts = [int(self.num_targets(b)) for b in batches]
+        window_targets = max(sum(counts), 1)  # normalize by the targets of the whole window
+        lr = lr_at(self.state.step, config)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        metric_sums: dict[str, float] = {}
+        for index, (batch, count) in enumerate(zip(batches, counts, strict=True)):
+            with self._autocast():
+                out = self.objective(self.forward_model, batch)
+            value = float(out.loss_sum.detach())
+            if not math.isfinite(value):
+                raise self._diverged(f"the loss is {value}", micro_batch=index)
+            (out.loss_sum / window_targets).backward()
+            loss_sum += value
+            for key, metric in out.metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(metric) * count
+        grad_norm = float(
+            torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip or math.inf, foreach=True)
+        )
+        if not math.isfinite(grad_norm):
+            raise self._diverged(f"the gradient norm is {grad_norm}")
+        self.optimizer.step()
+
+        self.state.step += 1
+        tokens = sum(_count_tokens(b) for b in batches)
+        self.state.tokens_seen += tokens
+        loss = loss_sum / window_targets
+        self.state.last_loss = loss
+        metrics = {k: v / window_targets for k, v in metric_sums.items() if k != "loss"}
+        metrics.update(loss=loss, lr=lr, grad_norm=grad_norm, tokens=float(self.state.tokens_seen))
+        return metrics
+
+    def _evaluate_and_report(self) -> None:
+        if self.eval_data is None:
+            return
+        start = time.perf_counter()
+        metrics = self.evaluate()
+        self.state.eval_time_s += time.perf_counter() - start
+        self._last_eval_step = self.state.step
+        self.state.best_eval_loss = min(self.state.best_eval_loss, metrics["eval_loss"])
+        self.state.evals.append({"step": self.state.step, **metrics})
+        self._call("on_evaluate", metrics)
+
+    def _next_batch(self) -> Batch:
+        assert self._iterator is not None
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            self.state.epoch += 1
+            self._iterator = iter(self.train_data)
+            try:
+                return next(self._iterator)
+            except StopIteration:
+                raise LMForgeError("the training data yields no batches") from None
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {
+            k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()
+        }
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _diverged(self, what: str, *, micro_batch: int | None = None) -> TrainingDiverged:
+        where = f"step {self.state.step + 1}"
+        if micro_batch is not None and self.config.grad_accum > 1:
+            where += f" (micro-batch {micro_batch + 1} of {self.config.grad_accum})"
+        hint = "try a lower --train.lr, --train.precision fp32"
+        if self.config.grad_clip is None:
+            hint += ", --train.grad_clip 1.0"
+        saved = f"; the last checkpoint is step {self._last_saved_step}" if self._last_saved_step >= 0 else ""
+        return TrainingDiverged(f"{what} at {where}: stopped before training on it ({hint}){saved}")
+
+    # ---- callbacks, state, signals -------------------------------------------------------------
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    def _keyed_callbacks(self) -> dict[str, Callback]:
+        """Callbacks under stable keys (class name, numbered when repeated) for checkpoints."""
+        keyed: dict[str, Callback] = {}
+        for callback in self.callbacks:
+            name = type(callback).__name__
+            key, n = name, 1
+            while key in keyed:
+                n += 1
+                key = f"{name}-{n}"
+            keyed[key] = callback
+        return keyed
+
+    def _state_dict(self) -> dict[str, Any]:
+        trainer = asdict(self.state)
+        for key in ("should_stop", "stop_reason", "interrupted"):
+            trainer.pop(key)
+        return {
+            "step": self.state.step,
+            "trainer": trainer,
+            "lr": lr_at(max(self.state.step - 1, 0), self.config),
+            "schedule": self.config.schedule,
+            "rng": rng_state(),
+            "data": self.train_data.state_dict() if hasattr(self.train_data, "state_dict") else None,
+            "callbacks": {k: c.state_dict() for k, c in self._keyed_callbacks().items()},
+        }
+
+    def _install_sigint(self) -> Callable[[], None]:
+        """First Ctrl-C: finish the step, save a checkpoint, stop. Second: abort at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        self._interrupt_requested = False
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._interrupt_requested:
+                raise KeyboardInterrupt
+            self._interrupt_requested = True
+            print(
+                "\nlmforge: interrupted: finishing this step"
+                + (" and saving a checkpoint" if self.run_dir is not None else "")
+                + " (Ctrl-C again to abort)",
+                file=sys.stderr,
+            )
+
+        previous = signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, previous)
