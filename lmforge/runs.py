@@ -204,8 +204,23 @@ def write_run_metadata(
     resolved = run_config(model, tokenizer, config)
     atomic_write_text(folder / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     if tokenizer is not None:
-        atomic_write(folder / TOKENIZER_FILE, lambda tmp: tokenizer.save(tmp))
+        save_tokenizer(tokenizer, folder)
     return resolved
+
+
+def save_tokenizer(tokenizer: Tokenizer, folder: str | Path) -> None:
+    """Write tokenizer.json (and the tokenizer_config.json that ``Tokenizer.save`` puts beside
+    it) into ``folder``, each file atomically."""
+    folder = Path(folder)
+    staging = folder / f".tokenizer.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        tokenizer.save(staging / TOKENIZER_FILE)
+        for written in sorted(staging.iterdir(), key=lambda p: p.name != TOKENIZER_FILE):
+            atomic_write(folder / written.name, lambda tmp, source=written: os.replace(source, tmp))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_run_files(
