@@ -35,11 +35,12 @@ CommandFn = Callable[..., Any]
 def _commands() -> dict[str, CommandFn]:
     """Name -> function; a name with a space ("tokenizer train") is a command inside a group.
     Imported lazily so ``lmforge --help`` stays fast."""
-    from .commands import attention, presets
+    from .commands import attention, presets, tokenizer_train
 
     return {
         "attention": attention,
         "presets": presets,
+        "tokenizer train": tokenizer_train,
     }
 
 

@@ -188,11 +188,11 @@ class Tokenizer:
         return cls(backend, roles)
 
     def save(self, path: str | Path) -> None:
-        """Write ``tokenizer.json`` (a file path, or a folder to hold it); a file named
-        ``tokenizer.json`` also gets a ``tokenizer_config.json`` beside it naming the roles (the
-        Hugging Face convention, so ``transformers`` reads it too)."""
+        """Write ``tokenizer.json``: to ``path`` when it ends in ``.json``, else into the folder
+        ``path``. A file named ``tokenizer.json`` also gets a ``tokenizer_config.json`` beside it
+        naming the roles (the Hugging Face convention, so ``transformers`` reads it too)."""
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() or path.suffix.lower() != ".json":
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(path))

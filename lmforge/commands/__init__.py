@@ -5,5 +5,6 @@ logic of its own. One module per area keeps them short.
 """
 
 from .model_info import attention, presets
+from .tokenizer import tokenizer_train
 
-__all__ = ["attention", "presets"]
+__all__ = ["attention", "presets", "tokenizer_train"]
