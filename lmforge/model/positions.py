@@ -22,6 +22,15 @@ import torch
 from torch import Tensor, nn
 
 
+def check_positions(position_ids: Tensor, max_seq_len: int) -> None:
+    """Explain a position past the end of a table (skipped under torch.compile: it would sync)."""
+    if torch.compiler.is_compiling() or not position_ids.numel():
+        return
+    largest = int(position_ids.max())
+    if largest >= max_seq_len:
+        raise ValueError(f"position {largest} is past max_seq_len {max_seq_len} of the position table")
+
+
 class LearnedPositions(nn.Module):
     """A trainable vector per position, up to ``max_seq_len``."""
 
@@ -32,11 +41,7 @@ class LearnedPositions(nn.Module):
 
     def forward(self, position_ids: Tensor) -> Tensor:
         """position_ids (..., T) integer -> (..., T, dim)."""
-        if position_ids.numel() and int(position_ids.max()) >= self.max_seq_len:
-            raise ValueError(
-                f"position {int(position_ids.max())} is past max_seq_len {self.max_seq_len} "
-                "of the learned position table"
-            )
+        check_positions(position_ids, self.max_seq_len)
         return self.weight[position_ids]
 
 
@@ -60,8 +65,7 @@ class SinusoidalPositions(nn.Module):
 
     def forward(self, position_ids: Tensor) -> Tensor:
         """position_ids (..., T) integer -> (..., T, dim)."""
-        if position_ids.numel() and int(position_ids.max()) >= self.max_seq_len:
-            raise ValueError(f"position {int(position_ids.max())} is past max_seq_len {self.max_seq_len}")
+        check_positions(position_ids, self.max_seq_len)
         return self.table[position_ids]
 
 
