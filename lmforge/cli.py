@@ -36,11 +36,13 @@ def _commands() -> dict[str, CommandFn]:
     """Name -> function; a name with a space ("tokenizer train") is a command inside a group.
     Imported lazily so ``lmforge --help`` stays fast."""
     from .commands import attention, presets, tokenizer_train
+    from .commands.convert import convert
 
     return {
         "attention": attention,
         "presets": presets,
         "tokenizer train": tokenizer_train,
+        "convert": convert,
     }
 
 

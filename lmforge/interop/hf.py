@@ -17,9 +17,7 @@ honour, a missing, unexpected or misshapen tensor each raise a one-line
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -181,11 +179,15 @@ def load_hf_tokenizer(path: str | Path) -> Tokenizer | None:
     from .vocab import special_token_roles, wordpiece_from_vocab
 
     folder = Path(path)
-    roles = special_token_roles(folder)
-    if (folder / "tokenizer.json").is_file():
-        return Tokenizer.from_file(folder / "tokenizer.json", special_tokens=roles or None)
+    if (folder / "tokenizer.json").is_file():  # roles: Tokenizer.from_file reads the companion files
+        tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
+        # A fixed padding/truncation saved in the file is a batching choice, not part of the
+        # vocabulary; transformers switches it off too (lmforge's collators pad batches).
+        tokenizer.backend.no_padding()
+        tokenizer.backend.no_truncation()
+        return tokenizer
     if (folder / "vocab.txt").is_file():
-        backend, roles = wordpiece_from_vocab(folder, roles)
+        backend, roles = wordpiece_from_vocab(folder, special_token_roles(folder))
         return Tokenizer(backend, special_tokens=roles)
     return None
 
@@ -287,39 +289,28 @@ def save_hf(
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
+    from ..runs import atomic_write
+
     atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     write_json(out / "config.json", hf_config)
     if tokenizer is not None:
-        save_tokenizer(tokenizer, out, max_len=config.max_seq_len)
+        save_tokenizer(tokenizer, out)
     return out
 
 
-def save_tokenizer(tokenizer: Tokenizer, out: Path, *, max_len: int) -> None:
-    """tokenizer.json plus the two small files that tell transformers the special tokens."""
-    atomic_write(out / "tokenizer.json", lambda p: tokenizer.save(p))
+def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
+    """tokenizer.json + tokenizer_config.json (the run directory's files, which transformers
+    reads as a ``PreTrainedTokenizerFast``) and special_tokens_map.json."""
+    from ..runs import save_tokenizer as save_run_tokenizer
+
+    save_run_tokenizer(tokenizer, out)
     roles = {
         f"{role}_token": token for role, token in tokenizer.special_tokens.items() if role in TOKEN_ROLES
     }
     write_json(out / "special_tokens_map.json", roles)
-    write_json(
-        out / "tokenizer_config.json",
-        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, **roles},
-    )
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(
-        path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    )
+    from ..runs import atomic_write_text
 
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

@@ -1,0 +1,74 @@
+"""``lmforge convert``: a Hugging Face model folder <-> an lmforge run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..errors import LMForgeError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def convert(
+    source: Path,
+    out: Path,
+    *,
+    to: Literal["hf", "lmforge"],
+    model_type: str | None = None,
+    head: Literal["auto", "lm", "mlm", "classification", "token_classification", "qa", "none"] = "auto",
+    num_labels: int | None = None,
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+) -> int:
+    """Convert a model between lmforge and Hugging Face formats.
+
+    ``--to hf RUN_DIR OUT_DIR`` writes config.json + model.safetensors + tokenizer files that
+    transformers' ``AutoModel*.from_pretrained`` loads with the same outputs (GPT-2, BERT/RoBERTa,
+    Llama/Qwen2/Mistral and T5/mT5 shapes). ``--to lmforge HF_DIR OUT_RUN_DIR`` reads a local
+    Hugging Face folder (safetensors, sharded safetensors or pytorch_model.bin) into an lmforge
+    run directory.
+
+    Args:
+        source: the run directory (or Hugging Face folder) to read.
+        out: the folder to write.
+        to: the format to write: "hf" or "lmforge".
+        model_type: --to hf: the Hugging Face model_type to write, e.g. roberta or mistral
+            (by default gpt2, bert, llama, qwen2 or t5, from the model's shape).
+        head: --to lmforge: the lmforge head to build; auto keeps the checkpoint's own, another
+            head starts freshly initialized (to fine-tune a pretrained backbone).
+        num_labels: --to lmforge: classes of a new classification head.
+        dtype: tensor dtype of the written weights (auto: float32 for lmforge, as is for hf).
+    """
+    from ..interop.hf import is_hf_folder, load_hf_folder, save_hf
+    from ..runs import load, save_run
+
+    if out.exists() and not out.is_dir():
+        raise LMForgeError("the output exists and is not a folder", file=out)
+    torch_dtype = DTYPES.get(dtype)
+    if to == "hf":
+        if head != "auto" or num_labels is not None:
+            raise LMForgeError("--head and --num_labels apply to --to lmforge only", key="head")
+        run = load(source)
+        save_hf(run.model, run.tokenizer, out, model_type=model_type, dtype=torch_dtype)
+        written = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        print(f"wrote a Hugging Face {written['architectures'][0]} ({written['model_type']}) to {out}")
+        return 0
+    if model_type is not None:
+        raise LMForgeError("--model_type applies to --to hf only", key="model_type")
+    if not is_hf_folder(source):
+        raise LMForgeError(
+            "not a Hugging Face model folder (no config.json, or an lmforge config.yaml)", file=source
+        )
+    run = load_hf_folder(
+        source, dtype=torch_dtype, head=None if head == "auto" else head, num_labels=num_labels
+    )
+    save_run(out, model=run.model, tokenizer=run.tokenizer)
+    config = run.model.config
+    print(
+        f"wrote an lmforge run directory to {out}: {config.arch}, {config.num_layers} layers, "
+        f"{config.embed_dim} wide, head {config.head}, {run.model.num_params():,} parameters"
+    )
+    return 0
