@@ -37,12 +37,14 @@ def _commands() -> dict[str, CommandFn]:
     Imported lazily so ``lmforge --help`` stays fast."""
     from .commands import attention, presets, tokenizer_train
     from .commands.convert import convert
+    from .commands.generate import generate
 
     return {
         "attention": attention,
         "presets": presets,
         "tokenizer train": tokenizer_train,
         "convert": convert,
+        "generate": generate,
     }
 
 

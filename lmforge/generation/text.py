@@ -36,14 +36,17 @@ class IncrementalDecoder:
     Args:
         tokenizer: decodes a list of ids to text.
         skip_special_tokens: leave out special tokens (eos, pad, …) as ``decode`` does.
+        prompt_ids: ids already shown (the prompt): context for the first new tokens, not emitted.
     """
 
-    def __init__(self, tokenizer: Decodes, *, skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self, tokenizer: Decodes, *, skip_special_tokens: bool = True, prompt_ids: list[int] | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = []
+        self.ids: list[int] = [int(i) for i in prompt_ids or []]
         self.window_start = 0  # first id of the decoding window (context for the new tokens)
-        self.printed_end = 0  # ids[window_start:printed_end] have been emitted as text
+        self.printed_end = len(self.ids)  # ids[window_start:printed_end] have been emitted as text
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -73,13 +76,21 @@ class TextStreamer:
     to a file (the terminal by default) as tokens arrive.
 
     The streamer protocol: ``put(tokens)`` with the new token of each row (a tensor of shape
-    (1,)) after every step, then ``end()`` once.
+    (1,)) after every step, then ``end()`` once. ``prompt_ids`` (already shown) give the first
+    new tokens their left context, so spacing at the join is right.
     """
 
     def __init__(
-        self, tokenizer: Decodes, *, file: TextIO | None = None, skip_special_tokens: bool = True
+        self,
+        tokenizer: Decodes,
+        *,
+        file: TextIO | None = None,
+        skip_special_tokens: bool = True,
+        prompt_ids: list[int] | None = None,
     ) -> None:
-        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
+        self.decoder = IncrementalDecoder(
+            tokenizer, skip_special_tokens=skip_special_tokens, prompt_ids=prompt_ids
+        )
         self.file = file
         self.text = ""  # everything written so far
 
