@@ -16,6 +16,7 @@ installed libraries are left out. About 1–3 MB of text, depending on the Pytho
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import sys
 import sysconfig
@@ -49,7 +50,7 @@ def python_docs_corpus(*, max_bytes: int | None = None) -> Corpus:
     Raises:
         LMForgeError: this Python installation has neither the topics nor standard-library sources.
     """
-    documents = _topic_documents() + _docstring_documents()
+    documents = list(_documents())
     if not documents:
         raise LMForgeError(
             "this Python installation ships neither pydoc_data nor standard-library sources: "
@@ -64,6 +65,12 @@ def python_docs_corpus(*, max_bytes: int | None = None) -> Corpus:
             size += len(doc.encode("utf-8"))
         documents = kept
     return Corpus.from_texts(documents, name="the Python documentation (pydoc topics + stdlib docstrings)")
+
+
+@functools.lru_cache(maxsize=1)
+def _documents() -> tuple[str, ...]:
+    """All documents, gathered once per process (parsing the standard library takes seconds)."""
+    return tuple(_topic_documents() + _docstring_documents())
 
 
 def _topic_documents() -> list[str]:

@@ -285,7 +285,9 @@ def write_shards(
     ok = False
     try:
         routed = _route(
-            corpus.pieces(chunk_chars=chunk_chars), held_out, cut_char if split == "tail" else None
+            corpus.pieces(chunk_chars=chunk_chars),
+            held_out,
+            cut_char if split == "tail" and validation > 0 else None,
         )
         with tqdm(
             total=num_chars or None,

@@ -6,7 +6,8 @@ are cut only at *safe points* — a single whitespace character between two non-
 where the character, byte-level BPE (GPT-2 pre-tokenizer regex) and WordPiece (BERT pre-tokenizer)
 tokenizers of :mod:`lmforge.tokenizers` split anyway, so tokenizing piece by piece gives exactly
 the tokens of the whole document (a test holds this for tiny chunk sizes). Text with no safe point
-for 16 chunks (e.g. megabytes of unspaced CJK text) is cut hard, and that exactness is lost there.
+for 16 chunks and at least 4 Mi characters (e.g. megabytes of unspaced CJK text) is cut hard, and
+that exactness is lost there.
 
 Mistakes are reported as :class:`~lmforge.errors.LMForgeError` naming the file and where in it: a
 missing or empty file, undecodable bytes (byte offset), a JSONL line that is not JSON or lacks the
@@ -30,6 +31,7 @@ Piece = tuple[str, bool]  # (text, True when this piece ends its document)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DEFAULT_CHUNK_CHARS = 1 << 20  # about 1 MiB of text per piece
 _BLOCK_BYTES = 1 << 16
+_HARD_CUT_CHARS = 1 << 22  # text with no safe point for this long is cut anyway
 _SAFE_CUT = re.compile(r"(?<=\S)\s(?=\S)")  # one whitespace character between two non-space ones
 _SEPARATORS = {"line": re.compile(r"\r?\n"), "blank_line": re.compile(r"\n\s*\n")}
 
@@ -253,14 +255,19 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str]:
 
 
 def _safe_cut(text: str, limit: int) -> int:
-    """The last safe cut position in ``text[: limit + 1]``, else a hard cut when the text is far too
-    long, else 0 (keep reading)."""
+    """Where to cut ``text`` (longer than ``limit``): the last safe point within ``limit``
+    characters, else the first one after it; a hard cut at ``limit`` when none comes within
+    the horizon (16 chunks, at least 4 Mi characters); 0 when none is visible yet (read on)."""
     cut = 0
     for match in _SAFE_CUT.finditer(text, 0, min(len(text), limit + 1)):
         cut = match.start()
-    if cut == 0 and len(text) > 16 * limit:
-        return limit
-    return cut
+    if cut:
+        return cut
+    horizon = max(16 * limit, _HARD_CUT_CHARS)
+    match = _SAFE_CUT.search(text, limit, min(len(text), horizon + 1))
+    if match is not None:
+        return match.start()
+    return limit if len(text) > horizon else 0
 
 
 def _chunk_document(text: str, chunk_chars: int) -> Iterator[Piece]:
