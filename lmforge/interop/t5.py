@@ -74,7 +74,8 @@ class T5(Family):
             raise hf.error("feed_forward_proj", f"{proj!r} is not supported by lmforge")
         # Derived copies that transformers 5 writes; they must agree with feed_forward_proj.
         hf.expect("is_gated_act", [gated], gated)
-        hf.expect("dense_act_fn", [act_name if proj != "gated-gelu" else "gelu_new"], None)
+        dense_act = "gelu_new" if proj == "gated-gelu" else act_name
+        hf.expect("dense_act_fn", [dense_act], dense_act)
         scale = hf.get("scale_decoder_outputs", None, kind=bool)
         tie_key = hf.get("tie_word_embeddings", True, kind=bool)
         scale = tie_key if scale is None else scale
