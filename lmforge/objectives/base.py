@@ -65,11 +65,11 @@ def token_cross_entropy(
     metrics: dict[str, float] = {}
     if n:
         with torch.no_grad():
-            mean = float(loss_sum) / n
+            mean = float(loss_sum.detach()) / n
             metrics["loss"] = mean
             metrics["accuracy"] = float((target_logits.argmax(-1) == targets).sum()) / n
             if bytes_per_token:
-                metrics["bits_per_byte"] = bits_per_byte(float(loss_sum), n * bytes_per_token)
+                metrics["bits_per_byte"] = bits_per_byte(float(loss_sum.detach()), n * bytes_per_token)
     else:
         metrics["loss"] = math.nan
     return ObjectiveOutput(loss_sum=loss_sum, num_targets=count, metrics=metrics)
