@@ -226,3 +226,90 @@ def test_train_from_jsonl_field_and_corpus(tmp_path: Path) -> None:
     assert tok.decode(tok.encode(TEXTS[1])) == TEXTS[1]
     same = Tokenizer.train(Corpus.from_texts(TEXTS), kind="char", vocab_size=1000, show_progress=False)
     assert same.fingerprint == tok.fingerprint
+
+
+# ---- the command ----------------------------------------------------------------------------------
+
+
+def test_tokenizer_train_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from lmforge.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("".join(TEXTS))
+    (corpus / "b.jsonl").write_text("\n".join(json.dumps({"body": t}, ensure_ascii=False) for t in TEXTS))
+    out = tmp_path / "tok"
+    argv = ["tokenizer", "train", str(corpus), "--kind", "bpe", "--vocab_size", "300", "--out", str(out)]
+    assert main([*argv, "--field", "body", "--progress", "false"]) == 0
+    printed = capsys.readouterr().out
+    tok = Tokenizer.from_file(out)
+    assert (
+        f"trained a bpe tokenizer: {tok.vocab_size:,} tokens (7 special) -> {out / 'tokenizer.json'}"
+        in printed
+    )
+    size = 2 * len("".join(TEXTS).encode())
+    assert f"input: {size:,} bytes in {1 + len(TEXTS)} document(s)" in printed
+    tokens = len(tok.encode("".join(TEXTS))) + sum(len(tok.encode(t)) for t in TEXTS)
+    assert f"-> {tokens:,} tokens: {tokens / size:.3f} tokens per byte" in printed
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "extra", "message"),
+    [
+        (None, None, [], "missing required FILES"),
+        ("missing.txt", None, [], "missing.txt: file not found"),
+        ("empty.txt", b"", [], "empty.txt: file is empty"),
+        ("blank.txt", b"  \n\n\t\n", [], "empty corpus: no text to train on"),
+        (
+            "latin1.txt",
+            "caf\u00e9 ok".encode("latin-1"),
+            [],
+            "latin1.txt: not UTF-8 text: undecodable byte at byte offset 3",
+        ),
+        ("d.jsonl", b'{"text": "fine"}\n{oops}\n', [], "d.jsonl:2: not valid JSON"),
+        (
+            "d.jsonl",
+            b'{"text": "fine"}\n',
+            ["--field", "body"],
+            "d.jsonl:1: line has no field 'body' (its keys: text)",
+        ),
+        (
+            "ok.txt",
+            b"some text",
+            ["--kind", "bpe", "--vocab_size", "100"],
+            "key 'vocab_size': vocab_size 100 is too small",
+        ),
+        ("ok.txt", b"some text", ["--kind", "sentencepiece"], "expected one of char, bpe, wordpiece"),
+    ],
+)
+def test_tokenizer_train_bad_input(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    name: str | None,
+    content: bytes | None,
+    extra: list[str],
+    message: str,
+) -> None:
+    from lmforge.cli import main
+
+    files = []
+    if name is not None:
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        files.append(str(path))
+    argv = [
+        "tokenizer",
+        "train",
+        *files,
+        "--kind",
+        "char",
+        "--out",
+        str(tmp_path / "t"),
+        "--progress",
+        "false",
+    ]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmforge: error: ") and err.count("\n") == 1
+    assert message in err
