@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,6 +237,9 @@ class Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self._files
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
     def raw_name(self, key: str) -> str:
         return self.renames.get(key, key)
 
@@ -339,13 +342,14 @@ def fill_model(
     *,
     ignored: Sequence[str] = (),
     optional: Callable[[str], bool] = lambda name: False,
-    hint: Callable[[str], str] = lambda key: "",
+    display: Callable[[str], str] = lambda key: key,
 ) -> list[str]:
     """Copy the checkpoint's tensors into ``model``'s parameters through ``rules``, strictly.
 
     Every parameter must be filled by a rule (or be ``optional``: a new head keeps its fresh
     initialization), every tensor of the checkpoint must be used, a duplicate (alias), or match
-    one of the ``ignored`` regular expressions, and shapes must agree.
+    one of the ``ignored`` regular expressions, and shapes must agree. ``display`` gives the
+    name a missing tensor would have in the file (for the error message).
 
     Returns:
         the names of the lmforge parameters left at their initialization (optional ones absent
@@ -370,7 +374,7 @@ def fill_model(
                     filled.update(rule.lm)
                     continue
                 raise LMForgeError(
-                    f"missing tensor '{rule.hf}' in the checkpoint{hint(rule.hf)}", file=checkpoint.folder
+                    f"missing tensor '{display(rule.hf)}' in the checkpoint", file=checkpoint.folder
                 )
             key = present[0]
             used.update(present)
@@ -387,11 +391,10 @@ def fill_model(
             filled.update(rule.lm)
 
     patterns = [re.compile(p) for p in ignored]
-    for key in checkpoint.keys():  # noqa: SIM118 (a Checkpoint is not a dict)
+    for key in checkpoint:
         if key not in used and not any(p.search(key) for p in patterns):
             raise LMForgeError(
-                f"unexpected tensor '{checkpoint.raw_name(key)}' in the checkpoint: lmforge has no place for it"
-                f"{hint(key)}",
+                f"unexpected tensor '{checkpoint.raw_name(key)}' in the checkpoint: lmforge has no place for it",
                 file=checkpoint.folder,
             )
     unfilled = [name for name in params if name not in filled]

@@ -122,6 +122,14 @@ def load_hf_model(
         kept = {rule.hf for rule in family.rules(config)}
         ignored += [exact(r.hf) for r in family.head_rules(native) if r.hf not in kept and not r.zero]
 
+    backbone = {rule.hf for rule in family.backbone_rules(config)}
+    prefixed = family.base_prefix and any(
+        checkpoint.raw_name(key) != key and key in backbone for key in checkpoint
+    )
+
+    def display(name: str) -> str:  # a missing tensor under the name the file would use
+        return family.base_prefix + name if prefixed and name in backbone else name
+
     with torch.device(device or "cpu"):
         model = Transformer(config)
     fill_model(
@@ -130,6 +138,7 @@ def load_hf_model(
         checkpoint,
         ignored=ignored,
         optional=(lambda name: name.startswith("head.")) if overridden else (lambda name: False),
+        display=display,
     )
     return model.to(dtype=dtype or torch.float32).eval()
 
