@@ -29,7 +29,7 @@ def generate(
     A decoder prints the prompt and its continuation, token by token as they are generated; an
     encoder-decoder prints its output for the prompt as input. Generation stops at the
     tokenizer's end-of-sequence token or after max_new_tokens (fewer when a model with a
-    position table has less room left in its context; a note says so).
+    position table has less room left in its context; a note then says so).
 
     Args:
         model: the run directory (config.yaml, model.safetensors, tokenizer.json).
@@ -67,14 +67,10 @@ def generate(
                 "the prompt is empty and the tokenizer has no eos token to start from", key="prompt"
             )
         ids = [tokenizer.eos_id]
+    asked = max_new_tokens
     if config.position in ABSOLUTE_POSITIONS:  # a position table: the context is a hard limit
         room = config.max_seq_len - (1 if encoder_decoder else len(ids))
         if 0 < room < max_new_tokens:  # (no room at all: generate() explains the prompt is too long)
-            print(
-                f"lmforge: note: the model's context holds {config.max_seq_len} positions: "
-                f"generating at most {room} new tokens",
-                file=sys.stderr,
-            )
             max_new_tokens = room
 
     decoder_start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.pad_id
@@ -103,6 +99,13 @@ def generate(
         new = out[0, 1:] if encoder_decoder else out[0, len(ids) :]
         sys.stdout.write(tokenizer.decode(shown + new.tolist()))
     print()
+    generated = out.shape[1] - (1 if encoder_decoder else len(ids))
+    if max_new_tokens < asked and generated == max_new_tokens:
+        print(
+            f"lmforge: note: stopped after {generated} new tokens: the model's context holds "
+            f"{config.max_seq_len} positions",
+            file=sys.stderr,
+        )
     return 0
 
 
