@@ -388,3 +388,30 @@ def test_python_docs_corpus_is_real_english_of_the_right_size() -> None:
     assert sum(joined.count(w) for w in (" the ", " of ", " and ")) > size / 200  # English prose
     small = list(python_docs_corpus(max_bytes=10_000))
     assert small == docs[: len(small)] and sum(len(d.encode()) for d in small[:-1]) < 10_000
+
+
+@pytest.mark.parametrize("documents", ["file", "blank_line"])
+def test_streaming_a_file_with_tiny_chunks_gives_identical_shards(
+    tokenizers: dict[str, Tokenizer], tmp_path: Path, documents: str
+) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(REAL) + "\n")
+    for kind in ("char", "bpe", "wordpiece"):
+        tok = tokenizers[kind]
+        corpus = Corpus.from_files(path, documents=documents)  # type: ignore[arg-type]
+        whole = write_shards(corpus, tok, tmp_path / f"{kind}-whole", validation=0.2, show_progress=False)
+        tiny = write_shards(
+            corpus, tok, tmp_path / f"{kind}-tiny", validation=0.2, chunk_chars=2, show_progress=False
+        )
+        for split in ("train", "validation"):
+            assert np.array_equal(np.asarray(whole[split].tokens), np.asarray(tiny[split].tokens)), (
+                kind,
+                split,
+            )
+            assert np.array_equal(whole[split].documents, tiny[split].documents)
+        docs = list(corpus)
+        assert len(docs) == (1 if documents == "file" else 6)  # REAL[3] holds a blank line too
+        text = "".join(docs)
+        cut = int(len(text) * 0.8) if documents == "file" else None
+        if cut is not None:  # one document: the split is the character cut, encoded in two parts
+            assert np.asarray(whole["train"].tokens).tolist() == tok.encode(text[:cut])

@@ -296,7 +296,7 @@ def write_shards(
             desc="tokenizing",
             disable=not show_progress,
         ) as bar:
-            for group in _groups(routed, 64):
+            for group in _groups(routed, max_items=1024, max_chars=chunk_chars):
                 ids = tokenizer.encode_many([text for _, text, _ in group])
                 for (name, text, end), piece_ids in zip(group, ids, strict=True):
                     writers[name].add(
@@ -364,12 +364,16 @@ def _route(
         doc += end
 
 
-def _groups(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def _groups(items: Iterable[tuple[str, str, bool]], *, max_items: int, max_chars: int) -> Iterator[list[Any]]:
+    """Pieces in groups of at most ``max_items`` and about ``max_chars`` characters: one call of
+    the (parallel) Rust encoder per group."""
     group: list[Any] = []
+    chars = 0
     for item in items:
         group.append(item)
-        if len(group) == size:
+        chars += len(item[1])
+        if len(group) == max_items or chars >= max_chars:
             yield group
-            group = []
+            group, chars = [], 0
     if group:
         yield group
