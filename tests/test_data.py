@@ -415,3 +415,17 @@ def test_streaming_a_file_with_tiny_chunks_gives_identical_shards(
         cut = int(len(text) * 0.8) if documents == "file" else None
         if cut is not None:  # one document: the split is the character cut, encoded in two parts
             assert np.asarray(whole["train"].tokens).tolist() == tok.encode(text[:cut])
+
+
+@pytest.mark.parametrize("documents", ["file", "line", "blank_line"])
+def test_tiny_read_blocks_give_the_same_documents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, documents: str
+) -> None:
+    import lmforge.data.sources as sources
+
+    path = tmp_path / "c.txt"
+    path.write_text("\n\n".join(REAL) + "\r\nlast line \n\n \n  tail 你好\n")
+    expected = list(Corpus.from_files(path, documents=documents))  # type: ignore[arg-type]
+    monkeypatch.setattr(sources, "_BLOCK_BYTES", 3)  # characters and separators split across blocks
+    assert list(Corpus.from_files(path, documents=documents)) == expected  # type: ignore[arg-type]
+    assert len(expected) == {"file": 1, "line": 11, "blank_line": 7}[documents]

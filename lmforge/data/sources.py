@@ -33,6 +33,7 @@ DEFAULT_CHUNK_CHARS = 1 << 20  # about 1 MiB of text per piece
 _BLOCK_BYTES = 1 << 16
 _HARD_CUT_CHARS = 1 << 22  # text with no safe point for this long is cut anyway
 _SAFE_CUT = re.compile(r"(?<=\S)\s(?=\S)")  # one whitespace character between two non-space ones
+_ONLY_SPACE_LEFT = re.compile(r"\s*\Z")
 _SEPARATORS = {"line": re.compile(r"\r?\n"), "blank_line": re.compile(r"\n\s*\n")}
 
 
@@ -292,7 +293,7 @@ def _split_stream(
         if separator is not None:
             start = 0
             for match in separator.finditer(buffer):
-                if match.end() == len(buffer):  # the separator may continue in the next block
+                if _ONLY_SPACE_LEFT.match(buffer, match.end()):  # it may go on in the next block
                     break
                 yield from _chunk_document(buffer[start : match.start()], chunk_chars)
                 start = match.end()
