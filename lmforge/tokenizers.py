@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -65,7 +64,6 @@ ROLE_NAMES: dict[str, tuple[str, ...]] = {
     "sep": ("[SEP]", "<sep>", "</s>"),
     "mask": ("[MASK]", "<mask>", "<|mask|>"),
 }
-SENTINEL_PATTERN = re.compile(r"<extra_id_(\d+)>")
 _CONFIG_NAME = "tokenizer_config.json"  # Hugging Face's companion file: roles of the specials
 
 
@@ -134,6 +132,8 @@ class Tokenizer:
 
         if kind not in ("char", "bpe", "wordpiece"):
             raise LMForgeError(f"kind = {kind!r}: must be one of char, bpe, wordpiece", key="kind")
+        if lowercase and kind != "wordpiece":
+            raise LMForgeError(f"lowercase applies to wordpiece only, not {kind}", key="lowercase")
         unknown = set(special_tokens or {}) - set(ROLES)
         if unknown:
             raise LMForgeError(f"unknown special-token role(s) {sorted(unknown)} (roles: {', '.join(ROLES)})")
@@ -156,8 +156,9 @@ class Tokenizer:
 
         backend, trainer = _new_backend(kind, specials, vocab_size, min_frequency, lowercase, names)
         corpus = as_corpus(sources, field=field)
-        backend.train_from_iterator(_training_texts(corpus, show_progress), trainer=trainer)
-        if backend.get_vocab_size() <= len(specials):
+        read = [0]  # characters the trainer saw
+        backend.train_from_iterator(_training_texts(corpus, show_progress, read), trainer=trainer)
+        if read[0] == 0:
             raise LMForgeError(f"empty corpus: no text to train on in {corpus.name}")
         first, last = (names["cls"], names["sep"]) if kind == "wordpiece" else (names["bos"], names["eos"])
         backend.post_processor = processors.TemplateProcessing(
@@ -443,8 +444,9 @@ def _new_backend(
     return backend, trainer
 
 
-def _training_texts(corpus: Corpus, show_progress: bool) -> Iterator[list[str]]:
-    """Pieces of the corpus in groups (the Rust trainer takes batches), with a progress bar."""
+def _training_texts(corpus: Corpus, show_progress: bool, read: list[int]) -> Iterator[list[str]]:
+    """Pieces of the corpus in groups (the Rust trainer takes batches), with a progress bar;
+    counts the characters into ``read[0]``."""
     from tqdm.auto import tqdm
 
     total = corpus.num_bytes
@@ -458,6 +460,7 @@ def _training_texts(corpus: Corpus, show_progress: bool) -> Iterator[list[str]]:
         group: list[str] = []
         for text, _ in corpus.pieces(chunk_chars=1 << 16):
             group.append(text)
+            read[0] += len(text)
             bar.update(len(text.encode("utf-8")))
             if len(group) == 256:
                 yield group

@@ -207,8 +207,11 @@ def test_training_errors(tmp_path: Path) -> None:
         Tokenizer.train(iter(TEXTS), kind="bpe", vocab_size=100, show_progress=False)
     with pytest.raises(LMForgeError, match="must be one of char, bpe, wordpiece"):
         Tokenizer.train(iter(TEXTS), kind="unigram", vocab_size=100, show_progress=False)  # type: ignore[arg-type]
-    with pytest.raises(LMForgeError, match="empty corpus"):
-        Tokenizer.train(iter(["   ", "\n"]), kind="char", vocab_size=100, show_progress=False)
+    for kind in ("char", "bpe", "wordpiece"):
+        with pytest.raises(LMForgeError, match="empty corpus"):
+            Tokenizer.train(iter(["   ", "\n"]), kind=kind, vocab_size=300, show_progress=False)  # type: ignore[arg-type]
+    with pytest.raises(LMForgeError, match="lowercase applies to wordpiece only"):
+        Tokenizer.train(iter(TEXTS), kind="bpe", vocab_size=300, lowercase=True, show_progress=False)
     with pytest.raises(LMForgeError, match="file not found"):
         Tokenizer.train(tmp_path / "missing.txt", kind="char", vocab_size=100, show_progress=False)
     with pytest.raises(LMForgeError, match="not in the vocabulary"):
