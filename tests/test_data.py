@@ -250,6 +250,10 @@ def test_shard_errors(tokenizers: dict[str, Tokenizer], tmp_path: Path) -> None:
         TokenShards(tmp_path / "e")
     with pytest.raises(LMForgeError, match="no split 'test'"):
         TokenShards(tmp_path / "ok")["test"]
+    tokens = tmp_path / "ok" / "validation.bin"
+    tokens.write_bytes(tokens.read_bytes()[:-2])  # one token short
+    with pytest.raises(LMForgeError, match="split 'validation' is truncated"):
+        TokenShards(tmp_path / "ok")
 
 
 # ---- batch sources ------------------------------------------------------------------------------

@@ -112,7 +112,12 @@ class TokenShards:
         self.splits: dict[str, ShardSplit] = {}
         for name, info in self.index["splits"].items():
             tokens = np.memmap(self.path / info["tokens"], dtype=self.dtype, mode="r")
-            docs = np.fromfile(self.path / info["documents"], dtype=np.int64).reshape(-1, 3)
+            docs_path = self.path / info["documents"]
+            docs = (
+                np.memmap(docs_path, dtype=np.int64, mode="r").reshape(-1, 3)
+                if docs_path.stat().st_size
+                else np.zeros((0, 3), dtype=np.int64)
+            )
             if tokens.shape[0] != info["num_tokens"] or docs.shape[0] != info["num_documents"]:
                 raise LMForgeError(
                     f"split '{name}' is truncated: its files disagree with the index", file=index_path
@@ -257,7 +262,7 @@ def write_shards(
     if not corpus.reiterable:  # counting needs a first pass: keep one-shot texts in memory
         corpus = Corpus.from_texts(list(corpus.texts or []), name=corpus.name)
 
-    num_docs, num_chars = _count(corpus, chunk_chars) if validation > 0 else (0, 0)
+    num_docs, num_chars = _count(corpus, chunk_chars, show_progress) if validation > 0 else (0, 0)
     if validation > 0 and num_chars == 0:
         raise LMForgeError(f"empty corpus: no non-blank text in {corpus.name}")
     held_out: np.ndarray | None = None
@@ -331,12 +336,18 @@ def write_shards(
     return TokenShards(out)
 
 
-def _count(corpus: Corpus, chunk_chars: int) -> tuple[int, int]:
+def _count(corpus: Corpus, chunk_chars: int, show_progress: bool) -> tuple[int, int]:
     """Documents and characters of a corpus (a first, cheap pass without tokenizing)."""
+    from tqdm.auto import tqdm
+
     docs = chars = 0
-    for text, end in corpus.pieces(chunk_chars=chunk_chars):
-        chars += len(text)
-        docs += end
+    with tqdm(
+        total=corpus.num_bytes, unit="B", unit_scale=True, desc="counting", disable=not show_progress
+    ) as bar:
+        for text, end in corpus.pieces(chunk_chars=chunk_chars):
+            chars += len(text)
+            docs += end
+            bar.update(len(text.encode("utf-8")))
     return docs, chars
 
 
