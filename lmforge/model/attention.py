@@ -94,7 +94,7 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
         # Seam for prefix tuning: a module called with the batch size that returns extra
-        # (keys, values), each (B, Hkv, P, D), seen by every query. None: no prefix.
+        # (keys, values), each (B, Hkv, P, D), seen by every query, or None (no prefix now).
         self.prefix: nn.Module | None = None
 
     def forward(
@@ -163,8 +163,9 @@ class SelfAttention(nn.Module):
             causal=causal,
             device=x.device,
         )
-        if self.prefix is not None:
-            prefix_k, prefix_v = self.prefix(B)  # (B, Hkv, P, D) each
+        prefix = self.prefix(B) if self.prefix is not None else None
+        if prefix is not None:
+            prefix_k, prefix_v = prefix  # (B, Hkv, P, D) each
             k = torch.cat((prefix_k.to(k.dtype), k), dim=2)  # (B, Hkv, P + S, D)
             v = torch.cat((prefix_v.to(v.dtype), v), dim=2)
             mask, bias = prepend_visible_keys(

@@ -82,6 +82,10 @@ class TransformerStack(nn.Module):
         # Pre-norm stacks end with a norm (the residual stream is never normalized otherwise).
         self.norm = make_norm(config.norm, config.embed_dim, config.norm_eps) if config.prenorm else None
         self.activation_checkpointing = False  # recompute block activations in backward to save memory
+        # Seam for prompt tuning: a module called with the batch size that returns P soft-prompt
+        # embeddings (B, P, E) to put before the input, or None. They take positions 0…P−1, every
+        # token sees them, and their outputs are dropped, so callers see (B, T, E) as usual.
+        self.prompt: nn.Module | None = None
 
     def forward(
         self,
@@ -102,6 +106,23 @@ class TransformerStack(nn.Module):
         """
         B, T, _ = embeds.shape
         past = cache[0].length if cache else 0
+        prompt = self.prompt(B) if self.prompt is not None else None  # (B, P, E) or None
+        num_prompt = 0
+        if prompt is not None:
+            num_prompt = prompt.shape[1]
+            if attention_mask is not None and attention_mask.dim() == 2:  # the prompt is always visible
+                visible = torch.ones(B, num_prompt, dtype=attention_mask.dtype, device=attention_mask.device)
+                attention_mask = torch.cat((visible, attention_mask), dim=1)  # (B, P + S)
+            elif attention_mask is not None:
+                raise ValueError("prompt tuning takes a (B, S) padding mask, not a full attention mask")
+            if position_ids is not None:
+                position_ids = position_ids + num_prompt
+            if past == 0:  # the first pass carries the prompt; with a cache, later passes find it there
+                embeds = torch.cat((prompt.to(embeds.dtype), embeds), dim=1)  # (B, P + T, E)
+                if position_ids is not None:
+                    prompt_positions = torch.arange(num_prompt, device=embeds.device)
+                    position_ids = torch.cat((prompt_positions.expand(*position_ids.shape[:-1], -1), position_ids), -1)
+                T = T + num_prompt
         slots = torch.arange(past, past + T, device=embeds.device)  # (T,) positions of the queries
         if position_ids is None:
             position_ids = slots
@@ -143,6 +164,8 @@ class TransformerStack(nn.Module):
                     cross_weights.append(cw)
         if self.norm is not None:
             x = self.norm(x)
+        if num_prompt and past == 0:  # drop the prompt's own outputs
+            x = x[:, num_prompt:]
         if not need_weights:
             return x, None, None
         return x, self_weights, cross_weights or None
