@@ -359,8 +359,14 @@ def fill_model(
     used: set[str] = set()
     filled: set[str] = set()
     fresh: list[str] = []
+    from tqdm.auto import tqdm
+
+    # A bar on a terminal for big checkpoints (disable=None: off when stderr is not a terminal).
+    bar = tqdm(
+        rules, desc="loading weights", unit="tensor", leave=False, disable=None if len(rules) > 200 else True
+    )
     with torch.no_grad():
-        for rule in rules:
+        for rule in bar:
             targets = [params[name] for name in rule.lm]
             if rule.zero:
                 for target in targets:
