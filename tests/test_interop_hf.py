@@ -315,11 +315,12 @@ def test_sharded_safetensors_and_pytorch_bin_folders(tmp_path: Path) -> None:
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 2
     assert_same(reference(ref, inputs), ours(load_hf_model(tmp_path / "sharded"), inputs), inputs)
 
-    folder = tmp_path / "bin"
-    ref.config.save_pretrained(folder)
-    torch.save(ref.state_dict(), folder / "pytorch_model.bin")
-    assert not (folder / "model.safetensors").exists()
-    assert_same(reference(ref, inputs), ours(load_hf_model(folder), inputs), inputs)
+    for legacy in (False, True):  # the zip format (memory-mapped) and the pre-1.6 format
+        folder = tmp_path / f"bin-{legacy}"
+        ref.config.save_pretrained(folder)
+        torch.save(ref.state_dict(), folder / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+        assert not (folder / "model.safetensors").exists()
+        assert_same(reference(ref, inputs), ours(load_hf_model(folder), inputs), inputs)
 
 
 def test_head_override_keeps_backbone_and_starts_a_new_head(tmp_path: Path) -> None:

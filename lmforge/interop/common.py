@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..config import ModelConfig
 from ..errors import LMForgeError, did_you_mean
@@ -208,13 +209,16 @@ class Checkpoint:
                 except (SafetensorError, OSError) as err:
                     raise LMForgeError(f"not a readable safetensors file ({err})", file=path) from None
             else:
-                try:
-                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except Exception as err:  # noqa: BLE001 (pickle refusals come in many types)
-                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                    raise LMForgeError(
-                        f"cannot read as a weights-only PyTorch file ({first})", file=path
-                    ) from None
+                state = None
+                for mmap in (True, False):  # files in the legacy (pre-zip) format cannot be mapped
+                    try:
+                        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+                        break
+                    except Exception as err:  # noqa: BLE001 (pickle refusals come in many types)
+                        text = str(err).strip()
+                        first = text.splitlines()[0] if text else type(err).__name__
+                if state is None:
+                    raise LMForgeError(f"cannot read as a weights-only PyTorch file ({first})", file=path)
                 if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
                     raise LMForgeError("expected a flat mapping of tensor names to tensors", file=path)
                 self._open[path] = state
@@ -359,8 +363,6 @@ def fill_model(
     used: set[str] = set()
     filled: set[str] = set()
     fresh: list[str] = []
-    from tqdm.auto import tqdm
-
     # A bar on a terminal for big checkpoints (disable=None: off when stderr is not a terminal).
     bar = tqdm(
         rules, desc="loading weights", unit="tensor", leave=False, disable=None if len(rules) > 200 else True
@@ -435,12 +437,6 @@ def model_tensors(model: nn.Module, rules: Sequence[Rule], *, name: str) -> dict
     if missing:
         raise LMForgeError(f"cannot export as {name}: no place for parameter '{missing[0]}'", key=missing[0])
     return out
-
-
-def tied(model: nn.Module) -> bool:
-    """Whether the model's head reuses the token embedding matrix."""
-    proj = getattr(getattr(model, "head", None), "proj", None)
-    return proj is not None and proj.weight is model.tok_embed.weight  # type: ignore[union-attr]
 
 
 def check_config(config: ModelConfig, field: str, allowed: Sequence[Any], family: str) -> None:
