@@ -81,7 +81,7 @@ class T5(Family):
         scale = tie_key if scale is None else scale
         d_model = hf.int("d_model", 512)
         # T5EncoderModel checkpoints hold the encoder stack only.
-        encoder_only = any(str(a).endswith("EncoderModel") for a in self_architectures(hf))
+        encoder_only = any(str(a).endswith("EncoderModel") for a in architectures_of(hf))
         arch = "encoder" if encoder_only else "encoder_decoder"
         num_layers = hf.int("num_layers", 6)
         num_decoder_layers = hf.int("num_decoder_layers", num_layers)
@@ -226,7 +226,8 @@ class T5(Family):
             tensors["lm_head.weight"] = tensors["shared.weight"].clone()
 
 
-def self_architectures(hf: HFConfig) -> list[Any]:
+def architectures_of(hf: HFConfig) -> list[Any]:
+    """The class names listed in config.json."""
     return hf.get("architectures", [], kind=list)
 
 
