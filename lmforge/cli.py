@@ -38,6 +38,7 @@ def _commands() -> dict[str, CommandFn]:
     from .commands import attention, presets, tokenizer_train
     from .commands.convert import convert
     from .commands.generate import generate
+    from .commands.pretrain import pretrain
 
     return {
         "attention": attention,
@@ -45,6 +46,7 @@ def _commands() -> dict[str, CommandFn]:
         "tokenizer train": tokenizer_train,
         "convert": convert,
         "generate": generate,
+        "pretrain": pretrain,
     }
 
 

@@ -183,13 +183,12 @@ class LoadedRun:
 
 def run_config(model: Transformer, tokenizer: Tokenizer | None, config: dict[str, Any] | None) -> dict:
     """The config to write: ``config`` with its ``model`` section replaced by the model's real
-    config and the tokenizer's vocabulary size and special tokens recorded."""
+    config and the tokenizer's vocabulary size recorded (checked again by :func:`load`)."""
     resolved = dict(config or {})
     resolved["model"] = model.config.to_dict()
-    if tokenizer is not None:
+    if tokenizer is not None:  # its roles go into tokenizer_config.json beside tokenizer.json
         section = dict(resolved.get("tokenizer") or {})
         section["vocab_size"] = tokenizer.vocab_size
-        section["special_tokens"] = dict(tokenizer.special_tokens)
         resolved["tokenizer"] = section
     return resolved
 
@@ -342,8 +341,7 @@ def load_tokenizer(
     from .tokenizers import Tokenizer
 
     section = config.get("tokenizer") or {}
-    roles = section.get("special_tokens") if isinstance(section, dict) else None
-    tokenizer = Tokenizer.from_file(tokenizer_path, special_tokens=roles or None)
+    tokenizer = Tokenizer.from_file(tokenizer_path)  # roles from the tokenizer_config.json beside it
     recorded = section.get("vocab_size") if isinstance(section, dict) else None
     if tokenizer.vocab_size > model_config.vocab_size or (
         recorded is not None and recorded != tokenizer.vocab_size

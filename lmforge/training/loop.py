@@ -193,9 +193,14 @@ class Trainer:
         restore_sigint = self._install_sigint()
         try:
             while self.state.step < config.max_steps and not self.state.should_stop:
-                start = time.perf_counter()
+                start, tokens_before = time.perf_counter(), self.state.tokens_seen
                 metrics = self._train_step()
-                self.state.train_time_s += time.perf_counter() - start
+                seconds = time.perf_counter() - start
+                self.state.train_time_s += seconds
+                self._recent.append((self.state.tokens_seen - tokens_before, seconds))
+                metrics["tokens_per_s"] = sum(t for t, _ in self._recent) / max(
+                    sum(s for _, s in self._recent), 1e-9
+                )
                 self._call("on_step_end", metrics)
                 step = self.state.step
                 if config.eval_every and step % config.eval_every == 0:

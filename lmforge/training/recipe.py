@@ -1,0 +1,334 @@
+"""Pretraining recipes: the typed sections of ``configs/pretrain/*.yaml`` and what they build.
+
+A recipe has four sections, each a typed dataclass, so ``--model.num_layers 6``,
+``--tokenizer.vocab_size 4096``, ``--data.path FILE`` and ``--train.lr 3e-4`` come with the
+command line, and YAML mistakes are reported as ``file:line: key '...'`` with the nearest key::
+
+    model:      a preset to start from (``preset: tiny-llama``) plus any ModelConfig field
+    tokenizer:  kind (char | bpe | wordpiece) and vocabulary size, or the path of a tokenizer.json
+    data:       the text (a file, a JSONL field, a folder; none = the Python documentation),
+                sequence length, validation share, masking / span-corruption settings
+    train:      :class:`~lmforge.training.TrainConfig`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..config import PRESETS, ModelConfig
+from ..errors import ConfigError, LMForgeError, did_you_mean
+from ..settings import dataclass_to_dict
+from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from ..data import Corpus, TokenShards
+    from ..model import Transformer
+    from ..tokenizers import Tokenizer
+
+TokenizerKind = Literal["char", "bpe", "wordpiece"]
+ObjectiveChoice = Literal["auto", "causal_lm", "masked_lm", "span_corruption"]
+SHARDS_DIR = "data"  # token shards live in RUN_DIR/data (a resumed run reads them again)
+
+
+class _ModelSectionBase:
+    """Methods of :data:`ModelSection` (its fields are generated from ModelConfig's)."""
+
+    preset: str | None
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(
+                f"unknown preset '{self.preset}'"
+                + did_you_mean(self.preset, PRESETS)
+                + f" (presets: {', '.join(PRESETS)})",
+                key="preset",
+            )
+        self.build(vocab_size=self.given().get("vocab_size") or 256, max_seq_len=None)  # validate early
+
+    def given(self) -> dict[str, Any]:
+        """The ModelConfig fields set in the recipe (None = not set: preset or default)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if f.name != "preset" and getattr(self, f.name) is not None
+        }
+
+    def build(
+        self, *, vocab_size: int, max_seq_len: int | None, pad_token_id: int | None = None
+    ) -> ModelConfig:
+        """The ModelConfig: the preset (if any), then the recipe's fields; ``vocab_size``,
+        ``max_seq_len`` and ``pad_token_id`` fill in what neither sets (from the tokenizer/data)."""
+        values: dict[str, Any] = dict(PRESETS[self.preset]) if self.preset else {}
+        given = self.given()
+        values.update(given)
+        if "vocab_size" not in given:
+            values["vocab_size"] = vocab_size
+        if max_seq_len is not None and "max_seq_len" not in given:
+            values["max_seq_len"] = max(max_seq_len, values.get("max_seq_len", 0))
+        if pad_token_id is not None and "pad_token_id" not in given:
+            values["pad_token_id"] = pad_token_id
+        if values.get("arch") == "encoder" and "head" not in values:
+            values["head"] = "mlm"
+        return ModelConfig.from_dict(values)
+
+
+def _model_section() -> type:
+    hints = typing.get_type_hints(ModelConfig)
+    fields: list[tuple[str, Any, Any]] = [("preset", str | None, dataclasses.field(default=None))]
+    for f in dataclasses.fields(ModelConfig):
+        annotation = hints[f.name]
+        optional = annotation if type(None) in typing.get_args(annotation) else annotation | None
+        fields.append((f.name, optional, dataclasses.field(default=None)))
+    cls = dataclasses.make_dataclass("ModelSection", fields, bases=(_ModelSectionBase,))
+    cls.__doc__ = (
+        "The model of a recipe: ``preset`` (a ModelConfig preset to start from) and any ModelConfig "
+        "field; unset fields come from the preset or ModelConfig's defaults, vocab_size from the "
+        "tokenizer and max_seq_len from data.seq_len."
+    )
+    cls.__module__ = __name__
+    return cls
+
+
+ModelSection = _model_section()
+
+
+@dataclass
+class TokenizerSection:
+    """The tokenizer: trained on the training text, or read from a tokenizer.json."""
+
+    kind: TokenizerKind = "bpe"  # "char", "bpe" (byte-level) or "wordpiece"
+    vocab_size: int = 4096  # vocabulary size, specials included (char: an upper bound)
+    path: Path | None = None  # an existing tokenizer.json to use instead of training one
+    lowercase: bool = False  # WordPiece only: lower-case the text
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 8:
+            raise ConfigError(f"vocab_size = {self.vocab_size}: must be at least 8", key="vocab_size")
+
+
+@dataclass
+class DataSection:
+    """The text and how it becomes batches."""
+
+    path: Path | None = None  # a text/JSONL file or a folder; none = the Python documentation corpus
+    field: str = "text"  # the JSON field holding the text in JSONL files
+    documents: Literal["file", "line", "blank_line"] = "file"  # how a text file splits into documents
+    seq_len: int = 256  # tokens per training sequence (decoder: window length)
+    val_fraction: float = 0.1  # share of the text held out for validation
+    split: Literal["tail", "documents"] = (
+        "tail"  # validation = the last share of the tokens, or whole documents
+    )
+    mask_probability: float = 0.15  # masked LM: share of tokens selected
+    whole_word: bool = False  # masked LM: select whole words
+    noise_density: float = 0.15  # span corruption: share of tokens dropped into spans
+    mean_span_length: float = 3.0  # span corruption: mean length of a dropped span
+    seed: int = 0  # seeds the batch sampler (windows, masks, spans)
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len = {self.seq_len}: must be at least 2", key="seq_len")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction = {self.val_fraction}: must be in (0, 1)", key="val_fraction")
+        if not 0 < self.mask_probability < 1:
+            raise ConfigError(
+                f"mask_probability = {self.mask_probability}: must be in (0, 1)", key="mask_probability"
+            )
+        if not 0 < self.noise_density < 1:
+            raise ConfigError(f"noise_density = {self.noise_density}: must be in (0, 1)", key="noise_density")
+        if self.mean_span_length < 1:
+            raise ConfigError(
+                f"mean_span_length = {self.mean_span_length}: must be at least 1", key="mean_span_length"
+            )
+
+
+# ---- recipe → pieces ---------------------------------------------------------------------------
+
+
+@dataclass
+class Pretraining:
+    """Everything the loop needs for a pretraining run, built from a recipe."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    objective: Any  # lmforge.objectives: CausalLM | MaskedLM | SpanCorruption
+    objective_name: str
+    train_batches: Any  # a resumable batch source
+    eval_batches: Any  # validation batches, re-iterable
+    shards: TokenShards
+    run_config: dict[str, Any]  # the resolved recipe (written as config.yaml)
+
+
+def recipe_arch(model: Any) -> str:
+    """The architecture a model section asks for (its own, its preset's, or decoder)."""
+    if model.arch is not None:
+        return model.arch
+    return PRESETS[model.preset].get("arch", "decoder") if model.preset else "decoder"
+
+
+def corpus_of(data: DataSection) -> Corpus:
+    """The training text: ``data.path`` (file, JSONL, folder) or the embedded Python documentation."""
+    from ..data import Corpus, python_docs_corpus
+
+    if data.path is None:
+        return python_docs_corpus()
+    return Corpus.from_files(data.path, field=data.field, documents=data.documents)
+
+
+def sentinels_needed(data: DataSection) -> int:
+    """Sentinel tokens span corruption needs for chunks of ``data.seq_len`` (a safe upper bound:
+    a raw chunk is longer than the corrupted input it becomes)."""
+    from ..objectives.span_corruption import num_noise_spans
+
+    _, spans = num_noise_spans(
+        2 * data.seq_len, noise_density=data.noise_density, mean_span_length=data.mean_span_length
+    )
+    return spans + 1
+
+
+def build_tokenizer(
+    section: TokenizerSection, corpus: Corpus, *, objective: str, data: DataSection, progress: bool = True
+) -> Tokenizer:
+    """Read ``section.path`` or train a tokenizer on ``corpus`` (with sentinels for span corruption)."""
+    from ..tokenizers import Tokenizer
+
+    sentinels = sentinels_needed(data) if objective == "span_corruption" else 0
+    if section.path is not None:
+        tokenizer = Tokenizer.from_file(section.path)
+        return tokenizer.add_sentinels(sentinels) if sentinels else tokenizer
+    return Tokenizer.train(
+        corpus,
+        kind=section.kind,
+        vocab_size=section.vocab_size,
+        num_sentinels=sentinels,
+        lowercase=section.lowercase,
+        show_progress=progress,
+    )
+
+
+def batch_sources(
+    split_train: Any,
+    split_eval: Any,
+    tokenizer: Tokenizer,
+    *,
+    objective: str,
+    data: DataSection,
+    train: TrainConfig,
+) -> tuple[Any, Any]:
+    """The resumable training source and the validation source for ``objective``."""
+    from ..data import DocumentChunks, EvalWindows, MaskedLMCollator, RandomWindows, SpanCorruptionCollator
+
+    if objective == "causal_lm":
+        train_source = RandomWindows(
+            split_train, seq_len=data.seq_len, batch_size=train.batch_size, seed=data.seed
+        )
+        eval_source = EvalWindows(
+            split_eval,
+            seq_len=data.seq_len,
+            batch_size=train.batch_size,
+            pad_id=tokenizer.pad_id or 0,
+            max_batches=train.eval_batches,
+        )
+        return train_source, eval_source
+    if objective == "masked_lm":
+        collator: Any = MaskedLMCollator(
+            tokenizer, probability=data.mask_probability, whole_word=data.whole_word
+        )
+    else:
+        collator = SpanCorruptionCollator(
+            tokenizer, noise_density=data.noise_density, mean_span_length=data.mean_span_length
+        )
+    common = dict(seq_len=data.seq_len, batch_size=train.batch_size, collator=collator)
+    train_source = DocumentChunks(split_train, seed=data.seed, **common)
+    eval_source = DocumentChunks(split_eval, seed=data.seed + 1, shuffle=False, epochs=1, **common)
+    return train_source, eval_source
+
+
+def build_pretraining(
+    *,
+    model: Any,
+    tokenizer: TokenizerSection,
+    data: DataSection,
+    train: TrainConfig,
+    objective: ObjectiveChoice = "auto",
+    run_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> Pretraining:
+    """Build tokenizer, token shards, model, objective and batch sources from a recipe.
+
+    A fresh run trains the tokenizer (unless ``tokenizer.path`` is given) and writes the shards
+    into ``RUN_DIR/data``; a resumed run reads both back from the run directory, so it sees
+    exactly the ids it trained on.
+
+    Raises:
+        LMForgeError: bad data files, a run directory that already holds a run (without
+            ``resume``) or has nothing to resume, an objective that does not fit the architecture.
+    """
+    from ..data import TokenShards, write_shards
+    from ..model import Transformer
+    from ..objectives import DEFAULT_OBJECTIVE, make_objective
+    from ..runs import TOKENIZER_FILE, load_tokenizer
+    from .checkpoint import latest_checkpoint
+
+    run_dir = Path(run_dir)
+    arch = recipe_arch(model)
+    name = DEFAULT_OBJECTIVE[arch] if objective == "auto" else objective
+    fits = {"decoder": ("causal_lm",), "encoder": ("masked_lm",), "encoder_decoder": ("span_corruption",)}[
+        arch
+    ]
+    if name not in fits:
+        raise LMForgeError(
+            f"objective {name} does not fit arch {arch} (use {fits[0]} or auto)", key="objective"
+        )
+
+    if resume:
+        if latest_checkpoint(run_dir) is None:
+            raise LMForgeError("nothing to resume: no checkpoint in this run directory", file=run_dir)
+        tok = load_tokenizer(run_dir / TOKENIZER_FILE, {}, ModelConfig(vocab_size=1 << 30))
+        shards = TokenShards(run_dir / SHARDS_DIR, tokenizer=tok)
+    else:
+        if latest_checkpoint(run_dir) is not None:
+            raise LMForgeError(
+                "this run directory already holds a run: add --resume to continue it, or choose another --out",
+                file=run_dir,
+            )
+        corpus = corpus_of(data)
+        tok = build_tokenizer(tokenizer, corpus, objective=name, data=data, progress=progress)
+        shards = write_shards(
+            corpus,
+            tok,
+            run_dir / SHARDS_DIR,
+            validation=data.val_fraction,
+            split=data.split,
+            seed=data.seed,
+            show_progress=progress,
+        )
+    model_config = model.build(vocab_size=tok.vocab_size, max_seq_len=data.seq_len, pad_token_id=tok.pad_id)
+    net = Transformer(model_config)
+    objective_fn = make_objective(name, bytes_per_token=shards["train"].bytes_per_token)
+    train_source, eval_source = batch_sources(
+        shards["train"], shards["validation"], tok, objective=name, data=data, train=train
+    )
+    tokenizer_section = dataclass_to_dict(tokenizer)
+    tokenizer_section["vocab_size"] = tok.vocab_size
+    run_config = {
+        "model": model_config.to_dict(),
+        "tokenizer": tokenizer_section,
+        "data": dataclass_to_dict(data),
+        "objective": name,
+        "out": str(run_dir),
+    }
+    return Pretraining(
+        model=net,
+        tokenizer=tok,
+        objective=objective_fn,
+        objective_name=name,
+        train_batches=train_source,
+        eval_batches=eval_source,
+        shards=shards,
+        run_config=run_config,
+    )
