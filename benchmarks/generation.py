@@ -1,0 +1,163 @@
+"""Generation speed with a KV cache: lmforge's ``generate`` against transformers' ``generate``.
+
+Batch 1, a 32-token prompt, 256 new tokens, greedy, fp32, at two GPT-2 shapes (vocabulary 50,257,
+1,024 positions): a small one (4 layers, 128 wide, 2 heads) and GPT-2 small (12 layers, 768 wide,
+12 heads). The transformers model is ``GPT2LMHeadModel`` built from a ``GPT2Config`` with random
+weights; its weights are copied into lmforge's ``Transformer`` by the small mapping below, and the
+two must produce the same 256 greedy tokens before anything is timed. Then both run in
+alternation (medians of interleaved rounds) and the ratio of tokens/s is reported.
+Target: lmforge ≥ 1.5× transformers.
+
+    python benchmarks/generation.py                  # both shapes, appends to RESULTS.md
+    python benchmarks/generation.py --shapes small --rounds 3 --no-record
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_results, interleaved  # noqa: E402
+
+from lmforge import ModelConfig, Transformer  # noqa: E402
+from lmforge.generation import generate  # noqa: E402
+
+SHAPES = {  # name: (layers, width, heads)
+    "small": (4, 128, 2),
+    "gpt2-small": (12, 768, 12),
+}
+VOCAB, POSITIONS = 50257, 1024
+
+
+def build_pair(layers: int, width: int, heads: int, *, seed: int = 0) -> tuple[Transformer, torch.nn.Module]:
+    """A random transformers GPT-2 and an lmforge Transformer holding the same weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    hf_config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=POSITIONS,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    hf = GPT2LMHeadModel(hf_config).eval()
+    hf.generation_config.eos_token_id = None  # always 256 new tokens, as lmforge without an eos
+    hf.generation_config.pad_token_id = 0
+    config = ModelConfig.from_name(
+        "gpt2-small", num_layers=layers, embed_dim=width, num_heads=heads, dropout=0.0, attn_dropout=0.0
+    )
+    model = Transformer(config).eval()
+    model.load_state_dict(gpt2_to_lmforge(hf.state_dict(), layers))
+    return model, hf
+
+
+def gpt2_to_lmforge(hf: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """GPT-2's state dict in lmforge's names. GPT-2's Conv1D stores (in, out): transpose; its
+    c_attn holds Q, K and V side by side: split."""
+    out = {
+        "tok_embed.weight": hf["transformer.wte.weight"],
+        "decoder.pos_embed.weight": hf["transformer.wpe.weight"],
+        "decoder.norm.weight": hf["transformer.ln_f.weight"],
+        "decoder.norm.bias": hf["transformer.ln_f.bias"],
+        "head.proj.weight": hf["transformer.wte.weight"],  # tied
+    }
+    for i in range(layers):
+        src, dst = f"transformer.h.{i}.", f"decoder.layers.{i}."
+        for hf_norm, lm_norm in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+            out[f"{dst}{lm_norm}.weight"] = hf[f"{src}{hf_norm}.weight"]
+            out[f"{dst}{lm_norm}.bias"] = hf[f"{src}{hf_norm}.bias"]
+        qkv_w = hf[f"{src}attn.c_attn.weight"].t()  # (3E, E)
+        qkv_b = hf[f"{src}attn.c_attn.bias"]
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[f"{dst}self_attn.{name}.weight"] = qkv_w.chunk(3, dim=0)[j].contiguous()
+            out[f"{dst}self_attn.{name}.bias"] = qkv_b.chunk(3)[j].contiguous()
+        for hf_name, lm_name in (
+            ("attn.c_proj", "self_attn.out_proj"),
+            ("mlp.c_fc", "mlp.up_proj"),
+            ("mlp.c_proj", "mlp.down_proj"),
+        ):
+            out[f"{dst}{lm_name}.weight"] = hf[f"{src}{hf_name}.weight"].t().contiguous()
+            out[f"{dst}{lm_name}.bias"] = hf[f"{src}{hf_name}.bias"]
+    return out
+
+
+def bench_shape(name: str, args: argparse.Namespace) -> tuple[str, int, int, int, float, float]:
+    """Check that both models produce the same greedy tokens, then time them in alternation."""
+    layers, width, heads = SHAPES[name]
+    model, hf = build_pair(layers, width, heads)
+    prompt = torch.randint(0, VOCAB, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(prompt)
+    N = args.new_tokens
+
+    def run_lmforge() -> torch.Tensor:
+        return generate(model, prompt, max_new_tokens=N)
+
+    def run_transformers() -> torch.Tensor:
+        with torch.inference_mode():
+            return hf.generate(prompt, attention_mask=mask, max_new_tokens=N, do_sample=False, num_beams=1)
+
+    ours, theirs = run_lmforge(), run_transformers()
+    if ours.shape != theirs.shape or not torch.equal(ours, theirs):
+        differ = (ours[0, : theirs.shape[1]] != theirs[0, : ours.shape[1]]).nonzero()
+        first = int(differ[0]) - args.prompt_len if len(differ) else "length"
+        raise SystemExit(f"{name}: greedy tokens differ (first at new token {first}): not timing")
+    print(f"{name}: the same {N} greedy tokens; timing …", flush=True)
+    times = interleaved(
+        {"lmforge": run_lmforge, "transformers": run_transformers}, rounds=args.rounds, warmup=1
+    )
+    ours_tps, theirs_tps = N / times["lmforge"], N / times["transformers"]
+    print(
+        f"  lmforge {ours_tps:.1f} tok/s, transformers {theirs_tps:.1f} tok/s, ratio {ours_tps / theirs_tps:.2f}"
+    )
+    return name, layers, width, heads, ours_tps, theirs_tps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--prompt_len", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+
+    rows = [bench_shape(name, args) for name in args.shapes]
+
+    lines = [
+        f"Greedy decoding with KV cache, batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+        f"fp32, vocabulary {VOCAB}; both produce the same tokens (checked); medians of {args.rounds} "
+        "interleaved rounds. Target: lmforge ≥ 1.5× transformers.",
+        "",
+        "| shape | layers | width | heads | lmforge tok/s | transformers tok/s | **lmforge / transformers** |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, layers, width, heads, ours_tps, theirs_tps in rows:
+        lines.append(
+            f"| {name} | {layers} | {width} | {heads} | {ours_tps:.1f} | {theirs_tps:.1f} | "
+            f"**{ours_tps / theirs_tps:.2f}** |"
+        )
+    body = "\n".join(lines)
+    if args.no_record:
+        print(body)
+    else:
+        import transformers
+
+        append_results(
+            f"Generation tokens/s vs transformers {transformers.__version__} generate (benchmarks/generation.py)",
+            body,
+        )
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
+    print(f"({time.perf_counter() - start:.0f} s)")
