@@ -390,3 +390,22 @@ def test_config_translation(case_id: str, tmp_path: Path) -> None:
     for field, value in EXPECTED_CONFIG[case_id].items():
         expected = pytest.approx(value) if isinstance(value, float) else value
         assert getattr(config, field) == expected, field
+
+
+def test_loaded_weights_are_the_models_own(tmp_path: Path) -> None:
+    """Parameters taken from the memory-mapped file without a copy are still the model's own:
+    training does not write to the file, and the folder can be overwritten while the model lives."""
+    import hashlib
+
+    CASES[5].make().save_pretrained(tmp_path)  # llama with biases, tied
+    digest = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    model = load_hf_model(tmp_path).train()
+    assert model.head.proj.weight is model.tok_embed.weight
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randint(0, VOCAB, (2, 7))).logits.square().mean().backward()
+    optimizer.step()
+    assert hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest() == digest
+    save_hf(model, None, tmp_path)  # replaces the file the parameters were mapped from
+    reread = load_hf_model(tmp_path)
+    for (name, a), b in zip(model.named_parameters(), reread.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

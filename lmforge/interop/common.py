@@ -395,7 +395,10 @@ def fill_model(
                 )
             pieces = rule.to_lm(checkpoint.get(key))
             for target, piece in zip(targets, pieces, strict=True):
-                target.copy_(piece.to(target.dtype))
+                if adoptable(piece, target):
+                    target.data = piece  # the file's tensor itself (memory-mapped, copy-on-write)
+                else:
+                    target.copy_(piece.to(target.dtype))
             filled.update(rule.lm)
 
     patterns = [re.compile(p) for p in ignored]
@@ -409,6 +412,20 @@ def fill_model(
     if unfilled:
         raise LMForgeError(f"no checkpoint tensor fills lmforge parameter '{unfilled[0]}'", key=unfilled[0])
     return fresh
+
+
+def adoptable(piece: Tensor, target: Tensor) -> bool:
+    """Whether a checkpoint tensor can become the parameter's data without a copy: same dtype,
+    device and shape, and sole owner of its memory (a slice of a fused tensor is copied, so that
+    no two parameters share storage)."""
+    return (
+        piece.dtype == target.dtype
+        and piece.device == target.device
+        and piece.shape == target.shape
+        and piece.is_contiguous()
+        and piece.storage_offset() == 0
+        and piece.untyped_storage().nbytes() == piece.numel() * piece.element_size()
+    )
 
 
 def model_tensors(model: nn.Module, rules: Sequence[Rule], *, name: str) -> dict[str, Tensor]:

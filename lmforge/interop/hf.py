@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import HEADS
+from ..config import HEADS, ModelConfig
 from ..errors import LMForgeError, did_you_mean
 from ..model import Transformer
 from .bert import Bert
@@ -130,8 +130,7 @@ def load_hf_model(
     def display(name: str) -> str:  # a missing tensor under the name the file would use
         return family.base_prefix + name if prefixed and name in backbone else name
 
-    with torch.device(device or "cpu"):
-        model = Transformer(config)
+    model = empty_model(config, device=torch.device(device or "cpu"))
     fill_model(
         model,
         family.rules(config),
@@ -141,6 +140,39 @@ def load_hf_model(
         display=display,
     )
     return model.to(dtype=dtype or torch.float32).eval()
+
+
+def empty_model(config: ModelConfig, *, device: torch.device) -> Transformer:
+    """The model with uninitialized parameters, which the checkpoint then fills: no time spent
+    drawing random weights (seconds for a billion parameters) that would be overwritten.
+
+    Built on the meta device, then given real memory. The computed buffers (RoPE frequencies,
+    sinusoid tables, ALiBi slopes) depend on neither depth nor vocabulary, so they are taken
+    from a one-layer twin built normally; should a buffer have no twin, the model is built the
+    ordinary way instead. Tied weights are tied again (memory allocation unties them).
+    """
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device=device)
+    twin_config = config.replace(
+        num_layers=1,
+        num_decoder_layers=1 if config.arch == "encoder_decoder" else None,
+        vocab_size=config.pad_token_id + 1,
+        head="none",
+    )
+    with torch.device(device):
+        twin_buffers = dict(Transformer(twin_config).named_buffers())
+    buffers = dict(model.named_buffers())
+    if any(name not in twin_buffers or twin_buffers[name].shape != b.shape for name, b in buffers.items()):
+        with torch.device(device):
+            return Transformer(config)
+    with torch.no_grad():
+        for name, buffer in buffers.items():
+            buffer.copy_(twin_buffers[name])
+    proj = getattr(model.head, "proj", None)
+    if config.tie_embeddings and proj is not None:
+        proj.weight = model.tok_embed.weight
+    return model
 
 
 def checkpoint_head(hf: HFConfig, family: Family) -> str:
