@@ -1,0 +1,197 @@
+"""``lmforge pretrain`` end to end (all three architectures, resume after Ctrl-C), its recipes,
+its one-line errors, and ``lmforge demo``'s pieces at tiny size."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import lmforge
+from lmforge.cli import main, resolve_arguments
+from lmforge.commands.pretrain import pretrain
+from lmforge.data import python_docs_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 60 kB of real English: the first documents of the embedded Python-docs corpus."""
+    path = tmp_path_factory.mktemp("text") / "docs.txt"
+    path.write_text("\n\n".join(python_docs_corpus(max_bytes=60_000)), encoding="utf-8")
+    return path
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_args(text: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "pretrain",
+        "--data.path",
+        str(text),
+        "--data.documents",
+        "blank_line",
+        "--data.seq_len",
+        "32",
+        "--train.batch_size",
+        "8",
+        "--train.lr",
+        "3e-3",
+        "--train.warmup_steps",
+        "5",
+        "--train.eval_batches",
+        "4",
+        "--train.progress",
+        "false",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("preset", "kind", "vocab", "objective"),
+    [
+        ("tiny-decoder", "char", "200", "causal_lm"),
+        ("tiny-encoder", "wordpiece", "400", "masked_lm"),
+        ("tiny-encoder-decoder", "bpe", "400", "span_corruption"),
+    ],
+)
+def test_pretrain_each_architecture_lowers_the_loss(
+    text_file: Path, tmp_path: Path, preset: str, kind: str, vocab: str, objective: str, capsys
+) -> None:
+    out = tmp_path / "run"
+    argv = tiny_args(text_file, out, "--model.preset", preset, "--tokenizer.kind", kind)
+    argv += ["--tokenizer.vocab_size", vocab, "--train.max_steps", "40", "--train.eval_every", "20"]
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert f"objective {objective}" in printed and "validation loss" in printed
+    logged = records(out)
+    first = next(r["loss"] for r in logged if r["step"] == 1 and "loss" in r)
+    evals = [r["eval_loss"] for r in logged if "eval_loss" in r]
+    assert len(evals) == 2 and evals[-1] < first - 0.3, (first, evals)  # nats per target
+    run = lmforge.load(out)
+    assert run.config["objective"] == objective and run.model.config.arch == run.config["model"]["arch"]
+    assert run.tokenizer is not None and run.tokenizer.vocab_size == run.model.config.vocab_size
+    assert (out / "data" / "index.json").is_file() and (out / "trainer_state.json").is_file()
+
+
+def test_ctrl_c_then_resume_gives_the_losses_of_an_uninterrupted_run(text_file: Path, tmp_path: Path) -> None:
+    common = ["--model.preset", "tiny-decoder", "--tokenizer.kind", "char", "--train.max_steps", "24"]
+    common += [
+        "--train.log_every",
+        "1",
+        "--train.eval_every",
+        "8",
+        "--train.save_every",
+        "4",
+        "--train.precision",
+        "fp32",
+    ]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(tiny_args(text_file, full, *common)) == 0
+
+    def press_ctrl_c_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 120
+        while not (split / "checkpoints" / "step-00000004").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=press_ctrl_c_after_first_checkpoint, daemon=True)
+    watcher.start()
+    assert main(tiny_args(text_file, split, *common)) == 130  # interrupted, checkpoint saved
+    watcher.join()
+    stopped = json.loads((split / "trainer_state.json").read_text())["step"]
+    assert 4 <= stopped < 24
+    assert main(tiny_args(text_file, split, *common, "--resume")) == 0
+    losses = {r["step"]: r["loss"] for r in records(full) if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in records(split) if "loss" in r}
+    assert resumed == losses  # every step, before and after the interruption, bit for bit
+    evals = [(r["step"], r["eval_loss"]) for r in records(split) if "eval_loss" in r]
+    assert evals == [(r["step"], r["eval_loss"]) for r in records(full) if "eval_loss" in r]
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmforge: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_config_mistakes_are_one_line_with_file_line_and_key(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "recipe.yaml"
+    config.write_text("model:\n  arch: decoder\ntrain:\n  max_steps: 10\n  lrr: 0.1\n")
+    err = one_line_error(["pretrain", "--config", str(config)], capsys)
+    assert f"{config}:5: unknown key 'train.lrr' (did you mean 'lr'?)" in err
+    config.write_text("train:\n  max_steps: many\n")
+    err = one_line_error(["pretrain", "--config", str(config)], capsys)
+    assert f"{config}:2: key 'train.max_steps': expected int, got 'many'" in err
+    config.write_text("model:\n  preset: tiny-lama\n")
+    err = one_line_error(["pretrain", "--config", str(config)], capsys)
+    assert f"{config}:2: key 'model.preset': unknown preset 'tiny-lama' (did you mean 'tiny-llama'?)" in err
+    config.write_text("dataa:\n  path: x.txt\n")
+    err = one_line_error(["pretrain", "--config", str(config)], capsys)
+    assert f"{config}:1: unknown key 'dataa' (did you mean 'data'?)" in err
+    err = one_line_error(["pretrain", "--train.lrr", "0.1"], capsys)
+    assert "unknown option '--train.lrr' (did you mean '--train.lr'?)" in err
+    err = one_line_error(["pretrain", "--model.num_heads", "3"], capsys)
+    assert "key '--model.num_heads': num_heads = 3: must divide embed_dim 128" in err
+
+
+def test_data_and_run_directory_mistakes(text_file: Path, tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nope.txt"
+    err = one_line_error(tiny_args(missing, tmp_path / "run"), capsys)
+    assert f"{missing}: file not found" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert f"{empty}: file is empty" in one_line_error(tiny_args(empty, tmp_path / "run"), capsys)
+    err = one_line_error(tiny_args(text_file, tmp_path / "run", "--resume"), capsys)
+    assert "nothing to resume" in err
+    err = one_line_error(
+        tiny_args(text_file, tmp_path / "run", "--model.arch", "encoder", "--objective", "causal_lm"), capsys
+    )
+    assert "objective causal_lm does not fit arch encoder" in err
+    args = tiny_args(text_file, tmp_path / "run", "--tokenizer.kind", "char", "--train.max_steps", "2")
+    assert main(args) == 0
+    capsys.readouterr()
+    assert "already holds a run: add --resume" in one_line_error(args, capsys)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipes_resolve(recipe: Path) -> None:
+    args, kwargs = resolve_arguments(pretrain, {"config": str(recipe)})
+    assert not args
+    model = kwargs["model"]
+    config = model.build(vocab_size=kwargs["tokenizer"].vocab_size, max_seq_len=kwargs["data"].seq_len)
+    assert config.max_seq_len >= kwargs["data"].seq_len
+    assert str(kwargs["out"]).startswith("runs/")
+
+
+def test_shakespeare_recipe_has_nanogpt_cpu_shape() -> None:
+    _, kwargs = resolve_arguments(pretrain, {"config": str(REPO / "configs/pretrain/shakespeare-char.yaml")})
+    config = kwargs["model"].build(vocab_size=65, max_seq_len=kwargs["data"].seq_len)
+    train = kwargs["train"]
+    assert (config.num_layers, config.num_heads, config.embed_dim, config.dropout) == (4, 4, 128, 0.0)
+    assert (kwargs["data"].seq_len, train.batch_size, train.max_steps) == (64, 12, 2000)
+    assert kwargs["tokenizer"].kind == "char"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipes_run_as_they_are(recipe: Path, tmp_path: Path, monkeypatch) -> None:
+    if recipe.stem.startswith("shakespeare") and not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is absent (../shared/data not present)")
+    monkeypatch.chdir(REPO)
+    argv = ["pretrain", "--config", str(recipe), "--train.max_steps", "3", "--train.eval_batches", "2"]
+    assert main([*argv, "--train.progress", "false", "--out", str(tmp_path / "run")]) == 0
+    assert lmforge.load(tmp_path / "run").model is not None
