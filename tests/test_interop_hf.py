@@ -334,6 +334,17 @@ def test_head_override_keeps_backbone_and_starts_a_new_head(tmp_path: Path) -> N
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(ours(model, inputs)[1][real], hidden[real], atol=ATOL, rtol=1e-5)
     assert ours(model, inputs)[0].shape == (3, 3)
+    # the new head (BertForMaskedLM has no pooler) starts from lmforge's initialization
+    for layer in (model.head.dense, model.head.classifier):
+        torch.testing.assert_close(layer.bias, torch.zeros_like(layer.bias))
+        assert 0.01 < layer.weight.std() < 0.03
+    mlm = load_hf_model(tmp_path, head="mlm")  # the checkpoint's own head when asked for it
+    torch.testing.assert_close(mlm.head.bias, ref.cls.predictions.bias)
+
+    base = hf("BertModel", "BertConfig", **BERT)()  # has a pooler: it becomes the head's dense layer
+    base.save_pretrained(tmp_path / "base")
+    model = load_hf_model(tmp_path / "base", head="classification", num_labels=2)
+    torch.testing.assert_close(model.head.dense.weight, base.pooler.dense.weight)
 
 
 def test_lmforge_load_reads_a_hugging_face_folder(tmp_path: Path) -> None:

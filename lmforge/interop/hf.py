@@ -26,6 +26,7 @@ import torch
 from ..config import HEADS, ModelConfig
 from ..errors import LMForgeError, did_you_mean
 from ..model import Transformer
+from ..model.layers import RMSNorm
 from .bert import Bert
 from .common import Checkpoint, Family, HFConfig, fill_model, model_tensors
 from .gpt2 import GPT2
@@ -131,7 +132,7 @@ def load_hf_model(
         return family.base_prefix + name if prefixed and name in backbone else name
 
     model = empty_model(config, device=torch.device(device or "cpu"))
-    fill_model(
+    fresh = fill_model(
         model,
         family.rules(config),
         checkpoint,
@@ -139,7 +140,25 @@ def load_hf_model(
         optional=(lambda name: name.startswith("head.")) if overridden else (lambda name: False),
         display=display,
     )
+    initialize(model, fresh)
     return model.to(dtype=dtype or torch.float32).eval()
+
+
+def initialize(model: Transformer, names: list[str]) -> None:
+    """Give the parameters a new head starts with their initial values (lmforge's own
+    initialization: N(0, init_std) weights, zero biases, unit norm scales)."""
+    std = model.config.init_std
+    with torch.no_grad():
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            param = getattr(module, attr)
+            if attr == "bias":
+                param.zero_()
+            elif isinstance(module, torch.nn.LayerNorm | RMSNorm):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std)
 
 
 def empty_model(config: ModelConfig, *, device: torch.device) -> Transformer:
