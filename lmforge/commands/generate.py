@@ -59,6 +59,13 @@ def generate(
     encoder_decoder = config.arch == "encoder_decoder"
 
     ids = tokenizer.encode(prompt)
+    unknown = sum(1 for i in ids if i == tokenizer.unk_id) if tokenizer.unk_id is not None else 0
+    if unknown:
+        print(
+            f"lmforge: note: {unknown} piece(s) of the prompt are not in the tokenizer's vocabulary "
+            "(read as the unknown token)",
+            file=sys.stderr,
+        )
     if encoder_decoder and tokenizer.eos_id is not None:
         ids = ids + [tokenizer.eos_id]  # sources end with eos, as in span-corruption pretraining
     if not ids:  # an empty prompt: start after a document separator
