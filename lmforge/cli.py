@@ -38,7 +38,7 @@ def _commands() -> dict[str, CommandFn]:
     from .commands import attention, presets, tokenizer_train
     from .commands.convert import convert
     from .commands.generate import generate
-    from .commands.pretrain import pretrain
+    from .commands.pretrain import demo, pretrain
 
     return {
         "attention": attention,
@@ -47,6 +47,7 @@ def _commands() -> dict[str, CommandFn]:
         "convert": convert,
         "generate": generate,
         "pretrain": pretrain,
+        "demo": demo,
     }
 
 

@@ -195,3 +195,87 @@ def test_recipes_run_as_they_are(recipe: Path, tmp_path: Path, monkeypatch) -> N
     argv = ["pretrain", "--config", str(recipe), "--train.max_steps", "3", "--train.eval_batches", "2"]
     assert main([*argv, "--train.progress", "false", "--out", str(tmp_path / "run")]) == 0
     assert lmforge.load(tmp_path / "run").model is not None
+
+
+# ---- lmforge demo ---------------------------------------------------------------------------------
+
+
+def test_text_curve_puts_points_where_they_belong() -> None:
+    from lmforge.demo import text_curve
+
+    plot = text_curve([(0, 8.0), (50, 6.0), (100, 4.0)], width=21, height=5).splitlines()
+    assert plot[0].startswith("  8.000 ┤●") and plot[4].startswith("  4.000 ┤")
+    assert plot[4].endswith("●") and plot[2][8 + 1 + 10] == "●"  # the middle point, middle row and column
+    assert "step 0" in plot[-1] and plot[-1].rstrip().endswith("100")
+
+
+def test_demo_output_folder_rules(tmp_path: Path) -> None:
+    from lmforge.demo import prepare_out_dir
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    prepare_out_dir(run)  # an earlier run: replaced
+    assert not run.exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(lmforge.LMForgeError, match="holds other files"):
+        prepare_out_dir(other)
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_demo_at_tiny_size(text_file: Path, tmp_path: Path) -> None:
+    from lmforge.demo import PROMPTS, demo_sections, run_demo
+    from lmforge.training.recipe import DataSection
+
+    model, tokenizer, _ = demo_sections(vocab_size=320, width=32, layers=1, seq_len=32)
+    data = DataSection(
+        path=text_file, documents="blank_line", seq_len=32, val_fraction=0.1, split="documents"
+    )
+    lines: list[str] = []
+    result = run_demo(
+        out=tmp_path / "demo",
+        max_steps=30,
+        sections=(model, tokenizer, data),
+        batch_size=8,
+        progress=False,
+        echo=lines.append,
+    )
+    assert result.curve[0][0] == 0 and result.curve[-1][0] == 30
+    assert result.curve[-1][1] < result.curve[0][1] - 0.5  # the validation loss fell
+    assert [s.split()[0] for s in result.samples_after] == [p.split()[0] for p in PROMPTS]
+    assert result.samples_before != result.samples_after
+    report = "\n".join(lines)
+    assert "samples before training" in report and "samples after training" in report and "┤" in report
+    loaded = lmforge.load(tmp_path / "demo")  # a run directory lmforge generate can use
+    assert loaded.tokenizer.kind == "bpe" and loaded.model.config.position == "rope"
+    assert (
+        main(["generate", "--model", str(tmp_path / "demo"), "--prompt", "The", "--max_new_tokens", "5"]) == 0
+    )
+
+
+def test_demo_calibration_times_steps_without_touching_the_model(text_file: Path, tmp_path: Path) -> None:
+    import torch
+
+    from lmforge.demo import demo_sections, demo_train_config, seconds_per_step
+    from lmforge.training.recipe import DataSection, build_pretraining
+
+    model, tokenizer, _ = demo_sections(vocab_size=320, width=32, layers=1, seq_len=32)
+    data = DataSection(path=text_file, documents="blank_line", seq_len=32)
+    config = demo_train_config(max_steps=10, minutes=None, batch_size=4, progress=False)
+    run = build_pretraining(
+        model=model, tokenizer=tokenizer, data=data, train=config, run_dir=tmp_path, progress=False
+    )
+    before = [p.clone() for p in run.model.parameters()]
+    seconds = seconds_per_step(run.model, run.objective, run.train_batches, config)
+    assert 0 < seconds < 60
+    assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters(), strict=True))
+
+
+@pytest.mark.slow
+def test_lmforge_demo_runs_whole(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--minutes", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "samples after training" in out and "validation loss" in out
+    assert lmforge.load(tmp_path / "demo").tokenizer is not None
