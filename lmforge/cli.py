@@ -72,6 +72,14 @@ class Option:
     def is_dataclass(self) -> bool:
         return dataclasses.is_dataclass(self.annotation)
 
+    @property
+    def is_mapping(self) -> bool:
+        """A free-form ``dict[str, ...]`` parameter: a YAML section and any ``--name.key value``."""
+        annotation = self.annotation
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        return typing.get_origin(annotation) is dict or annotation is dict
+
 
 def docstring_args(fn: CommandFn) -> dict[str, str]:
     """Parameter descriptions from the ``Args:`` section of a Google-style docstring."""
@@ -141,6 +149,11 @@ def _add_command(subparsers: Any, name: str, fn: CommandFn) -> None:
             nargs = "*" if _is_list(option.annotation) else "?"
             parser.add_argument(
                 option.name, nargs=nargs, default=None, metavar=option.name.upper(), help=option.help
+            )
+        elif option.is_mapping:
+            parser.add_argument_group(
+                f"{option.name} (free-form options: --{option.name}.KEY VALUE, or a `{option.name}:` section)",
+                option.help,
             )
         elif option.is_dataclass:
             group = parser.add_argument_group(
@@ -223,7 +236,9 @@ def resolve_arguments(fn: CommandFn, parsed: dict[str, Any]) -> tuple[list[Any],
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     for option in options:
-        if option.is_dataclass:
+        if option.is_mapping:
+            value = _resolve_mapping(option, file_values, parsed, config_path, lines)
+        elif option.is_dataclass:
             value = _resolve_dataclass(option, file_values, parsed, config_path, lines)
         else:
             raw = parsed.get(option.name)
@@ -249,6 +264,31 @@ def resolve_arguments(fn: CommandFn, parsed: dict[str, Any]) -> tuple[list[Any],
         else:
             kwargs[option.name] = value
     return args, kwargs
+
+
+def _resolve_mapping(
+    option: Option,
+    file_values: dict[str, Any],
+    parsed: dict[str, Any],
+    config_path: str | None,
+    lines: dict[str, int],
+) -> dict[str, Any] | None:
+    """A free-form mapping: its default, updated by the file's section, then by ``--name.key`` flags
+    (values read the YAML way). Checking the keys is the command's business."""
+    value = dict(option.default) if isinstance(option.default, dict) else None
+    section = file_values.get(option.name)
+    if section is not None:
+        if not isinstance(section, dict):
+            raise LMForgeError(
+                f"'{option.name}' must be a mapping of key: value",
+                file=config_path,
+                line=lines.get(option.name),
+            )
+        value = {**(value or {}), **section}
+    flags = {k.split(".", 1)[1]: v for k, v in parsed.items() if k.startswith(option.name + ".")}
+    if flags:
+        value = {**(value or {}), **{k: coerce(v, Any, key=f"--{option.name}.{k}") for k, v in flags.items()}}
+    return value
 
 
 def _resolve_dataclass(
@@ -285,6 +325,36 @@ def _resolve_dataclass(
     return value
 
 
+def _take_mapping_flags(parsed: dict[str, Any], extras: list[str]) -> list[str]:
+    """Move ``--name.key value`` / ``--name.key=value`` of the command's mapping parameters from
+    argparse's leftovers into ``parsed``; return what is still unknown."""
+    name = parsed.get("command")
+    if parsed.get("subcommand"):
+        name = f"{name} {parsed['subcommand']}"
+    fn = _commands().get(name or "")
+    if fn is None:
+        return extras
+    mappings = [o.name for o in options_of(fn) if o.is_mapping]
+    rest: list[str] = []
+    i = 0
+    while i < len(extras):
+        flag = extras[i]
+        key, has_value, inline = flag.partition("=")
+        owner = key[2:].split(".", 1)[0] if key.startswith("--") and "." in key else None
+        if owner in mappings and len(key[2:].split(".", 1)[1]) > 0:
+            if has_value:
+                parsed[key[2:]] = inline
+            elif i + 1 < len(extras) and not extras[i + 1].startswith("--"):
+                parsed[key[2:]] = extras[i + 1]
+                i += 1
+            else:
+                raise LMForgeError(f"option {key} needs a value")
+        else:
+            rest.append(flag)
+        i += 1
+    return rest
+
+
 def _unknown_option(parser: argparse.ArgumentParser, names: list[str | None], flag: str) -> typing.NoReturn:
     """Report the first unknown option with the nearest option of the command it was given to."""
     sub = parser
@@ -306,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         namespace, extras = parser.parse_known_args(argv)
         parsed = vars(namespace)
+        if extras:
+            extras = _take_mapping_flags(parsed, extras)
         if extras:
             _unknown_option(parser, [parsed.get("command"), parsed.get("subcommand")], extras[0])
         if parsed.pop("version", False):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -177,3 +177,31 @@ def test_group_commands(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
 
 def cli_attention() -> int:
     return 0
+
+
+def test_mapping_parameters_take_free_form_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A dict parameter (e.g. a PEFT method's options) takes a YAML section and --name.KEY flags."""
+    import lmforge.cli as cli
+
+    seen = {}
+
+    def tune(*, method: str = "lora", peft: dict[str, Any] | None = None) -> int:
+        """Tune.
+
+        Args:
+            method: a method.
+            peft: its options.
+        """
+        seen.update(method=method, peft=peft)
+        return 0
+
+    monkeypatch.setattr(cli, "_commands", lambda: {"tune": tune})
+    path = tmp_path / "tune.yaml"
+    path.write_text("method: ia3\npeft:\n  r: 4\n  target_modules: [q_proj]\n")
+    assert main(["tune", "--config", str(path), "--peft.alpha", "16", "--peft.use_rslora=true"]) == 0
+    assert seen == {
+        "method": "ia3",
+        "peft": {"r": 4, "target_modules": ["q_proj"], "alpha": 16, "use_rslora": True},
+    }
+    assert main(["tune"]) == 0 and seen["peft"] is None
+    assert main(["tune", "--peftt.r", "3"]) == 2
