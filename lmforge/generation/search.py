@@ -54,6 +54,7 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     streamer: Streamer | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """Continue ``input_ids`` with up to ``max_new_tokens`` tokens.
 
@@ -80,6 +81,10 @@ def generate(
         use_cache: keep keys/values between steps; False recomputes the whole sequence each step
             (slower, same tokens: a check of the cache).
         streamer: gets each step's new tokens as they are chosen (not with beam search).
+        compile: run the one-token steps through ``torch.compile`` (dynamic shapes: compiled
+            once per model, reused as the cache grows). Pays off for long outputs: compiling
+            takes seconds to a minute on a CPU, then each step skips most of PyTorch's per-op
+            overhead.
 
     Returns:
         (B, P + N) long: a decoder's prompts followed by the new tokens; for an encoder-decoder,
@@ -108,7 +113,7 @@ def generate(
         )
     input_ids, attention_mask = _prepare_inputs(model, input_ids, attention_mask)
     with torch.inference_mode(), _eval_mode(model):
-        state = settings.new_state(model, input_ids, attention_mask, use_cache=use_cache)
+        state = settings.new_state(model, input_ids, attention_mask, use_cache=use_cache, compile=compile)
         if num_beams > 1:
             out = beam_search(
                 state,
@@ -144,6 +149,7 @@ def stream(
     decoder_start_token_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> Iterator[int]:
     """Yield the new token ids of one prompt as they are produced (an end token included, then stop).
 
@@ -173,7 +179,7 @@ def stream(
     ids, _ = _prepare_inputs(model, ids, None)
     with _eval_mode(model):
         with torch.inference_mode():
-            state = settings.new_state(model, ids, None, use_cache=use_cache)
+            state = settings.new_state(model, ids, None, use_cache=use_cache, compile=compile)
             steps = _decode_steps(state, settings, generator=generator)
         while True:
             with torch.inference_mode():  # entered per step: the caller's code runs in between
@@ -282,7 +288,13 @@ class _Settings:
         self.decoder_start_token_id = start
 
     def new_state(
-        self, model: Transformer, input_ids: Tensor, attention_mask: Tensor | None, *, use_cache: bool
+        self,
+        model: Transformer,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        *,
+        use_cache: bool,
+        compile: bool = False,
     ) -> DecodeState:
         return DecodeState(
             model,
@@ -292,6 +304,7 @@ class _Settings:
             pad_token_id=self.pad_token_id,
             decoder_start_token_id=self.decoder_start_token_id,
             use_cache=use_cache,
+            compile=compile,
         )
 
 

@@ -11,11 +11,14 @@ the first step.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError, LMForgeError
-from ..model import ModelCache, Transformer
+from ..model import KVCache, ModelCache, Transformer
 
 ABSOLUTE_POSITIONS = ("learned", "sinusoidal")  # a table of max_seq_len rows: a hard context limit
 
@@ -46,6 +49,7 @@ class DecodeState:
         pad_token_id: fills unused positions and the rows that have finished.
         decoder_start_token_id: first decoder token of an encoder-decoder.
         use_cache: keep keys/values between steps; False recomputes the whole sequence each step.
+        compile: run the one-token steps through ``torch.compile`` (the prompt stays eager).
 
     Attributes:
         tokens: (B, P + max_new_tokens) the decoder's sequences; columns ``:length`` are filled.
@@ -63,6 +67,7 @@ class DecodeState:
         pad_token_id: int,
         decoder_start_token_id: int,
         use_cache: bool = True,
+        compile: bool = False,
     ) -> None:
         config = model.config
         device = model.tok_embed.weight.device
@@ -103,6 +108,7 @@ class DecodeState:
             new_positions = real.sum(1, keepdim=True) + torch.arange(max_new_tokens, device=device)  # (B, N)
             self.positions = torch.cat((prompt_positions, new_positions), dim=1)  # (B, P + N)
 
+        self.compile = compile and use_cache  # one-token steps through torch.compile
         self.cache: ModelCache | None = None
         if use_cache:
             memory_len = self.memory.shape[1] if self.memory is not None else None
@@ -118,28 +124,19 @@ class DecodeState:
         With a cache, only the columns it has not seen go through the stack; without one, all of
         them. The LM head is applied to the last position only.
         """
-        model = self.model
         start = self.cache.length if self.cache is not None else 0
         end = self.length
-        embeds = model.embed(self.tokens[:, start:end])  # (B, T_new, E)
-        self_cache = self.cache.self_attention if self.cache is not None else None
-        assert model.decoder is not None and model.head is not None
-        if self.encoder_decoder:
-            hidden = model.decoder(
-                embeds,
-                memory=self.memory,
-                memory_mask=self.memory_mask,
-                cache=self_cache,
-                cross_cache=self.cache.cross_attention if self.cache is not None else None,
-            )[0]
-        else:
-            hidden = model.decoder(
-                embeds,
-                attention_mask=self.mask[:, :end] if self.mask is not None else None,
-                position_ids=self.positions[:, start:end] if self.positions is not None else None,
-                cache=self_cache,
-            )[0]
-        return model.head(hidden[:, -1])  # (B, E) -> (B, V)
+        step = _compiled_step() if self.compile and end - start == 1 else last_logits
+        return step(
+            self.model,
+            self.tokens[:, start:end],
+            self.mask[:, :end] if self.mask is not None else None,
+            self.positions[:, start:end] if self.positions is not None else None,
+            self.cache.self_attention if self.cache is not None else None,
+            self.memory,
+            self.memory_mask,
+            self.cache.cross_attention if self.cache is not None else None,
+        )
 
     def append(self, tokens: Tensor) -> None:
         """Write the chosen tokens (B,) into the next column."""
@@ -182,6 +179,39 @@ class DecodeState:
                 n = layer.length
                 layer.keys[:, :, :n] = layer.keys[:, :, :n].index_select(0, index)
                 layer.values[:, :, :n] = layer.values[:, :, :n].index_select(0, index)
+
+
+def last_logits(
+    model: Transformer,
+    ids: Tensor,
+    mask: Tensor | None,
+    positions: Tensor | None,
+    cache: list[KVCache] | None,
+    memory: Tensor | None,
+    memory_mask: Tensor | None,
+    cross_cache: list[KVCache] | None,
+) -> Tensor:
+    """The decoder stack on ids (B, T) (after what ``cache`` holds), the LM head on the last
+    position only: logits (B, V). Encoder-decoders pass the encoder output as ``memory``."""
+    embeds = model.embed(ids)  # (B, T, E)
+    assert model.decoder is not None and model.head is not None
+    hidden = model.decoder(
+        embeds,
+        attention_mask=mask,
+        position_ids=positions,
+        memory=memory,
+        memory_mask=memory_mask,
+        cache=cache,
+        cross_cache=cross_cache,
+    )[0]
+    return model.head(hidden[:, -1])  # (B, E) -> (B, V)
+
+
+@functools.cache
+def _compiled_step() -> Callable[..., Tensor]:
+    """:func:`last_logits` compiled once for one-token steps, with symbolic batch and cache
+    lengths, so the cache growing by a token each step does not recompile."""
+    return torch.compile(last_logits, dynamic=True)
 
 
 def longest_prompt(input_ids: Tensor, attention_mask: Tensor | None) -> int:
