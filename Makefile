@@ -6,7 +6,7 @@ VENV ?= .venv
 .PHONY: demo test lint clean
 
 demo: $(VENV)/.ready-runtime
-	$(VENV)/bin/lmforge attention --explain
+	$(VENV)/bin/lmforge demo
 
 test: $(VENV)/.ready-test
 	$(VENV)/bin/ruff check .

@@ -77,7 +77,7 @@ def demo_train_config(
         beta2=0.99,
         precision=precision,  # type: ignore[arg-type]
         eval_every=max(1, max_steps // 10),
-        eval_batches=10,
+        eval_batches=8,
         save_every=0,
         max_minutes=minutes,
         progress=progress,

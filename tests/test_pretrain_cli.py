@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import lmforge
 from lmforge.cli import main, resolve_arguments
@@ -86,8 +87,19 @@ def test_pretrain_each_architecture_lowers_the_loss(
     assert (out / "data" / "index.json").is_file() and (out / "trainer_state.json").is_file()
 
 
-def test_ctrl_c_then_resume_gives_the_losses_of_an_uninterrupted_run(text_file: Path, tmp_path: Path) -> None:
-    common = ["--model.preset", "tiny-decoder", "--tokenizer.kind", "char", "--train.max_steps", "24"]
+@pytest.mark.parametrize(("preset", "kind"), [("tiny-decoder", "char"), ("tiny-encoder", "wordpiece")])
+def test_ctrl_c_then_resume_gives_the_losses_of_an_uninterrupted_run(
+    text_file: Path, tmp_path: Path, preset: str, kind: str
+) -> None:
+    # One tokenizer for both runs: WordPiece training in the tokenizers library is not
+    # deterministic (huggingface/tokenizers#1794), and this test is about the loop.
+    from lmforge.tokenizers import Tokenizer
+
+    Tokenizer.train(text_file, kind=kind, vocab_size=400, show_progress=False).save(
+        tmp_path / "tok" / "tokenizer.json"
+    )
+    common = ["--model.preset", preset, "--tokenizer.path", str(tmp_path / "tok" / "tokenizer.json")]
+    common += ["--train.max_steps", "24", "--train.eval_batches", "2"]
     common += [
         "--train.log_every",
         "1",
@@ -225,6 +237,23 @@ def test_demo_output_folder_rules(tmp_path: Path) -> None:
     assert (other / "notes.txt").read_text() == "mine"
 
 
+def test_validation_batches_are_the_same_at_every_evaluation(text_file: Path, tmp_path: Path) -> None:
+    from lmforge.training import TrainConfig
+    from lmforge.training.recipe import DataSection, ModelSection, TokenizerSection, build_pretraining
+
+    run = build_pretraining(
+        model=ModelSection(preset="tiny-encoder"),
+        tokenizer=TokenizerSection(kind="wordpiece", vocab_size=400),
+        data=DataSection(path=text_file, documents="blank_line", seq_len=32, val_fraction=0.3),
+        train=TrainConfig(batch_size=4, eval_batches=2),
+        run_dir=tmp_path,
+        progress=False,
+    )
+    first, second = (list(run.eval_batches)[:2] for _ in range(2))  # a capped evaluation, then another
+    for a, b in zip(first, second, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_demo_at_tiny_size(text_file: Path, tmp_path: Path) -> None:
     from lmforge.demo import PROMPTS, demo_sections, run_demo
     from lmforge.training.recipe import DataSection
@@ -256,8 +285,6 @@ def test_demo_at_tiny_size(text_file: Path, tmp_path: Path) -> None:
 
 
 def test_demo_calibration_times_steps_without_touching_the_model(text_file: Path, tmp_path: Path) -> None:
-    import torch
-
     from lmforge.demo import demo_sections, demo_train_config, seconds_per_step
     from lmforge.training.recipe import DataSection, build_pretraining
 

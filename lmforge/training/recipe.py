@@ -243,8 +243,21 @@ def batch_sources(
         )
     common = dict(seq_len=data.seq_len, batch_size=train.batch_size, collator=collator)
     train_source = DocumentChunks(split_train, seed=data.seed, **common)
-    eval_source = DocumentChunks(split_eval, seed=data.seed + 1, shuffle=False, epochs=1, **common)
+    eval_source = Restarting(
+        lambda: DocumentChunks(split_eval, seed=data.seed + 1, shuffle=False, epochs=1, **common)
+    )
     return train_source, eval_source
+
+
+class Restarting:
+    """Validation batches that start from the same first batch at every evaluation (a fresh
+    source each time), even when an evaluation stopped early after ``eval_batches``."""
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def __iter__(self) -> Any:
+        return iter(self.make())
 
 
 def build_pretraining(
@@ -271,7 +284,8 @@ def build_pretraining(
     from ..data import TokenShards, write_shards
     from ..model import Transformer
     from ..objectives import DEFAULT_OBJECTIVE, make_objective
-    from ..runs import TOKENIZER_FILE, load_tokenizer
+    from ..runs import TOKENIZER_FILE
+    from ..tokenizers import Tokenizer
     from .checkpoint import latest_checkpoint
 
     run_dir = Path(run_dir)
@@ -288,7 +302,7 @@ def build_pretraining(
     if resume:
         if latest_checkpoint(run_dir) is None:
             raise LMForgeError("nothing to resume: no checkpoint in this run directory", file=run_dir)
-        tok = load_tokenizer(run_dir / TOKENIZER_FILE, {}, ModelConfig(vocab_size=1 << 30))
+        tok = Tokenizer.from_file(run_dir / TOKENIZER_FILE)  # the model check comes with the weights
         shards = TokenShards(run_dir / SHARDS_DIR, tokenizer=tok)
     else:
         if latest_checkpoint(run_dir) is not None:
