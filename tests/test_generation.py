@@ -147,6 +147,17 @@ def test_context_limit_of_position_tables() -> None:
     assert generate(rope, ids, max_new_tokens=10).shape == (1, 70)
 
 
+@pytest.mark.slow
+def test_compiled_steps_give_the_same_tokens() -> None:
+    for preset in ("tiny-llama", "tiny-encoder-decoder"):
+        model = tiny(preset)
+        ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(11))
+        mask = torch.ones(2, 6, dtype=torch.bool)
+        mask[0, :2] = False
+        eager = generate(model, ids, attention_mask=mask, max_new_tokens=20)
+        assert torch.equal(generate(model, ids, attention_mask=mask, max_new_tokens=20, compile=True), eager)
+
+
 def test_generation_restores_training_mode_and_returns_a_normal_tensor() -> None:
     model = tiny("tiny-decoder", dropout=0.5)
     model.train()
