@@ -15,8 +15,11 @@ the ratios of tokens/s are reported. Target: lmforge ≥ 1.5× transformers.
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -90,6 +93,22 @@ def gpt2_to_lmforge(hf: dict[str, torch.Tensor], layers: int) -> dict[str, torch
     return out
 
 
+def timed(fns: dict[str, Callable[[], object]], *, rounds: int, cpu_time: bool) -> dict[str, float]:
+    """Median seconds of each function over interleaved rounds: wall time, or with one thread the
+    CPU time of this thread (time waiting for a core taken by other jobs is not counted)."""
+    if not cpu_time:
+        return interleaved(fns, rounds=rounds, warmup=1)
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.thread_time()
+            fn()
+            samples[name].append(time.thread_time() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def bench_shape(name: str, args: argparse.Namespace) -> dict[str, float | int | str]:
     """Check that the models produce the same greedy tokens, then time them in alternation."""
     layers, width, heads = SHAPES[name]
@@ -121,7 +140,7 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, float | int | 
             )
     print(f"{name}: the same {N} greedy tokens (first compiled call {compile_s:.0f} s); timing …", flush=True)
     fns = {"lmforge": run_lmforge, "compiled": run_compiled, "transformers": run_transformers}
-    times = interleaved(fns, rounds=args.rounds, warmup=1)
+    times = timed(fns, rounds=args.rounds, cpu_time=args.threads == 1)
     with torch.inference_mode():  # the weight read every step needs: the vocabulary projection alone
         hidden = torch.randn(1, width)
         head = model.head.proj.weight
@@ -150,16 +169,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    load_before = os.getloadavg()[0]
     rows = [bench_shape(name, args) for name in args.shapes]
+    load_after = os.getloadavg()[0]
 
     lines = [
         f"Greedy decoding with KV cache, batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new "
         f"tokens, fp32, {torch.get_num_threads()} thread(s), vocabulary {VOCAB}; every column produces the "
-        f"same tokens (checked); medians of {args.rounds} interleaved rounds. *compiled*: "
+        f"same tokens (checked); medians of {args.rounds} interleaved rounds of "
+        f"{'thread CPU time' if args.threads == 1 else 'wall time'}. *compiled*: "
         "`generate(..., compile=True)`, one-token steps through torch.compile (first call's compile "
         "time in the last column, not in the rate). *LM head share*: time of the vocabulary "
         "projection alone (one (1, E) × (E, V) product, a weight read both libraries make every "
-        "step) / lmforge's time per token. Target: lmforge ≥ 1.5× transformers.",
+        "step) / lmforge's time per token. Target: lmforge ≥ 1.5× transformers. Machine load "
+        f"average {load_before:.1f} before, {load_after:.1f} after (other jobs share the cores: "
+        "with more threads than free cores, every parallel region waits for a descheduled thread).",
         "",
         "| shape | layers | width | heads | lmforge tok/s | compiled tok/s | transformers tok/s | "
         "**lmforge / transformers** | **compiled / transformers** | LM head share | compile s |",
