@@ -144,9 +144,8 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, float | int | 
     with torch.inference_mode():  # the weight read every step needs: the vocabulary projection alone
         hidden = torch.randn(1, width)
         head = model.head.proj.weight
-        head_ms = (
-            interleaved({"head": lambda: torch.nn.functional.linear(hidden, head)}, rounds=50)["head"] * 1e3
-        )
+        project = {"head": lambda: torch.nn.functional.linear(hidden, head)}
+        head_ms = timed(project, rounds=50, cpu_time=args.threads == 1)["head"] * 1e3
     row = {"name": name, "layers": layers, "width": width, "heads": heads, "compile_s": compile_s}
     row.update({f"{key}_tps": N / seconds for key, seconds in times.items()})
     row["head_share"] = head_ms / (times["lmforge"] / N * 1e3)
