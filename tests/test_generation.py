@@ -506,6 +506,21 @@ def test_cli_clamps_to_the_context(run_dir: Path, capsys: pytest.CaptureFixture)
     assert re.search(r"stopped after \d+ new tokens: the model's context holds 64 positions", captured.err)
 
 
+def test_cli_encoder_decoder_prints_the_output(
+    tmp_path: Path, bpe: Tokenizer, capsys: pytest.CaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("tiny-encoder-decoder", vocab_size=bpe.vocab_size, tie_embeddings=False)
+    model = Transformer(config.replace(init_std=0.3)).eval()
+    run = save_run(tmp_path / "t5ish", model=model, tokenizer=bpe)
+    assert main(["generate", "--model", str(run), "--prompt", "The cat", "--max_new_tokens", "12"]) == 0
+    source = torch.tensor([bpe.encode("The cat") + [bpe.eos_id]])  # sources end with eos
+    out = generate(
+        model, source, max_new_tokens=12, eos_token_id=bpe.eos_id, decoder_start_token_id=bpe.bos_id
+    )
+    assert capsys.readouterr().out == bpe.decode(out[0, 1:].tolist()) + "\n"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
