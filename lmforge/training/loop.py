@@ -211,14 +211,12 @@ class Trainer:
                 if self._interrupt_requested:
                     self.state.should_stop = self.state.interrupted = True
                     self.state.stop_reason = "interrupted (Ctrl-C)"
+                last = self.state.should_stop or step >= config.max_steps
+                if last and not self.state.interrupted and self._last_eval_step != step:
+                    self._evaluate_and_report()  # the final evaluation, before the final checkpoint
                 if self.run_dir is not None and (
-                    (config.save_every and step % config.save_every == 0) or self.state.should_stop
+                    (config.save_every and step % config.save_every == 0) or last
                 ):
-                    self.save()
-            if not self.state.interrupted:
-                if self._last_eval_step != self.state.step:
-                    self._evaluate_and_report()
-                if self.run_dir is not None and self._last_saved_step != self.state.step:
                     self.save()
         finally:
             restore_sigint()
