@@ -83,9 +83,7 @@ def generate(
     decoder_start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.pad_id
     streaming = not no_stream and num_beams == 1
     shown = [] if encoder_decoder else ids  # a decoder's prompt is printed with its continuation
-    streamer = TextStreamer(tokenizer, prompt_ids=shown) if streaming else None
-    if streamer is not None and shown:
-        sys.stdout.write(tokenizer.decode(shown))
+    streamer = TextStreamer(tokenizer, prompt_ids=shown, show_prompt=True) if streaming else None
     out = run_generation(
         run.model,
         torch.tensor([ids], device=torch_device),

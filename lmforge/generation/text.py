@@ -76,8 +76,8 @@ class TextStreamer:
     to a file (the terminal by default) as tokens arrive.
 
     The streamer protocol: ``put(tokens)`` with the new token of each row (a tensor of shape
-    (1,)) after every step, then ``end()`` once. ``prompt_ids`` (already shown) give the first
-    new tokens their left context, so spacing at the join is right.
+    (1,)) after every step, then ``end()`` once. ``prompt_ids`` give the first new tokens their
+    left context, so spacing at the join is right; they are shown too with ``show_prompt``.
     """
 
     def __init__(
@@ -87,14 +87,21 @@ class TextStreamer:
         file: TextIO | None = None,
         skip_special_tokens: bool = True,
         prompt_ids: list[int] | None = None,
+        show_prompt: bool = False,
     ) -> None:
         self.decoder = IncrementalDecoder(
             tokenizer, skip_special_tokens=skip_special_tokens, prompt_ids=prompt_ids
         )
         self.file = file
         self.text = ""  # everything written so far
+        # The prompt's text, written just before the first new text (not before generation has
+        # checked its settings and run the prompt, which may fail).
+        self.pending = (
+            tokenizer.decode(prompt_ids or [], skip_special_tokens=skip_special_tokens) if show_prompt else ""
+        )
 
     def _write(self, text: str) -> None:
+        text, self.pending = self.pending + text, ""
         if text:
             out = self.file or sys.stdout
             out.write(text)
