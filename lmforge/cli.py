@@ -37,6 +37,7 @@ def _commands() -> dict[str, CommandFn]:
     Imported lazily so ``lmforge --help`` stays fast."""
     from .commands import attention, presets, tokenizer_train
     from .commands.convert import convert
+    from .commands.finetune import evaluate, finetune
     from .commands.generate import generate
     from .commands.pretrain import demo, pretrain
 
@@ -48,6 +49,8 @@ def _commands() -> dict[str, CommandFn]:
         "generate": generate,
         "pretrain": pretrain,
         "demo": demo,
+        "finetune": finetune,
+        "eval": evaluate,
     }
 
 

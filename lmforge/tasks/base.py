@@ -1,0 +1,418 @@
+"""What every downstream task shares: options, the task contract, batching, evaluation in the loop.
+
+A task turns rows of a user's files into model batches and back into predictions::
+
+    rows ──parse──► examples ──encode──► features ──collate──► batch ──objective──► loss
+    examples ──evaluate(model)──► metrics + one prediction per example
+
+``Task.objective(model, batch) -> ObjectiveOutput`` plugs into the one training loop like the
+pretraining objectives (:mod:`lmforge.objectives`), with the target count that fits the task
+(one per example for classification, one per response token for SFT). :class:`Batches` feeds the
+loop: shuffled each epoch with a seed, examples of similar length batched together (less
+padding), resumable. :class:`TaskEvaluation` computes the task's own metrics on the validation
+split at every evaluation of the loop and keeps the best weights by the task's main metric, as
+Hugging Face ``Trainer``'s ``load_best_model_at_end`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, LMForgeError
+from ..training.callbacks import Callback
+from .data import BadRow, Columns, PartialRowError, Row, RowError
+
+if TYPE_CHECKING:
+    from ..tokenizers import Tokenizer
+    from ..training.loop import Trainer
+
+Batch = dict[str, Any]
+Feature = dict[str, Any]
+
+
+@dataclass
+class TaskOptions:
+    """Options of the downstream tasks (each task reads the ones that concern it)."""
+
+    max_length: int = 128  # longest input in tokens (longer ones are truncated; QA: window length)
+    max_target_length: int = 128  # SFT / seq2seq: longest response or target in tokens
+    pooling: Literal["auto", "cls", "mean", "last"] = (
+        "auto"  # classification: auto = cls (encoder), last (decoder)
+    )
+    oos_label: str | None = None  # classification: the out-of-scope class (CLINC150: oos)
+    template: str | None = None  # SFT / decoder seq2seq: the prompt, with {field} slots
+    source_prefix: str = ""  # encoder-decoder: text put before every source (T5 style)
+    packing: bool = False  # SFT: pack several short examples into one sequence
+    stride: int = 32  # QA: tokens two windows of a long context share
+    max_answer_length: int = 30  # QA: longest answer span, in tokens
+    num_beams: int = 4  # generation in lmforge eval: beams (1 = greedy)
+    length_penalty: float = 1.0  # beam search: a finished sequence scores log-prob / length^α
+    eval_num_beams: int = 1  # generation while training (validation metric): 1 = greedy, faster
+    eval_examples: int | None = None  # validation examples per evaluation while training (None: all)
+    language: Literal["auto", "en", "zh"] = "auto"  # QA answer normalization (zh: character level, CMRC)
+
+    def __post_init__(self) -> None:
+        def check(condition: bool, key: str, why: str) -> None:
+            if not condition:
+                raise ConfigError(f"{key} = {getattr(self, key)!r}: {why}", key=key)
+
+        check(self.max_length >= 4, "max_length", "must be at least 4")
+        check(self.max_target_length >= 1, "max_target_length", "must be positive")
+        check(self.stride >= 0, "stride", "must be 0 or more")
+        check(self.max_answer_length >= 1, "max_answer_length", "must be positive")
+        check(self.num_beams >= 1, "num_beams", "must be at least 1")
+        check(self.eval_num_beams >= 1, "eval_num_beams", "must be at least 1")
+        check(
+            self.eval_examples is None or self.eval_examples > 0, "eval_examples", "must be positive or null"
+        )
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluation and one prediction per example (in example order)."""
+
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+    def scalars(self) -> dict[str, float]:
+        return {
+            k: float(v)
+            for k, v in self.metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+
+
+class Task:
+    """The contract of a downstream task. Subclasses set the class attributes and implement
+    :meth:`parse`, :meth:`encode`, :meth:`collate`, :meth:`objective` and :meth:`evaluate`.
+
+    Args:
+        options: the task options.
+        tokenizer: the model's tokenizer.
+        columns: which column of the files holds each field.
+        state: what a trained run recorded about the task (e.g. label names), to evaluate it.
+    """
+
+    name: ClassVar[str] = ""
+    head: ClassVar[str] = "lm"  # the model head the task trains
+    main_metric: ClassVar[str] = "loss"  # the validation metric that picks the best checkpoint
+    greater_is_better: ClassVar[bool] = True
+    archs: ClassVar[tuple[str, ...]] = ("encoder", "decoder", "encoder_decoder")
+
+    def __init__(
+        self,
+        options: TaskOptions,
+        tokenizer: Tokenizer,
+        columns: Columns | None = None,
+        *,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        self.options = options
+        self.tokenizer = tokenizer
+        self.columns = columns or Columns()
+        self.state: dict[str, Any] = dict(state or {})
+
+    # ---- data --------------------------------------------------------------------------------
+
+    def parse(self, row: Row) -> list[Any]:
+        """The examples of one row (usually one); raises :class:`RowError` for a row it cannot use."""
+        raise NotImplementedError
+
+    def examples(
+        self, rows: Sequence[Row | BadRow], *, training: bool = False
+    ) -> tuple[list[Any], list[BadRow]]:
+        """Parse rows into examples, collecting the bad ones with their file and line."""
+        examples: list[Any] = []
+        bad: list[BadRow] = []
+        for row in rows:
+            if isinstance(row, BadRow):
+                bad.append(row)
+                continue
+            try:
+                examples.extend(self.parse_checked(row, training=training))
+            except PartialRowError as err:
+                examples.extend(err.examples)
+                bad.extend(BadRow(row.file, row.line, reason) for reason in err.errors)
+            except RowError as err:
+                bad.append(BadRow(row.file, row.line, str(err)))
+        return examples, bad
+
+    def parse_checked(self, row: Row, *, training: bool) -> list[Any]:
+        return self.parse(row)
+
+    def fit(self, examples: Sequence[Any]) -> None:
+        """Learn what the task needs from the training examples (e.g. the label set). Called once."""
+
+    def encode(self, examples: Sequence[Any]) -> list[Feature]:
+        """Tokenized features for training (each with a ``length`` for batching)."""
+        raise NotImplementedError
+
+    def collate(self, features: Sequence[Feature]) -> Batch:
+        raise NotImplementedError
+
+    # ---- model -------------------------------------------------------------------------------
+
+    def model_changes(self, arch: str) -> dict[str, Any]:
+        """ModelConfig fields the task's head needs (head, num_labels, pooling)."""
+        return {"head": self.head}
+
+    def check_arch(self, arch: str) -> None:
+        if arch not in self.archs:
+            raise LMForgeError(
+                f"task {self.name} needs a model of arch {' or '.join(self.archs)}, this one is {arch}",
+                key="model",
+            )
+
+    def objective(self, model: nn.Module, batch: Batch) -> Any:
+        raise NotImplementedError
+
+    def num_targets(self, batch: Batch) -> int:
+        """Targets a batch counts (normalizes the loss over an accumulation window)."""
+        return int((batch["labels"] != -100).sum())
+
+    def evaluate(
+        self, model: nn.Module, examples: Sequence[Any], *, batch_size: int = 32, final: bool = True
+    ) -> EvalResult:
+        """Metrics over ``examples`` and a prediction for each (``final``: with the final-evaluation
+        settings, e.g. beam search; else the cheaper in-training ones)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """A short line about the task for the run summary."""
+        return self.name
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Any:
+        return self.objective(model, batch)
+
+
+# ---- batching ----------------------------------------------------------------------------------
+
+
+class Batches:
+    """Batches of features for the training loop: a new seeded shuffle every epoch, features of
+    similar length grouped (sorted inside windows of ``bucket`` batches, then the batches
+    shuffled), re-iterable, with ``state_dict`` / ``load_state_dict`` for exact resume.
+
+    Args:
+        features: the encoded examples (each with a ``length``).
+        collate: features → batch.
+        batch_size: features per batch.
+        shuffle: shuffle each epoch (training); False: file order, one pass (evaluation).
+        seed: seeds the shuffles (epoch e uses seed + e).
+        bucket: batches per sorting window (1: no length grouping).
+    """
+
+    def __init__(
+        self,
+        features: Sequence[Feature],
+        collate: Callable[[Sequence[Feature]], Batch],
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        bucket: int = 50,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not features:
+            raise LMForgeError("no examples to make batches of")
+        self.features = features
+        self.collate = collate
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.bucket = max(bucket, 1)
+        self.lengths = np.array([f["length"] for f in features], dtype=np.int64)
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch already handed out
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.features) / self.batch_size)
+
+    def order(self, epoch: int) -> list[np.ndarray]:
+        """The batches (arrays of feature indices) of one epoch."""
+        n = len(self.features)
+        if not self.shuffle:
+            return [np.arange(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
+        rng = np.random.default_rng(self.seed + epoch)
+        order = rng.permutation(n)
+        window = self.batch_size * self.bucket
+        batches: list[np.ndarray] = []
+        for start in range(0, n, window):
+            chunk = order[start : start + window]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches = self.order(self.epoch)
+        while self.position < len(batches):
+            index = batches[self.position]
+            self.position += 1
+            yield self.collate([self.features[i] for i in index])
+        if self.shuffle:
+            self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def pad(rows: Sequence[Sequence[int]], value: int, *, left: bool = False) -> Tensor:
+    """Pad integer rows into a (B, T) long tensor (T: the longest row)."""
+    T = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), T), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            if left:
+                out[i, T - len(row) :] = torch.as_tensor(row, dtype=torch.long)
+            else:
+                out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+def length_mask(rows: Sequence[Sequence[int]], *, left: bool = False) -> Tensor:
+    """(B, T) bool, True on the real tokens of rows padded by :func:`pad`."""
+    T = max((len(r) for r in rows), default=0)
+    lengths = torch.tensor([len(r) for r in rows])
+    positions = torch.arange(T)[None, :]
+    if left:
+        return positions >= (T - lengths)[:, None]
+    return positions < lengths[:, None]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def eval_order(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Example indices in batches of similar length (longest first), for fast evaluation."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+def require_token(tokenizer: Tokenizer, role: str, why: str) -> int:
+    token_id = getattr(tokenizer, f"{role}_id")
+    if token_id is None:
+        raise LMForgeError(f"{why} needs a {role} token, and the tokenizer has none", key="tokenizer")
+    return token_id
+
+
+# ---- evaluation inside the loop ----------------------------------------------------------------
+
+
+class TaskEvaluation(Callback):
+    """At every evaluation of the loop: the task's metrics on the validation examples (logged as
+    ``eval_<metric>``), and a copy of the trainable weights whenever the main metric is the best
+    so far. :meth:`restore_best` puts the best weights back at the end of training.
+
+    Args:
+        task: the task.
+        examples: validation examples.
+        batch_size: evaluation batch size.
+        keep_best: keep the best weights (False: the last ones stay, e.g. AdaLoRA's final ranks).
+    """
+
+    def __init__(
+        self, task: Task, examples: Sequence[Any], *, batch_size: int, keep_best: bool = True
+    ) -> None:
+        self.task = task
+        limit = task.options.eval_examples
+        self.examples = list(examples)[:limit] if limit else list(examples)
+        self.batch_size = batch_size
+        self.keep_best = keep_best
+        self.best: float | None = None
+        self.best_step = 0
+        self.best_metrics: dict[str, float] = {}
+        self.best_weights: dict[str, Tensor] | None = None
+        self.history: list[dict[str, float]] = []
+
+    def on_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        model = trainer.model
+        with torch.no_grad():
+            result = self.task.evaluate(model, self.examples, batch_size=self.batch_size, final=False)
+        model.train()
+        scalars = result.scalars()
+        metrics.update(
+            {f"eval_{k}": v for k, v in scalars.items() if f"eval_{k}" not in metrics or k != "loss"}
+        )
+        value = scalars.get(self.task.main_metric)
+        step = trainer.state.step
+        self.history.append({"step": step, **scalars})
+        improved = value is not None and (
+            self.best is None or (value > self.best if self.task.greater_is_better else value < self.best)
+        )
+        if improved:
+            self.best, self.best_step, self.best_metrics = value, step, scalars
+            if self.keep_best:
+                self.best_weights = {
+                    name: p.detach().to("cpu", copy=True)
+                    for name, p in model.named_parameters()
+                    if p.requires_grad
+                }
+        shown = f"{value:.4f}" if value is not None else "n/a"
+        from tqdm.auto import tqdm
+
+        tqdm.write(
+            f"step {step}: validation {self.task.main_metric} {shown}"
+            + (" (best so far)" if improved else ""),
+            file=sys.stderr,
+        )
+
+    def restore_best(self, model: nn.Module) -> bool:
+        """Copy the best weights back into ``model``; False when there is nothing to restore."""
+        if not self.keep_best or self.best_weights is None:
+            return False
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.best_weights.items():
+                params[name].copy_(value)
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "best_step": self.best_step,
+            "best_metrics": self.best_metrics,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best")
+        self.best_step = int(state.get("best_step", 0))
+        self.best_metrics = dict(state.get("best_metrics", {}))
+        self.history = list(state.get("history", []))
+
+
+__all__ = [
+    "Batch",
+    "Batches",
+    "EvalResult",
+    "Feature",
+    "Task",
+    "TaskEvaluation",
+    "TaskOptions",
+    "eval_order",
+    "length_mask",
+    "model_device",
+    "pad",
+    "require_token",
+    "to_device",
+]

@@ -1,0 +1,297 @@
+"""Generation / supervised fine-tuning (SFT): prompt → response pairs on a decoder.
+
+Each row fills a prompt template (``"### Prompt:\\n{source}\\n### Response:\\n"`` by default; any
+``{column}`` slot reads that column) and its ``target`` field is the response. The sequence is
+``[BOS] prompt response [EOS]`` and the loss counts the response tokens and the end token only:
+the prompt is context, not something to learn (the InstructGPT / Alpaca recipe, Ouyang et al.
+2022; Taori et al. 2023). Labels are built aligned with the tokens, then shifted for next-token
+prediction (:func:`lmforge.objectives.shift_labels`).
+
+Packing (``options.packing``) concatenates several short examples into one sequence of up to
+``max_length`` tokens, each example with its own positions (from 0) and a block-diagonal
+attention mask, so examples never see one another (as in Krell et al. 2021, "Efficient
+sequence packing without cross-contamination").
+
+The shared pieces of decoder-side generation (left-padded prompts, :func:`generate_texts`)
+also serve the seq2seq tasks.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LMForgeError
+from ..objectives import ObjectiveOutput, shift_labels, token_cross_entropy
+from ..objectives.base import IGNORE_INDEX, model_inputs
+from .base import Batch, EvalResult, Feature, Task, eval_order, length_mask, model_device, pad, to_device
+from .data import Row, RowError
+
+DEFAULT_TEMPLATE = "### Prompt:\n{source}\n### Response:\n"
+
+
+@dataclass
+class PromptExample:
+    prompt: str  # the filled template
+    response: str | None  # None: nothing to learn or score (prediction only)
+    where: str
+    id: Any = None
+    source: str | None = None  # the source text, for seq2seq predictions
+
+
+def template_fields(template: str) -> list[str]:
+    """The ``{slot}`` names of a template (``{{`` and ``}}`` are literal braces)."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError as err:
+        raise LMForgeError(f"bad template {template!r}: {err}", key="options.template") from None
+
+
+def fill_template(template: str, row: Row, columns: Any) -> str:
+    values = {}
+    for name in template_fields(template):
+        if not name.isidentifier():
+            raise LMForgeError(
+                f"template slot {{{name}}} must be a plain column name", key="options.template"
+            )
+        values[name] = columns.text(row, name)
+    return template.format(**values)
+
+
+def encode_prompt_response(
+    tokenizer: Any, prompt: str, response: str | None, *, max_length: int, max_target_length: int
+) -> tuple[list[int], list[int]]:
+    """``([BOS] prompt response [EOS]`` ids, labels aligned with them (-100 on the prompt)), the
+    response cut to ``max_target_length`` and the prompt's start cut so the whole fits ``max_length``."""
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    prompt_ids = tokenizer.encode(prompt)
+    response_ids = tokenizer.encode(response)[:max_target_length] + eos if response is not None else []
+    room = max_length - len(bos) - len(response_ids)
+    if room < 1:
+        response_ids = response_ids[: max(max_length - len(bos) - 1, 1)]
+        room = max_length - len(bos) - len(response_ids)
+    prompt_ids = prompt_ids[-room:] if room > 0 else []
+    ids = bos + prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * (len(bos) + len(prompt_ids)) + response_ids
+    return ids, labels
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    return pad(rows, pad_id, left=True), length_mask(rows, left=True)
+
+
+@torch.no_grad()
+def generate_texts(
+    model: nn.Module,
+    tokenizer: Any,
+    inputs: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    decoder_start_token_id: int | None = None,
+) -> list[str]:
+    """Generated text for each input (decoder prompts, or encoder-decoder sources), batched by
+    length; decoding stops at the tokenizer's end token."""
+    from ..generation import generate
+    from ..generation.state import ABSOLUTE_POSITIONS
+
+    config = model.config
+    device = model_device(model)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    eos = tokenizer.eos_id
+    texts: list[str] = [""] * len(inputs)
+    for index in eval_order([len(x) for x in inputs], batch_size):
+        rows = [inputs[i] for i in index]
+        longest = max(len(r) for r in rows)
+        budget = max_new_tokens
+        if config.position in ABSOLUTE_POSITIONS:  # a position table: the whole must fit
+            used = 1 if config.arch == "encoder_decoder" else longest
+            budget = max(1, min(budget, config.max_seq_len - used))
+        if config.arch == "encoder_decoder":
+            ids, mask = pad(rows, pad_id).to(device), length_mask(rows).to(device)
+        else:
+            ids, mask = (t.to(device) for t in left_padded(rows, pad_id))
+        out = generate(
+            model,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=budget,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            eos_token_id=eos,
+            pad_token_id=pad_id,
+            decoder_start_token_id=decoder_start_token_id,
+        )
+        start = 1 if config.arch == "encoder_decoder" else ids.shape[1]
+        for row, i in zip(out[:, start:].tolist(), index, strict=True):
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            texts[i] = tokenizer.decode(row).strip()
+    return texts
+
+
+def teacher_forced_loss(
+    task: Task, model: nn.Module, features: Sequence[Feature], *, batch_size: int
+) -> dict[str, float]:
+    """Mean loss per target token, perplexity and token accuracy over ``features``."""
+    device = model_device(model)
+    loss_sum, targets, correct = 0.0, 0, 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for index in eval_order([f["length"] for f in features], batch_size):
+                batch = to_device(task.collate([features[i] for i in index]), device)
+                out = task.objective(model, batch)
+                n = int(out.num_targets)
+                loss_sum += float(out.loss_sum)
+                targets += n
+                correct += out.metrics.get("accuracy", 0.0) * n
+    finally:
+        model.train(was_training)
+    if targets == 0:
+        return {}
+    loss = loss_sum / targets
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / targets}
+
+
+class SFTTask(Task):
+    """Supervised fine-tuning of a decoder on prompt → response pairs."""
+
+    name = "sft"
+    head = "lm"
+    main_metric = "loss"
+    greater_is_better = False
+    archs = ("decoder",)
+
+    @property
+    def template(self) -> str:
+        return self.options.template or DEFAULT_TEMPLATE
+
+    def parse(self, row: Row) -> list[PromptExample]:
+        prompt = fill_template(self.template, row, self.columns)
+        response = self.columns.text(row, "target", required=False)
+        return [PromptExample(prompt, response, row.where, self.columns.get(row, "id", required=False))]
+
+    def parse_checked(self, row: Row, *, training: bool) -> list[PromptExample]:
+        examples = self.parse(row)
+        if training and examples[0].response is None:
+            raise RowError(
+                f"missing field '{self.columns.column('target')}' (the response) in a training row"
+            )
+        return examples
+
+    def encode(self, examples: Sequence[PromptExample]) -> list[Feature]:
+        features = []
+        for example in examples:
+            ids, labels = encode_prompt_response(
+                self.tokenizer,
+                example.prompt,
+                example.response,
+                max_length=self.options.max_length,
+                max_target_length=self.options.max_target_length,
+            )
+            shifted = shift_labels(torch.tensor([labels]))[0].tolist()
+            features.append({"input_ids": ids, "labels": shifted, "length": len(ids)})
+        if self.options.packing:
+            return pack(features, self.options.max_length)
+        return features
+
+    def collate(self, features: Sequence[Feature]) -> Batch:
+        rows = [f["input_ids"] for f in features]
+        batch: Batch = {
+            "input_ids": pad(rows, self.tokenizer.pad_id or 0),
+            "labels": pad([f["labels"] for f in features], IGNORE_INDEX),
+        }
+        if any("segments" in f for f in features):
+            segments = pad([f["segments"] for f in features], -1)  # (B, T), -1 = padding
+            same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+            batch["attention_mask"] = same & (segments >= 0)[:, None, :]
+            batch["position_ids"] = pad([f["positions"] for f in features], 0)
+        else:
+            batch["attention_mask"] = length_mask(rows)
+        return batch
+
+    def objective(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
+        out = model(batch["input_ids"], **model_inputs(batch, "attention_mask", "position_ids"))
+        return token_cross_entropy(out.logits, batch["labels"])
+
+    def evaluate(
+        self, model: nn.Module, examples: Sequence[PromptExample], *, batch_size: int = 32, final: bool = True
+    ) -> EvalResult:
+        scored = [e for e in examples if e.response is not None]
+        plain = self.options.packing
+        self.options.packing = False  # evaluate example by example
+        try:
+            metrics: dict[str, Any] = {"examples": len(examples)}
+            if scored:
+                metrics.update(teacher_forced_loss(self, model, self.encode(scored), batch_size=batch_size))
+            predictions: list[dict[str, Any]] = []
+            if final:
+                texts = self.generated(model, examples, batch_size=batch_size)
+                references = [e.response for e in examples]
+                if scored:
+                    from ..metrics import rouge
+
+                    pairs = [(t, r) for t, r in zip(texts, references, strict=True) if r is not None]
+                    metrics["exact_match"] = 100.0 * sum(t == r.strip() for t, r in pairs) / len(pairs)
+                    metrics["rougeL"] = rouge([t for t, _ in pairs], [r for _, r in pairs])["rougeL"]
+                for example, text in zip(examples, texts, strict=True):
+                    record: dict[str, Any] = {"prediction": text}
+                    if example.id is not None:
+                        record = {"id": example.id, **record}
+                    if example.response is not None:
+                        record["reference"] = example.response
+                    predictions.append(record)
+        finally:
+            self.options.packing = plain
+        return EvalResult(metrics, predictions)
+
+    def generated(self, model: nn.Module, examples: Sequence[PromptExample], *, batch_size: int) -> list[str]:
+        prompts = [
+            encode_prompt_response(
+                self.tokenizer, e.prompt, None, max_length=self.options.max_length, max_target_length=1
+            )[0]
+            for e in examples
+        ]
+        return generate_texts(
+            model,
+            self.tokenizer,
+            prompts,
+            batch_size=batch_size,
+            max_new_tokens=self.options.max_target_length,
+            num_beams=self.options.num_beams,
+            length_penalty=self.options.length_penalty,
+        )
+
+    def describe(self) -> str:
+        packing = ", packed" if self.options.packing else ""
+        return f"sft (loss on responses only{packing}), template {self.template!r}"
+
+
+def pack(features: Sequence[Feature], max_length: int) -> list[Feature]:
+    """Greedy packing in order: consecutive features joined while they fit ``max_length``; each
+    keeps its own positions and a segment id (the mask keeps segments apart)."""
+    packed: list[Feature] = []
+    current: Feature | None = None
+    for feature in features:
+        n = feature["length"]
+        if current is None or current["length"] + n > max_length:
+            current = {"input_ids": [], "labels": [], "segments": [], "positions": [], "length": 0}
+            packed.append(current)
+        segment = current["segments"][-1] + 1 if current["segments"] else 0
+        current["input_ids"] += feature["input_ids"]
+        current["labels"] += feature["labels"]
+        current["segments"] += [segment] * n
+        current["positions"] += list(range(n))
+        current["length"] += n
+    return packed
