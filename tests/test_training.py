@@ -561,3 +561,16 @@ def test_bad_train_config_names_the_key() -> None:
     with pytest.raises(LMForgeError, match="min_lr"):
         TrainConfig(lr=1e-3, min_lr=1e-2)
     assert TrainConfig(lr=1e-3).final_lr == pytest.approx(1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one() -> None:
+    losses = []
+    for compiled in (False, True):
+        seed_everything(0)
+        recorder = Recorder()
+        Trainer(
+            tiny(), next_token, Windows(), config=quiet(max_steps=5, compile=compiled), callbacks=[recorder]
+        ).fit()
+        losses.append(list(recorder.losses.values()))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)

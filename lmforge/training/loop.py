@@ -57,7 +57,8 @@ class TrainState:
 
     step: int = 0  # optimizer steps taken
     tokens_seen: int = 0  # input tokens processed (encoder + decoder inputs)
-    train_time_s: float = 0.0  # time spent in training steps (evaluation and saving excluded)
+    train_time_s: float = 0.0  # wall time spent in training steps (evaluation and saving excluded)
+    train_cpu_s: float = 0.0  # CPU time of this process in those steps (all threads; robust to other jobs)
     eval_time_s: float = 0.0  # time spent evaluating
     epoch: int = 0  # completed passes over a finite batch source
     best_eval_loss: float = math.inf
@@ -193,10 +194,15 @@ class Trainer:
         restore_sigint = self._install_sigint()
         try:
             while self.state.step < config.max_steps and not self.state.should_stop:
-                start, tokens_before = time.perf_counter(), self.state.tokens_seen
+                start, cpu_start, tokens_before = (
+                    time.perf_counter(),
+                    time.process_time(),
+                    self.state.tokens_seen,
+                )
                 metrics = self._train_step()
                 seconds = time.perf_counter() - start
                 self.state.train_time_s += seconds
+                self.state.train_cpu_s += time.process_time() - cpu_start
                 self._recent.append((self.state.tokens_seen - tokens_before, seconds))
                 metrics["tokens_per_s"] = sum(t for t, _ in self._recent) / max(
                     sum(s for _, s in self._recent), 1e-9
