@@ -193,7 +193,7 @@ class RankAllocator:
             return 0.0
         loss = self.orthogonality_loss()
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def _update_importance(self) -> None:

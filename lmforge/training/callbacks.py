@@ -4,6 +4,8 @@ The loop calls, in this order, for every callback in its list (the user's first,
 built-in loggers, so a logger sees what a callback added)::
 
     on_train_begin(trainer)                   after setup (and after a resume has been applied)
+    on_after_backward(trainer)                after the window's backward passes, before clipping
+                                              and the optimizer step (add gradients here)
     on_step_end(trainer, metrics)             after every optimizer step; gradients still in .grad
     on_evaluate(trainer, metrics)             after every evaluation on validation batches
     on_save(trainer, path)                    after every checkpoint
@@ -36,6 +38,10 @@ class Callback:
 
     def on_train_begin(self, trainer: Trainer) -> None:
         """Called once before the first step (after a resume has restored the state)."""
+
+    def on_after_backward(self, trainer: Trainer) -> None:
+        """Called once per step after the backward passes, before clipping and the optimizer step
+        (a regularizer can add its gradients here, as AdaLoRA's orthogonality penalty does)."""
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """Called after each optimizer step with that step's metrics (add to them to log more)."""

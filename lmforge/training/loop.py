@@ -149,7 +149,9 @@ class Trainer:
         self.optimizer = build_optimizer(model, config)
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
 
-        self.callbacks: list[Callback] = list(callbacks)
+        from ..peft import training_callbacks  # AdaLoRA's rank allocation, when its adapter is active
+
+        self.callbacks: list[Callback] = list(callbacks) + training_callbacks(model)
         if config.early_stopping_patience is not None:
             self.callbacks.append(
                 EarlyStopping(
@@ -323,6 +325,7 @@ class Trainer:
             loss_sum += value
             for key, metric in out.metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(metric) * count
+        self._call("on_after_backward")
         grad_norm = float(
             torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip or math.inf, foreach=True)
         )
