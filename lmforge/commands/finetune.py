@@ -83,7 +83,7 @@ def finetune(
         skip_bad_rows=skip_bad_rows,
     )
     spec.plan  # noqa: B018 (checks the split ratio before any work)
-    summary = finetune_run(
+    result = finetune_run(
         model=model,
         data=spec,
         task_name=task,
@@ -95,6 +95,7 @@ def finetune(
         out=out,
         resume=resume,
     )
+    summary = result.summary
     if summary.get("interrupted"):
         print(
             f"finetune: interrupted at step {summary['step']}; continue with the same command plus --resume"

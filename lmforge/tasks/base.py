@@ -36,13 +36,16 @@ if TYPE_CHECKING:
 
 Batch = dict[str, Any]
 Feature = dict[str, Any]
+DEFAULT_MAX_LENGTH = 128
 
 
 @dataclass
 class TaskOptions:
     """Options of the downstream tasks (each task reads the ones that concern it)."""
 
-    max_length: int = 128  # longest input in tokens (longer ones are truncated; QA: window length)
+    max_length: int | None = (
+        None  # longest input in tokens, longer ones truncated (QA: window length); default 128, or the model's context if shorter
+    )
     max_target_length: int = 128  # SFT / seq2seq: longest response or target in tokens
     pooling: Literal["auto", "cls", "mean", "last"] = (
         "auto"  # classification: auto = cls (encoder), last (decoder)
@@ -64,7 +67,7 @@ class TaskOptions:
             if not condition:
                 raise ConfigError(f"{key} = {getattr(self, key)!r}: {why}", key=key)
 
-        check(self.max_length >= 4, "max_length", "must be at least 4")
+        check(self.max_length is None or self.max_length >= 4, "max_length", "must be at least 4")
         check(self.max_target_length >= 1, "max_target_length", "must be positive")
         check(self.stride >= 0, "stride", "must be 0 or more")
         check(self.max_answer_length >= 1, "max_answer_length", "must be positive")
@@ -119,6 +122,11 @@ class Task:
         self.tokenizer = tokenizer
         self.columns = columns or Columns()
         self.state: dict[str, Any] = dict(state or {})
+
+    @property
+    def max_length(self) -> int:
+        """The input length limit: ``options.max_length``, or 128 when unset."""
+        return self.options.max_length or DEFAULT_MAX_LENGTH
 
     # ---- data --------------------------------------------------------------------------------
 

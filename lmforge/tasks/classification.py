@@ -137,7 +137,7 @@ class ClassificationTask(Task):
 
     def encode(self, examples: Sequence[TextExample]) -> list[Feature]:
         backend = self.tokenizer.backend
-        backend.enable_truncation(self.options.max_length, strategy="longest_first")
+        backend.enable_truncation(self.max_length, strategy="longest_first")
         try:
             singles = [i for i, e in enumerate(examples) if e.text_pair is None]
             pairs = [i for i, e in enumerate(examples) if e.text_pair is not None]

@@ -26,7 +26,7 @@ from ..errors import LMForgeError
 from ..settings import dataclass_to_dict
 from ..training import TrainConfig
 from . import make_task
-from .base import Batches, EvalResult, Task, TaskEvaluation, TaskOptions
+from .base import DEFAULT_MAX_LENGTH, Batches, EvalResult, Task, TaskEvaluation, TaskOptions
 from .data import LABELS_FILE, Columns, SplitPlan, check_bad_rows, read_label_file
 
 MethodName = Literal["full", "lora", "adalora", "adapter", "prefix", "prompt", "ptuning", "ia3", "bitfit"]
@@ -139,10 +139,12 @@ def load_base(model_path: str | Path, task: Task) -> tuple[Any, Any]:
 
 
 def check_lengths(config: Any, options: TaskOptions, where: Path) -> None:
-    """A model with a position table cannot read past ``max_seq_len``: say so before training."""
-    if config.position not in ("learned", "sinusoidal"):
-        return
-    if options.max_length > config.max_seq_len:
+    """A model with a position table cannot read past ``max_seq_len``: an unset max_length
+    becomes the shorter of 128 and that, a longer one given is refused before training."""
+    table = config.position in ("learned", "sinusoidal")
+    if options.max_length is None:
+        options.max_length = min(DEFAULT_MAX_LENGTH, config.max_seq_len) if table else DEFAULT_MAX_LENGTH
+    if table and options.max_length > config.max_seq_len:
         raise LMForgeError(
             f"max_length {options.max_length} is longer than the model's position table "
             f"(max_seq_len {config.max_seq_len}): lower --options.max_length",
@@ -161,6 +163,16 @@ def sized(train: TrainConfig, *, batches: int, epochs: float | None) -> TrainCon
     return dataclasses.replace(train, max_steps=steps, warmup_steps=min(train.warmup_steps, steps))
 
 
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune_run` returns: the summary (also in finetune.json) and the trained pieces."""
+
+    summary: dict[str, Any]
+    model: Any = None  # the fine-tuned model (the kept weights), None when interrupted
+    tokenizer: Any = None
+    task: Task | None = None
+
+
 def finetune_run(
     *,
     model: str,
@@ -173,8 +185,8 @@ def finetune_run(
     epochs: float | None,
     out: Path,
     resume: bool = False,
-) -> dict[str, Any]:
-    """Fine-tune ``model`` on ``data`` for the task; returns the summary written to finetune.json."""
+) -> FinetuneResult:
+    """Fine-tune ``model`` on ``data`` for the task (see the module docstring for the run directory)."""
     from .. import peft as peft_lib
     from ..runs import BASE_MODEL_KEY, WEIGHTS_FILE, save_weights
     from ..training import Trainer, latest_checkpoint, seed_everything
@@ -255,7 +267,7 @@ def finetune_run(
         print(f"finetune: resumed {out} at step {step}")
     state = trainer.fit()
     if state.interrupted:
-        return {"interrupted": True, "step": state.step}
+        return FinetuneResult({"interrupted": True, "step": state.step})
 
     restored = evaluation.restore_best(net)
     if method == "full":
@@ -284,7 +296,8 @@ def finetune_run(
         "stop_reason": state.stop_reason,
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return summary
+    net.eval()
+    return FinetuneResult(summary, net, tokenizer, task)
 
 
 def _files(data: DataSpec) -> dict[str, list[Path]]:

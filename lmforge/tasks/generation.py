@@ -127,6 +127,7 @@ def generate_texts(
             max_new_tokens=budget,
             num_beams=num_beams,
             length_penalty=length_penalty,
+            early_stopping=False,  # keep searching while a running beam can still beat a finished one
             eos_token_id=eos,
             pad_token_id=pad_id,
             decoder_start_token_id=decoder_start_token_id,
@@ -197,13 +198,13 @@ class SFTTask(Task):
                 self.tokenizer,
                 example.prompt,
                 example.response,
-                max_length=self.options.max_length,
+                max_length=self.max_length,
                 max_target_length=self.options.max_target_length,
             )
             shifted = shift_labels(torch.tensor([labels]))[0].tolist()
             features.append({"input_ids": ids, "labels": shifted, "length": len(ids)})
         if self.options.packing:
-            return pack(features, self.options.max_length)
+            return pack(features, self.max_length)
         return features
 
     def collate(self, features: Sequence[Feature]) -> Batch:
@@ -259,7 +260,7 @@ class SFTTask(Task):
     def generated(self, model: nn.Module, examples: Sequence[PromptExample], *, batch_size: int) -> list[str]:
         prompts = [
             encode_prompt_response(
-                self.tokenizer, e.prompt, None, max_length=self.options.max_length, max_target_length=1
+                self.tokenizer, e.prompt, None, max_length=self.max_length, max_target_length=1
             )[0]
             for e in examples
         ]

@@ -56,10 +56,13 @@ class QATask(Task):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.options.stride >= self.options.max_length // 2:
+        self.check_stride()
+
+    def check_stride(self) -> None:
+        if self.options.stride >= self.max_length // 2:
             raise LMForgeError(
-                f"stride = {self.options.stride}: windows of max_length {self.options.max_length} tokens can "
-                f"share at most {self.options.max_length // 2 - 1} (question and specials take room too)",
+                f"stride = {self.options.stride}: windows of max_length {self.max_length} tokens can "
+                f"share at most {self.max_length // 2 - 1} (question and specials take room too)",
                 key="options.stride",
             )
 
@@ -159,8 +162,9 @@ class QATask(Task):
     def windows(self, examples: Sequence[QAExample]) -> list[Feature]:
         """Token windows of every example (``example`` = its index), with offsets and the answer's
         token positions (``NO_ANSWER`` when the window does not hold the first answer whole)."""
+        self.check_stride()
         backend = self.tokenizer.backend
-        backend.enable_truncation(self.options.max_length, stride=self.options.stride, strategy="only_second")
+        backend.enable_truncation(self.max_length, stride=self.options.stride, strategy="only_second")
         try:
             encodings = backend.encode_batch(
                 [(e.question, e.context) for e in examples], add_special_tokens=True
@@ -175,7 +179,7 @@ class QATask(Task):
                 if not context:
                     raise LMForgeError(
                         f"{example.where}: the question leaves no room for the context in "
-                        f"{self.options.max_length} tokens (raise --options.max_length)",
+                        f"{self.max_length} tokens (raise --options.max_length)",
                         key="options.max_length",
                     )
                 located = [(t, s) for t, s in example.answers if s is not None]
@@ -301,6 +305,6 @@ class QATask(Task):
 
     def describe(self) -> str:
         return (
-            f"extractive QA (windows of {self.options.max_length} tokens, stride {self.options.stride}, "
+            f"extractive QA (windows of {self.max_length} tokens, stride {self.options.stride}, "
             f"answers up to {self.options.max_answer_length} tokens)"
         )

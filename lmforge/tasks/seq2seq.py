@@ -75,7 +75,7 @@ class Seq2SeqTask(Task):
         eos = require_token(self.tokenizer, "eos", "a seq2seq source")
         assert example.source is not None
         ids = self.tokenizer.encode(self.options.source_prefix + example.source)
-        return ids[: self.options.max_length - 1] + [eos]
+        return ids[: self.max_length - 1] + [eos]
 
     def encode(self, examples: Sequence[PromptExample]) -> list[Feature]:
         if self.arch == "decoder":

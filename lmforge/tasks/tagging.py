@@ -117,7 +117,7 @@ class TaggingTask(Task):
 
     def encode(self, examples: Sequence[TaggedExample]) -> list[Feature]:
         backend = self.tokenizer.backend
-        backend.enable_truncation(self.options.max_length)
+        backend.enable_truncation(self.max_length)
         try:
             encodings = backend.encode_batch(
                 [e.words for e in examples], is_pretokenized=True, add_special_tokens=True
