@@ -46,6 +46,7 @@ class ClassificationTask(Task):
     name = "classification"
     head = "classification"
     main_metric = "accuracy"
+    archs = ("encoder", "decoder")
 
     @property
     def labels(self) -> list[str]:

@@ -56,7 +56,12 @@ class DataSpec:
         return beside if beside is not None and beside.is_file() else None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclass_to_dict(self)
+        """For the run config: paths made absolute, so eval finds the data from any directory."""
+        values = dataclass_to_dict(self)
+        values["path"] = str(self.path.resolve())
+        if self.labels is not None:
+            values["labels"] = str(self.labels.resolve())
+        return values
 
 
 def read_examples(task: Task, data: DataSpec, split: str, *, training: bool = False) -> list[Any]:
@@ -234,6 +239,7 @@ def finetune_run(
         f"validation {task.main_metric} every {train.eval_every or train.max_steps} steps"
     )
 
+    # AdaLoRA's final rank allocation is part of the method: its last weights are kept.
     evaluation = TaskEvaluation(
         task, val_examples, batch_size=max(train.batch_size, 32), keep_best=method != "adalora"
     )
@@ -261,7 +267,6 @@ def finetune_run(
         run_config=run_config,
         num_targets=task.num_targets,
     )
-    _attach_peft_callbacks(trainer, net)
     if resume:
         step = trainer.resume()
         print(f"finetune: resumed {out} at step {step}")
@@ -280,7 +285,7 @@ def finetune_run(
         "method": method,
         "model": str(model),
         "steps": state.step,
-        "best_step": evaluation.best_step if restored or method == "adalora" else state.step,
+        "best_step": evaluation.best_step if restored else state.step,
         "kept": "best" if restored else "last",
         "validation": evaluation.best_metrics
         if restored
@@ -304,15 +309,6 @@ def _files(data: DataSpec) -> dict[str, list[Path]]:
     from .data import data_files
 
     return data_files(data.path)
-
-
-def _attach_peft_callbacks(trainer: Any, model: Any) -> None:
-    """Make sure the method's own loop callbacks (AdaLoRA's rank allocation) run, once."""
-    from ..peft import training_callbacks
-
-    present = {type(c) for c in trainer.callbacks}
-    missing = [c for c in training_callbacks(model) if type(c) not in present]
-    trainer.callbacks[:0] = missing
 
 
 # ---- evaluation of a trained run ----------------------------------------------------------------
