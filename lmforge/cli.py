@@ -39,6 +39,7 @@ def _commands() -> dict[str, CommandFn]:
     from .commands.convert import convert
     from .commands.finetune import evaluate, finetune
     from .commands.generate import generate
+    from .commands.merge import merge
     from .commands.pretrain import demo, pretrain
 
     return {
@@ -51,6 +52,7 @@ def _commands() -> dict[str, CommandFn]:
         "demo": demo,
         "finetune": finetune,
         "eval": evaluate,
+        "merge": merge,
     }
 
 

@@ -63,6 +63,7 @@ class ModelConfig:
     num_labels: int = 2  # classes of a classification / token-classification head
     pooling: str = "cls"  # sequence classification reads "cls" (first), "mean" or "last" token
     pooler: bool = False  # dense + tanh on the pooled vector before the classifier (BERT)
+    classifier_bias: bool | None = None  # bias in the sequence classifier (default: not for decoders, as GPT-2/Llama)
     pad_token_id: int = 0  # id of the padding token
     init_std: float = 0.02  # standard deviation of the initial weights
 
@@ -121,6 +122,8 @@ class ModelConfig:
                 64 * math.ceil(8 * self.embed_dim / 3 / 64) if self.gated_mlp else 4 * self.embed_dim
             )
         check(self.mlp_hidden_dim > 0, "mlp_hidden_dim", "must be positive")
+        if self.classifier_bias is None:
+            self.classifier_bias = self.arch != "decoder"
         if self.arch == "encoder_decoder":
             if self.num_decoder_layers is None:
                 self.num_decoder_layers = self.num_layers
@@ -217,7 +220,7 @@ class ModelConfig:
         )
 
 
-DERIVED_FIELDS = ("num_kv_heads", "head_dim", "mlp_hidden_dim", "num_decoder_layers")
+DERIVED_FIELDS = ("num_kv_heads", "head_dim", "mlp_hidden_dim", "num_decoder_layers", "classifier_bias")
 
 
 def _is_derived(config: ModelConfig, key: str) -> bool:

@@ -214,7 +214,12 @@ def test_export_refuses_what_transformers_cannot_represent(
 
 
 def test_export_of_a_decoder_classifier_with_a_bias(tmp_path: Path) -> None:
-    model = Transformer(ModelConfig.from_name("tiny-decoder", head="classification", pooling="last"))
+    plain = Transformer(ModelConfig.from_name("tiny-decoder", head="classification", pooling="last"))
+    assert plain.head.classifier.bias is None  # decoders classify without a bias by default, as HF does
+    save_hf(plain, None, tmp_path / "plain")
+    model = Transformer(
+        ModelConfig.from_name("tiny-decoder", head="classification", pooling="last", classifier_bias=True)
+    )
     save_hf(model, None, tmp_path / "zero")  # a zero bias is exactly the bias-free score layer
     with torch.no_grad():
         model.head.classifier.bias.fill_(0.5)

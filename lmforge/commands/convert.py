@@ -17,7 +17,7 @@ def convert(
     source: Path,
     out: Path,
     *,
-    to: Literal["hf", "lmforge"],
+    to: Literal["hf", "hf-peft", "lmforge"],
     model_type: str | None = None,
     head: Literal["auto", "lm", "mlm", "classification", "token_classification", "qa", "none"] = "auto",
     num_labels: int | None = None,
@@ -29,12 +29,14 @@ def convert(
     transformers' ``AutoModel*.from_pretrained`` loads with the same outputs (GPT-2, BERT/RoBERTa,
     Llama/Qwen2/Mistral and T5/mT5 shapes). ``--to lmforge HF_DIR OUT_RUN_DIR`` reads a local
     Hugging Face folder (safetensors, sharded safetensors or pytorch_model.bin) into an lmforge
-    run directory.
+    run directory. ``--to hf-peft RUN_DIR OUT_DIR`` exports a LoRA, IA3 or prompt-tuning run as
+    OUT_DIR/base (the Hugging Face base model) and OUT_DIR/adapter (a Hugging Face PEFT adapter
+    that ``peft.PeftModel.from_pretrained(base, OUT_DIR/adapter)`` loads with the same outputs).
 
     Args:
         source: the run directory (or Hugging Face folder) to read.
         out: the folder to write.
-        to: the format to write: "hf" or "lmforge".
+        to: the format to write: "hf", "hf-peft" (base + PEFT adapter of a fine-tuning run) or "lmforge".
         model_type: --to hf: the Hugging Face model_type to write, e.g. roberta or mistral
             (by default gpt2, bert, llama, qwen2 or t5, from the model's shape).
         head: --to lmforge: the lmforge head to build; auto keeps the checkpoint's own, another
@@ -52,9 +54,34 @@ def convert(
         if head != "auto" or num_labels is not None:
             raise LMForgeError("--head and --num_labels apply to --to lmforge only", key="head")
         run = load(source)
+        from ..peft import active_adapter
+
+        if active_adapter(run.model) is not None:
+            raise LMForgeError(
+                "this run holds a PEFT adapter: write it with --to hf-peft, or merge it first (lmforge merge)",
+                file=source,
+            )
         save_hf(run.model, run.tokenizer, out, model_type=model_type, dtype=torch_dtype)
         written = json.loads((out / "config.json").read_text(encoding="utf-8"))
         print(f"wrote a Hugging Face {written['architectures'][0]} ({written['model_type']}) to {out}")
+        return 0
+    if to == "hf-peft":
+        from ..peft import active_adapter
+        from ..peft.hf_export import base_model_copy, export_hf_peft
+
+        run = load(source)
+        if active_adapter(run.model) is None:
+            raise LMForgeError("this run has no PEFT adapter: use --to hf", file=source)
+        save_hf(
+            base_model_copy(run.model), run.tokenizer, out / "base", model_type=model_type, dtype=torch_dtype
+        )
+        export_hf_peft(
+            run.model, out / "adapter", model_type=model_type, base_model_name_or_path=str(out / "base")
+        )
+        print(
+            f"wrote the base model to {out / 'base'} and the adapter to {out / 'adapter'} "
+            f"(peft.PeftModel.from_pretrained(AutoModel….from_pretrained('{out / 'base'}'), '{out / 'adapter'}'))"
+        )
         return 0
     if model_type is not None:
         raise LMForgeError("--model_type applies to --to hf only", key="model_type")

@@ -147,10 +147,10 @@ def decoder_head_rules(config: ModelConfig, classification: str) -> list[Rule]:
     if config.head == "lm":
         return [] if config.tie_embeddings else [same("lm_head.weight", "head.proj.weight")]
     if config.head == "classification":
-        return [
-            same("score.weight", "head.classifier.weight"),
-            zero("head.classifier.bias", f"{classification}'s score layer has no bias"),
-        ]
+        rules = [same("score.weight", "head.classifier.weight")]
+        if config.classifier_bias:  # lmforge decoders classify without a bias by default, as Hugging Face does
+            rules.append(zero("head.classifier.bias", f"{classification}'s score layer has no bias"))
+        return rules
     token = "classifier" if classification.startswith("GPT2") else "score"
     if config.head == "token_classification":
         return linear(token, "head.classifier", bias=True)

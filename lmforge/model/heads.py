@@ -77,7 +77,7 @@ class SequenceClassificationHead(nn.Module):
         self.pooling = config.pooling
         self.dense = nn.Linear(config.embed_dim, config.embed_dim) if config.pooler else None
         self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(config.embed_dim, config.num_labels)
+        self.classifier = nn.Linear(config.embed_dim, config.num_labels, bias=bool(config.classifier_bias))
 
     def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         pooled = pool(hidden, attention_mask, self.pooling)  # (B, E)
