@@ -242,3 +242,28 @@ def test_task_evaluation_keeps_and_restores_the_best_weights() -> None:
     assert not TaskEvaluation(Scripted(TaskOptions(), None), [1], batch_size=4, keep_best=False).restore_best(
         model
     )
+
+
+def test_base_model_gets_the_task_head_and_a_dropout_override(tmp_path: Path) -> None:
+    from lmforge.tasks.finetuning import load_base
+
+    tokenizer = Tokenizer.train(
+        iter([" ".join(WORDS)] * 5), kind="wordpiece", vocab_size=60, show_progress=False
+    )
+    torch.manual_seed(0)
+    pretrained = Transformer(
+        ModelConfig.from_name("tiny-encoder", vocab_size=tokenizer.vocab_size, dropout=0.1)
+    )
+    base = lmforge.save_run(tmp_path / "base", model=pretrained, tokenizer=tokenizer)
+    task = ClassificationTask(TaskOptions(dropout=0.0, pooling="mean"), tokenizer)
+    task.set_labels(["a", "b", "c"], "test")
+    model, _ = load_base(base, task)
+    config = model.config
+    assert (config.head, config.num_labels, config.pooling) == ("classification", 3, "mean")
+    assert (
+        config.dropout == 0.0 and config.attn_dropout == 0.0 and task.options.max_length == 64
+    )  # the context
+    backbone = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("head.")}
+    for key, value in backbone.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+    assert not any(k.startswith("head.dense") for k in model.state_dict())  # the MLM head is gone

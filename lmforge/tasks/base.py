@@ -61,6 +61,9 @@ class TaskOptions:
     eval_num_beams: int = 1  # generation while training (validation metric): 1 = greedy, faster
     eval_examples: int | None = None  # validation examples per evaluation while training (None: all)
     language: Literal["auto", "en", "zh"] = "auto"  # QA answer normalization (zh: character level, CMRC)
+    dropout: float | None = (
+        None  # the model's dropout and attention dropout while fine-tuning (None: its own)
+    )
 
     def __post_init__(self) -> None:
         def check(condition: bool, key: str, why: str) -> None:
@@ -76,6 +79,7 @@ class TaskOptions:
         check(
             self.eval_examples is None or self.eval_examples > 0, "eval_examples", "must be positive or null"
         )
+        check(self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1) or null")
 
 
 @dataclass

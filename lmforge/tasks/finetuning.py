@@ -132,6 +132,8 @@ def load_base(model_path: str | Path, task: Task) -> tuple[Any, Any]:
         changes = task.model_changes(model.config.arch)
     if tokenizer is None:
         raise LMForgeError("the model folder has no tokenizer (tokenizer.json)", file=path, key="model")
+    if task.options.dropout is not None:
+        changes.update(dropout=task.options.dropout, attn_dropout=task.options.dropout)
     config = model.config
     if any(getattr(config, key) != value for key, value in changes.items()):
         model = transplant(model, config.replace(**changes))
