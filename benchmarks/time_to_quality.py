@@ -190,7 +190,9 @@ class Lockstep(Callback):
                 print(f"  peer    step {step:5d}  {seconds:7.1f} s  val {loss:.4f}", flush=True)
 
 
-def lmforge_run(kwargs: dict, callback: Callback, run_dir: Path) -> tuple[Trainer, dict]:
+def lmforge_run(
+    kwargs: dict, callback: Callback, run_dir: Path, eval_data: list[dict] | None = None
+) -> tuple[Trainer, dict]:
     seed_everything(kwargs["train"].seed)
     run = build_pretraining(
         model=kwargs["model"],
@@ -206,7 +208,7 @@ def lmforge_run(kwargs: dict, callback: Callback, run_dir: Path) -> tuple[Traine
         run.objective,
         run.train_batches,
         config=kwargs["train"],
-        eval_data=list(run.eval_batches),
+        eval_data=eval_data if eval_data is not None else list(run.eval_batches),
         run_dir=run_dir,
         tokenizer=run.tokenizer,
         run_config=run.run_config,
@@ -222,8 +224,12 @@ def main() -> None:
     parser.add_argument("--eval_every", type=int, default=50, help="evaluate both every N steps")
     parser.add_argument("--eval_batches", type=int, default=40, help="validation batches of 12 windows")
     parser.add_argument("--minutes", type=float, default=10.0, help="lmforge's long run (0: skip)")
+    parser.add_argument("--steps", type=int, default=None, help="override the fast recipe's max_steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no_record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not args.data.is_file():
         sys.exit(f"{args.data} not found (../shared/data/tinyshakespeare/input.txt)")
     load_before = os.getloadavg()
@@ -235,6 +241,7 @@ def main() -> None:
             Path(tmp) / "fast",
             eval_every=args.eval_every,
             eval_batches=args.eval_batches,
+            **({"max_steps": args.steps} if args.steps else {}),
         )
         clock = Lockstep(None, [], args.eval_every)
         trainer, built = lmforge_run(fast, clock, Path(tmp) / "fast")
@@ -283,21 +290,29 @@ def main() -> None:
 
         long_best = None
         if args.minutes > 0:
-            step_s = state.train_time_s / max(state.step, 1)
+            from lmforge.demo import seconds_per_step
+
             long = recipe(
-                LONG_RECIPE,
-                args.data,
-                Path(tmp) / "long",
-                max_minutes=args.minutes,
-                eval_batches=args.eval_batches,
+                LONG_RECIPE, args.data, Path(tmp) / "long", max_minutes=args.minutes, eval_batches=None
             )
-            long_steps = long["train"].max_steps
-            print(f"lmforge long run: {LONG_RECIPE.name}, {long_steps} steps or {args.minutes:g} minutes")
             long_clock = Lockstep(None, [], 0)
-            long_trainer, _ = lmforge_run(long, long_clock, Path(tmp) / "long")
+            # Evaluated on phase 1's windows (same char ids: the char tokenizer is deterministic).
+            long_trainer, long_built = lmforge_run(
+                long, long_clock, Path(tmp) / "long", eval_data=trainer.eval_data
+            )
+            step_s = seconds_per_step(
+                long_trainer.model, long_trainer.objective, long_built["run"].train_batches, long["train"]
+            )
+            steps = max(100, int(0.95 * args.minutes * 60 / step_s))
+            long_trainer.config = dataclasses.replace(
+                long_trainer.config, max_steps=steps, eval_every=max(1, steps // 20)
+            )
+            print(
+                f"lmforge long run: {LONG_RECIPE.name}, {steps} steps ({step_s * 1000:.0f} ms each) or {args.minutes:g} minutes"
+            )
             long_state = long_trainer.fit()
             best = min(long_clock.evals, key=lambda e: e[3])
-            long_best = (best, long_state, step_s)
+            long_best = (best, long_state, long_trainer.config)
 
     f = trainer.config
     body = [
@@ -333,11 +348,12 @@ def main() -> None:
     else:
         body.append("**lmforge did not reach 1.88.**")
     if long_best is not None:
-        (step, seconds, _, loss), long_state, _ = long_best
+        (step, seconds, _, loss), long_state, long_config = long_best
         body.append(
-            f"\nBest validation loss in {args.minutes:g} minutes of lmforge training (`{LONG_RECIPE.name}`): "
-            f"**{loss:.4f}** at step {step} ({seconds:.0f} s); run ended at step {long_state.step} "
-            f"({long_state.train_time_s:.0f} s of training)."
+            f"\nBest validation loss in {args.minutes:g} minutes of lmforge training (`{LONG_RECIPE.name}`, "
+            f"max_steps {long_config.max_steps} set from a timing of the machine, batch {long_config.batch_size}, "
+            f"same validation windows): **{loss:.4f}** at step {step} ({seconds:.0f} s); the run ended at step "
+            f"{long_state.step} ({long_state.train_time_s:.0f} s of training)."
         )
     body.append(
         f"\nLoad average (1/5/15 min) before: {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, "
