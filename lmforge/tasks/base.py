@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..errors import ConfigError, LMForgeError
 from ..training.callbacks import Callback
@@ -358,13 +359,13 @@ class TaskEvaluation(Callback):
 
     def on_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         model = trainer.model
+        was_training = model.training
         with torch.no_grad():
             result = self.task.evaluate(model, self.examples, batch_size=self.batch_size, final=False)
-        model.train()
+        model.train(was_training)
         scalars = result.scalars()
-        metrics.update(
-            {f"eval_{k}": v for k, v in scalars.items() if f"eval_{k}" not in metrics or k != "loss"}
-        )
+        # the loop's own eval_loss (the objective over the validation batches) stays as it is
+        metrics.update({f"eval_{k}": v for k, v in scalars.items() if f"eval_{k}" not in metrics})
         value = scalars.get(self.task.main_metric)
         step = trainer.state.step
         self.history.append({"step": step, **scalars})
@@ -380,8 +381,6 @@ class TaskEvaluation(Callback):
                     if p.requires_grad
                 }
         shown = f"{value:.4f}" if value is not None else "n/a"
-        from tqdm.auto import tqdm
-
         tqdm.write(
             f"step {step}: validation {self.task.main_metric} {shown}"
             + (" (best so far)" if improved else ""),
