@@ -322,3 +322,22 @@ def test_prompt_tuning_text_initialization() -> None:
     table = model.tok_embed.weight
     for i, token in enumerate([97, 98, 97, 98, 97]):
         torch.testing.assert_close(prompts[i], table[token])
+
+
+def test_naming_part_of_the_head_keeps_the_rest_frozen() -> None:
+    """modules_to_save=["head.classifier"] trains the classifier only (BERT's pooler stays frozen, as
+    Hugging Face PEFT's SEQ_CLS default does); without it the whole task head trains."""
+    model = Transformer(
+        ModelConfig.from_name("tiny-encoder", head="classification", num_labels=3, pooler=True)
+    )
+    peft.apply(model, "lora", r=2, modules_to_save=["head.classifier"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("head.classifier" in n for n in trainable)
+    assert not any("head.dense" in n for n in trainable)
+    whole = Transformer(
+        ModelConfig.from_name("tiny-encoder", head="classification", num_labels=3, pooler=True)
+    )
+    peft.apply(whole, "lora", r=2)
+    assert any(
+        "head.adapters.default.module.dense" in n for n, p in whole.named_parameters() if p.requires_grad
+    )

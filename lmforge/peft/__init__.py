@@ -61,7 +61,8 @@ def apply(
     make only its parameters trainable. Returns the model.
 
     A task head (classification, tagging, QA) is trained and saved with the adapter: it is added to
-    ``modules_to_save`` unless already there. For prompt tuning, ``init_text`` with a ``tokenizer``
+    ``modules_to_save`` unless that names the head or a part of it (e.g. ``head.classifier`` alone,
+    leaving BERT's pooler frozen as Hugging Face PEFT does). For prompt tuning, ``init_text`` with a ``tokenizer``
     initializes the prompt from that text's embeddings.
 
     Raises:
@@ -87,7 +88,7 @@ def apply(
     head = getattr(getattr(model, "config", None), "head", None)
     if (
         head in TASK_HEADS
-        and "head" not in config.modules_to_save
+        and not any(m == "head" or m.startswith("head.") for m in config.modules_to_save)
         and getattr(model, "head", None) is not None
     ):
         config.modules_to_save = [*config.modules_to_save, "head"]
