@@ -173,6 +173,8 @@ def test_data_and_run_directory_mistakes(text_file: Path, tmp_path: Path, capsys
         tiny_args(text_file, tmp_path / "run", "--model.arch", "encoder", "--objective", "causal_lm"), capsys
     )
     assert "objective causal_lm does not fit arch encoder" in err
+    err = one_line_error(tiny_args(text_file, tmp_path / "run", "--model.max_seq_len", "16"), capsys)
+    assert "key 'model.max_seq_len': model.max_seq_len 16 is shorter than data.seq_len 32" in err
     args = tiny_args(text_file, tmp_path / "run", "--tokenizer.kind", "char", "--train.max_steps", "2")
     assert main(args) == 0
     capsys.readouterr()

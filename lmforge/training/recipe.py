@@ -322,6 +322,16 @@ def build_pretraining(
             show_progress=progress,
         )
     model_config = model.build(vocab_size=tok.vocab_size, max_seq_len=data.seq_len, pad_token_id=tok.pad_id)
+    if model_config.max_seq_len < data.seq_len:
+        raise LMForgeError(
+            f"model.max_seq_len {model_config.max_seq_len} is shorter than data.seq_len {data.seq_len}",
+            key="model.max_seq_len",
+        )
+    if model_config.vocab_size < tok.vocab_size:
+        raise LMForgeError(
+            f"model.vocab_size {model_config.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens",
+            key="model.vocab_size",
+        )
     net = Transformer(model_config)
     objective_fn = make_objective(name, bytes_per_token=shards["train"].bytes_per_token)
     train_source, eval_source = batch_sources(
