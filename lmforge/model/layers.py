@@ -88,7 +88,9 @@ class MLP(nn.Module):
             hidden = self.act(self.gate_proj(x)) * self.up_proj(x)
         else:
             hidden = self.act(self.up_proj(x))
-        return self.down_proj(self.dropout(hidden))
+        if self.dropout.p:
+            hidden = self.dropout(hidden)
+        return self.down_proj(hidden)
 
 
 class TransformerBlock(nn.Module):
@@ -150,10 +152,14 @@ class TransformerBlock(nn.Module):
         """x (B, T, E) -> (x, self-attention α or None, cross-attention α or None)."""
         self_weights = cross_weights = None
 
+        dropout = self.dropout if self.dropout.p else None  # no call at all when it is off
+
         def sublayer(norm: nn.Module, fn, x: Tensor) -> Tensor:  # noqa: ANN001
             if self.prenorm:  # x + f(norm(x))
-                return x + self.dropout(fn(norm(x)))
-            return norm(x + self.dropout(fn(x)))  # norm(x + f(x))
+                h = fn(norm(x))
+                return x + (dropout(h) if dropout is not None else h)
+            h = fn(x)  # norm(x + f(x))
+            return norm(x + (dropout(h) if dropout is not None else h))
 
         def self_attention(h: Tensor) -> Tensor:
             nonlocal self_weights

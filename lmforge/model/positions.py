@@ -39,9 +39,10 @@ class LearnedPositions(nn.Module):
         self.max_seq_len = max_seq_len
         self.weight = nn.Parameter(torch.zeros(max_seq_len, dim))
 
-    def forward(self, position_ids: Tensor) -> Tensor:
-        """position_ids (..., T) integer -> (..., T, dim)."""
-        check_positions(position_ids, self.max_seq_len)
+    def forward(self, position_ids: Tensor, *, checked: bool = False) -> Tensor:
+        """position_ids (..., T) integer -> (..., T, dim) (``checked``: the caller knows they fit)."""
+        if not checked:
+            check_positions(position_ids, self.max_seq_len)
         return self.weight[position_ids]
 
 
@@ -63,9 +64,10 @@ class SinusoidalPositions(nn.Module):
         self.max_seq_len = max_seq_len
         self.register_buffer("table", sinusoid_table(max_seq_len, dim), persistent=False)
 
-    def forward(self, position_ids: Tensor) -> Tensor:
-        """position_ids (..., T) integer -> (..., T, dim)."""
-        check_positions(position_ids, self.max_seq_len)
+    def forward(self, position_ids: Tensor, *, checked: bool = False) -> Tensor:
+        """position_ids (..., T) integer -> (..., T, dim) (``checked``: the caller knows they fit)."""
+        if not checked:
+            check_positions(position_ids, self.max_seq_len)
         return self.table[position_ids]
 
 

@@ -121,18 +121,31 @@ class TransformerStack(nn.Module):
                 embeds = torch.cat((prompt.to(embeds.dtype), embeds), dim=1)  # (B, P + T, E)
                 if position_ids is not None:
                     prompt_positions = torch.arange(num_prompt, device=embeds.device)
-                    position_ids = torch.cat((prompt_positions.expand(*position_ids.shape[:-1], -1), position_ids), -1)
+                    position_ids = torch.cat(
+                        (prompt_positions.expand(*position_ids.shape[:-1], -1), position_ids), -1
+                    )
                 T = T + num_prompt
         slots = torch.arange(past, past + T, device=embeds.device)  # (T,) positions of the queries
         if position_ids is None:
             position_ids = slots
+            if (
+                isinstance(self.pos_embed, LearnedPositions | SinusoidalPositions)
+                and past + T > self.pos_embed.max_seq_len
+            ):
+                raise ValueError(
+                    f"position {past + T - 1} is past max_seq_len {self.pos_embed.max_seq_len} of the position table"
+                )
+            positions_checked = True
+        else:
+            positions_checked = False
 
         x = embeds * self.embed_scale if self.embed_scale != 1.0 else embeds
         if self.pos_embed is not None:
-            x = x + self.pos_embed(position_ids).to(x.dtype)
+            x = x + self.pos_embed(position_ids, checked=positions_checked).to(x.dtype)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        x = self.dropout(x)
+        if self.dropout.p:
+            x = self.dropout(x)
 
         rope = self.rope(position_ids) if self.rope is not None else None
         position_bias = None
