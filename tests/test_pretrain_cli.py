@@ -4,10 +4,7 @@ its one-line errors, and ``lmforge demo``'s pieces at tiny size."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ import lmforge
 from lmforge.cli import main, resolve_arguments
 from lmforge.commands.pretrain import pretrain
 from lmforge.data import python_docs_corpus
+from lmforge.training import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
@@ -89,7 +87,7 @@ def test_pretrain_each_architecture_lowers_the_loss(
 
 @pytest.mark.parametrize(("preset", "kind"), [("tiny-decoder", "char"), ("tiny-encoder", "wordpiece")])
 def test_ctrl_c_then_resume_gives_the_losses_of_an_uninterrupted_run(
-    text_file: Path, tmp_path: Path, preset: str, kind: str
+    text_file: Path, tmp_path: Path, preset: str, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # One tokenizer for both runs: WordPiece training in the tokenizers library is not
     # deterministic (huggingface/tokenizers#1794), and this test is about the loop.
@@ -99,7 +97,7 @@ def test_ctrl_c_then_resume_gives_the_losses_of_an_uninterrupted_run(
         tmp_path / "tok" / "tokenizer.json"
     )
     common = ["--model.preset", preset, "--tokenizer.path", str(tmp_path / "tok" / "tokenizer.json")]
-    common += ["--train.max_steps", "24", "--train.eval_batches", "2"]
+    common += ["--train.max_steps", "16", "--train.eval_batches", "2"]
     common += [
         "--train.log_every",
         "1",
@@ -113,18 +111,18 @@ def test_ctrl_c_then_resume_gives_the_losses_of_an_uninterrupted_run(
     full, split = tmp_path / "full", tmp_path / "split"
     assert main(tiny_args(text_file, full, *common)) == 0
 
-    def press_ctrl_c_after_first_checkpoint() -> None:
-        deadline = time.monotonic() + 120
-        while not (split / "checkpoints" / "step-00000004").is_dir() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        os.kill(os.getpid(), signal.SIGINT)
+    original_save = Trainer.save
 
-    watcher = threading.Thread(target=press_ctrl_c_after_first_checkpoint, daemon=True)
-    watcher.start()
+    def save_then_ctrl_c(self: Trainer) -> Path:  # Ctrl-C right after the step-4 checkpoint
+        path = original_save(self)
+        if self.state.step == 4:
+            signal.raise_signal(signal.SIGINT)
+        return path
+
+    monkeypatch.setattr(Trainer, "save", save_then_ctrl_c)
     assert main(tiny_args(text_file, split, *common)) == 130  # interrupted, checkpoint saved
-    watcher.join()
-    stopped = json.loads((split / "trainer_state.json").read_text())["step"]
-    assert 4 <= stopped < 24
+    monkeypatch.undo()
+    assert json.loads((split / "trainer_state.json").read_text())["step"] == 5  # the step in flight
     assert main(tiny_args(text_file, split, *common, "--resume")) == 0
     losses = {r["step"]: r["loss"] for r in records(full) if "loss" in r}
     resumed = {r["step"]: r["loss"] for r in records(split) if "loss" in r}
