@@ -267,3 +267,43 @@ def test_base_model_gets_the_task_head_and_a_dropout_override(tmp_path: Path) ->
     for key, value in backbone.items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
     assert not any(k.startswith("head.dense") for k in model.state_dict())  # the MLM head is gone
+
+
+@pytest.mark.parametrize(
+    ("method", "peft"),
+    [
+        ("lora", {"r": 2}),
+        ("adalora", {"init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 2}),
+        ("adapter", {"style": "pfeiffer", "bottleneck": 4}),
+        ("prefix", {"num_virtual_tokens": 3}),
+        ("prompt", {"num_virtual_tokens": 3}),
+        ("ptuning", {"num_virtual_tokens": 3}),
+        ("ia3", {}),
+        ("bitfit", {}),
+    ],
+)
+def test_every_peft_method_finetunes_and_reloads_with_its_head(
+    tmp_path: Path, method: str, peft: dict
+) -> None:
+    data = write_sentiment(tmp_path / "data", n_train=64, n_val=16)
+    result = run(
+        tmp_path,
+        base_run(tmp_path, "tiny-encoder"),
+        data,
+        method=method,
+        peft=peft,
+        train=fast(max_steps=8, eval_every=4),
+    )
+    out = tmp_path / f"run-{method}"
+    assert (out / "adapter.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert result.summary["kept"] == ("last" if method == "adalora" else "best")
+    if method == "adalora":
+        assert json.loads((out / "adalora_ranks.json").read_text())["final_ranks"]
+    loaded = lmforge.load(out)
+    task = result.task
+    features = task.encode(
+        task.examples([Row({"review": f"it was {c}", "stars": CUES[c]}, data, 1) for c in CUES])[0]
+    )
+    torch.testing.assert_close(
+        task.logits(loaded.model, features, batch_size=8), task.logits(result.model, features, batch_size=8)
+    )
