@@ -177,3 +177,37 @@ def test_summarization_scores_rouge() -> None:
         LMForgeError, match="needs a model of arch encoder_decoder or decoder, this one is encoder"
     ):
         task.check_arch("encoder")
+
+
+def test_sft_with_packing_learns_the_responses(tmp_path: Path) -> None:
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    base = lmforge.save_run(
+        tmp_path / "base",
+        model=Transformer(ModelConfig.from_name("tiny-decoder", vocab_size=tok.vocab_size)),
+        tokenizer=tok,
+    )
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = "".join(json.dumps({"q": s, "a": t}) + "\n" for s, t in PAIRS)
+    (folder / "train.jsonl").write_text(lines * 8, encoding="utf-8")
+    (folder / "validation.jsonl").write_text(lines, encoding="utf-8")
+    result = finetune_run(
+        model=str(base),
+        data=DataSpec(folder, columns={"target": "a"}),
+        task_name="sft",
+        method="full",
+        peft=None,
+        options=TaskOptions(max_length=64, template="Q: {q}\nA: ", packing=True),
+        train=TrainConfig(
+            max_steps=80, batch_size=4, lr=1e-2, warmup_steps=10, eval_every=40, progress=False
+        ),
+        epochs=None,
+        out=tmp_path / "run",
+    )
+    assert result.summary["main_metric"] == "loss" and result.summary["validation"]["loss"] < 0.5
+    task = result.task
+    out = task.evaluate(
+        lmforge.load(tmp_path / "run").model, task.examples(rows(PAIRS, source="q", target="a"))[0]
+    )
+    assert out.metrics["exact_match"] >= 75.0 and out.predictions[0]["reference"] == PAIRS[0][1]
