@@ -307,3 +307,20 @@ def test_every_peft_method_finetunes_and_reloads_with_its_head(
     torch.testing.assert_close(
         task.logits(loaded.model, features, batch_size=8), task.logits(result.model, features, batch_size=8)
     )
+
+
+def test_loading_an_adapter_run_whose_base_or_adapter_is_missing_is_one_line(tmp_path: Path) -> None:
+    data = write_sentiment(tmp_path / "data", n_train=32, n_val=8)
+    base = base_run(tmp_path, "tiny-encoder")
+    run(tmp_path, base, data, method="ia3", train=fast(max_steps=2, eval_every=0))
+    out = tmp_path / "run-ia3"
+    moved = base.rename(tmp_path / "moved-base")
+    with pytest.raises(
+        lmforge.LMForgeError,
+        match=r"config.yaml:\d+: key 'base_model': the base model of this adapter run is not found",
+    ):
+        lmforge.load(out)
+    moved.rename(base)
+    (out / "adapter_config.json").unlink()
+    with pytest.raises(lmforge.LMForgeError, match="adapter_config.json is missing"):
+        lmforge.load(out)
