@@ -122,7 +122,7 @@ def test_lora_run_keeps_the_head_with_the_adapter_and_reloads_identically(tmp_pa
         data,
         method="lora",
         peft={"r": 4, "target_modules": "all-linear"},
-        train=fast(lr=1e-2, max_steps=60),
+        train=fast(lr=1e-2, max_steps=100, eval_every=25),
         options={"pooling": "mean"},  # the cue word reaches the head directly from a random backbone
     )
     out = tmp_path / "run-lora"
