@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kv_cache import KVCache
+from .packing import Packing
 from .positions import apply_rotary
 
 
@@ -107,6 +108,7 @@ class SelfAttention(nn.Module):
         position_bias: Tensor | None = None,
         kv_cache: KVCache | None = None,
         need_weights: bool = False,
+        packing: Packing | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from x to itself, or to ``memory`` (cross-attention).
 
@@ -124,22 +126,30 @@ class SelfAttention(nn.Module):
             kv_cache: keys/values of earlier steps; the new ones are appended. For
                 cross-attention it holds the projected memory, computed on first use.
             need_weights: also return α (B, H, T, S); this takes the explicit path.
+            packing: x holds only the real tokens of a padded batch, as rows (N, E) (see
+                :mod:`~lmforge.model.packing`): the projections run on those rows, attention on
+                the padded layout, and Y comes back as rows (N, E).
 
         Returns:
             Y (B, T, E), or (Y, α) when ``need_weights``.
         """
-        B, T, _ = x.shape
+        if packing is not None:
+            B, T = packing.batch, packing.length
+        else:
+            B, T, _ = x.shape
+        # Projected rows to heads; packed rows are first laid out padded, (N, ·) -> (B, T, ·).
+        padded = packing.pad if packing is not None else (lambda t: t)
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         if memory is not None and self.causal:
             raise ValueError("a causal attention layer cannot attend to a memory; build it with causal=False")
 
         # Q = X W_Q, one D-wide slice per head.
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, T, H·D) -> (B, H, T, D)
+        q = padded(self.q_proj(x)).view(B, T, H, D).transpose(1, 2)  # (B, T, H·D) -> (B, H, T, D)
 
         if memory is None:
             # K = X W_K, V = X W_V, with fewer heads under GQA/MQA.
-            k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
-            v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
+            k = padded(self.k_proj(x)).view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
+            v = padded(self.v_proj(x)).view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
             if rope is not None:  # rotate q and k by their positions (before caching: keys keep theirs)
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             if kv_cache is not None:
@@ -179,7 +189,9 @@ class SelfAttention(nn.Module):
 
         # Join the heads and project back: Y = concat(O_1 … O_H) W_O.
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, H, T, D) -> (B, T, H·D)
-        y = self.out_proj(out)  # (B, T, E)
+        if packing is not None:
+            out = packing.unpad(out)  # (B, T, H·D) -> (N, H·D)
+        y = self.out_proj(out)  # (B, T, E), or (N, E) packed
         return (y, weights) if need_weights else y
 
     def attend(

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from .attention import SelfAttention
 from .kv_cache import KVCache
+from .packing import Packing
 
 
 class RMSNorm(nn.Module):
@@ -148,8 +149,12 @@ class TransformerBlock(nn.Module):
         kv_cache: KVCache | None = None,
         cross_kv_cache: KVCache | None = None,
         need_weights: bool = False,
+        packing: Packing | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """x (B, T, E) -> (x, self-attention α or None, cross-attention α or None)."""
+        """x (B, T, E) -> (x, self-attention α or None, cross-attention α or None).
+
+        With ``packing``, x holds the real tokens' rows (N, E) and keeps that shape.
+        """
         self_weights = cross_weights = None
 
         dropout = self.dropout if self.dropout.p else None  # no call at all when it is off
@@ -170,6 +175,7 @@ class TransformerBlock(nn.Module):
                 position_bias=position_bias,
                 kv_cache=kv_cache,
                 need_weights=need_weights,
+                packing=packing,
             )
             if need_weights:
                 out, self_weights = out
@@ -179,7 +185,12 @@ class TransformerBlock(nn.Module):
             nonlocal cross_weights
             assert self.cross_attn is not None
             out = self.cross_attn(
-                h, memory, attention_mask=memory_mask, kv_cache=cross_kv_cache, need_weights=need_weights
+                h,
+                memory,
+                attention_mask=memory_mask,
+                kv_cache=cross_kv_cache,
+                need_weights=need_weights,
+                packing=packing,
             )
             if need_weights:
                 out, cross_weights = out

@@ -23,6 +23,7 @@ from ..config import ModelConfig
 from .heads import make_head
 from .kv_cache import KVCache, ModelCache
 from .layers import RMSNorm, TransformerBlock, make_norm
+from .packing import Packing
 from .positions import ALiBi, LearnedPositions, RelativePositionBias, RotaryEmbedding, SinusoidalPositions
 
 
@@ -82,6 +83,9 @@ class TransformerStack(nn.Module):
         # Pre-norm stacks end with a norm (the residual stream is never normalized otherwise).
         self.norm = make_norm(config.norm, config.embed_dim, config.norm_eps) if config.prenorm else None
         self.activation_checkpointing = False  # recompute block activations in backward to save memory
+        # With a (B, T) padding mask that hides some tokens, run the position-wise layers on the
+        # real tokens only (see packing.py); outputs at padding positions are then zeros.
+        self.skip_padding = True
         # Seam for prompt tuning: a module called with the batch size that returns P soft-prompt
         # embeddings (B, P, E) to put before the input, or None. They take positions 0…P−1, every
         # token sees them, and their outputs are dropped, so callers see (B, T, E) as usual.
@@ -154,6 +158,18 @@ class TransformerStack(nn.Module):
             bias_module = self.alibi if self.alibi is not None else self.relative_bias
             position_bias = bias_module(slots, key_slots)  # (1, H, T, S)
 
+        packing = None
+        if (
+            self.skip_padding
+            and cache is None
+            and attention_mask is not None
+            and attention_mask.dim() == 2
+            and attention_mask.shape[1] == T
+            and not bool(attention_mask.all())
+        ):
+            packing = Packing.from_mask(attention_mask.bool())
+            x = packing.unpad(x)  # (B, T, E) -> (N, E): the real tokens
+
         self_weights: list[Tensor] = []
         cross_weights: list[Tensor] = []
         for i, layer in enumerate(self.layers):
@@ -166,6 +182,7 @@ class TransformerStack(nn.Module):
                 kv_cache=cache[i] if cache else None,
                 cross_kv_cache=cross_cache[i] if cross_cache else None,
                 need_weights=need_weights,
+                packing=packing,
             )
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x, sw, cw = checkpoint(layer, x, use_reentrant=False, **kwargs)
@@ -177,6 +194,8 @@ class TransformerStack(nn.Module):
                     cross_weights.append(cw)
         if self.norm is not None:
             x = self.norm(x)
+        if packing is not None:
+            x = packing.pad(x)  # (N, E) -> (B, T, E), zeros at padding positions
         if num_prompt and past == 0:  # drop the prompt's own outputs
             x = x[:, num_prompt:]
         if not need_weights:
