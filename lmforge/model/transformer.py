@@ -84,7 +84,8 @@ class TransformerStack(nn.Module):
         self.norm = make_norm(config.norm, config.embed_dim, config.norm_eps) if config.prenorm else None
         self.activation_checkpointing = False  # recompute block activations in backward to save memory
         # With a (B, T) padding mask that hides some tokens, run the position-wise layers on the
-        # real tokens only (see packing.py); outputs at padding positions are then zeros.
+        # real tokens only (see packing.py); outputs at padding positions are then zeros. Off
+        # inside torch.compile, whose graphs want shapes that do not depend on the data.
         self.skip_padding = True
         # Seam for prompt tuning: a module called with the batch size that returns P soft-prompt
         # embeddings (B, P, E) to put before the input, or None. They take positions 0…P−1, every
@@ -162,6 +163,7 @@ class TransformerStack(nn.Module):
         if (
             self.skip_padding
             and cache is None
+            and not torch.compiler.is_compiling()  # data-dependent shapes would break the graph
             and attention_mask is not None
             and attention_mask.dim() == 2
             and attention_mask.shape[1] == T
