@@ -35,7 +35,7 @@ from common import append_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-SST2_METHODS = ("full", "lora", "ia3", "bitfit", "adapter")
+SST2_METHODS = ("full", "lora", "dora", "ia3", "bitfit", "adapter")  # dora: LoRA with use_dora
 
 
 class Runner:
