@@ -8,10 +8,8 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
+from tiny_runs import tiny_base
 
-import lmforge
-from lmforge import ModelConfig, Transformer
 from lmforge.cli import main
 from lmforge.tokenizers import Tokenizer
 
@@ -25,12 +23,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tokenizer = Tokenizer.train(
         iter([" ".join(WORDS + list(CUES))] * 10), kind="wordpiece", vocab_size=60, show_progress=False
     )
-    torch.manual_seed(0)
-    base = lmforge.save_run(
-        root / "base",
-        model=Transformer(ModelConfig.from_name("tiny-encoder", vocab_size=tokenizer.vocab_size)),
-        tokenizer=tokenizer,
-    )
+    base = tiny_base(root / "base", "tiny-encoder", tokenizer)
     rng = random.Random(0)
     data = root / "data"
     data.mkdir()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_runs import tiny_base
 
 import lmforge
 from lmforge import ModelConfig, Transformer
@@ -65,9 +66,7 @@ def base_run(tmp_path: Path, preset: str, *, kind: str = "wordpiece") -> Path:
     tokenizer = Tokenizer.train(
         iter(texts), kind=kind, vocab_size=300 if kind == "bpe" else 120, show_progress=False
     )
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name(preset, vocab_size=tokenizer.vocab_size))
-    return lmforge.save_run(tmp_path / f"base-{preset}", model=model, tokenizer=tokenizer)
+    return tiny_base(tmp_path / f"base-{preset}", preset, tokenizer)
 
 
 def fast(**changes: object) -> TrainConfig:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import tiny_base
 
 import lmforge
 from lmforge import LMForgeError, ModelConfig, Transformer
@@ -131,12 +132,7 @@ SETTINGS = {
 @pytest.mark.parametrize("preset", ["tiny-encoder-decoder", "tiny-decoder"])
 def test_translation_learns_small_pairs_and_reloads(tmp_path: Path, preset: str) -> None:
     tok = char_tokenizer()
-    torch.manual_seed(0)
-    base = lmforge.save_run(
-        tmp_path / "base",
-        model=Transformer(ModelConfig.from_name(preset, vocab_size=tok.vocab_size)),
-        tokenizer=tok,
-    )
+    base = tiny_base(tmp_path / "base", preset, tok)
     result = finetune_run(
         model=str(base),
         data=DataSpec(write_pairs(tmp_path / "data", PAIRS), columns={"source": "en", "target": "de"}),
@@ -181,12 +177,7 @@ def test_summarization_scores_rouge() -> None:
 
 def test_sft_with_packing_learns_the_responses(tmp_path: Path) -> None:
     tok = char_tokenizer()
-    torch.manual_seed(0)
-    base = lmforge.save_run(
-        tmp_path / "base",
-        model=Transformer(ModelConfig.from_name("tiny-decoder", vocab_size=tok.vocab_size)),
-        tokenizer=tok,
-    )
+    base = tiny_base(tmp_path / "base", "tiny-decoder", tok)
     folder = tmp_path / "data"
     folder.mkdir()
     lines = "".join(json.dumps({"q": s, "a": t}) + "\n" for s, t in PAIRS)

@@ -10,10 +10,8 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
+from tiny_runs import tiny_base
 
-import lmforge
-from lmforge import ModelConfig, Transformer
 from lmforge.tasks import QATask, TaskOptions
 from lmforge.tasks.data import Row, SplitPlan
 from lmforge.tasks.finetuning import DataSpec, eval_run, finetune_run
@@ -160,12 +158,7 @@ def write_qa(folder: Path, n: int, seed: int) -> Path:
 
 def test_tiny_reader_learns_to_point_at_the_answer(tmp_path: Path) -> None:
     tokenizer = wordpiece([" ".join(FILLER + ANSWERS), "which animal"])
-    torch.manual_seed(0)
-    base = lmforge.save_run(
-        tmp_path / "base",
-        model=Transformer(ModelConfig.from_name("tiny-encoder", vocab_size=tokenizer.vocab_size)),
-        tokenizer=tokenizer,
-    )
+    base = tiny_base(tmp_path / "base", "tiny-encoder", tokenizer)
     data = write_qa(tmp_path / "data", 300, seed=1)
     result = finetune_run(
         model=str(base),

@@ -7,10 +7,9 @@ import json
 import random
 from pathlib import Path
 
-import torch
+from tiny_runs import tiny_base
 
 import lmforge
-from lmforge import ModelConfig, Transformer
 from lmforge.objectives import IGNORE_INDEX
 from lmforge.tasks import TaggingTask, TaskOptions
 from lmforge.tasks.data import Row
@@ -97,12 +96,7 @@ def write_tagged(folder: Path, n: int, seed: int) -> Path:
 
 def test_tiny_tagger_learns_entities(tmp_path: Path) -> None:
     tok = tokenizer()
-    torch.manual_seed(0)
-    base = lmforge.save_run(
-        tmp_path / "base",
-        model=Transformer(ModelConfig.from_name("tiny-encoder", vocab_size=tok.vocab_size)),
-        tokenizer=tok,
-    )
+    base = tiny_base(tmp_path / "base", "tiny-encoder", tok)
     result = finetune_run(
         model=str(base),
         data=DataSpec(
