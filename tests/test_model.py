@@ -169,6 +169,22 @@ def test_tied_embeddings_share_one_tensor() -> None:
     assert untied.num_params() == model.num_params() + 256 * 64
 
 
+def test_a_scaled_tied_head_starts_with_the_logit_spread_of_a_plain_head() -> None:
+    # T5 scales hidden states by width^-1/2 before its tied head. Started at N(0, 0.02) like a GPT
+    # table, that head's logits are 16× too small at width 256 and a small T5 trained on Multi30k
+    # ignored its source; the table now starts at init_std / logit_scale.
+    settings = dict(arch="encoder_decoder", vocab_size=512, embed_dim=256, num_layers=1, num_heads=4)
+    torch.manual_seed(0)
+    plain = Transformer(ModelConfig(**settings, tie_embeddings=False))
+    torch.manual_seed(0)
+    scaled = Transformer(ModelConfig(**settings, tie_embeddings=True, logit_scale=256**-0.5))
+    assert scaled.tok_embed.weight.std().item() == pytest.approx(0.02 * 16, rel=0.05)
+    assert plain.tok_embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    hidden = torch.nn.functional.rms_norm(torch.randn(64, 256), (256,))
+    spread = scaled.head(hidden).std() / plain.head(hidden).std()
+    assert 0.8 < spread.item() < 1.25
+
+
 def test_pooling() -> None:
     hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)
     right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])

@@ -263,6 +263,13 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
         if self.head is not None and hasattr(self.head, "bias") and isinstance(self.head.bias, nn.Parameter):
             nn.init.zeros_(self.head.bias)
+        if self.config.tie_embeddings and self.config.logit_scale != 1.0:
+            # A tied head that scales hidden states by logit_scale (T5: width^-1/2) would start with
+            # logits logit_scale times smaller than an N(0, init_std) head and a token signal drowned
+            # by the first layers' outputs: the table starts at init_std / logit_scale instead (T5
+            # itself starts it at 1.0). With the 0.02 table a small T5 learned a language model of
+            # the target and ignored the source (benchmarks/RESULTS.md, Multi30k).
+            nn.init.normal_(self.tok_embed.weight, 0.0, std / self.config.logit_scale)
 
     def num_params(self, *, non_embedding: bool = False) -> int:
         """Parameter count (shared tensors once). ``non_embedding`` leaves out lookup-only tables:
