@@ -244,7 +244,8 @@ class Transformer(nn.Module):
 
     def reset_parameters(self) -> None:
         """GPT-2 initialization: N(0, init_std) weights, zero biases, unit norms, and residual
-        output projections scaled down by √(2·layers) so the residual stream does not grow with depth."""
+        output projections scaled down by √(2·layers) so the residual stream does not grow with depth;
+        a token table tied to a head scaled by ``logit_scale`` starts at init_std / logit_scale."""
         std = self.config.init_std
         depth = self.config.num_layers + (self.config.num_decoder_layers or 0)
         for name, module in self.named_modules():
