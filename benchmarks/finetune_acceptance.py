@@ -4,7 +4,7 @@
     python benchmarks/finetune_acceptance.py sst2 --methods lora --seeds 1337,1,2  # one method over training seeds
     python benchmarks/finetune_acceptance.py clinc150       # MiniLM-L6, CLINC150 test: in-scope accuracy, oos recall
     python benchmarks/finetune_acceptance.py chnsenticorp   # Chinese encoder pretrained by lmforge, then fine-tuned
-    python benchmarks/finetune_acceptance.py translation    # small encoder-decoder, Multi30k en→de: BLEU beam vs greedy
+    python benchmarks/finetune_acceptance.py translation    # small encoder-decoders from scratch, Multi30k en→de: BLEU beam vs greedy
     python benchmarks/finetune_acceptance.py cmrc2018       # the Chinese encoder, fine-tuned on CMRC validation, EM/F1 on test
 
 Every step is an ``lmforge`` command (pretrain / finetune / eval) run as a subprocess; the
@@ -332,17 +332,10 @@ TRANSLATION_RUNS = (
 )
 
 
-def translation_base(runner: Runner, corpus: Path, kind: str) -> Path:
-    """A fresh encoder-decoder of TRANSLATION_BASES with a BPE tokenizer trained on the Multi30k
-    training text: ``lmforge tokenizer train``, then the model built and saved through the Python
-    API (random weights: the span-corruption pretraining this once had made things worse)."""
+def translation_base(runner: Runner, tokenizer: Path, kind: str) -> Path:
+    """A fresh encoder-decoder of TRANSLATION_BASES with the ``tokenizer``, built and saved through
+    the Python API (random weights: the span-corruption pretraining this once had made things worse)."""
     base = runner.root / ("multi30k-base" if kind == "t5" else f"multi30k-base-{kind}")
-    tokenizer = runner.root / "multi30k-tokenizer" / "tokenizer.json"
-    runner.lmforge(
-        ["tokenizer", "train", corpus, "--kind", "bpe", "--vocab_size", 8000, "--documents", "line",
-         "--out", tokenizer, "--progress", "false"],
-        done=tokenizer, log=runner.root / "multi30k-tokenizer.log",
-    )  # fmt: skip
     preset, settings = TRANSLATION_BASES[kind]
     shown_settings = ", ".join(
         f"{k}={v:g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in settings.items()
@@ -391,7 +384,13 @@ def translation(runner: Runner) -> tuple[str, str]:
                 pair = json.loads(line)
                 texts += [pair["source"], pair["target"]]
         corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    bases = {kind: translation_base(runner, corpus, kind) for kind in TRANSLATION_BASES}
+    tokenizer = runner.root / "multi30k-tokenizer" / "tokenizer.json"
+    runner.lmforge(
+        ["tokenizer", "train", corpus, "--kind", "bpe", "--vocab_size", 8000, "--documents", "line",
+         "--out", tokenizer, "--progress", "false"],
+        done=tokenizer, log=runner.root / "multi30k-tokenizer.log",
+    )  # fmt: skip
+    bases = {kind: translation_base(runner, tokenizer, kind) for kind in TRANSLATION_BASES}
     trained, lines = {}, []
     for name, kind, lr, epochs in TRANSLATION_RUNS:
         out, summary, seconds = runner.finetune(
