@@ -493,8 +493,11 @@ def main() -> None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in SST2_METHODS]
         if unknown:
-            raise SystemExit(f"unknown method(s) {unknown}: choose from {', '.join(SST2_METHODS)}")
-        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+            parser.error(f"unknown method(s) {unknown}: choose from {', '.join(SST2_METHODS)}")
+        try:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 1337,1,2")
         title, body = sst2(runner, methods, seeds)
     else:
         title, body = {
