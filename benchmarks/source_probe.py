@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -29,13 +30,15 @@ from common import append_results  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def mean_loss(task, model, features) -> float:
+def mean_loss(task: Any, model: torch.nn.Module, features: list[dict[str, Any]]) -> float:
+    """Mean token cross-entropy of ``model`` on the encoded ``features`` (one batch)."""
     with torch.no_grad():
         out = task.objective(model, task.collate(features))
     return float(out.loss_sum / out.num_targets)
 
 
-def probe(args: argparse.Namespace, model_dir: Path, workdir: Path) -> dict[str, float | str]:
+def probe(args: argparse.Namespace, model_dir: Path, workdir: Path) -> dict[str, float]:
+    """Train ``model_dir`` for ``args.steps`` steps, then score real vs shuffled sources."""
     import lmforge
     from lmforge.tasks import TaskOptions
     from lmforge.tasks.data import Row
@@ -94,7 +97,10 @@ def main() -> None:
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     if not (args.data / "validation.jsonl").exists():
-        raise SystemExit(f"no validation.jsonl in {args.data} (the Multi30k folder of ../shared/data)")
+        parser.error(f"no validation.jsonl in {args.data} (the Multi30k folder of ../shared/data)")
+    for model_dir in args.model:
+        if not ((model_dir / "config.yaml").exists() or (model_dir / "config.json").exists()):
+            parser.error(f"--model {model_dir}: neither an lmforge run nor a Hugging Face folder (no config.yaml / config.json)")
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
