@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
@@ -30,19 +29,13 @@ from common import append_results  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def mean_loss(task: Any, model: torch.nn.Module, features: list[dict[str, Any]]) -> float:
-    """Mean token cross-entropy of ``model`` on the encoded ``features`` (one batch)."""
-    with torch.no_grad():
-        out = task.objective(model, task.collate(features))
-    return float(out.loss_sum / out.num_targets)
-
-
 def probe(args: argparse.Namespace, model_dir: Path, workdir: Path) -> dict[str, float]:
     """Train ``model_dir`` for ``args.steps`` steps, then score real vs shuffled sources."""
     import lmforge
     from lmforge.tasks import TaskOptions
     from lmforge.tasks.data import Row
     from lmforge.tasks.finetuning import DataSpec, finetune_run
+    from lmforge.tasks.generation import teacher_forced_loss
     from lmforge.training import TrainConfig
 
     recipe = yaml.safe_load((REPO / args.config).read_text(encoding="utf-8"))
@@ -59,7 +52,6 @@ def probe(args: argparse.Namespace, model_dir: Path, workdir: Path) -> dict[str,
             "max_steps": args.steps,
             "warmup_steps": min(recipe["train"].get("warmup_steps", 0), args.steps // 6),
             "eval_every": 0,
-            "progress": False,
         }
     )
     start = time.perf_counter()
@@ -77,8 +69,8 @@ def probe(args: argparse.Namespace, model_dir: Path, workdir: Path) -> dict[str,
     random.Random(0).shuffle(sources)
     shuffled = [{**f, "input_ids": s} for f, s in zip(features, sources, strict=True)]
     return {
-        "real": mean_loss(task, model, features),
-        "shuffled": mean_loss(task, model, shuffled),
+        "real": teacher_forced_loss(task, model, features, batch_size=32)["loss"],
+        "shuffled": teacher_forced_loss(task, model, shuffled, batch_size=32)["loss"],
         "bleu": float(result.summary["validation"].get("bleu", float("nan"))),
         "seconds": seconds,
     }
