@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import lmforge
+import lmforge.files
 from lmforge import LMForgeError, ModelConfig, Transformer
 from lmforge.training import (
     Callback,
@@ -354,13 +355,13 @@ def test_a_killed_writer_leaves_the_previous_checkpoint_loadable(tmp_path: Path)
 def test_tied_weights_are_saved_once_and_retied(tmp_path: Path) -> None:
     model = tiny()
     assert model.head.proj.weight is model.tok_embed.weight
-    path = lmforge.runs.save_weights(model, tmp_path / "w.safetensors")
+    path = lmforge.files.save_weights(model, tmp_path / "w.safetensors")
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         assert "head.proj.weight" not in f.keys() and "tok_embed.weight" in f.keys()  # noqa: SIM118
     fresh = tiny()
-    lmforge.runs.load_weights(fresh, path)
+    lmforge.files.load_weights(fresh, path)
     assert fresh.head.proj.weight is fresh.tok_embed.weight
     assert torch.equal(fresh.tok_embed.weight, model.tok_embed.weight)
 

@@ -349,7 +349,7 @@ def save_hf(
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    from ..runs import atomic_write
+    from ..files import atomic_write
 
     atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     write_json(out / "config.json", hf_config)
@@ -361,7 +361,7 @@ def save_hf(
 def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     """tokenizer.json + tokenizer_config.json (the run directory's files, which transformers
     reads as a ``PreTrainedTokenizerFast``) and special_tokens_map.json."""
-    from ..runs import save_tokenizer as save_run_tokenizer
+    from ..files import save_tokenizer as save_run_tokenizer
 
     save_run_tokenizer(tokenizer, out)
     roles = {
@@ -371,6 +371,6 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from ..runs import atomic_write_text
+    from ..files import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

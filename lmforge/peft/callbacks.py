@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..training.callbacks import Callback
+from ..hooks import Callback
 from .adalora import AdaLoraConfig, RankAllocator
 
 if TYPE_CHECKING:

@@ -180,7 +180,7 @@ def export_hf_peft(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from ..runs import atomic_write, atomic_write_text
+    from ..files import atomic_write, atomic_write_text
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(

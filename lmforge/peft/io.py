@@ -9,8 +9,6 @@ model's config to refuse a base it was not trained on.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +17,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import LMForgeError
+from ..files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, atomic_write, atomic_write_json
 from .base import METHODS, active_adapter, adapter_parameters, make_config, peft_configs
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ADAPTER_WEIGHTS_FILE
+ADAPTER_CONFIG = ADAPTER_CONFIG_FILE
 # Fields of the base model's config that must agree for an adapter to fit.
 BASE_FIELDS = (
     "arch",
@@ -69,25 +68,12 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     if base_config is not None:
         meta["base_model"] = {k: getattr(base_config, k) for k in BASE_FIELDS}
         meta["base_head"] = getattr(base_config, "head", None)
-    _atomic_write(
+    atomic_write(
         directory / ADAPTER_WEIGHTS,
         lambda path: save_file(tensors, str(path), metadata={"method": config.method}),
     )
-    _atomic_write(directory / ADAPTER_CONFIG, lambda path: path.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write_json(directory / ADAPTER_CONFIG, meta)
     return directory
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temp))
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, target)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:

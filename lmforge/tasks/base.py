@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, LMForgeError
-from ..training.callbacks import Callback
+from ..hooks import Callback
 from .data import BadRow, Columns, PartialRowError, Row, RowError
 
 if TYPE_CHECKING:

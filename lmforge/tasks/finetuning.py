@@ -76,8 +76,8 @@ def read_examples(task: Task, data: DataSpec, split: str, *, training: bool = Fa
 
 def base_tokenizer(model_path: str | Path) -> Any:
     """The tokenizer of a run directory or Hugging Face folder (without loading the model)."""
+    from ..files import TOKENIZER_FILE
     from ..interop.hf import is_hf_folder, load_hf_tokenizer
-    from ..runs import TOKENIZER_FILE
     from ..tokenizers import Tokenizer
 
     path = Path(model_path)
@@ -195,7 +195,7 @@ def finetune_run(
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``data`` for the task (see the module docstring for the run directory)."""
     from .. import peft as peft_lib
-    from ..runs import BASE_MODEL_KEY, WEIGHTS_FILE, save_weights
+    from ..files import BASE_MODEL_KEY, WEIGHTS_FILE, save_weights
     from ..training import Trainer, latest_checkpoint, seed_everything
 
     if not resume and latest_checkpoint(out) is not None:

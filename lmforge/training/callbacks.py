@@ -1,21 +1,10 @@
-"""Callbacks: the hooks the one training loop always calls, and the built-in ones.
+"""The built-in callbacks of the one training loop: early stopping, loggers, the progress bar.
 
-The loop calls, in this order, for every callback in its list (the user's first, then the
-built-in loggers, so a logger sees what a callback added)::
-
-    on_train_begin(trainer)                   after setup (and after a resume has been applied)
-    on_after_backward(trainer)                after the window's backward passes, before clipping
-                                              and the optimizer step (add gradients here)
-    on_step_end(trainer, metrics)             after every optimizer step; gradients still in .grad
-    on_evaluate(trainer, metrics)             after every evaluation on validation batches
-    on_save(trainer, path)                    after every checkpoint
-    on_train_end(trainer)                     once, however training ended
-
-A callback reads ``trainer.model``, ``trainer.optimizer`` and ``trainer.state`` (step, tokens,
-losses) and may add entries to ``metrics`` (they are logged) or set
+The contract (the hooks and the order the loop calls them in) is :class:`lmforge.hooks.Callback`,
+re-exported here. A callback reads ``trainer.model``, ``trainer.optimizer`` and ``trainer.state``
+(step, tokens, losses) and may add entries to ``metrics`` (they are logged) or set
 ``trainer.state.should_stop``. Its ``state_dict()`` is saved in every checkpoint and given back
-through ``load_state_dict()`` on resume. The design follows Keras/Lightning callbacks and the
-Hugging Face ``TrainerCallback``; AdaLoRA's rank update (a later issue) is one of these.
+through ``load_state_dict()`` on resume.
 """
 
 from __future__ import annotations
@@ -28,39 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LMForgeError
+from ..hooks import Callback
 
 if TYPE_CHECKING:
     from .loop import Trainer
-
-
-class Callback:
-    """Base class: override the hooks you need; all do nothing by default."""
-
-    def on_train_begin(self, trainer: Trainer) -> None:
-        """Called once before the first step (after a resume has restored the state)."""
-
-    def on_after_backward(self, trainer: Trainer) -> None:
-        """Called once per step after the backward passes, before clipping and the optimizer step
-        (a regularizer can add its gradients here, as AdaLoRA's orthogonality penalty does)."""
-
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        """Called after each optimizer step with that step's metrics (add to them to log more)."""
-
-    def on_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        """Called after each evaluation with ``eval_*`` metrics."""
-
-    def on_save(self, trainer: Trainer, path: Path) -> None:
-        """Called after a checkpoint has been written to ``path``."""
-
-    def on_train_end(self, trainer: Trainer) -> None:
-        """Called once when training ends (finished, stopped early, interrupted or diverged)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """What must survive a resume (JSON-safe values, tensors, arrays)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
 
 
 class EarlyStopping(Callback):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import LMForgeError
-from ..runs import (
+from ..files import (
     STATE_FILE,
     WEIGHTS_FILE,
     atomic_write,

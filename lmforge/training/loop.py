@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LMForgeError
-from ..runs import METRICS_FILE, write_run_metadata
+from ..files import METRICS_FILE, write_run_metadata
 from .callbacks import Callback, EarlyStopping, JSONLLogger, ProgressBar, TensorBoardLogger, WandbLogger
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig

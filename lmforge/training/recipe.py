@@ -282,9 +282,9 @@ def build_pretraining(
             ``resume``) or has nothing to resume, an objective that does not fit the architecture.
     """
     from ..data import TokenShards, write_shards
+    from ..files import TOKENIZER_FILE
     from ..model import Transformer
     from ..objectives import DEFAULT_OBJECTIVE, make_objective
-    from ..runs import TOKENIZER_FILE
     from ..tokenizers import Tokenizer
     from .checkpoint import latest_checkpoint
 
