@@ -433,3 +433,39 @@ def test_tiny_read_blocks_give_the_same_documents(
     monkeypatch.setattr(sources, "_BLOCK_BYTES", 3)  # characters and separators split across blocks
     assert list(Corpus.from_files(path, documents=documents)) == expected  # type: ignore[arg-type]
     assert len(expected) == {"file": 1, "line": 11, "blank_line": 7}[documents]
+
+
+# ---- several processes: each rank its own share -------------------------------------------------
+
+
+def test_ranks_draw_their_own_share_and_resume_only_in_a_job_of_the_same_size(bpe_shards: TokenShards) -> None:
+    split = bpe_shards["train"]
+    alone = draw(RandomWindows(split, seq_len=16, batch_size=4, seed=3), 2)
+    assert same(draw(RandomWindows(split, seq_len=16, batch_size=4, seed=3, rank=0, world_size=1), 2), alone)
+    first, second = (
+        draw(RandomWindows(split, seq_len=16, batch_size=4, seed=3, rank=r, world_size=2), 2) for r in (0, 1)
+    )
+    assert not same(first, second)  # two ranks never train on the same stream of windows
+    source = RandomWindows(split, seq_len=16, batch_size=4, seed=3, rank=1, world_size=2)
+    draw(source, 1)
+    state = json.loads(json.dumps(source.state_dict()))
+    with pytest.raises(LMForgeError, match="saved by 2 process.*this job has 1"):
+        RandomWindows(split, seq_len=16, batch_size=4, seed=3).load_state_dict(state)
+
+    class Rows:
+        def chunk_length(self, seq_len: int) -> int:
+            return seq_len
+
+        def __call__(self, rows: list[np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+            return {"starts": torch.tensor([hash(r.tobytes()) for r in rows])}
+
+    def chunks(rank: int, world: int) -> list[int]:
+        source = DocumentChunks(
+            split, seq_len=8, batch_size=3, collator=Rows(), seed=1, epochs=1, rank=rank, world_size=world
+        )
+        return [int(v) for batch in source for v in batch["starts"]]
+
+    everything = chunks(0, 1)
+    shares = [chunks(r, 3) for r in range(3)]
+    assert sorted(v for share in shares for v in share) == sorted(everything)  # disjoint, complete
+    assert all(abs(len(share) - len(everything) / 3) <= 1 for share in shares)

@@ -12,6 +12,10 @@ Every source is an iterable of batches with ``state_dict()`` / ``load_state_dict
 its position and random state, small and JSON-serializable, so a run resumed at step k draws
 exactly the batches an uninterrupted run would. The state is read and advanced by each batch
 drawn, so save it between batches (the training loop does).
+
+The training sources are rank-aware (:mod:`lmforge.runtime`): in a job of several processes each
+rank draws its own share — its own random stream of windows, every ``world_size``-th chunk of an
+epoch — and a saved position can only be resumed by a job of the same size.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import torch
 
 from ..errors import LMForgeError
 from ..objectives.base import IGNORE_INDEX, Batch
+from ..runtime import rank as current_rank
+from ..runtime import world_size as current_world_size
 from ..tokenizers import Tokenizer
 from .shards import ShardSplit
 
@@ -40,6 +46,25 @@ def _check_positive(**values: int) -> None:
             raise LMForgeError(f"{key} = {value}: must be at least 1", key=key)
 
 
+def ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size): the given values, else this process's (:mod:`lmforge.runtime`)."""
+    r = current_rank() if rank is None else rank
+    n = current_world_size() if world_size is None else world_size
+    if not 0 <= r < n:
+        raise ValueError(f"rank {r} is outside a world of {n} processes")
+    return r, n
+
+
+def check_same_world(state: dict[str, Any], world_size: int) -> None:
+    """A data position saved by a job of another size cannot be resumed: one clear line."""
+    saved = int(state.get("world_size", 1))
+    if saved != world_size:
+        raise LMForgeError(
+            f"the checkpoint's data position was saved by {saved} process(es), this job has {world_size}: "
+            "resume with the same number of processes"
+        )
+
+
 class RandomWindows:
     """Endless causal-LM batches: ``input_ids`` = window[:T], ``labels`` = window[1:] (shifted).
 
@@ -48,9 +73,20 @@ class RandomWindows:
         seq_len: T, tokens per sequence.
         batch_size: B, sequences per batch.
         seed: seeds the offsets.
+        rank, world_size: this process's place in the job (default: :mod:`lmforge.runtime`'s);
+            each rank draws from its own stream, seeded with (seed, rank).
     """
 
-    def __init__(self, split: ShardSplit, *, seq_len: int, batch_size: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        split: ShardSplit,
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         _check_positive(seq_len=seq_len, batch_size=batch_size)
         if split.num_tokens < seq_len + 1:
             raise LMForgeError(
@@ -61,7 +97,8 @@ class RandomWindows:
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.seed = seed
-        self.rng = np.random.default_rng(seed)
+        self.rank, self.world_size = ranks(rank, world_size)
+        self.rng = np.random.default_rng(seed if self.world_size == 1 else [seed, self.rank])
         self.batches = 0  # batches drawn so far
 
     def __iter__(self) -> Iterator[Batch]:
@@ -86,11 +123,13 @@ class RandomWindows:
             "seed": self.seed,
             "batches": self.batches,
             "rng": self.rng.bit_generator.state,
+            "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "random_windows":
             raise LMForgeError(f"the saved data position is for {state.get('kind')!r}, not random_windows")
+        check_same_world(state, self.world_size)
         self.seed = state["seed"]
         self.batches = state["batches"]
         self.rng.bit_generator.state = state["rng"]
@@ -113,6 +152,8 @@ class DocumentChunks:
         epochs: stop after this many epochs (None: endless); a finished source starts over
             when iterated again (for repeated evaluations).
         min_tokens: shorter chunks (a document's tail) are left out.
+        rank, world_size: this process's place in the job (default: :mod:`lmforge.runtime`'s);
+            each rank serves every ``world_size``-th chunk of the epoch's order.
     """
 
     def __init__(
@@ -126,6 +167,8 @@ class DocumentChunks:
         shuffle: bool = True,
         epochs: int | None = None,
         min_tokens: int = 2,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         _check_positive(seq_len=seq_len, batch_size=batch_size)
         self.split = split
@@ -134,6 +177,7 @@ class DocumentChunks:
         self.seed = seed
         self.shuffle = shuffle
         self.epochs = epochs
+        self.rank, self.world_size = ranks(rank, world_size)
         self.chunk_len = collator.chunk_length(seq_len)
         docs = split.documents[:, :2]
         lengths = docs[:, 1] - docs[:, 0]
@@ -151,8 +195,8 @@ class DocumentChunks:
         self._order: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
-        """Batches per epoch."""
-        return -(-len(self.chunks) // self.batch_size)
+        """Batches per epoch (of this rank's share)."""
+        return -(-len(self._epoch_order()) // self.batch_size)
 
     def _epoch_order(self) -> np.ndarray:
         if self._order is None or self._order[0] != self.epoch:
@@ -161,7 +205,7 @@ class DocumentChunks:
                 if self.shuffle
                 else np.arange(len(self.chunks))
             )
-            self._order = (self.epoch, order)
+            self._order = (self.epoch, order[self.rank :: self.world_size])
         return self._order[1]
 
     def __iter__(self) -> Iterator[Batch]:
@@ -181,11 +225,18 @@ class DocumentChunks:
         return self.collator(rows, rng)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "document_chunks", "seed": self.seed, "epoch": self.epoch, "position": self.position}
+        return {
+            "kind": "document_chunks",
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "document_chunks":
             raise LMForgeError(f"the saved data position is for {state.get('kind')!r}, not document_chunks")
+        check_same_world(state, self.world_size)
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
 
 

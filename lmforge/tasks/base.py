@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..data.samplers import check_same_world, ranks
 from ..errors import ConfigError, LMForgeError
 from ..hooks import Callback
 from .data import BadRow, Columns, PartialRowError, Row, RowError
@@ -221,6 +222,9 @@ class Batches:
         shuffle: shuffle each epoch (training); False: file order, one pass (evaluation).
         seed: seeds the shuffles (epoch e uses seed + e).
         bucket: batches per sorting window (1: no length grouping).
+        rank, world_size: this process's place in the job (default: :mod:`lmforge.runtime`'s);
+            a shuffled epoch's batches are dealt out in turn, each rank taking every
+            ``world_size``-th one.
     """
 
     def __init__(
@@ -232,6 +236,8 @@ class Batches:
         shuffle: bool = True,
         seed: int = 0,
         bucket: int = 50,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -243,12 +249,17 @@ class Batches:
         self.shuffle = shuffle
         self.seed = seed
         self.bucket = max(bucket, 1)
+        self.rank, self.world_size = ranks(rank, world_size)
         self.lengths = np.array([f["length"] for f in features], dtype=np.int64)
         self.epoch = 0
         self.position = 0  # batches of the current epoch already handed out
 
     def __len__(self) -> int:
-        return math.ceil(len(self.features) / self.batch_size)
+        """Batches per epoch (of this rank's share when shuffled for training)."""
+        total = math.ceil(len(self.features) / self.batch_size)
+        if not self.shuffle:
+            return total
+        return len(range(self.rank, total, self.world_size))
 
     def order(self, epoch: int) -> list[np.ndarray]:
         """The batches (arrays of feature indices) of one epoch."""
@@ -263,7 +274,8 @@ class Batches:
             chunk = order[start : start + window]
             chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
             batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
-        return [batches[i] for i in rng.permutation(len(batches))]
+        shuffled = [batches[i] for i in rng.permutation(len(batches))]
+        return shuffled[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[Batch]:
         batches = self.order(self.epoch)
@@ -276,9 +288,10 @@ class Batches:
         self.position = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        check_same_world(state, self.world_size)
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 

@@ -8,7 +8,7 @@ state = Trainer(model, objective, batches, config=TrainConfig(max_steps=2000), e
 from .callbacks import Callback, EarlyStopping, JSONLLogger, ProgressBar, TensorBoardLogger, WandbLogger
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, seed_everything
 from .config import TrainConfig
-from .loop import Trainer, TrainingDiverged, TrainState, default_num_targets, resolve_device
+from .loop import Trainer, TrainingDiverged, TrainState, default_num_targets
 from .optim import build_optimizer, lr_at, param_groups
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "load_checkpoint",
     "lr_at",
     "param_groups",
-    "resolve_device",
     "save_checkpoint",
     "seed_everything",
 ]

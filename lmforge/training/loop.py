@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..errors import LMForgeError
 from ..files import METRICS_FILE, write_run_metadata
+from ..runtime import is_writer, resolve_device
 from .callbacks import Callback, EarlyStopping, JSONLLogger, ProgressBar, TensorBoardLogger, WandbLogger
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
@@ -74,19 +75,6 @@ def default_num_targets(batch: Batch) -> int:
     return int((batch["labels"] != -100).sum())
 
 
-def resolve_device(name: str) -> torch.device:
-    """ "auto" → CUDA if available, else CPU; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise LMForgeError(f"unknown device '{name}'", key="train.device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LMForgeError("device cuda asked for, but no CUDA GPU is available", key="train.device")
-    return device
-
-
 def _count_tokens(batch: Batch) -> int:
     tokens = 0
     for key in ("input_ids", "decoder_input_ids"):
@@ -108,7 +96,8 @@ class Trainer:
             iterable whose ``__iter__`` starts over).
         callbacks: extra :class:`Callback` objects, called before the built-in ones.
         run_dir: where config.yaml, tokenizer.json, checkpoints and metrics.jsonl go (None: no
-            files, no checkpoints).
+            files, no checkpoints). Only the writer process (rank 0, :mod:`lmforge.runtime`)
+            writes there and shows the progress bar; the other ranks train alike.
         tokenizer: saved into the run directory.
         run_config: the rest of the resolved config, saved as config.yaml (its ``train``
             section is set from ``config``).
@@ -131,7 +120,7 @@ class Trainer:
         num_targets: Callable[[Batch], int] | None = None,
     ) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, key="train.device")
         self.model = model.to(self.device)
         self.objective = objective
         self.train_data = train_data
@@ -158,7 +147,8 @@ class Trainer:
                     patience=config.early_stopping_patience, min_delta=config.early_stopping_min_delta
                 )
             )
-        if self.run_dir is not None:
+        self.writer = is_writer()
+        if self.run_dir is not None and self.writer:
             self.callbacks.append(JSONLLogger(self.run_dir / METRICS_FILE, every=config.log_every))
             if config.tensorboard:
                 self.callbacks.append(TensorBoardLogger(self.run_dir / "tensorboard", every=config.log_every))
@@ -166,7 +156,7 @@ class Trainer:
                 self.callbacks.append(
                     WandbLogger(self.run_dir, config=self.run_config, every=config.log_every)
                 )
-        if config.progress:
+        if config.progress and self.writer:
             self.callbacks.append(ProgressBar())
 
         self._iterator: Iterator[Batch] | None = None
@@ -185,7 +175,7 @@ class Trainer:
             TrainingDiverged: the loss or gradient norm became NaN/inf (nothing was trained on it).
         """
         config = self.config
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.writer:
             write_run_metadata(
                 self.run_dir, model=self.model, tokenizer=self.tokenizer, config=self.run_config
             )
@@ -266,6 +256,9 @@ class Trainer:
         """Write a resumable checkpoint of the current step into the run directory."""
         if self.run_dir is None:
             raise ValueError("this Trainer has no run_dir to save into")
+        if not self.writer:  # one writer: the other ranks hold the same weights
+            self._last_saved_step = self.state.step
+            return self.run_dir
         path = save_checkpoint(
             self.run_dir,
             model=self.model,

@@ -1,0 +1,66 @@
+"""Where a process runs: device names, its rank in a job, the one writer of a run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge import LMForgeError, ModelConfig, Transformer
+from lmforge.objectives import CausalLM
+from lmforge.runtime import is_writer, rank, resolve_device, shard_of, world_size
+from lmforge.tasks import Batches
+from lmforge.training import TrainConfig, Trainer
+
+
+def test_device_names() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(LMForgeError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(LMForgeError, match="no CUDA GPU"):
+            resolve_device("cuda:1", key="train.device")
+
+
+def test_rank_comes_from_the_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (rank(), world_size(), is_writer()) == (0, 1, True)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert (rank(), world_size(), is_writer()) == (2, 4, False)
+    assert shard_of(list(range(10))) == [2, 6]
+    assert shard_of(list(range(10)), rank_=0, world_size_=1) == list(range(10))
+    with pytest.raises(ValueError, match="outside a world"):
+        shard_of([1], rank_=3, world_size_=2)
+
+
+def test_task_batches_are_dealt_out_to_ranks() -> None:
+    features = [{"x": i, "length": 1 + i % 5} for i in range(37)]
+
+    def collate(rows: list[dict]) -> dict:
+        return {"x": [r["x"] for r in rows]}
+
+    def epoch(rank_: int, world: int) -> list[int]:
+        batches = Batches(features, collate, batch_size=4, seed=3, rank=rank_, world_size=world)
+        return [x for batch in batches for x in batch["x"]]
+
+    shares = [epoch(r, 2) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == list(range(37))
+    assert not set(shares[0]) & set(shares[1])
+    assert len(Batches(features, collate, batch_size=4, rank=1, world_size=2)) == 5  # of 10 batches
+
+
+def test_only_the_writer_touches_the_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=32, embed_dim=16, num_layers=1, num_heads=2, max_seq_len=8))
+    batch = {"input_ids": torch.randint(0, 32, (2, 8)), "labels": torch.randint(0, 32, (2, 8))}
+    config = TrainConfig(max_steps=2, save_every=1, eval_every=0, progress=True, device="cpu")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    state = Trainer(model, CausalLM(), [batch], config=config, run_dir=out).fit()
+    assert state.step == 2 and not out.exists()  # rank 1 trained, and wrote nothing
+    monkeypatch.setenv("RANK", "0")
+    Trainer(model, CausalLM(), [batch], config=config, run_dir=out).fit()
+    assert (out / "config.yaml").is_file() and (out / "checkpoints").is_dir()
