@@ -44,8 +44,8 @@ from common import append_results  # noqa: E402
 
 from lmforge.cli import resolve_arguments  # noqa: E402
 from lmforge.commands.pretrain import pretrain  # noqa: E402
+from lmforge.pipeline.pretraining import build_pretraining  # noqa: E402
 from lmforge.training import Callback, Trainer, seed_everything  # noqa: E402
-from lmforge.training.recipe import build_pretraining  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -290,7 +290,7 @@ def main() -> None:
 
         long_best = None
         if args.minutes > 0:
-            from lmforge.demo import seconds_per_step
+            from lmforge.pipeline.demo import seconds_per_step
 
             long = recipe(
                 LONG_RECIPE, args.data, Path(tmp) / "long", max_minutes=args.minutes, eval_batches=None

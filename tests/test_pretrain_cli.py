@@ -213,7 +213,7 @@ def test_recipes_run_as_they_are(recipe: Path, tmp_path: Path, monkeypatch) -> N
 
 
 def test_text_curve_puts_points_where_they_belong() -> None:
-    from lmforge.demo import text_curve
+    from lmforge.pipeline.demo import text_curve
 
     plot = text_curve([(0, 8.0), (50, 6.0), (100, 4.0)], width=21, height=5).splitlines()
     assert plot[0].startswith("  8.000 ┤●") and plot[4].startswith("  4.000 ┤")
@@ -222,7 +222,7 @@ def test_text_curve_puts_points_where_they_belong() -> None:
 
 
 def test_demo_output_folder_rules(tmp_path: Path) -> None:
-    from lmforge.demo import prepare_out_dir
+    from lmforge.pipeline.demo import prepare_out_dir
 
     run = tmp_path / "run"
     (run / "data").mkdir(parents=True)
@@ -238,8 +238,8 @@ def test_demo_output_folder_rules(tmp_path: Path) -> None:
 
 
 def test_validation_batches_are_the_same_at_every_evaluation(text_file: Path, tmp_path: Path) -> None:
+    from lmforge.pipeline.pretraining import DataSection, ModelSection, TokenizerSection, build_pretraining
     from lmforge.training import TrainConfig
-    from lmforge.training.recipe import DataSection, ModelSection, TokenizerSection, build_pretraining
 
     run = build_pretraining(
         model=ModelSection(preset="tiny-encoder"),
@@ -255,8 +255,8 @@ def test_validation_batches_are_the_same_at_every_evaluation(text_file: Path, tm
 
 
 def test_demo_at_tiny_size(text_file: Path, tmp_path: Path) -> None:
-    from lmforge.demo import PROMPTS, demo_sections, run_demo
-    from lmforge.training.recipe import DataSection
+    from lmforge.pipeline.demo import PROMPTS, demo_sections, run_demo
+    from lmforge.pipeline.pretraining import DataSection
 
     model, tokenizer, _ = demo_sections(vocab_size=320, width=32, layers=1, seq_len=32)
     data = DataSection(
@@ -269,7 +269,7 @@ def test_demo_at_tiny_size(text_file: Path, tmp_path: Path) -> None:
         sections=(model, tokenizer, data),
         batch_size=8,
         progress=False,
-        echo=lines.append,
+        log=lines.append,
     )
     assert result.curve[0][0] == 0 and result.curve[-1][0] == 30
     assert result.curve[-1][1] < result.curve[0][1] - 0.5  # the validation loss fell
@@ -285,8 +285,8 @@ def test_demo_at_tiny_size(text_file: Path, tmp_path: Path) -> None:
 
 
 def test_demo_calibration_times_steps_without_touching_the_model(text_file: Path, tmp_path: Path) -> None:
-    from lmforge.demo import demo_sections, demo_train_config, seconds_per_step
-    from lmforge.training.recipe import DataSection, build_pretraining
+    from lmforge.pipeline.demo import demo_sections, demo_train_config, seconds_per_step
+    from lmforge.pipeline.pretraining import DataSection, build_pretraining
 
     model, tokenizer, _ = demo_sections(vocab_size=320, width=32, layers=1, seq_len=32)
     data = DataSection(path=text_file, documents="blank_line", seq_len=32)

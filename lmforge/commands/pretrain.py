@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import LMForgeError
+from ..pipeline.demo import run_demo
+from ..pipeline.pretraining import DataSection, ModelSection, ObjectiveChoice, TokenizerSection
+from ..pipeline.pretraining import pretrain as pretrain_pipeline
 from ..training import TrainConfig
-from ..training.recipe import DataSection, ModelSection, ObjectiveChoice, TokenizerSection
 
 
 def pretrain(
@@ -35,41 +38,17 @@ def pretrain(
         out: the run directory (config.yaml, tokenizer.json, model.safetensors, checkpoints, ...).
         resume: continue the run in --out from its newest checkpoint.
     """
-    from ..training import Trainer, seed_everything
-    from ..training.recipe import build_pretraining
-
-    seed_everything(train.seed)
-    run = build_pretraining(
+    result = pretrain_pipeline(
         model=model,
         tokenizer=tokenizer,
         data=data,
         train=train,
         objective=objective,
-        run_dir=out,
+        out=out,
         resume=resume,
-        progress=train.progress,
+        log=lambda line: print(f"pretrain: {line}"),
     )
-    shards = run.shards
-    print(
-        f"pretrain: {run.model.config.arch} with {run.model.num_params() / 1e6:.2f}M parameters, "
-        f"objective {run.objective_name}, tokenizer {run.tokenizer.kind} ({run.tokenizer.vocab_size} tokens), "
-        f"{shards['train'].num_tokens:,} training / {shards['validation'].num_tokens:,} validation tokens"
-    )
-    trainer = Trainer(
-        run.model,
-        run.objective,
-        run.train_batches,
-        config=train,
-        eval_data=run.eval_batches,
-        run_dir=out,
-        tokenizer=run.tokenizer,
-        run_config=run.run_config,
-    )
-    if resume:
-        step = trainer.resume()
-        print(f"pretrain: resumed {out} at step {step}")
-    state = trainer.fit()
-    last = state.evals[-1] if state.evals else {}
+    state, last = result.state, result.last_eval
     summary = f"pretrain: step {state.step}/{train.max_steps}"
     if last:
         summary += f", validation loss {last['eval_loss']:.4f} (perplexity {last['eval_ppl']:.2f})"
@@ -81,9 +60,7 @@ def pretrain(
         return 130
     if state.stop_reason:
         print(f"pretrain: stopped: {state.stop_reason}")
-    hint = (
-        f"  (try: lmforge generate --model {out} --prompt ...)" if run.model.config.arch != "encoder" else ""
-    )
+    hint = f"  (try: lmforge generate --model {out} --prompt ...)" if result.model.config.arch != "encoder" else ""
     print(f"pretrain: run directory {out}{hint}")
     return 0
 
@@ -101,10 +78,7 @@ def demo(*, out: Path = Path("runs/demo"), minutes: float = 3.0, seed: int = 0) 
         minutes: the training time budget (about a minute of preparation comes on top).
         seed: random seed (weights, batches, samples).
     """
-    from ..demo import run_demo
-    from ..errors import LMForgeError
-
     if not 0 < minutes <= 24 * 60:
         raise LMForgeError(f"--minutes must be in (0, 1440], got {minutes}", key="minutes")
-    run_demo(out=out, minutes=minutes, seed=seed)
+    run_demo(out=out, minutes=minutes, seed=seed, log=print)
     return 0

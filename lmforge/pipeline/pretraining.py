@@ -1,14 +1,17 @@
-"""Pretraining recipes: the typed sections of ``configs/pretrain/*.yaml`` and what they build.
+"""Pretraining: the typed sections of a recipe (``configs/pretrain/*.yaml``), what they build, and
+:func:`pretrain`, the pipeline function that ``lmforge pretrain`` and ``lmforge demo`` call.
 
 A recipe has four sections, each a typed dataclass, so ``--model.num_layers 6``,
 ``--tokenizer.vocab_size 4096``, ``--data.path FILE`` and ``--train.lr 3e-4`` come with the
 command line, and YAML mistakes are reported as ``file:line: key '...'`` with the nearest key::
-
     model:      a preset to start from (``preset: tiny-llama``) plus any ModelConfig field
     tokenizer:  kind (char | bpe | wordpiece) and vocabulary size, or the path of a tokenizer.json
     data:       the text (a file, a JSONL field, a folder; none = the Python documentation),
                 sequence length, validation share, masking / span-corruption settings
     train:      :class:`~lmforge.training.TrainConfig`
+
+    recipe ──build_pretraining──► tokenizer, token shards, model, objective, batch sources
+           ──make_trainer──► the one loop (Trainer) ──fit──► PretrainResult (+ the run folder)
 """
 
 from __future__ import annotations
@@ -17,17 +20,31 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from ..config import PRESETS, ModelConfig
+from ..data import (
+    Corpus,
+    DocumentChunks,
+    EvalWindows,
+    MaskedLMCollator,
+    RandomWindows,
+    SpanCorruptionCollator,
+    TokenShards,
+    python_docs_corpus,
+    write_shards,
+)
 from ..errors import ConfigError, LMForgeError, did_you_mean
+from ..files import TOKENIZER_FILE
+from ..model import Transformer
+from ..objectives import DEFAULT_OBJECTIVE, make_objective
+from ..objectives.span_corruption import num_noise_spans
 from ..settings import dataclass_to_dict
-from .config import TrainConfig
-
-if TYPE_CHECKING:
-    from ..data import Corpus, TokenShards
-    from ..model import Transformer
-    from ..tokenizers import Tokenizer
+from ..tokenizers import Tokenizer
+from ..training import Callback, Trainer, TrainState, seed_everything
+from ..training.checkpoint import latest_checkpoint
+from ..training.config import TrainConfig
+from .common import Log, silent
 
 TokenizerKind = Literal["char", "bpe", "wordpiece"]
 ObjectiveChoice = Literal["auto", "causal_lm", "masked_lm", "span_corruption"]
@@ -36,7 +53,6 @@ SHARDS_DIR = "data"  # token shards live in RUN_DIR/data (a resumed run reads th
 
 class _ModelSectionBase:
     """Methods of :data:`ModelSection` (its fields are generated from ModelConfig's)."""
-
     preset: str | None
 
     def __post_init__(self) -> None:
@@ -99,7 +115,6 @@ ModelSection = _model_section()
 @dataclass
 class TokenizerSection:
     """The tokenizer: trained on the training text, or read from a tokenizer.json."""
-
     kind: TokenizerKind = "bpe"  # "char", "bpe" (byte-level) or "wordpiece"
     vocab_size: int = 4096  # vocabulary size, specials included (char: an upper bound)
     path: Path | None = None  # an existing tokenizer.json to use instead of training one
@@ -113,7 +128,6 @@ class TokenizerSection:
 @dataclass
 class DataSection:
     """The text and how it becomes batches."""
-
     path: Path | None = None  # a text/JSONL file or a folder; none = the Python documentation corpus
     field: str = "text"  # the JSON field holding the text in JSONL files
     documents: Literal["file", "line", "blank_line"] = "file"  # how a text file splits into documents
@@ -151,7 +165,6 @@ class DataSection:
 @dataclass
 class Pretraining:
     """Everything the loop needs for a pretraining run, built from a recipe."""
-
     model: Transformer
     tokenizer: Tokenizer
     objective: Any  # lmforge.objectives: CausalLM | MaskedLM | SpanCorruption
@@ -171,8 +184,6 @@ def recipe_arch(model: Any) -> str:
 
 def corpus_of(data: DataSection) -> Corpus:
     """The training text: ``data.path`` (file, JSONL, folder) or the embedded Python documentation."""
-    from ..data import Corpus, python_docs_corpus
-
     if data.path is None:
         return python_docs_corpus()
     return Corpus.from_files(data.path, field=data.field, documents=data.documents)
@@ -181,8 +192,6 @@ def corpus_of(data: DataSection) -> Corpus:
 def sentinels_needed(data: DataSection) -> int:
     """Sentinel tokens span corruption needs for chunks of ``data.seq_len`` (a safe upper bound:
     a raw chunk is longer than the corrupted input it becomes)."""
-    from ..objectives.span_corruption import num_noise_spans
-
     _, spans = num_noise_spans(
         2 * data.seq_len, noise_density=data.noise_density, mean_span_length=data.mean_span_length
     )
@@ -193,8 +202,6 @@ def build_tokenizer(
     section: TokenizerSection, corpus: Corpus, *, objective: str, data: DataSection, progress: bool = True
 ) -> Tokenizer:
     """Read ``section.path`` or train a tokenizer on ``corpus`` (with sentinels for span corruption)."""
-    from ..tokenizers import Tokenizer
-
     sentinels = sentinels_needed(data) if objective == "span_corruption" else 0
     if section.path is not None:
         tokenizer = Tokenizer.from_file(section.path)
@@ -219,8 +226,6 @@ def batch_sources(
     train: TrainConfig,
 ) -> tuple[Any, Any]:
     """The resumable training source and the validation source for ``objective``."""
-    from ..data import DocumentChunks, EvalWindows, MaskedLMCollator, RandomWindows, SpanCorruptionCollator
-
     if objective == "causal_lm":
         train_source = RandomWindows(
             split_train, seq_len=data.seq_len, batch_size=train.batch_size, seed=data.seed
@@ -252,7 +257,6 @@ def batch_sources(
 class Restarting:
     """Validation batches that start from the same first batch at every evaluation (a fresh
     source each time), even when an evaluation stopped early after ``eval_batches``."""
-
     def __init__(self, make: Any) -> None:
         self.make = make
 
@@ -281,13 +285,6 @@ def build_pretraining(
         LMForgeError: bad data files, a run directory that already holds a run (without
             ``resume``) or has nothing to resume, an objective that does not fit the architecture.
     """
-    from ..data import TokenShards, write_shards
-    from ..files import TOKENIZER_FILE
-    from ..model import Transformer
-    from ..objectives import DEFAULT_OBJECTIVE, make_objective
-    from ..tokenizers import Tokenizer
-    from .checkpoint import latest_checkpoint
-
     run_dir = Path(run_dir)
     arch = recipe_arch(model)
     name = DEFAULT_OBJECTIVE[arch] if objective == "auto" else objective
@@ -356,3 +353,91 @@ def build_pretraining(
         shards=shards,
         run_config=run_config,
     )
+
+
+def make_trainer(
+    run: Pretraining,
+    train: TrainConfig,
+    *,
+    out: str | Path | None,
+    callbacks: list[Callback] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> Trainer:
+    """The one loop set up for a built recipe: its objective, batch sources, run folder and
+    tokenizer, the resolved recipe (plus ``extra_config``) as config.yaml."""
+    return Trainer(
+        run.model,
+        run.objective,
+        run.train_batches,
+        config=train,
+        eval_data=run.eval_batches,
+        callbacks=callbacks or [],
+        run_dir=out,
+        tokenizer=run.tokenizer,
+        run_config={**run.run_config, **(extra_config or {})},
+    )
+
+
+@dataclass
+class PretrainResult:
+    """What :func:`pretrain` returns: the trained pieces and how training ended."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    state: TrainState  # step, evaluations, times; ``interrupted`` after Ctrl-C / SIGTERM
+    run: Pretraining  # the built recipe (objective name, shards, resolved config)
+    out: Path
+
+    @property
+    def last_eval(self) -> dict[str, float]:
+        return self.state.evals[-1] if self.state.evals else {}
+
+
+def describe_pretraining(run: Pretraining) -> str:
+    """One line: the model, objective, tokenizer and the tokens it trains on."""
+    shards = run.shards
+    return (
+        f"{run.model.config.arch} with {run.model.num_params() / 1e6:.2f}M parameters, "
+        f"objective {run.objective_name}, tokenizer {run.tokenizer.kind} ({run.tokenizer.vocab_size} tokens), "
+        f"{shards['train'].num_tokens:,} training / {shards['validation'].num_tokens:,} validation tokens"
+    )
+
+
+def pretrain(
+    *,
+    model: Any,
+    tokenizer: TokenizerSection,
+    data: DataSection,
+    train: TrainConfig,
+    objective: ObjectiveChoice = "auto",
+    out: str | Path,
+    resume: bool = False,
+    callbacks: list[Callback] | None = None,
+    log: Log = silent,
+) -> PretrainResult:
+    """Pretrain a model from a recipe into the run folder ``out`` (or continue it, ``resume``).
+
+    Seeds everything with ``train.seed``, builds the recipe (:func:`build_pretraining`), runs the
+    one loop and returns; it prints nothing itself (``log`` receives the plan, one line each).
+
+    Raises:
+        LMForgeError: bad recipe or data, a folder that already holds a run (without resume).
+    """
+    out = Path(out)
+    seed_everything(train.seed)
+    run = build_pretraining(
+        model=model,
+        tokenizer=tokenizer,
+        data=data,
+        train=train,
+        objective=objective,
+        run_dir=out,
+        resume=resume,
+        progress=train.progress,
+    )
+    log(describe_pretraining(run))
+    trainer = make_trainer(run, train, out=out, callbacks=callbacks)
+    if resume:
+        log(f"resumed {out} at step {trainer.resume()}")
+    state = trainer.fit()
+    return PretrainResult(model=run.model, tokenizer=run.tokenizer, state=state, run=run, out=out)

@@ -3,8 +3,7 @@
 No download and no data folder: the corpus is the documentation that ships inside the Python
 interpreter (``pydoc_data`` topics and standard-library docstrings, see
 :func:`lmforge.data.python_docs_corpus`). The demo takes the same road as ``lmforge pretrain``
-(:func:`lmforge.training.recipe.build_pretraining` and the one :class:`~lmforge.training.Trainer`):
-
+(:func:`lmforge.pipeline.pretraining.build_pretraining` and the one :class:`~lmforge.training.Trainer`):
     Python docs ──byte-level BPE──► token shards ──► small GPT ──the loop──► run directory
                                                         │                         │
                                               samples before / after     lmforge generate --model RUN
@@ -27,9 +26,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LMForgeError
-from .training import Callback, TrainConfig, Trainer, TrainState, seed_everything
-from .training.recipe import DataSection, ModelSection, TokenizerSection, build_pretraining
+from ..errors import LMForgeError
+from ..generation import generate
+from ..training import Callback, TrainConfig, Trainer, TrainState, seed_everything
+from .common import Log, silent
+from .pretraining import (
+    DataSection,
+    ModelSection,
+    TokenizerSection,
+    batch_sources,
+    build_pretraining,
+    make_trainer,
+)
 
 PROMPTS = ("The list", "Return the", "If the")
 
@@ -37,7 +45,6 @@ PROMPTS = ("The list", "Return the", "If the")
 @dataclass
 class DemoResult:
     """What the demo produced: the run directory, samples, the validation curve."""
-
     run_dir: Path
     samples_before: list[str]
     samples_after: list[str]
@@ -114,8 +121,6 @@ def seconds_per_step(
 def calibrate(run: Any, data: DataSection, config: TrainConfig, *, minutes: float) -> tuple[int, str]:
     """Steps that fit ``minutes``, and the faster precision: fp32, or bf16 autocast where the
     hardware has bf16 units (at small widths the casts can cost more than bf16 matmuls save)."""
-    from .training.recipe import batch_sources
-
     probe, _ = batch_sources(
         run.shards["train"],
         run.shards["validation"],
@@ -145,8 +150,6 @@ def sample_texts(
     seed: int = 0,
 ) -> list[str]:
     """A seeded sample (temperature 0.8, top-k 40) continuing each prompt, one line each."""
-    from .generation import generate
-
     texts = []
     for prompt in prompts:
         ids = torch.tensor([tokenizer.encode(prompt)], device=next(model.parameters()).device)
@@ -232,7 +235,7 @@ def run_demo(
     sections: tuple[Any, TokenizerSection, DataSection] | None = None,
     batch_size: int = 16,
     progress: bool = True,
-    echo: Any = print,
+    log: Log = silent,
 ) -> DemoResult:
     """Pretrain a small GPT on the Python documentation within ``minutes`` and save a run.
 
@@ -244,7 +247,7 @@ def run_demo(
         sections: the model/tokenizer/data sections (default: :func:`demo_sections`).
         batch_size: sequences per step.
         progress: progress bars.
-        echo: where the report lines go (print).
+        log: where the report lines go (print).
     """
     out = Path(out)
     prepare_out_dir(out)
@@ -254,7 +257,7 @@ def run_demo(
         max_steps=max_steps or 1000, minutes=minutes, batch_size=batch_size, progress=progress
     )
     started = time.perf_counter()
-    echo("demo: building the corpus from the Python documentation and training a byte-level BPE tokenizer")
+    log("demo: building the corpus from the Python documentation and training a byte-level BPE tokenizer")
     run = build_pretraining(
         model=model_section,
         tokenizer=tokenizer_section,
@@ -264,7 +267,7 @@ def run_demo(
         progress=progress,
     )
     shards = run.shards
-    echo(
+    log(
         f"demo: {shards['train'].num_bytes / 1e6:.1f} MB of text → {shards['train'].num_tokens:,} training and "
         f"{shards['validation'].num_tokens:,} validation tokens (vocabulary {run.tokenizer.vocab_size}); "
         f"model: {run.model.num_params() / 1e6:.2f}M parameters ({run.model.config.num_layers} layers, "
@@ -279,36 +282,27 @@ def run_demo(
             precision=precision,
             progress=progress,
         )
-        echo(f"demo: {steps} steps of {precision} training fit {minutes:g} minutes on this machine")
+        log(f"demo: {steps} steps of {precision} training fit {minutes:g} minutes on this machine")
         seed_everything(seed)
 
-    trainer = Trainer(
-        run.model,
-        run.objective,
-        run.train_batches,
-        config=config,
-        eval_data=run.eval_batches,
-        run_dir=out,
-        tokenizer=run.tokenizer,
-        run_config={**run.run_config, "demo": {"minutes": minutes, "seed": seed}},
-    )
+    trainer = make_trainer(run, config, out=out, extra_config={"demo": {"minutes": minutes, "seed": seed}})
     before = sample_texts(run.model, run.tokenizer, seed=seed)
     initial = trainer.evaluate()["eval_loss"]
-    echo("\nsamples before training (random weights):")
+    log("\nsamples before training (random weights):")
     for prompt, text in zip(PROMPTS, before, strict=True):
-        echo(f"  {prompt!r:14} → {text}")
-    echo("")
+        log(f"  {prompt!r:14} → {text}")
+    log("")
     state = trainer.fit()
     after = sample_texts(run.model, run.tokenizer, seed=seed)
     curve = [(0, initial)] + [(int(e["step"]), float(e["eval_loss"])) for e in state.evals]
-    echo("\nsamples after training:")
+    log("\nsamples after training:")
     for prompt, text in zip(PROMPTS, after, strict=True):
-        echo(f"  {prompt!r:14} → {text}")
-    echo(f"\nvalidation loss (nats per token), {len(curve)} evaluations:")
-    echo(text_curve(curve))
+        log(f"  {prompt!r:14} → {text}")
+    log(f"\nvalidation loss (nats per token), {len(curve)} evaluations:")
+    log(text_curve(curve))
     final = curve[-1][1]
     bpb = state.evals[-1].get("eval_bits_per_byte") if state.evals else None
-    echo(
+    log(
         f"demo: validation loss {initial:.3f} → {final:.3f} (perplexity {math.exp(initial):.0f} → {math.exp(final):.1f}"
         + (f", {bpb:.3f} bits per byte" if bpb else "")
         + f") in {state.step} steps, {state.train_time_s:.0f} s of training, {time.perf_counter() - started:.0f} s in all"
@@ -317,8 +311,8 @@ def run_demo(
     png = out / "validation_curve.png"
     if save_curve_png(curve, png):
         extras["png"] = png
-        echo(f"demo: curve saved to {png}")
-    echo(
+        log(f"demo: curve saved to {png}")
+    log(
         f"demo: run directory {out} — try: lmforge generate --model {out} --prompt 'The list' --temperature 0.8"
     )
     return DemoResult(
