@@ -32,10 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 def probe(args: argparse.Namespace, model_dir: Path, workdir: Path) -> dict[str, float]:
     """Train ``model_dir`` for ``args.steps`` steps, then score real vs shuffled sources."""
     import lmforge
-    from lmforge.tasks import TaskOptions
+    from lmforge.pipeline.finetuning import DataSpec, finetune_run
     from lmforge.tasks.data import Row
-    from lmforge.tasks.finetuning import DataSpec, finetune_run
-    from lmforge.tasks.generation import teacher_forced_loss
+    from lmforge.tasks.sft import teacher_forced_loss
     from lmforge.training import TrainConfig
 
     recipe = yaml.safe_load((REPO / args.config).read_text(encoding="utf-8"))
@@ -44,7 +43,7 @@ def probe(args: argparse.Namespace, model_dir: Path, workdir: Path) -> dict[str,
         run = lmforge.load(model_dir)
         torch.nn.init.normal_(run.model.tok_embed.weight, 0.0, args.table_std)
         base = lmforge.save_run(workdir / f"{model_dir.name}-table", model=run.model, tokenizer=run.tokenizer)
-    options = TaskOptions(**{**recipe.get("options", {}), "eval_examples": args.examples})
+    options = {**recipe.get("options", {}), "eval_examples": args.examples}
     train = TrainConfig(
         **{
             **recipe["train"],

@@ -143,8 +143,13 @@ def _add_command(subparsers: Any, name: str, fn: CommandFn) -> None:
     doc = inspect.getdoc(fn) or ""
     summary = doc.splitlines()[0] if doc else ""
     description = doc.split("\nArgs:")[0].strip()
+    epilog = getattr(fn, "cli_epilog", None)  # more help text, built when asked (e.g. from a registry)
     parser = subparsers.add_parser(
-        name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        name,
+        help=summary,
+        description=description,
+        epilog=epilog() if callable(epilog) else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config", metavar="FILE.yaml", help="read options from a YAML file (flags override it)"

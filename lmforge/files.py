@@ -170,6 +170,14 @@ def atomic_write_yaml(path: str | Path, value: Any) -> Path:
     return atomic_write_text(path, yaml.safe_dump(value, sort_keys=False, allow_unicode=True))
 
 
+def write_jsonl(path: str | Path, records: Any) -> Path:
+    """One JSON object per line (UTF-8, non-ASCII kept), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return atomic_write_text(path, text)
+
+
 # ---- folders -------------------------------------------------------------------------------------
 
 

@@ -126,7 +126,9 @@ def test_bad_rows_stop_with_file_and_line_or_are_skipped(
             "unknown field 'txt' (did you mean 'text'?)",
         ),
         (["--task", "classification", "--split_ratio", "0.5,0.2"], "split_ratio [0.5, 0.2] must add up to 1"),
-        (["--task", "translation"], "missing field 'source'"),
+        (["--task", "translation"], "task translation needs a model of arch encoder_decoder or decoder"),
+        (["--task", "classification", "--options.max_lenght", 64], "did you mean 'max_length'"),
+        (["--task", "classification", "--options.packing", "true"], "task classification has no option 'packing'"),
         (
             ["--task", "classification", "--options.max_length", 100],
             "max_length 100 is longer than the model's position table",

@@ -15,9 +15,9 @@ from tiny_runs import tiny_base
 
 import lmforge
 from lmforge import ModelConfig, Transformer
-from lmforge.tasks import ClassificationTask, Columns, TaskOptions
+from lmforge.pipeline.finetuning import DataSpec, finetune_run
+from lmforge.tasks import ClassificationOptions, ClassificationTask, Columns, TaskOptions
 from lmforge.tasks.data import Row
-from lmforge.tasks.finetuning import DataSpec, finetune_run
 from lmforge.tokenizers import Tokenizer
 from lmforge.training import TrainConfig
 
@@ -84,7 +84,7 @@ def run(
         task_name="classification",
         method=method,
         peft=peft,
-        options=TaskOptions(max_length=24, **kw.pop("options", {})),
+        options=ClassificationOptions(max_length=24, **kw.pop("options", {})),
         train=kw.pop("train", fast()),
         epochs=None,
         out=tmp_path / f"run-{method}",
@@ -189,7 +189,7 @@ def test_text_pairs_use_token_types_and_out_of_scope_metrics() -> None:
     texts = ["is this about money", "yes it is", "no", "book a table", "cancel it"]
     tokenizer = Tokenizer.train(iter(texts * 5), kind="wordpiece", vocab_size=80, show_progress=False)
     task = ClassificationTask(
-        TaskOptions(max_length=16, oos_label="oos"), tokenizer, Columns({"text_pair": "answer"})
+        ClassificationOptions(max_length=16, oos_label="oos"), tokenizer, Columns({"text_pair": "answer"})
     )
     task.set_labels(["book", "cancel", "oos"], "test")
     rows = [
@@ -212,7 +212,7 @@ def test_text_pairs_use_token_types_and_out_of_scope_metrics() -> None:
     assert {"in_scope_accuracy", "oos_recall", "oos_precision", "mcc", "macro_f1"} <= set(result.metrics)
     assert result.predictions[0]["label"] == "oos" and result.predictions[0]["prediction"] in task.labels
     with pytest.raises(lmforge.LMForgeError, match="out-of-scope label 'OOS' is not in the label set"):
-        ClassificationTask(TaskOptions(oos_label="OOS"), tokenizer).set_labels(["a", "oos"], "test")
+        ClassificationTask(ClassificationOptions(oos_label="OOS"), tokenizer).set_labels(["a", "oos"], "test")
 
 
 def test_task_evaluation_keeps_and_restores_the_best_weights() -> None:
@@ -244,7 +244,7 @@ def test_task_evaluation_keeps_and_restores_the_best_weights() -> None:
 
 
 def test_base_model_gets_the_task_head_and_a_dropout_override(tmp_path: Path) -> None:
-    from lmforge.tasks.finetuning import load_base
+    from lmforge.pipeline.finetuning import build_task, fit_head, load_base
 
     tokenizer = Tokenizer.train(
         iter([" ".join(WORDS)] * 5), kind="wordpiece", vocab_size=60, show_progress=False
@@ -254,9 +254,10 @@ def test_base_model_gets_the_task_head_and_a_dropout_override(tmp_path: Path) ->
         ModelConfig.from_name("tiny-encoder", vocab_size=tokenizer.vocab_size, dropout=0.1)
     )
     base = lmforge.save_run(tmp_path / "base", model=pretrained, tokenizer=tokenizer)
-    task = ClassificationTask(TaskOptions(dropout=0.0, pooling="mean"), tokenizer)
+    loaded = load_base(base)
+    task = build_task("classification", loaded, options={"dropout": 0.0, "pooling": "mean"})
     task.set_labels(["a", "b", "c"], "test")
-    model, _ = load_base(base, task)
+    model = fit_head(loaded, task)
     config = model.config
     assert (config.head, config.num_labels, config.pooling) == ("classification", 3, "mean")
     assert (

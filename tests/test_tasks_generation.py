@@ -14,9 +14,9 @@ from tiny_runs import tiny_base
 import lmforge
 from lmforge import LMForgeError, ModelConfig, Transformer
 from lmforge.objectives import IGNORE_INDEX
-from lmforge.tasks import Columns, SFTTask, SummarizationTask, TaskOptions, TranslationTask
+from lmforge.pipeline.finetuning import DataSpec, finetune_run
+from lmforge.tasks import Columns, Seq2SeqOptions, SFTOptions, SFTTask, SummarizationTask, TranslationTask
 from lmforge.tasks.data import Row
-from lmforge.tasks.finetuning import DataSpec, finetune_run
 from lmforge.tokenizers import Tokenizer
 from lmforge.training import TrainConfig
 
@@ -40,7 +40,7 @@ def rows(pairs: list[tuple[str, str]], **names: str) -> list[Row]:
 
 def test_sft_labels_count_the_response_and_end_token_only() -> None:
     tok = char_tokenizer()
-    task = SFTTask(TaskOptions(max_length=64, template="Q: {source}\nA: "), tok)
+    task = SFTTask(SFTOptions(max_length=64, template="Q: {source}\nA: "), tok)
     (example,), bad = task.examples(rows([("red apple", "rote apfel")]))  # any pair
     assert not bad and example.prompt == "Q: red apple\nA: "
     (feature,) = task.encode([example])
@@ -55,7 +55,7 @@ def test_sft_labels_count_the_response_and_end_token_only() -> None:
 
 def test_sft_prompt_is_cut_from_the_start_to_fit() -> None:
     tok = char_tokenizer()
-    task = SFTTask(TaskOptions(max_length=12, max_target_length=4, template="{source}"), tok)
+    task = SFTTask(SFTOptions(max_length=12, max_target_length=4, template="{source}"), tok)
     (feature,) = task.encode(task.examples(rows([("red apple green tree", "rote apfel")]))[0])
     assert feature["length"] == 12
     # [BOS] + 6 prompt characters (its end) + 4 response characters + [EOS]
@@ -64,12 +64,11 @@ def test_sft_prompt_is_cut_from_the_start_to_fit() -> None:
 
 def test_packing_keeps_examples_apart() -> None:
     tok = char_tokenizer()
-    options = TaskOptions(max_length=80, template="{source}:")
-    task = SFTTask(options, tok)
+    task = SFTTask(SFTOptions(max_length=80, template="{source}:"), tok)
     examples = task.examples(rows(PAIRS))[0]
     plain = task.encode(examples)
-    task.options.packing = True
-    packed = task.encode(examples)
+    packed = SFTTask(SFTOptions(max_length=80, template="{source}:", packing=True), tok).encode(examples)
+    assert task.encode(examples, packing=True) == packed
     assert len(packed) < len(plain) and sum(f["length"] for f in packed) == sum(f["length"] for f in plain)
     batch = task.collate(packed)
     assert batch["attention_mask"].dim() == 3  # (B, T, T) block-diagonal
@@ -88,7 +87,7 @@ def test_packing_keeps_examples_apart() -> None:
 
 def test_template_slots_read_columns_and_report_missing_ones() -> None:
     task = SFTTask(
-        TaskOptions(template="{instruction} / {input}"), char_tokenizer(), Columns({"target": "output"})
+        SFTOptions(template="{instruction} / {input}"), char_tokenizer(), Columns({"target": "output"})
     )
     good = Row({"instruction": "say", "input": "red", "output": "rot"}, Path("d.jsonl"), 1)
     bad = Row({"instruction": "say", "output": "rot"}, Path("d.jsonl"), 2)
@@ -96,12 +95,12 @@ def test_template_slots_read_columns_and_report_missing_ones() -> None:
     assert examples[0].prompt == "say / red" and examples[0].response == "rot"
     assert errors[0].line == 2 and errors[0].reason.startswith("missing field 'input'")
     with pytest.raises(LMForgeError, match="bad template"):
-        SFTTask(TaskOptions(template="{unclosed"), char_tokenizer()).examples([good])
+        SFTTask(SFTOptions(template="{unclosed"), char_tokenizer()).examples([good])
 
 
 def test_encoder_decoder_features_are_teacher_forced() -> None:
     tok = char_tokenizer()
-    task = TranslationTask(TaskOptions(max_length=32, source_prefix="de: "), tok)
+    task = TranslationTask(Seq2SeqOptions(max_length=32, source_prefix="de: "), tok)
     task.check_arch("encoder_decoder")
     (feature,) = task.encode(task.examples(rows([("red apple", "rote apfel")]))[0])
     assert feature["input_ids"] == tok.encode("de: red apple") + [tok.eos_id]
@@ -139,7 +138,7 @@ def test_translation_learns_small_pairs_and_reloads(tmp_path: Path, preset: str)
         task_name="translation",
         method="full",
         peft=None,
-        options=TaskOptions(max_length=60, max_target_length=32, num_beams=3, template="{source} = "),
+        options=Seq2SeqOptions(max_length=60, max_target_length=32, num_beams=3, template="{source} = "),
         train=TrainConfig(max_steps=150, warmup_steps=10, eval_every=75, progress=False, **SETTINGS[preset]),
         epochs=None,
         out=tmp_path / "run",
@@ -165,7 +164,7 @@ def test_summarization_scores_rouge() -> None:
     tok = char_tokenizer()
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("tiny-encoder-decoder", vocab_size=tok.vocab_size)).eval()
-    task = SummarizationTask(TaskOptions(max_target_length=6, num_beams=2), tok)
+    task = SummarizationTask(Seq2SeqOptions(max_target_length=6, num_beams=2), tok)
     result = task.evaluate(model, task.examples(rows(PAIRS[:2]))[0])
     assert {"rouge1", "rouge2", "rougeL", "rougeLsum"} <= set(result.metrics) and task.main_metric == "rougeL"
     assert len(result.predictions) == 2
@@ -189,7 +188,7 @@ def test_sft_with_packing_learns_the_responses(tmp_path: Path) -> None:
         task_name="sft",
         method="full",
         peft=None,
-        options=TaskOptions(max_length=64, template="Q: {q}\nA: ", packing=True),
+        options=SFTOptions(max_length=64, template="Q: {q}\nA: ", packing=True),
         train=TrainConfig(
             max_steps=80, batch_size=4, lr=1e-2, warmup_steps=10, eval_every=40, progress=False
         ),

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from tiny_runs import tiny_base
 
-from lmforge.tasks import QATask, TaskOptions
+from lmforge.pipeline.evaluation import evaluate_run
+from lmforge.pipeline.finetuning import DataSpec, finetune_run
+from lmforge.tasks import QAOptions, QATask
 from lmforge.tasks.data import Row, SplitPlan
-from lmforge.tasks.finetuning import DataSpec, eval_run, finetune_run
 from lmforge.tokenizers import Tokenizer
 from lmforge.training import TrainConfig
 
@@ -64,7 +65,7 @@ def test_long_contexts_are_split_into_overlapping_windows_and_answers_map_back()
     words[45:47] = ["zebra", "falcon"]
     context = " ".join(words)
     tokenizer = wordpiece([context, "where is it"])
-    task = QATask(TaskOptions(max_length=24, stride=6), tokenizer)
+    task = QATask(QAOptions(max_length=24, stride=6), tokenizer)
     (example,), bad = task.examples(
         [Row({"context": context, "question": "where is it", "answers": ["zebra falcon"]}, Path("d"), 1)]
     )
@@ -82,7 +83,7 @@ def test_long_contexts_are_split_into_overlapping_windows_and_answers_map_back()
 
 def test_chinese_context_answers_map_back_to_the_characters() -> None:
     tokenizer = wordpiece([CHINESE, "长城有多长？首都在哪里？"], size=150)
-    task = QATask(TaskOptions(max_length=20, stride=4, language="zh"), tokenizer)
+    task = QATask(QAOptions(max_length=20, stride=4, language="zh"), tokenizer)
     row = Row(
         {
             "context": CHINESE,
@@ -109,7 +110,7 @@ def test_chinese_context_answers_map_back_to_the_characters() -> None:
 
 
 def test_row_formats_and_answers_missing_from_the_context() -> None:
-    task = QATask(TaskOptions(), tokenizer=None)
+    task = QATask(QAOptions(), tokenizer=None)
     flat = Row(
         {"context": "a b c", "question": "q", "answers": {"text": ["b"], "answer_start": [2]}}, Path("d"), 1
     )
@@ -166,7 +167,7 @@ def test_tiny_reader_learns_to_point_at_the_answer(tmp_path: Path) -> None:
         task_name="qa",
         method="full",
         peft=None,
-        options=TaskOptions(max_length=32, stride=8, max_answer_length=4),  # contexts need 2+ windows
+        options=QAOptions(max_length=32, stride=8, max_answer_length=4),  # contexts need 2+ windows
         train=TrainConfig(
             max_steps=120, batch_size=16, lr=3e-3, warmup_steps=10, eval_every=60, progress=False
         ),
@@ -176,10 +177,7 @@ def test_tiny_reader_learns_to_point_at_the_answer(tmp_path: Path) -> None:
     assert result.model.config.head == "qa" and result.summary["main_metric"] == "f1"
     assert result.summary["validation"]["exact_match"] >= 80.0, result.summary
     predictions = tmp_path / "pred.jsonl"
-    task, evaluated = eval_run(
-        run_dir=tmp_path / "run", data=None, split="validation", columns=None, skip_bad_rows=False,
-        batch_size=16, num_beams=None, max_examples=None,
-    )  # fmt: skip
+    task, evaluated = evaluate_run(tmp_path / "run", split="validation", batch_size=16)
     assert evaluated.metrics["exact_match"] == pytest.approx(result.summary["validation"]["exact_match"])
     record = evaluated.predictions[0]
     assert set(record) == {"id", "question", "prediction", "answers"} and record["id"] == "validation-0"
@@ -199,7 +197,7 @@ def minilm_tokenizer() -> Tokenizer:
 
 @pytest.mark.skipif(not (SHARED / "cmrc2018").is_dir(), reason="../shared/data/cmrc2018 is not present")
 def test_cmrc_answers_map_back_exactly_with_a_real_tokenizer() -> None:
-    task = QATask(TaskOptions(max_length=128, stride=32), minilm_tokenizer())
+    task = QATask(QAOptions(max_length=128, stride=32), minilm_tokenizer())
     rows = SplitPlan().rows(SHARED / "cmrc2018", "validation")[:30]
     examples, bad = task.examples(rows, training=True)
     assert not bad and len(examples) > 90

@@ -11,9 +11,9 @@ from tiny_runs import tiny_base
 
 import lmforge
 from lmforge.objectives import IGNORE_INDEX
+from lmforge.pipeline.finetuning import DataSpec, finetune_run
 from lmforge.tasks import TaggingTask, TaskOptions
 from lmforge.tasks.data import Row
-from lmforge.tasks.finetuning import DataSpec, finetune_run
 from lmforge.tokenizers import Tokenizer
 from lmforge.training import TrainConfig
 

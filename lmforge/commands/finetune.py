@@ -3,16 +3,20 @@ on a split: a table, eval.json, predictions)."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
 
 from ..errors import LMForgeError
-from ..tasks import TaskName
-from ..tasks.base import TaskOptions
-from ..tasks.finetuning import MethodName
+from ..files import atomic_write_json, write_jsonl
+from ..pipeline.evaluation import evaluate_run
+from ..pipeline.finetuning import DataSpec, MethodName, finetune_run
+from ..tasks import TASKS, TaskName
+from ..tasks.data import Columns
 from ..training import TrainConfig
+
+EVAL_FILE = "eval.json"
 
 DEFAULT_TRAIN = TrainConfig(
     max_steps=1000,
@@ -39,7 +43,7 @@ def finetune(
     split_ratio: list[float] | None = None,
     split_seed: int = 0,
     skip_bad_rows: bool = False,
-    options: TaskOptions = TaskOptions(),  # noqa: B008 (a frozen default: the CLI copies it)
+    options: dict[str, Any] | None = None,
     train: TrainConfig = DEFAULT_TRAIN,
     epochs: float | None = None,
     out: Path = Path("runs/finetune"),
@@ -57,7 +61,7 @@ def finetune(
         model: the base model: an lmforge run directory or a Hugging Face model folder.
         data: the data folder (or a single file, split by --split_ratio).
         task: classification, sft, translation, summarization, qa or tagging.
-        method: full, or a PEFT method: lora, adalora, adapter, prefix, prompt, ptuning, ia3, bitfit.
+        method: full, or a PEFT method (lmforge.peft's registry: see the choices above).
         peft: options of the PEFT method, e.g. --peft.r 8 --peft.alpha 16 --peft.target_modules all-linear.
         columns: which column holds each field, e.g. --columns.text sentence --columns.label polarity.
         labels: a file of label names, one per line (default: labels.txt in the data folder, else
@@ -66,14 +70,13 @@ def finetune(
             validation share carved from a lone train file), e.g. 0.8,0.1,0.1.
         split_seed: seed of the ratio split.
         skip_bad_rows: skip rows that cannot be used (reported with a count) instead of stopping.
-        options: task options: max_length, pooling, oos_label, template, num_beams, stride, ...
+        options: the task's own options, e.g. --options.max_length 64 --options.pooling mean (each
+            task's options are listed below).
         train: the loop: lr, batch_size, max_steps, eval_every, precision, schedule, ...
         epochs: train for this many passes over the training data (sets max_steps).
         out: the run directory.
         resume: continue the run in --out from its newest checkpoint.
     """
-    from ..tasks.finetuning import DataSpec, finetune_run
-
     spec = DataSpec(
         path=data,
         columns=_columns(columns),
@@ -94,6 +97,7 @@ def finetune(
         epochs=epochs,
         out=out,
         resume=resume,
+        log=lambda line: print(f"finetune: {line}"),
     )
     summary = result.summary
     if summary.get("interrupted"):
@@ -140,14 +144,12 @@ def evaluate(
         skip_bad_rows: skip rows that cannot be used instead of stopping.
         device: cpu, cuda, ...
     """
-    from ..tasks.finetuning import EVAL_FILE, eval_run, format_table, write_predictions
-
     if batch_size < 1:
         raise LMForgeError(f"--batch_size must be positive, got {batch_size}", key="batch_size")
     if max_examples is not None and max_examples < 1:
         raise LMForgeError(f"--max_examples must be positive, got {max_examples}", key="max_examples")
-    task, result = eval_run(
-        run_dir=model,
+    task, result = evaluate_run(
+        model,
         data=data,
         split=split,
         columns=_columns(columns) if columns is not None else None,
@@ -161,15 +163,44 @@ def evaluate(
     print(format_table(result.metrics))
     target = output or model / EVAL_FILE
     record = {"model": str(model), "split": split, "task": task.name, "metrics": result.metrics}
-    target.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_json(target, record)
     print(f"eval: metrics written to {target}")
     if predictions is not None:
-        write_predictions(predictions, result.predictions)
+        write_jsonl(predictions, result.predictions)
         print(f"eval: {len(result.predictions):,} predictions written to {predictions}")
     return 0
 
 
 def _columns(columns: dict[str, Any] | None) -> dict[str, str]:
-    from ..tasks.data import Columns
-
     return Columns({k: v for k, v in (columns or {}).items()}).mapping
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The scalar metrics as a two-column table; the per-class report below when not too long."""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    width = max((len(k) for k in scalars), default=6)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ----------"]
+    for key, value in scalars.items():
+        shown = f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
+        lines.append(f"{key:<{width}}  {shown}")
+    report = metrics.get("per_class")
+    if isinstance(report, dict) and 0 < len(report) <= 20:
+        name_width = max(len(n) for n in report)
+        lines += ["", f"{'class':<{name_width}}  precision  recall      f1  support"]
+        for name, row in report.items():
+            lines.append(
+                f"{name:<{name_width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:6.4f}  {row['support']:7d}"
+            )
+    return "\n".join(lines)
+
+
+def task_options_help() -> str:
+    """The options of each task, for ``lmforge finetune --help``."""
+    lines = ["task options (--options.KEY VALUE, or an `options:` section):"]
+    for name, cls in TASKS.items():
+        fields = ", ".join(f.name for f in dataclasses.fields(cls.Options))
+        lines.append(f"  {name}: {fields}")
+    return "\n".join(lines)
+
+
+finetune.cli_epilog = task_options_help  # type: ignore[attr-defined]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from ..errors import LMForgeError
+from ..generation import TextStreamer
+from ..pipeline.generation import Sampling, generate_text, prompt_ids
+from ..runs import load
+from ..runtime import resolve_device
 
 
 def generate(
@@ -45,48 +47,12 @@ def generate(
         no_stream: print the text at the end instead of token by token.
         device: cpu, cuda, cuda:1, … or auto (a GPU when there is one).
     """
-    from ..generation import TextStreamer
-    from ..generation import generate as run_generation
-    from ..generation.state import ABSOLUTE_POSITIONS
-    from ..runs import load
-
-    torch_device = _device(device)
-    run = load(model, device=torch_device)
+    run = load(model, device=resolve_device(device))
     tokenizer = run.tokenizer
     if tokenizer is None:
         raise LMForgeError("the run directory has no tokenizer.json to encode the prompt with", file=model)
     config = run.model.config
-    encoder_decoder = config.arch == "encoder_decoder"
-
-    ids = tokenizer.encode(prompt)
-    unknown = sum(1 for i in ids if i == tokenizer.unk_id) if tokenizer.unk_id is not None else 0
-    if unknown:
-        print(
-            f"lmforge: note: {unknown} piece(s) of the prompt are not in the tokenizer's vocabulary "
-            "(read as the unknown token)",
-            file=sys.stderr,
-        )
-    if encoder_decoder and tokenizer.eos_id is not None:
-        ids = ids + [tokenizer.eos_id]  # sources end with eos, as in span-corruption pretraining
-    if not ids:  # an empty prompt: start after a document separator
-        if tokenizer.eos_id is None:
-            raise LMForgeError(
-                "the prompt is empty and the tokenizer has no eos token to start from", key="prompt"
-            )
-        ids = [tokenizer.eos_id]
-    asked = max_new_tokens
-    if config.position in ABSOLUTE_POSITIONS:  # a position table: the context is a hard limit
-        room = config.max_seq_len - (1 if encoder_decoder else len(ids))
-        if 0 < room < max_new_tokens:  # (no room at all: generate() explains the prompt is too long)
-            max_new_tokens = room
-
-    decoder_start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.pad_id
-    streaming = not no_stream and num_beams == 1
-    shown = [] if encoder_decoder else ids  # a decoder's prompt is printed with its continuation
-    streamer = TextStreamer(tokenizer, prompt_ids=shown, show_prompt=True) if streaming else None
-    out = run_generation(
-        run.model,
-        torch.tensor([ids], device=torch_device),
+    sampling = Sampling(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
@@ -94,34 +60,27 @@ def generate(
         repetition_penalty=repetition_penalty,
         num_beams=num_beams,
         length_penalty=length_penalty,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
-        decoder_start_token_id=decoder_start,
-        generator=torch.Generator(device=torch_device).manual_seed(seed),
-        streamer=streamer,
+        seed=seed,
     )
-    if streamer is None:
-        new = out[0, 1:] if encoder_decoder else out[0, len(ids) :]
-        sys.stdout.write(tokenizer.decode(shown + new.tolist()))
-    print()
-    generated = out.shape[1] - (1 if encoder_decoder else len(ids))
-    if max_new_tokens < asked and generated == max_new_tokens:
+    # A decoder's prompt is printed with its continuation (decoded together, so pieces join).
+    shown = [] if config.arch == "encoder_decoder" else prompt_ids(tokenizer, prompt, arch=config.arch)
+    streamer = None
+    if not no_stream and num_beams == 1:
+        streamer = TextStreamer(tokenizer, prompt_ids=shown, show_prompt=True)
+    result = generate_text(run.model, tokenizer, prompt, sampling, streamer=streamer)
+    if result.unknown_pieces:
         print(
-            f"lmforge: note: stopped after {generated} new tokens: the model's context holds "
+            f"lmforge: note: {result.unknown_pieces} piece(s) of the prompt are not in the tokenizer's "
+            "vocabulary (read as the unknown token)",
+            file=sys.stderr,
+        )
+    if streamer is None:
+        sys.stdout.write(tokenizer.decode(shown + result.new_ids))
+    print()
+    if result.limited_by_context:
+        print(
+            f"lmforge: note: stopped after {len(result.new_ids)} new tokens: the model's context holds "
             f"{config.max_seq_len} positions",
             file=sys.stderr,
         )
     return 0
-
-
-def _device(name: str) -> torch.device:
-    """``auto`` → the GPU when there is one, else the CPU; anything else must be a device torch knows."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise LMForgeError(f"unknown device '{name}' (cpu, cuda, cuda:N or auto)", key="device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LMForgeError(f"device '{name}' asked, but no CUDA GPU is available", key="device")
-    return device

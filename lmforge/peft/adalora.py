@@ -129,7 +129,8 @@ def inject_adalora(model: nn.Module, config: AdaLoraConfig, name: str) -> None:
     wrap_modules_to_save(model, config, name)
 
 
-register_peft_method("adalora", AdaLoraConfig, inject_adalora, mergeable=True)
+# its final rank allocation is part of the method: fine-tuning keeps the last weights, not the best
+register_peft_method("adalora", AdaLoraConfig, inject_adalora, mergeable=True, keep_best=False)
 
 
 def adalora_layers(model: nn.Module, name: str) -> dict[str, AdaLoraLinear]:

@@ -107,6 +107,7 @@ class Method:
     config_class: type[PeftConfig]
     inject: Callable[[nn.Module, Any, str], None]  # (model, config, adapter name) -> None
     mergeable: bool
+    keep_best: bool = True  # fine-tuning keeps the best validation weights (False: the last ones)
 
 
 METHODS: dict[str, Method] = {}
@@ -118,9 +119,10 @@ def register_peft_method(
     inject: Callable[[nn.Module, Any, str], None],
     *,
     mergeable: bool,
+    keep_best: bool = True,
 ) -> None:
     """Make a method available to :func:`lmforge.peft.apply` under ``name``."""
-    METHODS[name] = Method(name, config_class, inject, mergeable)
+    METHODS[name] = Method(name, config_class, inject, mergeable, keep_best)
 
 
 def make_config(method: str, options: dict[str, Any]) -> PeftConfig:

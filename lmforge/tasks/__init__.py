@@ -9,8 +9,8 @@
 - ``tagging``: token classification of pre-split words (BIO tags: entity F1).
 
 Each task is one class implementing :class:`~lmforge.tasks.base.Task`; :func:`make_task` builds
-one by name. :mod:`lmforge.tasks.finetuning` holds what ``lmforge finetune`` and ``lmforge eval``
-run.
+one by name (the ``TASKS`` registry). What ``lmforge finetune`` and ``lmforge eval`` run is in the
+pipeline layer (:mod:`lmforge.pipeline.finetuning`, :mod:`lmforge.pipeline.evaluation`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,18 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from ..errors import LMForgeError, did_you_mean
-from .base import Batches, EvalResult, Task, TaskEvaluation, TaskOptions
+from .base import (
+    Batches,
+    ClassificationOptions,
+    EvalResult,
+    GenerationOptions,
+    QAOptions,
+    Seq2SeqOptions,
+    SFTOptions,
+    Task,
+    TaskEvaluation,
+    TaskOptions,
+)
 from .classification import ClassificationTask
 from .data import (
     BadRow,
@@ -31,12 +42,11 @@ from .data import (
     read_label_file,
     read_rows,
 )
-from .generation import SFTTask
 from .qa import QATask
 from .seq2seq import SummarizationTask, TranslationTask
+from .sft import SFTTask
 from .tagging import TaggingTask
 
-TaskName = Literal["classification", "sft", "translation", "summarization", "qa", "tagging"]
 TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "sft": SFTTask,
@@ -45,35 +55,48 @@ TASKS: dict[str, type[Task]] = {
     "qa": QATask,
     "tagging": TaggingTask,
 }
+TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]  # the task names, from the registry
+
+
+def task_class(name: str) -> type[Task]:
+    """The task registered as ``name``."""
+    if name not in TASKS:
+        raise LMForgeError(
+            f"unknown task '{name}'" + did_you_mean(name, TASKS) + f" (tasks: {', '.join(TASKS)})", key="task"
+        )
+    return TASKS[name]
 
 
 def make_task(
     name: str,
     tokenizer: Any,
     *,
-    options: TaskOptions | None = None,
+    options: TaskOptions | dict[str, Any] | None = None,
     columns: Columns | None = None,
     state: dict[str, Any] | None = None,
+    arch: str | None = None,
 ) -> Task:
-    """The task called ``name`` for ``tokenizer`` (``state``: what a trained run recorded, e.g. labels)."""
-    if name not in TASKS:
-        raise LMForgeError(
-            f"unknown task '{name}'" + did_you_mean(name, TASKS) + f" (tasks: {', '.join(TASKS)})", key="task"
-        )
-    return TASKS[name](options or TaskOptions(), tokenizer, columns, state=state)
+    """The task called ``name`` for ``tokenizer`` and a model of ``arch`` (``options``: its own
+    options dataclass or a mapping of them; ``state``: what a trained run recorded, e.g. labels)."""
+    return task_class(name)(options, tokenizer, columns, state=state, arch=arch)
 
 
 __all__ = [
     "TASKS",
     "BadRow",
     "Batches",
+    "ClassificationOptions",
     "ClassificationTask",
     "Columns",
     "EvalResult",
+    "GenerationOptions",
+    "QAOptions",
     "QATask",
     "Row",
     "RowError",
+    "SFTOptions",
     "SFTTask",
+    "Seq2SeqOptions",
     "SplitPlan",
     "SummarizationTask",
     "TaggingTask",
@@ -85,6 +108,7 @@ __all__ = [
     "check_bad_rows",
     "data_files",
     "make_task",
+    "task_class",
     "read_label_file",
     "read_rows",
 ]

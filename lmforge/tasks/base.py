@@ -16,6 +16,7 @@ Hugging Face ``Trainer``'s ``load_best_model_at_end`` does.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -28,8 +29,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.samplers import check_same_world, ranks
-from ..errors import ConfigError, LMForgeError
+from ..errors import ConfigError, LMForgeError, did_you_mean
 from ..hooks import Callback
+from ..settings import dataclass_from_dict, dataclass_to_dict
 from .data import BadRow, Columns, PartialRowError, Row, RowError
 
 if TYPE_CHECKING:
@@ -41,47 +43,87 @@ Feature = dict[str, Any]
 DEFAULT_MAX_LENGTH = 128
 
 
+def _check(options: Any, condition: bool, key: str, why: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key} = {getattr(options, key)!r}: {why}", key=key)
+
+
 @dataclass
 class TaskOptions:
-    """Options of the downstream tasks (each task reads the ones that concern it)."""
+    """Options every task takes. Each task has its own subclass with the options that concern
+    it (``Task.Options``); giving a task an option of another is an error that names the task."""
 
     max_length: int | None = (
         None  # longest input in tokens, longer ones truncated (QA: window length); default 128, or the model's context if shorter
     )
-    max_target_length: int = 128  # SFT / seq2seq: longest response or target in tokens
-    pooling: Literal["auto", "cls", "mean", "last"] = (
-        "auto"  # classification: auto = cls (encoder), last (decoder)
-    )
-    oos_label: str | None = None  # classification: the out-of-scope class (CLINC150: oos)
-    template: str | None = None  # SFT / decoder seq2seq: the prompt, with {field} slots
-    source_prefix: str = ""  # encoder-decoder: text put before every source (T5 style)
-    packing: bool = False  # SFT: pack several short examples into one sequence
-    stride: int = 32  # QA: tokens two windows of a long context share
-    max_answer_length: int = 30  # QA: longest answer span, in tokens
-    num_beams: int = 4  # generation in lmforge eval: beams (1 = greedy)
-    length_penalty: float = 1.0  # beam search: a finished sequence scores log-prob / length^α
-    eval_num_beams: int = 1  # generation while training (validation metric): 1 = greedy, faster
     eval_examples: int | None = None  # validation examples per evaluation while training (None: all)
-    language: Literal["auto", "en", "zh"] = "auto"  # QA answer normalization (zh: character level, CMRC)
     dropout: float | None = (
         None  # the model's dropout and attention dropout while fine-tuning (None: its own)
     )
 
     def __post_init__(self) -> None:
-        def check(condition: bool, key: str, why: str) -> None:
-            if not condition:
-                raise ConfigError(f"{key} = {getattr(self, key)!r}: {why}", key=key)
-
-        check(self.max_length is None or self.max_length >= 4, "max_length", "must be at least 4")
-        check(self.max_target_length >= 1, "max_target_length", "must be positive")
-        check(self.stride >= 0, "stride", "must be 0 or more")
-        check(self.max_answer_length >= 1, "max_answer_length", "must be positive")
-        check(self.num_beams >= 1, "num_beams", "must be at least 1")
-        check(self.eval_num_beams >= 1, "eval_num_beams", "must be at least 1")
-        check(
-            self.eval_examples is None or self.eval_examples > 0, "eval_examples", "must be positive or null"
+        _check(self, self.max_length is None or self.max_length >= 4, "max_length", "must be at least 4")
+        _check(
+            self, self.eval_examples is None or self.eval_examples > 0, "eval_examples", "must be positive or null"
         )
-        check(self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1) or null")
+        _check(
+            self, self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1) or null"
+        )
+
+
+@dataclass
+class ClassificationOptions(TaskOptions):
+    """Options of sequence classification."""
+
+    pooling: Literal["auto", "cls", "mean", "last"] = (
+        "auto"  # auto = cls (encoder), last (decoder)
+    )
+    oos_label: str | None = None  # the out-of-scope class (CLINC150: oos)
+
+
+@dataclass
+class GenerationOptions(TaskOptions):
+    """Options of the tasks that generate text (SFT, translation, summarization)."""
+
+    template: str | None = None  # decoder prompt, with {field} slots
+    max_target_length: int = 128  # longest response or target in tokens
+    num_beams: int = 4  # generation in lmforge eval: beams (1 = greedy)
+    length_penalty: float = 1.0  # beam search: a finished sequence scores log-prob / length^α
+    eval_num_beams: int = 1  # generation while training (validation metric): 1 = greedy, faster
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, self.max_target_length >= 1, "max_target_length", "must be positive")
+        _check(self, self.num_beams >= 1, "num_beams", "must be at least 1")
+        _check(self, self.eval_num_beams >= 1, "eval_num_beams", "must be at least 1")
+
+
+@dataclass
+class SFTOptions(GenerationOptions):
+    """Options of supervised fine-tuning (prompt → response on a decoder)."""
+
+    packing: bool = False  # pack several short examples into one sequence
+
+
+@dataclass
+class Seq2SeqOptions(GenerationOptions):
+    """Options of translation and summarization."""
+
+    source_prefix: str = ""  # encoder-decoder: text put before every source (T5 style)
+
+
+@dataclass
+class QAOptions(TaskOptions):
+    """Options of extractive question answering."""
+
+    stride: int = 32  # tokens two windows of a long context share
+    max_answer_length: int = 30  # longest answer span, in tokens
+    language: Literal["auto", "en", "zh"] = "auto"  # answer normalization (zh: character level, CMRC)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, self.stride >= 0, "stride", "must be 0 or more")
+        _check(self, self.max_answer_length >= 1, "max_answer_length", "must be positive")
 
 
 @dataclass
@@ -103,13 +145,23 @@ class Task:
     """The contract of a downstream task. Subclasses set the class attributes and implement
     :meth:`parse`, :meth:`encode`, :meth:`collate`, :meth:`objective` and :meth:`evaluate`.
 
+    A task is built once for one model and never changes its own settings afterwards: options,
+    tokenizer and architecture are fixed at construction (what varies per call, such as the beams
+    of one evaluation, is an argument).
+
     Args:
-        options: the task options.
+        options: the task's options (its ``Options`` dataclass, or a mapping of its fields;
+            None: the defaults).
         tokenizer: the model's tokenizer.
         columns: which column of the files holds each field.
         state: what a trained run recorded about the task (e.g. label names), to evaluate it.
+        arch: the model's architecture, when known (checked against the task's ``archs``).
+
+    Raises:
+        LMForgeError: an option the task does not have, or an architecture it cannot use.
     """
 
+    Options: ClassVar[type[TaskOptions]] = TaskOptions  # the task's own options
     name: ClassVar[str] = ""
     head: ClassVar[str] = "lm"  # the model head the task trains
     main_metric: ClassVar[str] = "loss"  # the validation metric that picks the best checkpoint
@@ -118,16 +170,40 @@ class Task:
 
     def __init__(
         self,
-        options: TaskOptions,
+        options: TaskOptions | dict[str, Any] | None,
         tokenizer: Tokenizer,
         columns: Columns | None = None,
         *,
         state: dict[str, Any] | None = None,
+        arch: str | None = None,
     ) -> None:
-        self.options = options
+        self.options: Any = self.options_from(options)
         self.tokenizer = tokenizer
         self.columns = columns or Columns()
         self.state: dict[str, Any] = dict(state or {})
+        self.arch = arch
+        if arch is not None:
+            self.check_arch(arch)
+
+    @classmethod
+    def options_from(cls, value: TaskOptions | dict[str, Any] | None) -> TaskOptions:
+        """The task's options from its own dataclass, a mapping (a recipe's ``options:``
+        section, ``--options.KEY`` flags) or None; an option of another task is refused."""
+        if isinstance(value, cls.Options):
+            return value
+        if value is None:
+            return cls.Options()
+        values = dataclass_to_dict(value) if dataclasses.is_dataclass(value) else dict(value)
+        known = {f.name for f in dataclasses.fields(cls.Options)}
+        for key in values:
+            if key not in known:
+                raise LMForgeError(
+                    f"task {cls.name} has no option '{key}'"
+                    + did_you_mean(key, known)
+                    + f" (its options: {', '.join(sorted(known))})",
+                    key=f"options.{key}",
+                )
+        return dataclass_from_dict(cls.Options, values, prefix="options.")
 
     @property
     def max_length(self) -> int:
@@ -428,8 +504,13 @@ class TaskEvaluation(Callback):
 __all__ = [
     "Batch",
     "Batches",
+    "ClassificationOptions",
     "EvalResult",
     "Feature",
+    "GenerationOptions",
+    "QAOptions",
+    "SFTOptions",
+    "Seq2SeqOptions",
     "Task",
     "TaskEvaluation",
     "TaskOptions",

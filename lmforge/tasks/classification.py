@@ -25,7 +25,18 @@ from ..errors import LMForgeError, did_you_mean
 from ..metrics import classification_metrics
 from ..objectives import ObjectiveOutput
 from ..objectives.base import model_inputs
-from .base import Batch, EvalResult, Feature, Task, eval_order, length_mask, model_device, pad, to_device
+from .base import (
+    Batch,
+    ClassificationOptions,
+    EvalResult,
+    Feature,
+    Task,
+    eval_order,
+    length_mask,
+    model_device,
+    pad,
+    to_device,
+)
 from .data import Row, RowError
 
 UNLABELED = -1
@@ -43,6 +54,7 @@ class TextExample:
 class ClassificationTask(Task):
     """Sequence classification with a pooled head (``ModelConfig.head = "classification"``)."""
 
+    Options = ClassificationOptions
     name = "classification"
     head = "classification"
     main_metric = "accuracy"

@@ -30,7 +30,18 @@ from ..errors import LMForgeError
 from ..metrics import qa_metrics
 from ..objectives import ObjectiveOutput
 from ..objectives.base import model_inputs
-from .base import Batch, EvalResult, Feature, Task, eval_order, length_mask, model_device, pad, to_device
+from .base import (
+    Batch,
+    EvalResult,
+    Feature,
+    QAOptions,
+    Task,
+    eval_order,
+    length_mask,
+    model_device,
+    pad,
+    to_device,
+)
 from .data import PartialRowError, Row, RowError
 
 NO_ANSWER = 0  # the position a window without the answer points at (its first token)
@@ -49,6 +60,7 @@ class QAExample:
 class QATask(Task):
     """Extractive QA with a span head (``ModelConfig.head = "qa"``)."""
 
+    Options = QAOptions
     name = "qa"
     head = "qa"
     main_metric = "f1"

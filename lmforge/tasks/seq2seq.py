@@ -5,7 +5,7 @@ On an encoder-decoder (Vaswani et al. 2017; T5, Raffel et al. 2020) the encoder 
 ``target [EOS]`` (teacher forcing), START being the tokenizer's bos, else pad (T5). On a
 decoder-only model the pair becomes a prompt and a response, ``template`` (default
 ``"### Source:\\n{source}\\n### Target:\\n"``) and ``target``, with the loss on the target only
-(:mod:`lmforge.tasks.generation`).
+(:mod:`lmforge.tasks.sft`).
 
 Evaluation generates the targets — beam search with a length penalty (Wu et al. 2016) by
 default in ``lmforge eval``, greedy while training — and scores them: BLEU and chrF
@@ -20,12 +20,23 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from ..errors import LMForgeError
 from ..metrics import bleu, chrf, has_cjk, rouge
 from ..objectives import ObjectiveOutput, decoder_start_id, token_cross_entropy
 from ..objectives.base import IGNORE_INDEX, model_inputs
-from .base import Batch, EvalResult, Feature, Task, length_mask, pad, require_token
+from .base import (
+    Batch,
+    EvalResult,
+    Feature,
+    Seq2SeqOptions,
+    SFTOptions,
+    Task,
+    length_mask,
+    pad,
+    require_token,
+)
 from .data import Row, RowError
-from .generation import PromptExample, SFTTask, fill_template, generate_texts, teacher_forced_loss
+from .sft import PromptExample, SFTTask, fill_template, generate_texts, teacher_forced_loss
 
 DECODER_TEMPLATE = "### Source:\n{source}\n### Target:\n"
 
@@ -33,13 +44,29 @@ DECODER_TEMPLATE = "### Source:\n{source}\n### Target:\n"
 class Seq2SeqTask(Task):
     """Source → target generation (base of :class:`TranslationTask` and :class:`SummarizationTask`)."""
 
+    Options = Seq2SeqOptions
     head = "lm"
     archs = ("encoder_decoder", "decoder")
     metric_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.arch: str | None = None  # set once the model is known (encoding depends on it)
+        if self.arch is None:  # the encoding depends on the model: encoder-decoder unless told
+            self.arch = "encoder_decoder"
+        options = self.options
+        # On a decoder the pairs are prompt → response: the same task as SFT, never packed.
+        self.decoder_only = SFTTask(
+            SFTOptions(
+                max_length=options.max_length,
+                template=self.template,
+                max_target_length=options.max_target_length,
+                num_beams=options.num_beams,
+                length_penalty=options.length_penalty,
+                eval_num_beams=options.eval_num_beams,
+            ),
+            self.tokenizer,
+            self.columns,
+        )
 
     @property
     def template(self) -> str:
@@ -61,16 +88,6 @@ class Seq2SeqTask(Task):
             raise RowError(f"missing field '{self.columns.column('target')}' in a training row")
         return examples
 
-    def check_arch(self, arch: str) -> None:
-        super().check_arch(arch)
-        self.arch = arch
-
-    @property
-    def _decoder_only(self) -> SFTTask:
-        """The same pairs as prompt → response on a decoder."""
-        sft = SFTTask(self.options, self.tokenizer, self.columns)
-        return sft
-
     def source_ids(self, example: PromptExample) -> list[int]:
         eos = require_token(self.tokenizer, "eos", "a seq2seq source")
         assert example.source is not None
@@ -79,12 +96,7 @@ class Seq2SeqTask(Task):
 
     def encode(self, examples: Sequence[PromptExample]) -> list[Feature]:
         if self.arch == "decoder":
-            plain = self.options.packing
-            self.options.packing = False
-            try:
-                return self._decoder_only.encode(examples)
-            finally:
-                self.options.packing = plain
+            return self.decoder_only.encode(examples)
         eos = require_token(self.tokenizer, "eos", "a seq2seq target")
         start = decoder_start_id(self.tokenizer)
         features = []
@@ -103,7 +115,7 @@ class Seq2SeqTask(Task):
 
     def collate(self, features: Sequence[Feature]) -> Batch:
         if self.arch == "decoder":
-            return self._decoder_only.collate(features)
+            return self.decoder_only.collate(features)
         pad_id = self.tokenizer.pad_id or 0
         sources = [f["input_ids"] for f in features]
         targets = [f["decoder_input_ids"] for f in features]
@@ -117,7 +129,7 @@ class Seq2SeqTask(Task):
 
     def objective(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
         if self.arch == "decoder":
-            return self._decoder_only.objective(model, batch)
+            return self.decoder_only.objective(model, batch)
         out = model(
             batch["input_ids"],
             decoder_input_ids=batch["decoder_input_ids"],
@@ -128,16 +140,9 @@ class Seq2SeqTask(Task):
     def generate(
         self, model: nn.Module, examples: Sequence[PromptExample], *, batch_size: int, num_beams: int
     ) -> list[str]:
-        if model.config.arch == "decoder":
-            self.arch = "decoder"
-            sft = self._decoder_only
-            plain = sft.options.num_beams
-            sft.options.num_beams = num_beams
-            try:
-                return sft.generated(model, examples, batch_size=batch_size)
-            finally:
-                sft.options.num_beams = plain
-        self.arch = "encoder_decoder"
+        self.check_model(model)
+        if self.arch == "decoder":
+            return self.decoder_only.generated(model, examples, batch_size=batch_size, num_beams=num_beams)
         return generate_texts(
             model,
             self.tokenizer,
@@ -149,13 +154,20 @@ class Seq2SeqTask(Task):
             decoder_start_token_id=decoder_start_id(self.tokenizer),
         )
 
+    def check_model(self, model: nn.Module) -> None:
+        if model.config.arch != self.arch:
+            raise LMForgeError(
+                f"this {self.name} task encodes for a model of arch {self.arch}, the model is {model.config.arch}",
+                key="model",
+            )
+
     def score(self, hypotheses: list[str], references: list[str]) -> dict[str, float]:
         raise NotImplementedError
 
     def evaluate(
         self, model: nn.Module, examples: Sequence[PromptExample], *, batch_size: int = 32, final: bool = True
     ) -> EvalResult:
-        self.arch = model.config.arch
+        self.check_model(model)
         scored = [e for e in examples if e.response is not None]
         metrics: dict[str, Any] = {"examples": len(examples)}
         if scored:

@@ -28,9 +28,23 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LMForgeError
+from ..generation import generate
+from ..generation.state import ABSOLUTE_POSITIONS
+from ..metrics import rouge
 from ..objectives import ObjectiveOutput, shift_labels, token_cross_entropy
 from ..objectives.base import IGNORE_INDEX, model_inputs
-from .base import Batch, EvalResult, Feature, Task, eval_order, length_mask, model_device, pad, to_device
+from .base import (
+    Batch,
+    EvalResult,
+    Feature,
+    SFTOptions,
+    Task,
+    eval_order,
+    length_mask,
+    model_device,
+    pad,
+    to_device,
+)
 from .data import Row, RowError
 
 DEFAULT_TEMPLATE = "### Prompt:\n{source}\n### Response:\n"
@@ -101,9 +115,6 @@ def generate_texts(
 ) -> list[str]:
     """Generated text for each input (decoder prompts, or encoder-decoder sources), batched by
     length; decoding stops at the tokenizer's end token."""
-    from ..generation import generate
-    from ..generation.state import ABSOLUTE_POSITIONS
-
     config = model.config
     device = model_device(model)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -167,7 +178,7 @@ def teacher_forced_loss(
 
 class SFTTask(Task):
     """Supervised fine-tuning of a decoder on prompt → response pairs."""
-
+    Options = SFTOptions
     name = "sft"
     head = "lm"
     main_metric = "loss"
@@ -191,7 +202,8 @@ class SFTTask(Task):
             )
         return examples
 
-    def encode(self, examples: Sequence[PromptExample]) -> list[Feature]:
+    def encode(self, examples: Sequence[PromptExample], *, packing: bool | None = None) -> list[Feature]:
+        """Features of the examples; ``packing`` (default: the option) joins short ones."""
         features = []
         for example in examples:
             ids, labels = encode_prompt_response(
@@ -203,7 +215,7 @@ class SFTTask(Task):
             )
             shifted = shift_labels(torch.tensor([labels]))[0].tolist()
             features.append({"input_ids": ids, "labels": shifted, "length": len(ids)})
-        if self.options.packing:
+        if self.options.packing if packing is None else packing:
             return pack(features, self.max_length)
         return features
 
@@ -230,34 +242,36 @@ class SFTTask(Task):
         self, model: nn.Module, examples: Sequence[PromptExample], *, batch_size: int = 32, final: bool = True
     ) -> EvalResult:
         scored = [e for e in examples if e.response is not None]
-        plain = self.options.packing
-        self.options.packing = False  # evaluate example by example
-        try:
-            metrics: dict[str, Any] = {"examples": len(examples)}
+        metrics: dict[str, Any] = {"examples": len(examples)}
+        if scored:  # example by example: never packed
+            features = self.encode(scored, packing=False)
+            metrics.update(teacher_forced_loss(self, model, features, batch_size=batch_size))
+        predictions: list[dict[str, Any]] = []
+        if final:
+            texts = self.generated(model, examples, batch_size=batch_size)
+            references = [e.response for e in examples]
             if scored:
-                metrics.update(teacher_forced_loss(self, model, self.encode(scored), batch_size=batch_size))
-            predictions: list[dict[str, Any]] = []
-            if final:
-                texts = self.generated(model, examples, batch_size=batch_size)
-                references = [e.response for e in examples]
-                if scored:
-                    from ..metrics import rouge
-
-                    pairs = [(t, r) for t, r in zip(texts, references, strict=True) if r is not None]
-                    metrics["exact_match"] = 100.0 * sum(t == r.strip() for t, r in pairs) / len(pairs)
-                    metrics["rougeL"] = rouge([t for t, _ in pairs], [r for _, r in pairs])["rougeL"]
-                for example, text in zip(examples, texts, strict=True):
-                    record: dict[str, Any] = {"prediction": text}
-                    if example.id is not None:
-                        record = {"id": example.id, **record}
-                    if example.response is not None:
-                        record["reference"] = example.response
-                    predictions.append(record)
-        finally:
-            self.options.packing = plain
+                pairs = [(t, r) for t, r in zip(texts, references, strict=True) if r is not None]
+                metrics["exact_match"] = 100.0 * sum(t == r.strip() for t, r in pairs) / len(pairs)
+                metrics["rougeL"] = rouge([t for t, _ in pairs], [r for _, r in pairs])["rougeL"]
+            for example, text in zip(examples, texts, strict=True):
+                record: dict[str, Any] = {"prediction": text}
+                if example.id is not None:
+                    record = {"id": example.id, **record}
+                if example.response is not None:
+                    record["reference"] = example.response
+                predictions.append(record)
         return EvalResult(metrics, predictions)
 
-    def generated(self, model: nn.Module, examples: Sequence[PromptExample], *, batch_size: int) -> list[str]:
+    def generated(
+        self,
+        model: nn.Module,
+        examples: Sequence[PromptExample],
+        *,
+        batch_size: int,
+        num_beams: int | None = None,
+    ) -> list[str]:
+        """The generated response of each example (``num_beams``: default the option)."""
         prompts = [
             encode_prompt_response(
                 self.tokenizer, e.prompt, None, max_length=self.max_length, max_target_length=1
@@ -270,7 +284,7 @@ class SFTTask(Task):
             prompts,
             batch_size=batch_size,
             max_new_tokens=self.options.max_target_length,
-            num_beams=self.options.num_beams,
+            num_beams=self.options.num_beams if num_beams is None else num_beams,
             length_penalty=self.options.length_penalty,
         )
 
