@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import importlib.metadata
 import inspect
 import re
 import sys
@@ -32,28 +34,30 @@ CommandFn = Callable[..., Any]
 # ---- the table of commands ---------------------------------------------------------------------
 
 
-def _commands() -> dict[str, CommandFn]:
-    """Name -> function; a name with a space ("tokenizer train") is a command inside a group.
-    Imported lazily so ``lmforge --help`` stays fast."""
-    from .commands import attention, presets, tokenizer_train
-    from .commands.convert import convert
-    from .commands.finetune import evaluate, finetune
-    from .commands.generate import generate
-    from .commands.merge import merge
-    from .commands.pretrain import demo, pretrain
+# Name -> "module:function" under lmforge.commands; a name with a space ("tokenizer train") is a
+# command inside a group. The modules are imported when a command runs (or --help lists them),
+# so `lmforge --help` does not pay for torch; importlib keeps the table free of import cycles.
+COMMANDS: dict[str, str] = {
+    "attention": "attention:attention",
+    "presets": "presets:presets",
+    "tokenizer train": "tokenizer:tokenizer_train",
+    "convert": "convert:convert",
+    "generate": "generate:generate",
+    "pretrain": "pretrain:pretrain",
+    "demo": "pretrain:demo",
+    "finetune": "finetune:finetune",
+    "eval": "finetune:evaluate",
+    "merge": "merge:merge",
+}
 
-    return {
-        "attention": attention,
-        "presets": presets,
-        "tokenizer train": tokenizer_train,
-        "convert": convert,
-        "generate": generate,
-        "pretrain": pretrain,
-        "demo": demo,
-        "finetune": finetune,
-        "eval": evaluate,
-        "merge": merge,
-    }
+
+def _commands() -> dict[str, CommandFn]:
+    """Name -> function, for every entry of :data:`COMMANDS`."""
+    table = {}
+    for name, target in COMMANDS.items():
+        module, function = target.split(":")
+        table[name] = getattr(importlib.import_module(f"lmforge.commands.{module}"), function)
+    return table
 
 
 # ---- signature -> options ----------------------------------------------------------------------
@@ -391,9 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extras:
             _unknown_option(parser, [parsed.get("command"), parsed.get("subcommand")], extras[0])
         if parsed.pop("version", False):
-            from . import __version__
-
-            print(f"lmforge {__version__}")
+            print(f"lmforge {importlib.metadata.version('lmforge')}")
             return 0
         name = parsed.pop("command", None)
         if name is None:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from .errors import ConfigError, did_you_mean
@@ -197,27 +196,6 @@ class ModelConfig:
             if key not in changes and _is_derived(self, key):
                 data[key] = None
         return ModelConfig.from_dict({**data, **changes})
-
-    # ---- size ----------------------------------------------------------------------------------
-
-    def num_params(self, *, non_embedding: bool = False) -> int:
-        """Parameters of the model this config builds (counted on the meta device: no memory)."""
-        from .model.transformer import Transformer
-
-        with torch.device("meta"):
-            model = Transformer(self)
-        return model.num_params(non_embedding=non_embedding)
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6·N for the matrix multiplies of the
-        non-embedding weights plus 12·L·H·D·T for the attention scores and mixing (the PaLM /
-        nanoGPT estimate). Used for model-FLOPs utilization (MFU)."""
-        seq_len = seq_len or self.max_seq_len
-        layers = self.num_layers + (self.num_decoder_layers or 0)
-        assert self.head_dim is not None
-        return (
-            6 * self.num_params(non_embedding=True) + 12 * layers * self.num_heads * self.head_dim * seq_len
-        )
 
 
 DERIVED_FIELDS = ("num_kv_heads", "head_dim", "mlp_hidden_dim", "num_decoder_layers", "classifier_bias")

@@ -23,7 +23,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,11 +41,11 @@ from .files import (
     save_weights,
     write_run_metadata,
 )
+from .interop.hf import load_hf_model, load_hf_tokenizer
+from .model import Transformer
+from .peft import load_adapter
 from .settings import dataclass_from_dict, load_yaml
-
-if TYPE_CHECKING:
-    from .model import Transformer
-    from .tokenizers import Tokenizer
+from .tokenizers import Tokenizer
 
 # ---- run directories ---------------------------------------------------------------------------
 
@@ -140,20 +140,11 @@ def load(
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         if (path / "config.json").is_file():
-            try:
-                from .interop.hf import load_hf_folder
-            except ImportError:
-                raise LMForgeError(
-                    "this is a Hugging Face folder (config.json), but lmforge.interop.hf is not available",
-                    file=path,
-                ) from None
-            return load_hf_folder(path, device=device, dtype=dtype)
+            model = load_hf_model(path, device=device, dtype=dtype)
+            return LoadedRun(model=model, tokenizer=load_hf_tokenizer(path), config={}, path=path)
         raise LMForgeError("not a run directory: no config.yaml (nor a Hugging Face config.json)", file=path)
     config, lines = load_yaml(config_path)
     model_config = model_config_of(config, file=config_path, lines=lines)
-
-    from .model import Transformer
-
     if config.get(BASE_MODEL_KEY) is not None:
         model = _load_adapter_run(path, config, model_config, config_path=config_path, lines=lines)
     else:
@@ -192,8 +183,6 @@ def _load_adapter_run(
 ) -> Transformer:
     """The base model (a run directory or a Hugging Face folder) with the run's task head, and
     the run's adapter applied (its saved copy of the head included)."""
-    from .peft import load_adapter
-
     if not (path / ADAPTER_CONFIG_FILE).is_file():
         raise LMForgeError(
             f"config.yaml names a base model, but {ADAPTER_CONFIG_FILE} is missing (was training finished?)",
@@ -216,8 +205,6 @@ def transplant(source: nn.Module, config: ModelConfig) -> Transformer:
     Raises:
         LMForgeError: ``source`` lacks a backbone tensor or has it with another shape.
     """
-    from .model import Transformer
-
     model = Transformer(config)
     model.to(next((p.dtype for p in source.parameters()), torch.float32))
     available = source.state_dict()
@@ -251,8 +238,6 @@ def load_tokenizer(
 ) -> Tokenizer:
     """The run's tokenizer, checked against the model: it must have the vocabulary size recorded
     in config.yaml and no more tokens than the model's embedding has rows."""
-    from .tokenizers import Tokenizer
-
     section = config.get("tokenizer") or {}
     tokenizer = Tokenizer.from_file(tokenizer_path)  # roles from the tokenizer_config.json beside it
     recorded = section.get("vocab_size") if isinstance(section, dict) else None

@@ -36,11 +36,13 @@ import torch
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as Backend
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from .corpus import as_corpus
 from .errors import LMForgeError
 
 if TYPE_CHECKING:
-    from .data.sources import Corpus
+    from .corpus import Corpus
 
 TokenizerKind = Literal["char", "bpe", "wordpiece"]
 
@@ -128,7 +130,6 @@ class Tokenizer:
             field: the JSON field of JSONL files.
             show_progress: a progress bar over the bytes read.
         """
-        from .data.sources import as_corpus  # data imports this module: import here, not at the top
 
         if kind not in ("char", "bpe", "wordpiece"):
             raise LMForgeError(f"kind = {kind!r}: must be one of char, bpe, wordpiece", key="kind")
@@ -447,7 +448,6 @@ def _new_backend(
 def _training_texts(corpus: Corpus, show_progress: bool, read: list[int]) -> Iterator[list[str]]:
     """Pieces of the corpus in groups (the Rust trainer takes batches), with a progress bar;
     counts the characters into ``read[0]``."""
-    from tqdm.auto import tqdm
 
     total = corpus.num_bytes
     with tqdm(

@@ -8,6 +8,7 @@ import pytest
 
 from lmforge import PRESETS, LMForgeError, ModelConfig
 from lmforge.errors import ConfigError
+from lmforge.model import parameter_count
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -41,7 +42,7 @@ def test_depth_dial() -> None:
     config = ModelConfig.from_depth(6)
     assert (config.num_layers, config.embed_dim, config.num_heads, config.head_dim) == (6, 384, 6, 64)
     assert ModelConfig.from_depth(2, arch="encoder").head == "mlm"
-    assert ModelConfig.from_depth(4).num_params() < ModelConfig.from_depth(8).num_params()
+    assert parameter_count(ModelConfig.from_depth(4)) < parameter_count(ModelConfig.from_depth(8))
     with pytest.raises(ConfigError, match="depth"):
         ModelConfig.from_depth(0)
 

@@ -425,7 +425,7 @@ def test_streaming_a_file_with_tiny_chunks_gives_identical_shards(
 def test_tiny_read_blocks_give_the_same_documents(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, documents: str
 ) -> None:
-    import lmforge.data.sources as sources
+    import lmforge.corpus as sources
 
     path = tmp_path / "c.txt"
     path.write_text("\n\n".join(REAL) + "\r\nlast line \n\n \n  tail 你好\n")

@@ -1,10 +1,6 @@
 """Thin command functions behind the ``lmforge`` command line (see :mod:`lmforge.cli`).
 
-Each builds the pieces it needs from its typed arguments and calls into the library; none holds
-logic of its own. One module per area keeps them short.
+Each parses nothing itself (the CLI builds its options from the typed signature), calls one
+pipeline function and prints the result; none holds logic of its own. One module per command
+(or pair of commands that share their printing), named for it.
 """
-
-from .model_info import attention, presets
-from .tokenizer import tokenizer_train
-
-__all__ = ["attention", "presets", "tokenizer_train"]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from ..errors import LMForgeError
+from ..pipeline.export import from_hf, to_hf, to_hf_peft
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,58 +44,28 @@ def convert(
         num_labels: --to lmforge: classes of a new classification head.
         dtype: tensor dtype of the written weights (auto: float32 for lmforge, as is for hf).
     """
-    from ..interop.hf import is_hf_folder, load_hf_folder, save_hf
-    from ..runs import load, save_run
-
     if out.exists() and not out.is_dir():
         raise LMForgeError("the output exists and is not a folder", file=out)
     torch_dtype = DTYPES.get(dtype)
+    if to != "lmforge" and (head != "auto" or num_labels is not None):
+        raise LMForgeError("--head and --num_labels apply to --to lmforge only", key="head")
     if to == "hf":
-        if head != "auto" or num_labels is not None:
-            raise LMForgeError("--head and --num_labels apply to --to lmforge only", key="head")
-        run = load(source)
-        from ..peft import active_adapter
-
-        if active_adapter(run.model) is not None:
-            raise LMForgeError(
-                "this run holds a PEFT adapter: write it with --to hf-peft, or merge it first (lmforge merge)",
-                file=source,
-            )
-        save_hf(run.model, run.tokenizer, out, model_type=model_type, dtype=torch_dtype)
-        written = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        written = to_hf(source, out, model_type=model_type, dtype=torch_dtype)
         print(f"wrote a Hugging Face {written['architectures'][0]} ({written['model_type']}) to {out}")
         return 0
     if to == "hf-peft":
-        from ..peft import active_adapter
-        from ..peft.hf_export import base_model_copy, export_hf_peft
-
-        run = load(source)
-        if active_adapter(run.model) is None:
-            raise LMForgeError("this run has no PEFT adapter: use --to hf", file=source)
-        save_hf(
-            base_model_copy(run.model), run.tokenizer, out / "base", model_type=model_type, dtype=torch_dtype
-        )
-        export_hf_peft(
-            run.model, out / "adapter", model_type=model_type, base_model_name_or_path=str(out / "base")
-        )
+        base, adapter = to_hf_peft(source, out, model_type=model_type, dtype=torch_dtype)
         print(
-            f"wrote the base model to {out / 'base'} and the adapter to {out / 'adapter'} "
-            f"(peft.PeftModel.from_pretrained(AutoModel….from_pretrained('{out / 'base'}'), '{out / 'adapter'}'))"
+            f"wrote the base model to {base} and the adapter to {adapter} "
+            f"(peft.PeftModel.from_pretrained(AutoModel….from_pretrained('{base}'), '{adapter}'))"
         )
         return 0
     if model_type is not None:
         raise LMForgeError("--model_type applies to --to hf only", key="model_type")
-    if not is_hf_folder(source):
-        raise LMForgeError(
-            "not a Hugging Face model folder (no config.json, or an lmforge config.yaml)", file=source
-        )
-    run = load_hf_folder(
-        source, dtype=torch_dtype, head=None if head == "auto" else head, num_labels=num_labels
-    )
-    save_run(out, model=run.model, tokenizer=run.tokenizer)
-    config = run.model.config
+    model = from_hf(source, out, head=None if head == "auto" else head, num_labels=num_labels, dtype=torch_dtype)
+    config = model.config
     print(
         f"wrote an lmforge run directory to {out}: {config.arch}, {config.num_layers} layers, "
-        f"{config.embed_dim} wide, head {config.head}, {run.model.num_params():,} parameters"
+        f"{config.embed_dim} wide, head {config.head}, {model.num_params():,} parameters"
     )
     return 0

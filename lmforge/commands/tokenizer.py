@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from ..data.sources import Corpus
-from ..tokenizers import Tokenizer
+from ..pipeline.tokenizer import train_tokenizer
 
 
 def tokenizer_train(
@@ -40,41 +39,24 @@ def tokenizer_train(
         num_sentinels: add <extra_id_0>… tokens for T5 span corruption.
         progress: show progress bars.
     """
-    from tqdm.auto import tqdm
-
-    corpus = Corpus.from_files(files, field=field, documents=documents)
-    tokenizer = Tokenizer.train(
-        corpus,
+    report = train_tokenizer(
+        files,
+        out,
         kind=kind,
         vocab_size=vocab_size,
+        field=field,
+        documents=documents,
+        progress=progress,
         min_frequency=min_frequency,
         lowercase=lowercase,
         num_sentinels=num_sentinels,
-        show_progress=progress,
     )
-    saved = out if out.suffix.lower() == ".json" and not out.is_dir() else out / "tokenizer.json"
-    tokenizer.save(saved)
-
-    num_tokens = num_bytes = num_docs = 0
-    with tqdm(
-        total=corpus.num_bytes, unit="B", unit_scale=True, desc="measuring", disable=not progress
-    ) as bar:
-        batch: list[str] = []
-        for text, end in corpus.pieces(chunk_chars=1 << 16):
-            batch.append(text)
-            num_docs += end
-            if len(batch) == 256:
-                num_tokens += sum(map(len, tokenizer.encode_many(batch)))
-                batch = []
-            size = len(text.encode("utf-8"))
-            num_bytes += size
-            bar.update(size)
-        num_tokens += sum(map(len, tokenizer.encode_many(batch)))
-
+    tokenizer = report.tokenizer
     specials = len(tokenizer.special_ids)
-    print(f"trained a {kind} tokenizer: {tokenizer.vocab_size:,} tokens ({specials} special) -> {saved}")
+    print(f"trained a {kind} tokenizer: {tokenizer.vocab_size:,} tokens ({specials} special) -> {report.path}")
     print(
-        f"input: {num_bytes:,} bytes in {num_docs:,} document(s) -> {num_tokens:,} tokens: "
-        f"{num_tokens / max(num_bytes, 1):.3f} tokens per byte ({num_bytes / max(num_tokens, 1):.2f} bytes per token)"
+        f"input: {report.num_bytes:,} bytes in {report.num_documents:,} document(s) -> {report.num_tokens:,} "
+        f"tokens: {report.tokens_per_byte:.3f} tokens per byte "
+        f"({report.num_bytes / max(report.num_tokens, 1):.2f} bytes per token)"
     )
     return 0

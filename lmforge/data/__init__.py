@@ -9,11 +9,11 @@ A batch is ``dict[str, Tensor]``: ``input_ids`` (B, T) long, ``attention_mask`` 
 (``labels[:, t]`` is the token after position t).
 """
 
+from ..corpus import Corpus, as_corpus
 from .collate import CausalLMCollator, MaskedLMCollator, SpanCorruptionCollator, pad_rows
 from .python_docs import python_docs_corpus
 from .samplers import DocumentChunks, EvalWindows, RandomWindows, pretraining_batches
 from .shards import ShardSplit, TokenShards, token_dtype, write_shards
-from .sources import Corpus, as_corpus
 
 __all__ = [
     "CausalLMCollator",

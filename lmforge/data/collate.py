@@ -12,6 +12,7 @@ many raw tokens of a document it turns into a sequence of at most ``seq_len``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,7 +27,9 @@ from ..objectives.span_corruption import (
     num_noise_spans,
     random_spans_noise_mask,
 )
-from ..tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    from ..tokenizers import Tokenizer
 
 
 def pad_rows(rows: Sequence[np.ndarray], value: int, *, length: int | None = None) -> np.ndarray:

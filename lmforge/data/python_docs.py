@@ -23,8 +23,8 @@ import sysconfig
 import warnings
 from pathlib import Path
 
+from ..corpus import Corpus
 from ..errors import LMForgeError
-from .sources import Corpus
 
 _SKIPPED_PARTS = {
     "test",

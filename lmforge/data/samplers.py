@@ -21,7 +21,7 @@ epoch — and a saved position can only be resumed by a job of the same size.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -30,8 +30,11 @@ from ..errors import LMForgeError
 from ..objectives.base import IGNORE_INDEX, Batch
 from ..runtime import rank as current_rank
 from ..runtime import world_size as current_world_size
-from ..tokenizers import Tokenizer
+from .collate import MaskedLMCollator, SpanCorruptionCollator
 from .shards import ShardSplit
+
+if TYPE_CHECKING:
+    from ..tokenizers import Tokenizer
 
 
 class Collator(Protocol):
@@ -336,8 +339,6 @@ def pretraining_batches(
     collator, shuffled and endless for training, in order, one epoch and a fixed seed for
     evaluation (the same masks every time).
     """
-    from .collate import MaskedLMCollator, SpanCorruptionCollator
-
     if objective == "causal_lm":
         if evaluation:
             pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0

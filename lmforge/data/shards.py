@@ -12,7 +12,7 @@ another tokenizer)::
 
 Documents of one split are packed back to back with the tokenizer's eos token between them (the
 separator belongs to no document). Tokenization streams: a corpus is read in bounded pieces
-(:mod:`lmforge.data.sources`) and written as it goes, so it never has to fit in memory; a tiny
+(:mod:`lmforge.corpus`) and written as it goes, so it never has to fit in memory; a tiny
 chunk size gives the same shards (tested).
 
 Validation split: ``"tail"`` keeps the last ``validation`` fraction of the *characters* (the
@@ -27,13 +27,15 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from ..corpus import DEFAULT_CHUNK_CHARS, Corpus, as_corpus
 from ..errors import LMForgeError
-from ..tokenizers import Tokenizer
-from .sources import DEFAULT_CHUNK_CHARS, Corpus, as_corpus
+
+if TYPE_CHECKING:
+    from ..tokenizers import Tokenizer
 
 FORMAT = "lmforge-token-shards"
 VERSION = 1

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import ModelConfig
-from ..errors import LMForgeError, did_you_mean
+from ..errors import ConfigError, LMForgeError, did_you_mean
 
 # Keys of any config.json that do not change what a model computes at inference: bookkeeping,
 # generation defaults, token ids, training-time knobs. Everything else must be read by a family
@@ -202,7 +203,6 @@ class Checkpoint:
     def _handle(self, path: Path) -> Any:
         if path not in self._open:
             if path.suffix == ".safetensors":
-                from safetensors import SafetensorError, safe_open
 
                 try:
                     self._open[path] = safe_open(str(path), framework="pt")
@@ -547,7 +547,6 @@ class Family:
 
     def build(self, hf: HFConfig, fields: dict[str, Any]) -> ModelConfig:
         """ModelConfig(**fields), with a rejected value reported under its config.json key."""
-        from ..errors import ConfigError
 
         try:
             return ModelConfig(**fields)

@@ -1,6 +1,6 @@
 """Hugging Face model folders <-> lmforge: the folder-level API.
 
-- :func:`load_hf_model` / :func:`load_hf_folder` read a local folder as ``transformers`` writes
+- :func:`load_hf_model` / :func:`load_hf_tokenizer` read a local folder as ``transformers`` writes
   it (``config.json`` + ``model.safetensors``, shards with ``model.safetensors.index.json``, or
   ``pytorch_model.bin`` read with ``weights_only=True``) into lmforge's own
   :class:`~lmforge.model.Transformer`, plus its tokenizer (``tokenizer.json``, or ``vocab.txt``
@@ -19,23 +19,24 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from ..config import HEADS, ModelConfig
 from ..errors import LMForgeError, did_you_mean
+from ..files import atomic_write, atomic_write_text
+from ..files import save_tokenizer as save_run_tokenizer
 from ..model import Transformer
 from ..model.layers import RMSNorm
+from ..tokenizers import Tokenizer
 from .bert import Bert
 from .common import Checkpoint, Family, HFConfig, fill_model, model_tensors
 from .gpt2 import GPT2
 from .llama import Llama
 from .t5 import T5
-
-if TYPE_CHECKING:
-    from ..runs import LoadedRun
-    from ..tokenizers import Tokenizer
+from .vocab import special_token_roles, wordpiece_from_vocab
 
 FAMILIES: tuple[type[Family], ...] = (GPT2, Bert, Llama, T5)
 MODEL_TYPES = {model_type: family for family in FAMILIES for model_type in family.model_types}
@@ -235,9 +236,6 @@ def load_hf_tokenizer(path: str | Path) -> Tokenizer | None:
     """The folder's tokenizer: ``tokenizer.json`` as is, or a WordPiece tokenizer built from a
     BERT ``vocab.txt``; special-token roles from ``tokenizer_config.json`` /
     ``special_tokens_map.json``. None when the folder has neither file."""
-    from ..tokenizers import Tokenizer
-    from .vocab import special_token_roles, wordpiece_from_vocab
-
     folder = Path(path)
     if (folder / "tokenizer.json").is_file():  # roles: Tokenizer.from_file reads the companion files
         tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
@@ -250,22 +248,6 @@ def load_hf_tokenizer(path: str | Path) -> Tokenizer | None:
         backend, roles = wordpiece_from_vocab(folder, special_token_roles(folder))
         return Tokenizer(backend, special_tokens=roles)
     return None
-
-
-def load_hf_folder(
-    path: str | Path,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    *,
-    head: str | None = None,
-    num_labels: int | None = None,
-) -> LoadedRun:
-    """Model and tokenizer of a local Hugging Face folder, as :func:`lmforge.load` returns them
-    (``config`` is empty: there is no lmforge run config). See :func:`load_hf_model`."""
-    from ..runs import LoadedRun
-
-    model = load_hf_model(path, head=head, num_labels=num_labels, device=device, dtype=dtype)
-    return LoadedRun(model=model, tokenizer=load_hf_tokenizer(path), config={}, path=Path(path))
 
 
 # ---- saving ------------------------------------------------------------------------------------
@@ -347,9 +329,7 @@ def save_hf(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
 
-    from ..files import atomic_write
 
     atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     write_json(out / "config.json", hf_config)
@@ -361,8 +341,6 @@ def save_hf(
 def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     """tokenizer.json + tokenizer_config.json (the run directory's files, which transformers
     reads as a ``PreTrainedTokenizerFast``) and special_tokens_map.json."""
-    from ..files import save_tokenizer as save_run_tokenizer
-
     save_run_tokenizer(tokenizer, out)
     roles = {
         f"{role}_token": token for role, token in tokenizer.special_tokens.items() if role in TOKEN_ROLES
@@ -371,6 +349,4 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from ..files import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from ..errors import LMForgeError, did_you_mean
 from .base import IGNORE_INDEX, Batch, ObjectiveOutput, num_targets, token_cross_entropy
 from .causal_lm import CausalLM, shift_labels
 from .masked_lm import MaskedLM, mask_tokens
@@ -37,7 +38,6 @@ def make_objective(
 ) -> CausalLM | MaskedLM | SpanCorruption:
     """The objective called ``name`` (see ``DEFAULT_OBJECTIVE`` for each architecture's)."""
     if name not in OBJECTIVES:
-        from ..errors import LMForgeError, did_you_mean
 
         raise LMForgeError(
             f"unknown objective '{name}'"

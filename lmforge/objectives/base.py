@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,9 @@ from torch import Tensor
 from ..metrics import bits_per_byte
 
 IGNORE_INDEX = -100  # labels with this value are not predicted (padding, unmasked tokens, prompts)
-Batch = dict[str, Tensor]
+# The one batch type of lmforge: named tensors ("input_ids", "attention_mask", "labels", ...) as the
+# batch sources and task collators make them, the objectives and the loop read them.
+Batch = dict[str, Any]
 
 
 @dataclass

@@ -18,8 +18,8 @@ from ..errors import LMForgeError
 from ..runs import LoadedRun, load
 from ..tasks import make_task, task_class
 from ..tasks.base import EvalResult, Task
-from ..tasks.data import Columns, Row
-from .finetuning import DataSpec, read_examples
+from ..tasks.data import Columns
+from .finetuning import DataSpec, examples_of, read_examples
 
 
 @dataclass
@@ -110,10 +110,7 @@ def predict(loaded: TaskRun, records: list[dict[str, Any]], *, batch_size: int =
     Raises:
         LMForgeError: a record the task cannot read (missing field, wrong type), naming it.
     """
-    rows = [Row(values=dict(record), file=Path("<input>"), line=index) for index, record in enumerate(records, 1)]
-    examples, bad = loaded.task.examples(rows)
-    if bad:
-        raise LMForgeError(f"input {bad[0].line}: {bad[0].reason}")
+    examples = examples_of(loaded.task, records, where="input")
     if not examples:
         return []
     return loaded.task.evaluate(loaded.run.model, examples, batch_size=batch_size, final=True).predictions

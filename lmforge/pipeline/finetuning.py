@@ -35,7 +35,7 @@ from ..runs import load, transplant
 from ..settings import dataclass_to_dict
 from ..tasks import make_task, task_class
 from ..tasks.base import DEFAULT_MAX_LENGTH, Batches, Task, TaskEvaluation, TaskOptions
-from ..tasks.data import LABELS_FILE, Columns, SplitPlan, check_bad_rows, data_files, read_label_file
+from ..tasks.data import LABELS_FILE, Columns, Row, SplitPlan, check_bad_rows, data_files, read_label_file
 from ..tokenizers import Tokenizer
 from ..training import Callback, Trainer, TrainState, latest_checkpoint, seed_everything
 from ..training.config import TrainConfig
@@ -111,6 +111,21 @@ def read_examples(task: Task, data: DataSpec, split: str, *, training: bool = Fa
     check_bad_rows(bad, skip=data.skip_bad_rows, split=split, used=len(examples))
     if not examples:
         raise LMForgeError(f"the {split} split has no usable examples", file=data.path)
+    return examples
+
+
+def examples_of(
+    task: Task, records: list[dict[str, Any]], *, training: bool = False, where: str = "<memory>"
+) -> list[Any]:
+    """The task's examples of records held in memory (each a mapping of fields, as in a data file).
+
+    Raises:
+        LMForgeError: a record the task cannot use, naming it (``where`` record N: why).
+    """
+    rows = [Row(values=dict(record), file=Path(where), line=index) for index, record in enumerate(records, 1)]
+    examples, bad = task.examples(rows, training=training)
+    if bad:
+        raise LMForgeError(f"{where} record {bad[0].line}: {bad[0].reason}")
     return examples
 
 

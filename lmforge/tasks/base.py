@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..data.samplers import check_same_world, ranks
 from ..errors import ConfigError, LMForgeError, did_you_mean
 from ..hooks import Callback
+from ..objectives.base import Batch
 from ..settings import dataclass_from_dict, dataclass_to_dict
 from .data import BadRow, Columns, PartialRowError, Row, RowError
 
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from ..tokenizers import Tokenizer
     from ..training.loop import Trainer
 
-Batch = dict[str, Any]
 Feature = dict[str, Any]
 DEFAULT_MAX_LENGTH = 128
 

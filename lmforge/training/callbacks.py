@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tqdm.auto import tqdm
+
 from ..errors import LMForgeError
 from ..hooks import Callback
 
@@ -174,7 +176,6 @@ class ProgressBar(Callback):
         self.last_eval: float | None = None
 
     def on_train_begin(self, trainer: Trainer) -> None:
-        from tqdm.auto import tqdm
 
         self.bar = tqdm(
             total=trainer.config.max_steps,

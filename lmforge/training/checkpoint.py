@@ -1,12 +1,17 @@
 """Resumable checkpoints: weights, optimizer, RNG states, data position — written atomically.
 
-A checkpoint is a folder ``RUN_DIR/checkpoints/step-00000500/`` holding ``model.safetensors``,
+A checkpoint is a folder ``RUN_DIR/checkpoints/step-00000500/`` holding the trained weights,
 ``optimizer.pt`` (tensors, numbers and lists only, read back with ``torch.load(weights_only=True)``)
-and ``trainer_state.json``. It is built under a temporary name (``.tmp-step-…``), every file
+and ``trainer_state.json``. The weights follow the method: a model trained whole is saved whole
+(``model.safetensors``); a model with an active PEFT adapter saves only what trains — the adapter
+and its copies of ``modules_to_save`` such as the task head (``adapter.safetensors`` +
+``adapter_config.json``), a few percent of the model — since the frozen base is the one the run
+was built from. It is built under a temporary name (``.tmp-step-…``), every file
 fsynced, and renamed into place in one step, so a process killed midway leaves the previous
 checkpoint whole; a folder without the ``.tmp`` prefix is always complete. After the rename, the
 run directory's top-level ``model.safetensors`` (a hard link, no copy) and ``trainer_state.json``
-are replaced atomically, so ``lmforge.load(RUN_DIR)`` always sees the newest complete weights.
+(or the adapter files) are replaced atomically, so ``lmforge.load(RUN_DIR)`` always sees the
+newest complete weights, from the first checkpoint on.
 
 Exact resume restores the python, numpy and torch (CPU and CUDA) random states and the batch
 source's position (``state_dict()`` / ``load_state_dict()``), after the approach of Hugging Face
@@ -30,14 +35,18 @@ from torch import nn
 
 from ..errors import LMForgeError
 from ..files import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
     STATE_FILE,
     WEIGHTS_FILE,
     atomic_write,
     atomic_write_text,
     fsync_dir,
     load_weights,
+    read_weights,
     save_weights,
 )
+from ..peft import active_adapter, adapter_state_dict, save_adapter
 
 CHECKPOINTS_DIR = "checkpoints"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -192,8 +201,12 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     state_text = json.dumps(to_json({**state, "checkpoint": f"{CHECKPOINTS_DIR}/{name}"}), indent=1)
+    weight_files = [ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE] if active_adapter(model) else [WEIGHTS_FILE]
     try:
-        save_weights(model, tmp / WEIGHTS_FILE, metadata={"step": str(state["step"])})
+        if active_adapter(model):
+            save_adapter(model, tmp)
+        else:
+            save_weights(model, tmp / WEIGHTS_FILE, metadata={"step": str(state["step"])})
         atomic_write(tmp / OPTIMIZER_FILE, lambda path: torch.save(optimizer.state_dict(), path))
         atomic_write_text(tmp / STATE_FILE, state_text)
         fsync_dir(tmp)
@@ -209,7 +222,8 @@ def save_checkpoint(
         raise
     fsync_dir(root)
     # The top level of the run directory shows the newest weights and state.
-    _link_or_copy(final / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
+    for name in weight_files:
+        _link_or_copy(final / name, run_dir / name)
     atomic_write_text(run_dir / STATE_FILE, state_text)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -231,7 +245,10 @@ def load_checkpoint(
         state = from_json(json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
     except (OSError, ValueError) as err:
         raise LMForgeError(f"cannot read the trainer state ({err})", file=path / STATE_FILE) from None
-    load_weights(model, path / WEIGHTS_FILE)
+    if (path / ADAPTER_WEIGHTS_FILE).is_file():
+        load_adapter_weights(model, path / ADAPTER_WEIGHTS_FILE)
+    else:
+        load_weights(model, path / WEIGHTS_FILE)
     if optimizer is not None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         try:
@@ -242,3 +259,28 @@ def load_checkpoint(
                 f"cannot load the optimizer state ({str(err).splitlines()[0]})", file=path / OPTIMIZER_FILE
             ) from None
     return state
+
+
+def load_adapter_weights(model: nn.Module, path: Path) -> None:
+    """Fill the model's active adapter (already applied, as when the run began) with the tensors
+    of a checkpoint's adapter file, strictly: the same tensors with the same shapes."""
+    if active_adapter(model) is None:
+        raise LMForgeError(
+            "the checkpoint holds an adapter, but the model has none: apply the run's PEFT method first",
+            file=path,
+        )
+    saved, _ = read_weights(path)
+    own = adapter_state_dict(model)
+    if set(saved) != set(own):
+        odd = sorted(set(saved) ^ set(own))[0]
+        raise LMForgeError(f"the checkpoint's adapter does not fit the model: tensor '{odd}'", file=path)
+    with torch.no_grad():
+        for key, tensor in own.items():
+            if saved[key].shape != tensor.shape:
+                raise LMForgeError(
+                    f"the checkpoint's adapter does not fit the model: shape {tuple(saved[key].shape)}, "
+                    f"expected {tuple(tensor.shape)}",
+                    file=path,
+                    key=key,
+                )
+            tensor.copy_(saved[key])

@@ -32,13 +32,13 @@ from torch import Tensor, nn
 
 from ..errors import LMForgeError
 from ..files import METRICS_FILE, write_run_metadata
+from ..objectives.base import Batch
+from ..peft import training_callbacks
 from ..runtime import is_writer, resolve_device
 from .callbacks import Callback, EarlyStopping, JSONLLogger, ProgressBar, TensorBoardLogger, WandbLogger
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .optim import build_optimizer, lr_at, set_lr
-
-Batch = dict[str, Any]
 
 
 class Objective(Protocol):
@@ -138,7 +138,6 @@ class Trainer:
         self.optimizer = build_optimizer(model, config)
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
 
-        from ..peft import training_callbacks  # AdaLoRA's rank allocation, when its adapter is active
 
         self.callbacks: list[Callback] = list(callbacks) + training_callbacks(model)
         if config.early_stopping_patience is not None:

@@ -1,8 +1,7 @@
-"""Commands that show the model core: ``lmforge attention`` and ``lmforge presets``."""
+"""``lmforge attention``: self-attention step by step on a short text (the showcase, explained)."""
 
 from __future__ import annotations
 
-from ..config import PRESETS, ModelConfig
 from ..errors import LMForgeError
 from ..explain import explain_attention
 
@@ -39,22 +38,3 @@ def attention(
         raise LMForgeError(str(err)) from None
     print(report)
     return 0 if diff < 1e-5 else 1
-
-
-def presets() -> int:
-    """List the named model presets with their shape, parameter count and training FLOPs per token."""
-    print(
-        f"{'preset':22} {'arch':16} {'layers':>6} {'width':>6} {'heads':>9} {'params':>10} {'GFLOP/tok':>10}"
-    )
-    for name in PRESETS:
-        config = ModelConfig.from_name(name)
-        layers = f"{config.num_layers}" + (
-            f"+{config.num_decoder_layers}" if config.num_decoder_layers else ""
-        )
-        heads = f"{config.num_heads}/{config.num_kv_heads}"
-        params = config.num_params()
-        size = f"{params / 1e6:.1f}M" if params < 1e9 else f"{params / 1e9:.2f}B"
-        flops = config.flops_per_token(min(config.max_seq_len, 1024)) / 1e9
-        width = config.embed_dim
-        print(f"{name:22} {config.arch:16} {layers:>6} {width:>6} {heads:>9} {size:>10} {flops:>10.3f}")
-    return 0

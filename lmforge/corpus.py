@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
-from ..errors import LMForgeError
+from .errors import LMForgeError
 
 DocumentMode = Literal["file", "line", "blank_line"]
 Piece = tuple[str, bool]  # (text, True when this piece ends its document)
