@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -575,3 +576,36 @@ def test_compiled_model_trains_like_the_eager_one() -> None:
         ).fit()
         losses.append(list(recorder.losses.values()))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+
+
+class TermAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, metrics):
+        if trainer.state.step == self.step:
+            signal.raise_signal(signal.SIGTERM)  # what Docker, Kubernetes, Slurm and systemd send
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c_and_exits_143(tmp_path: Path) -> None:
+    _, full = run(tmp_path / "full", steps=8)
+    stopped, _ = run(tmp_path / "run", steps=8, callbacks=[TermAt(3)])
+    state = stopped.state
+    assert state.interrupted and state.step == 3 and state.stopped_by == "SIGTERM" and state.exit_code == 143
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000003"
+    _, resumed = run(tmp_path / "run", steps=8, resume=True)
+    assert [resumed.losses[s] for s in range(4, 9)] == [full.losses[s] for s in range(4, 9)]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+def test_leftovers_of_a_killed_process_are_removed_on_the_next_start(tmp_path: Path) -> None:
+    dead = 2**22 + 12345  # above the kernel's default pid_max: no such process
+    stale_checkpoint = tmp_path / "checkpoints" / f".tmp-step-00000003-{dead}"
+    stale_checkpoint.mkdir(parents=True)
+    (stale_checkpoint / "model.safetensors").write_bytes(b"half")
+    stale_file = tmp_path / f".trainer_state.json.tmp-{dead}"
+    stale_file.write_text("{")
+    live = tmp_path / "checkpoints" / f".tmp-step-00000004-{os.getpid()}"  # ours: not a leftover
+    live.mkdir()
+    run(tmp_path, steps=2)
+    assert not stale_checkpoint.exists() and not stale_file.exists() and live.exists()

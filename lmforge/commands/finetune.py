@@ -100,11 +100,12 @@ def finetune(
         log=lambda line: print(f"finetune: {line}"),
     )
     summary = result.summary
-    if summary.get("interrupted"):
+    if result.interrupted:
         print(
-            f"finetune: interrupted at step {summary['step']}; continue with the same command plus --resume"
+            f"finetune: {summary['stopped_by']} at step {summary['step']}: checkpoint saved; "
+            "continue with the same command plus --resume"
         )
-        return 130
+        return result.state.exit_code if result.state else 130
     value = summary["validation"].get(summary["main_metric"])
     shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else "n/a"
     print(

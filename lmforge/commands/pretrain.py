@@ -55,9 +55,9 @@ def pretrain(
     print(summary + f", {state.train_time_s:.0f} s of training")
     if state.interrupted:
         print(
-            f"pretrain: interrupted; checkpoint saved. Continue with the same command plus --resume (run: {out})"
+            f"pretrain: {state.stopped_by}: checkpoint saved. Continue with the same command plus --resume (run: {out})"
         )
-        return 130
+        return state.exit_code
     if state.stop_reason:
         print(f"pretrain: stopped: {state.stop_reason}")
     hint = f"  (try: lmforge generate --model {out} --prompt ...)" if result.model.config.arch != "encoder" else ""

@@ -358,7 +358,8 @@ def finetune(
         log(f"resumed {out} at step {trainer.resume()}")
     state = trainer.fit()
     if state.interrupted:
-        return FinetuneResult({"interrupted": True, "step": state.step}, state=state)
+        summary = {"interrupted": True, "step": state.step, "stopped_by": state.stopped_by}
+        return FinetuneResult(summary, state=state)
 
     restored = evaluation.restore_best(model)
     summary = {

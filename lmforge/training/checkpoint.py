@@ -141,6 +141,43 @@ def seed_everything(seed: int) -> None:
 # ---- checkpoints -------------------------------------------------------------------------------
 
 
+_LEFTOVER = re.compile(r"^\.(?:tmp|old)-step-\d+-(\d+)$|^\..+\.tmp-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_leftovers(run_dir: str | Path) -> list[Path]:
+    """Delete what a killed process left half-written in a run directory — temporary checkpoint
+    folders (``checkpoints/.tmp-step-N-PID``) and temporary files (``.NAME.tmp-PID``) — when that
+    process is gone. Returns what was removed."""
+    run_dir = Path(run_dir)
+    removed = []
+    for folder in (run_dir, run_dir / CHECKPOINTS_DIR):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            match = _LEFTOVER.match(path.name)
+            if match is None:
+                continue
+            pid = int(match.group(1) or match.group(2))
+            if pid == os.getpid() or _alive(pid):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 

@@ -36,7 +36,7 @@ from ..objectives.base import Batch
 from ..peft import training_callbacks
 from ..runtime import is_writer, resolve_device
 from .callbacks import Callback, EarlyStopping, JSONLLogger, ProgressBar, TensorBoardLogger, WandbLogger
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, remove_leftovers, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .optim import build_optimizer, lr_at, set_lr
 
@@ -67,7 +67,15 @@ class TrainState:
     last_loss: float = math.nan  # the loss of the latest step
     should_stop: bool = False  # set by a callback (early stopping) or the time limit
     stop_reason: str = ""
-    interrupted: bool = False  # stopped by Ctrl-C (a checkpoint was saved)
+    interrupted: bool = False  # stopped by Ctrl-C or SIGTERM (a checkpoint was saved)
+    stopped_by: str = ""  # the signal that stopped it: "SIGINT" or "SIGTERM"
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a job a signal stopped: 128 + its number (130, 143); 0 else."""
+        if not self.interrupted:
+            return 0
+        return 128 + int(getattr(signal, self.stopped_by or "SIGINT"))
 
 
 def default_num_targets(batch: Batch) -> int:
@@ -175,6 +183,7 @@ class Trainer:
         """
         config = self.config
         if self.run_dir is not None and self.writer:
+            remove_leftovers(self.run_dir)
             write_run_metadata(
                 self.run_dir, model=self.model, tokenizer=self.tokenizer, config=self.run_config
             )
@@ -182,7 +191,7 @@ class Trainer:
         self._iterator = iter(self.train_data)
         self.state.should_stop = False
         self._call("on_train_begin")
-        restore_sigint = self._install_sigint()
+        restore_signals = self._install_signal_handlers()
         try:
             while self.state.step < config.max_steps and not self.state.should_stop:
                 start, cpu_start, tokens_before = (
@@ -207,7 +216,7 @@ class Trainer:
                     self.state.stop_reason = f"time limit of {config.max_minutes:g} minutes reached"
                 if self._interrupt_requested:
                     self.state.should_stop = self.state.interrupted = True
-                    self.state.stop_reason = "interrupted (Ctrl-C)"
+                    self.state.stop_reason = f"interrupted ({self.state.stopped_by})"
                 last = self.state.should_stop or step >= config.max_steps
                 if last and not self.state.interrupted and self._last_eval_step != step:
                     self._evaluate_and_report()  # the final evaluation, before the final checkpoint
@@ -216,7 +225,7 @@ class Trainer:
                 ):
                     self.save()
         finally:
-            restore_sigint()
+            restore_signals()
             self._call("on_train_end")
         return self.state
 
@@ -281,7 +290,7 @@ class Trainer:
             if key in TrainState.__dataclass_fields__:
                 setattr(self.state, key, value)
         self.state.should_stop = self.state.interrupted = False
-        self.state.stop_reason = ""
+        self.state.stop_reason = self.state.stopped_by = ""
         self._last_saved_step = self._last_eval_step = self.state.step
         if saved.get("data") is not None:
             if not hasattr(self.train_data, "load_state_dict"):
@@ -397,7 +406,7 @@ class Trainer:
 
     def _state_dict(self) -> dict[str, Any]:
         trainer = asdict(self.state)
-        for key in ("should_stop", "stop_reason", "interrupted"):
+        for key in ("should_stop", "stop_reason", "interrupted", "stopped_by"):
             trainer.pop(key)
         return {
             "step": self.state.step,
@@ -409,8 +418,9 @@ class Trainer:
             "callbacks": {k: c.state_dict() for k, c in self._keyed_callbacks().items()},
         }
 
-    def _install_sigint(self) -> Callable[[], None]:
-        """First Ctrl-C: finish the step, save a checkpoint, stop. Second: abort at once."""
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """Ctrl-C (SIGINT) and SIGTERM — how Docker, Kubernetes, Slurm preemption and systemd stop
+        a job — both finish the step, save a checkpoint and stop; a second one aborts at once."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         self._interrupt_requested = False
@@ -419,12 +429,18 @@ class Trainer:
             if self._interrupt_requested:
                 raise KeyboardInterrupt
             self._interrupt_requested = True
+            self.state.stopped_by = signal.Signals(signum).name
             print(
-                "\nlmforge: interrupted: finishing this step"
+                f"\nlmforge: {self.state.stopped_by}: finishing this step"
                 + (" and saving a checkpoint" if self.run_dir is not None else "")
-                + " (Ctrl-C again to abort)",
+                + " (again to abort)",
                 file=sys.stderr,
             )
 
-        previous = signal.signal(signal.SIGINT, handler)
-        return lambda: signal.signal(signal.SIGINT, previous)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
