@@ -12,10 +12,11 @@ but :mod:`lmforge.errors`, so every layer above can use it (docs/ARCHITECTURE.md
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,30 +182,146 @@ def write_jsonl(path: str | Path, records: Any) -> Path:
 # ---- folders -------------------------------------------------------------------------------------
 
 
-def replace_folder(path: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Create or replace the folder ``path`` as a whole: ``fill(tmp)`` writes a new folder beside
-    it, which then takes its place (the old one is removed only after the new one is in). A
-    failure leaves the old folder as it was and removes the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def swap_in(new: Path, path: Path) -> Path:
+    """Put the folder ``new`` in the place of ``path`` (which may exist): the old folder is set
+    aside, the new one renamed into place, then the old one removed — never a mix of the two."""
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    fsync_dir(new)
+    if path.exists():
+        os.replace(path, old)
     try:
-        fill(tmp)
-        fsync_dir(tmp)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
+        os.replace(new, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():
             os.replace(old, path)
         raise
     shutil.rmtree(old, ignore_errors=True)
     fsync_dir(path.parent)
     return path
+
+
+def replace_folder(path: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Create or replace the folder ``path`` as a whole: ``fill(tmp)`` writes a new folder beside
+    it, which then takes its place (:func:`swap_in`). A failure leaves the old folder as it was
+    and removes the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        return swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---- output folders: never clobbered --------------------------------------------------------------
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs (another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_siblings(path: Path) -> None:
+    """Remove the ``.NAME.new-PID`` / ``.NAME.tmp-PID`` / ``.NAME.old-PID`` folders a killed
+    process left beside ``path`` while replacing it (the process is gone; ``path`` is intact)."""
+    if not path.parent.is_dir():
+        return
+    for sibling in path.parent.glob(f".{path.name}.*-*"):
+        kind, _, pid = sibling.name.rpartition("-")
+        if kind.rsplit(".", 1)[-1] in ("new", "tmp", "old") and pid.isdigit() and not process_alive(int(pid)):
+            if sibling.is_dir():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                sibling.unlink(missing_ok=True)
+
+
+def describe_contents(path: Path, *, limit: int = 3) -> str:
+    """A few names of what a folder holds, for an error message ("config.yaml, data and 4 more")."""
+    names = sorted(p.name for p in path.iterdir())
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_writable(path: Path, *, what: str = "output") -> None:
+    """``path`` can be created or written: not a file where a folder is wanted, not inside a file,
+    and its nearest existing folder is writable. One-line LMForgeError otherwise."""
+    if path.exists() and not path.is_dir():
+        raise LMForgeError(f"the {what} is a file, not a folder", file=path)
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LMForgeError(f"cannot create the {what} inside a file ({parent})", file=path)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LMForgeError(f"cannot write the {what}: {parent} is not writable", file=path)
+
+
+def occupied(path: Path) -> bool:
+    """A folder that exists and holds something."""
+    return path.is_dir() and any(path.iterdir())
+
+
+def refuse_occupied(path: Path, *, hint: str = "") -> None:
+    """The rule for every folder a command writes: new or empty, else a one-line error naming what
+    is there (nothing is touched)."""
+    if occupied(path):
+        raise LMForgeError(
+            f"the output folder is not empty (it holds {describe_contents(path)}): choose another --out"
+            + (f", {hint}" if hint else "")
+            + ", or add --overwrite to replace it",
+            file=path,
+        )
+
+
+RESUME_HINT = "add --resume to continue a run there"
+
+
+def check_output(path: Path, *, overwrite: bool = False, resume: bool = False, hint: str = "") -> None:
+    """Whether ``path`` can take a command's output (see :func:`output_folder`), checked before any
+    work: it touches nothing."""
+    check_writable(path)
+    if not resume and not overwrite and occupied(path):
+        refuse_occupied(path, hint=hint)
+
+
+@contextlib.contextmanager
+def output_folder(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+    """The folder a command writes its output into, never mixed with an older one.
+
+    - a new or empty ``path``: written in place;
+    - ``resume``: ``path`` itself (the caller checks it holds its own run);
+    - an occupied ``path`` with ``overwrite``: the new output is written into a folder beside it,
+      which replaces ``path`` as a whole when the block ends normally (an interrupted training
+      run that saved its checkpoint ends normally); on an error the new folder is removed and
+      the old one stays as it was;
+    - an occupied ``path`` without ``overwrite``: a one-line error, nothing touched.
+    """
+    path = Path(path)
+    check_output(path, overwrite=overwrite, resume=resume, hint=RESUME_HINT)
+    remove_stale_siblings(path)
+    if resume or not occupied(path):
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    staging = path.with_name(f".{path.name}.new-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    swap_in(staging, path)
 
 
 # ---- run metadata ----------------------------------------------------------------------------

@@ -19,8 +19,6 @@ torn one. No pickle is ever loaded: weights are safetensors, YAML is read with t
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +34,9 @@ from .files import (
     CONFIG_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
-    fsync_dir,
+    check_output,
     load_weights,
+    replace_folder,
     save_weights,
     write_run_metadata,
 )
@@ -73,38 +72,25 @@ def save_run(
     model: Transformer,
     tokenizer: Tokenizer | None = None,
     config: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a run directory that :func:`load` (and ``lmforge generate --model``) can use.
 
     Args:
-        path: the folder; created if absent (then atomically: built under a temporary name and
-            renamed), else its files are replaced one by one, each atomically.
+        path: the folder: new or empty. It is built under a temporary name beside it and renamed
+            into place, so it is whole or absent, never half written.
         model: the trained model; its config becomes the ``model`` section of config.yaml.
         tokenizer: written as tokenizer.json (its size and special tokens go into config.yaml).
         config: the rest of the resolved config (tokenizer, data, train sections, ...).
+        overwrite: replace an occupied folder as a whole (else: a one-line error, nothing touched).
 
     Returns:
         The path of the run directory.
     """
     path = Path(path)
+    check_output(path, overwrite=overwrite)
     resolved = dict(config or {})
-    if path.exists():
-        if not path.is_dir():
-            raise LMForgeError("cannot write a run directory: a file of that name exists", file=path)
-        _write_run_files(path, model, tokenizer, resolved)
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _write_run_files(tmp, model, tokenizer, resolved)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+    return replace_folder(path, lambda tmp: _write_run_files(tmp, model, tokenizer, resolved))
 
 
 def model_config_of(config: dict[str, Any], *, file: Path, lines: dict[str, int]) -> ModelConfig:

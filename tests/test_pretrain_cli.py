@@ -221,20 +221,20 @@ def test_text_curve_puts_points_where_they_belong() -> None:
     assert "step 0" in plot[-1] and plot[-1].rstrip().endswith("100")
 
 
-def test_demo_output_folder_rules(tmp_path: Path) -> None:
-    from lmforge.pipeline.demo import prepare_out_dir
+def test_demo_replaces_only_an_earlier_demo_run(tmp_path: Path) -> None:
+    from lmforge.pipeline.demo import is_demo_run, run_demo
 
-    run = tmp_path / "run"
-    (run / "data").mkdir(parents=True)
-    (run / "config.yaml").write_text("model: {}\n")
-    prepare_out_dir(run)  # an earlier run: replaced
-    assert not run.exists()
+    earlier = tmp_path / "run"
+    (earlier / "data").mkdir(parents=True)
+    (earlier / "config.yaml").write_text("model: {}\ndemo: {minutes: 3}\n")
+    assert is_demo_run(earlier)
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(lmforge.LMForgeError, match="holds other files"):
-        prepare_out_dir(other)
-    assert (other / "notes.txt").read_text() == "mine"
+    assert not is_demo_run(other)
+    with pytest.raises(lmforge.LMForgeError, match=r"not empty \(it holds notes.txt\).*--overwrite"):
+        run_demo(out=other, max_steps=1, progress=False)
+    assert (other / "notes.txt").read_text() == "mine"  # nothing touched
 
 
 def test_validation_batches_are_the_same_at_every_evaluation(text_file: Path, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ def convert(
     head: Literal["auto", "lm", "mlm", "classification", "token_classification", "qa", "none"] = "auto",
     num_labels: int | None = None,
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    overwrite: bool = False,
 ) -> int:
     """Convert a model between lmforge and Hugging Face formats.
 
@@ -43,18 +44,17 @@ def convert(
             head starts freshly initialized (to fine-tune a pretrained backbone).
         num_labels: --to lmforge: classes of a new classification head.
         dtype: tensor dtype of the written weights (auto: float32 for lmforge, as is for hf).
+        overwrite: replace what OUT holds, as a whole: the new output is written beside it and swapped in at the end (without it, an occupied OUT is an error and nothing is touched).
     """
-    if out.exists() and not out.is_dir():
-        raise LMForgeError("the output exists and is not a folder", file=out)
     torch_dtype = DTYPES.get(dtype)
     if to != "lmforge" and (head != "auto" or num_labels is not None):
         raise LMForgeError("--head and --num_labels apply to --to lmforge only", key="head")
     if to == "hf":
-        written = to_hf(source, out, model_type=model_type, dtype=torch_dtype)
+        written = to_hf(source, out, model_type=model_type, dtype=torch_dtype, overwrite=overwrite)
         print(f"wrote a Hugging Face {written['architectures'][0]} ({written['model_type']}) to {out}")
         return 0
     if to == "hf-peft":
-        base, adapter = to_hf_peft(source, out, model_type=model_type, dtype=torch_dtype)
+        base, adapter = to_hf_peft(source, out, model_type=model_type, dtype=torch_dtype, overwrite=overwrite)
         print(
             f"wrote the base model to {base} and the adapter to {adapter} "
             f"(peft.PeftModel.from_pretrained(AutoModel….from_pretrained('{base}'), '{adapter}'))"
@@ -62,7 +62,14 @@ def convert(
         return 0
     if model_type is not None:
         raise LMForgeError("--model_type applies to --to hf only", key="model_type")
-    model = from_hf(source, out, head=None if head == "auto" else head, num_labels=num_labels, dtype=torch_dtype)
+    model = from_hf(
+        source,
+        out,
+        head=None if head == "auto" else head,
+        num_labels=num_labels,
+        dtype=torch_dtype,
+        overwrite=overwrite,
+    )
     config = model.config
     print(
         f"wrote an lmforge run directory to {out}: {config.arch}, {config.num_layers} layers, "

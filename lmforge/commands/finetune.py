@@ -48,6 +48,7 @@ def finetune(
     epochs: float | None = None,
     out: Path = Path("runs/finetune"),
     resume: bool = False,
+    overwrite: bool = False,
 ) -> int:
     """Fine-tune a model on a task from your own data files, fully or with a PEFT method.
 
@@ -76,6 +77,7 @@ def finetune(
         epochs: train for this many passes over the training data (sets max_steps).
         out: the run directory.
         resume: continue the run in --out from its newest checkpoint.
+        overwrite: replace what --out holds, as a whole: the new output is written beside it and swapped in at the end (without it, an occupied --out is an error and nothing is touched).
     """
     spec = DataSpec(
         path=data,
@@ -97,6 +99,7 @@ def finetune(
         epochs=epochs,
         out=out,
         resume=resume,
+        overwrite=overwrite,
         log=lambda line: print(f"finetune: {line}"),
     )
     summary = result.summary

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import LMForgeError
 from ..pipeline.export import merge_adapter_run
 
 
-def merge(source: Path, out: Path, *, check: bool = True) -> int:
+def merge(source: Path, out: Path, *, check: bool = True, overwrite: bool = False) -> int:
     """Merge a fine-tuned adapter into its base model and write a plain run directory.
 
     The result has model.safetensors with the adapted weights (and the trained task head), no
@@ -20,10 +19,9 @@ def merge(source: Path, out: Path, *, check: bool = True) -> int:
         source: the run directory of a PEFT fine-tuning run (adapter.safetensors + adapter_config.json).
         out: the run directory to write.
         check: compare the merged model's outputs with the adapter model's on a probe batch.
+        overwrite: replace what OUT holds, as a whole: the new output is written beside it and swapped in at the end (without it, an occupied OUT is an error and nothing is touched).
     """
-    if out.exists() and not out.is_dir():
-        raise LMForgeError("the output exists and is not a folder", file=out)
-    merged = merge_adapter_run(source, out, check=check)
+    merged = merge_adapter_run(source, out, check=check, overwrite=overwrite)
     print(
         f"merged the {merged.method} adapter of {source} into its base: wrote {out} "
         f"({merged.num_params:,} parameters)"

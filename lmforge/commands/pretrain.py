@@ -20,6 +20,7 @@ def pretrain(
     objective: ObjectiveChoice = "auto",
     out: Path = Path("runs/pretrain"),
     resume: bool = False,
+    overwrite: bool = False,
 ) -> int:
     """Pretrain a model from raw text: tokenizer, token shards, the training loop, a run directory.
 
@@ -37,6 +38,7 @@ def pretrain(
         objective: auto (from the architecture), causal_lm, masked_lm or span_corruption.
         out: the run directory (config.yaml, tokenizer.json, model.safetensors, checkpoints, ...).
         resume: continue the run in --out from its newest checkpoint.
+        overwrite: replace what --out holds, as a whole: the new output is written beside it and swapped in at the end (without it, an occupied --out is an error and nothing is touched).
     """
     result = pretrain_pipeline(
         model=model,
@@ -46,6 +48,7 @@ def pretrain(
         objective=objective,
         out=out,
         resume=resume,
+        overwrite=overwrite,
         log=lambda line: print(f"pretrain: {line}"),
     )
     state, last = result.state, result.last_eval
@@ -65,20 +68,22 @@ def pretrain(
     return 0
 
 
-def demo(*, out: Path = Path("runs/demo"), minutes: float = 3.0, seed: int = 0) -> int:
+def demo(*, out: Path = Path("runs/demo"), minutes: float = 3.0, seed: int = 0, overwrite: bool = False) -> int:
     """Pretrain a small GPT on the documentation inside Python, in a few minutes on a CPU.
 
     No download and no data folder: builds the corpus from the Python installation's own
     documentation, trains a byte-level BPE tokenizer, pretrains a small decoder with a progress
     bar, prints samples before and after and the validation curve, and saves a run directory
-    that ``lmforge generate --model OUT`` uses. An earlier demo run in OUT is replaced.
+    that ``lmforge generate --model OUT`` uses. An earlier demo run in OUT is replaced as a
+    whole once the new one is done; a folder holding anything else is left alone (an error).
 
     Args:
         out: the run directory to write.
         minutes: the training time budget (about a minute of preparation comes on top).
         seed: random seed (weights, batches, samples).
+        overwrite: replace what --out holds, as a whole: the new output is written beside it and swapped in at the end (without it, an occupied --out is an error and nothing is touched).
     """
     if not 0 < minutes <= 24 * 60:
         raise LMForgeError(f"--minutes must be in (0, 1440], got {minutes}", key="minutes")
-    run_demo(out=out, minutes=minutes, seed=seed, log=print)
+    run_demo(out=out, minutes=minutes, seed=seed, overwrite=overwrite, log=print)
     return 0

@@ -13,13 +13,14 @@ def tokenizer_train(
     *,
     kind: Literal["char", "bpe", "wordpiece"] = "bpe",
     vocab_size: int = 8000,
-    out: Path = Path("tokenizer.json"),
+    out: Path = Path("runs/tokenizer"),
     field: str = "text",
     documents: Literal["file", "line", "blank_line"] = "file",
     min_frequency: int | None = None,
     lowercase: bool = False,
     num_sentinels: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> int:
     """Train a tokenizer on text files, JSONL files or directories and save it as tokenizer.json.
 
@@ -31,13 +32,14 @@ def tokenizer_train(
         files: text files, .jsonl files (the text in --field) or directories (read recursively).
         kind: char (one token per character), bpe (byte-level BPE, GPT-2 style) or wordpiece (BERT style).
         vocab_size: vocabulary size, special tokens included (for char: an upper bound).
-        out: the .json file to write, or a folder to write tokenizer.json into.
+        out: a folder to write tokenizer.json into (new or empty), or a .json file to write.
         field: the JSON field holding the text in .jsonl files.
         documents: how a text file splits into documents: file, line or blank_line.
         min_frequency: minimum count of a learned merge/piece (default 2; char: 1).
         lowercase: wordpiece only: lower-case the text (uncased BERT).
         num_sentinels: add <extra_id_0>… tokens for T5 span corruption.
         progress: show progress bars.
+        overwrite: replace an existing OUT (a folder as a whole; without it, an error and nothing touched).
     """
     report = train_tokenizer(
         files,
@@ -47,6 +49,7 @@ def tokenizer_train(
         field=field,
         documents=documents,
         progress=progress,
+        overwrite=overwrite,
         min_frequency=min_frequency,
         lowercase=lowercase,
         num_sentinels=num_sentinels,

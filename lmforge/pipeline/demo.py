@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LMForgeError
+from ..files import output_folder
 from ..generation import generate
 from ..training import Callback, TrainConfig, Trainer, TrainState, seed_everything
 from .common import Log, silent
@@ -210,20 +209,12 @@ def save_curve_png(points: list[tuple[int, float]], path: Path) -> bool:
     return True
 
 
-def prepare_out_dir(out: Path) -> None:
-    """Make room for the demo's run: an earlier lmforge run there is replaced; anything else is
-    left alone (an error)."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise LMForgeError("the demo's output exists and is not a folder", file=out)
-    entries = {p.name for p in out.iterdir()}
-    if not entries:
-        return
-    if "config.yaml" in entries and ("checkpoints" in entries or "data" in entries):
-        shutil.rmtree(out)
-        return
-    raise LMForgeError("the demo's output folder holds other files: choose another --out", file=out)
+def is_demo_run(out: Path) -> bool:
+    """Whether ``out`` holds an earlier demo run (which a new demo replaces as a whole)."""
+    try:
+        return out.is_dir() and "demo:" in (out / "config.yaml").read_text(encoding="utf-8")
+    except OSError:
+        return False
 
 
 def run_demo(
@@ -235,22 +226,42 @@ def run_demo(
     sections: tuple[Any, TokenizerSection, DataSection] | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    overwrite: bool = False,
     log: Log = silent,
 ) -> DemoResult:
     """Pretrain a small GPT on the Python documentation within ``minutes`` and save a run.
 
     Args:
-        out: the run directory to write (an earlier demo run there is replaced).
+        out: the run directory to write: new or empty, or an earlier demo run, which is replaced
+            as a whole once the new one is done (anything else needs ``overwrite``).
         minutes: the training time budget (tokenizer and data preparation come on top).
         seed: seeds everything (weights, batches, samples).
         max_steps: train exactly this many steps instead of fitting the budget.
         sections: the model/tokenizer/data sections (default: :func:`demo_sections`).
         batch_size: sequences per step.
         progress: progress bars.
+        overwrite: replace whatever ``out`` holds (as a whole, at the end).
         log: where the report lines go (print).
     """
     out = Path(out)
-    prepare_out_dir(out)
+    with output_folder(out, overwrite=overwrite or is_demo_run(out)) as work:
+        result = _demo(work, out, minutes, seed, max_steps, sections, batch_size, progress, log)
+    log(f"demo: run directory {out} — try: lmforge generate --model {out} --prompt 'The list' --temperature 0.8")
+    return result
+
+
+def _demo(
+    work: Path,
+    out: Path,
+    minutes: float,
+    seed: int,
+    max_steps: int | None,
+    sections: tuple[Any, TokenizerSection, DataSection] | None,
+    batch_size: int,
+    progress: bool,
+    log: Log,
+) -> DemoResult:
+    """The demo, writing into ``work`` (the folder that becomes ``out``)."""
     seed_everything(seed)
     model_section, tokenizer_section, data_section = sections or demo_sections()
     config = demo_train_config(
@@ -263,7 +274,7 @@ def run_demo(
         tokenizer=tokenizer_section,
         data=data_section,
         train=config,
-        run_dir=out,
+        run_dir=work,
         progress=progress,
     )
     shards = run.shards
@@ -285,7 +296,7 @@ def run_demo(
         log(f"demo: {steps} steps of {precision} training fit {minutes:g} minutes on this machine")
         seed_everything(seed)
 
-    trainer = make_trainer(run, config, out=out, extra_config={"demo": {"minutes": minutes, "seed": seed}})
+    trainer = make_trainer(run, config, out=work, extra_config={"demo": {"minutes": minutes, "seed": seed}})
     before = sample_texts(run.model, run.tokenizer, seed=seed)
     initial = trainer.evaluate()["eval_loss"]
     log("\nsamples before training (random weights):")
@@ -308,13 +319,9 @@ def run_demo(
         + f") in {state.step} steps, {state.train_time_s:.0f} s of training, {time.perf_counter() - started:.0f} s in all"
     )
     extras: dict[str, Any] = {}
-    png = out / "validation_curve.png"
-    if save_curve_png(curve, png):
-        extras["png"] = png
-        log(f"demo: curve saved to {png}")
-    log(
-        f"demo: run directory {out} — try: lmforge generate --model {out} --prompt 'The list' --temperature 0.8"
-    )
+    if save_curve_png(curve, work / "validation_curve.png"):
+        extras["png"] = out / "validation_curve.png"
+        log(f"demo: curve saved to {extras['png']}")
     return DemoResult(
         run_dir=out, samples_before=before, samples_after=after, curve=curve, state=state, extras=extras
     )

@@ -19,7 +19,7 @@ import torch
 
 from .. import peft
 from ..errors import LMForgeError
-from ..files import BASE_MODEL_KEY
+from ..files import BASE_MODEL_KEY, check_output, replace_folder
 from ..interop.hf import is_hf_folder, load_hf_model, load_hf_tokenizer, save_hf
 from ..peft.hf_export import base_model_copy, export_hf_peft
 from ..runs import load, save_run
@@ -47,13 +47,14 @@ def probe_batch(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return batch
 
 
-def merge_adapter_run(source: Path, out: Path, *, check: bool = True) -> Merged:
+def merge_adapter_run(source: Path, out: Path, *, check: bool = True, overwrite: bool = False) -> Merged:
     """Fold a PEFT run's adapter into its base and write a plain run folder at ``out``.
 
     Raises:
         LMForgeError: no adapter, a method that cannot merge (saying why), or merged outputs
             that differ from the adapter model's (``check``).
     """
+    check_output(out, overwrite=overwrite)
     run = load(source)
     model = run.model
     name = peft.active_adapter(model)
@@ -73,33 +74,52 @@ def merge_adapter_run(source: Path, out: Path, *, check: bool = True) -> Merged:
             raise LMForgeError(f"the merged model's outputs differ from the adapter model's by {worst:.2e}")
     config = {k: v for k, v in run.config.items() if k not in ("model", BASE_MODEL_KEY)}
     config["merged_from"] = {"run": str(source), "method": method, "adapter": name}
-    save_run(out, model=model, tokenizer=run.tokenizer, config=config)
+    save_run(out, model=model, tokenizer=run.tokenizer, config=config, overwrite=overwrite)
     return Merged(out, method, name, model.num_params(), worst)
 
 
-def to_hf(source: Path, out: Path, *, model_type: str | None = None, dtype: torch.dtype | None = None) -> dict:
+def to_hf(
+    source: Path,
+    out: Path,
+    *,
+    model_type: str | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Write a run folder as a Hugging Face folder; returns the written config.json."""
+    check_output(out, overwrite=overwrite)
     run = load(source)
     if peft.active_adapter(run.model) is not None:
         raise LMForgeError(
             "this run holds a PEFT adapter: write it with --to hf-peft, or merge it first (lmforge merge)",
             file=source,
         )
-    save_hf(run.model, run.tokenizer, out, model_type=model_type, dtype=dtype)
+    replace_folder(out, lambda tmp: save_hf(run.model, run.tokenizer, tmp, model_type=model_type, dtype=dtype))
     return json.loads((out / "config.json").read_text(encoding="utf-8"))
 
 
 def to_hf_peft(
-    source: Path, out: Path, *, model_type: str | None = None, dtype: torch.dtype | None = None
+    source: Path,
+    out: Path,
+    *,
+    model_type: str | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
-    """Write a PEFT run as OUT/base (Hugging Face model) and OUT/adapter (Hugging Face PEFT adapter)."""
+    """Write a PEFT run as OUT/base (Hugging Face model) and OUT/adapter (Hugging Face PEFT adapter)
+    whose ``base_model_name_or_path`` is the absolute path of OUT/base."""
+    check_output(out, overwrite=overwrite)
     run = load(source)
     if peft.active_adapter(run.model) is None:
         raise LMForgeError("this run has no PEFT adapter: use --to hf", file=source)
-    base, adapter = out / "base", out / "adapter"
-    save_hf(base_model_copy(run.model), run.tokenizer, base, model_type=model_type, dtype=dtype)
-    export_hf_peft(run.model, adapter, model_type=model_type, base_model_name_or_path=str(base))
-    return base, adapter
+    base = (out / "base").resolve()
+
+    def write(tmp: Path) -> None:
+        save_hf(base_model_copy(run.model), run.tokenizer, tmp / "base", model_type=model_type, dtype=dtype)
+        export_hf_peft(run.model, tmp / "adapter", model_type=model_type, base_model_name_or_path=str(base))
+
+    replace_folder(out, write)
+    return out / "base", out / "adapter"
 
 
 def from_hf(
@@ -109,12 +129,14 @@ def from_hf(
     head: str | None = None,
     num_labels: int | None = None,
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Any:
-    """Read a Hugging Face folder and write it as a run folder; returns the model's config."""
+    """Read a Hugging Face folder and write it as a run folder; returns the model."""
+    check_output(out, overwrite=overwrite)
     if not is_hf_folder(source):
         raise LMForgeError(
             "not a Hugging Face model folder (no config.json, or an lmforge config.yaml)", file=source
         )
     model = load_hf_model(source, head=head, num_labels=num_labels, dtype=dtype)
-    save_run(out, model=model, tokenizer=load_hf_tokenizer(source))
+    save_run(out, model=model, tokenizer=load_hf_tokenizer(source), overwrite=overwrite)
     return model

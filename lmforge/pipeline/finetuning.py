@@ -17,6 +17,7 @@ trains by itself: the loop is :class:`lmforge.training.Trainer`, the adapters ar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -28,7 +29,16 @@ from torch import nn
 
 from .. import peft as peft_lib
 from ..errors import LMForgeError
-from ..files import BASE_MODEL_KEY, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write_json, save_weights
+from ..files import (
+    BASE_MODEL_KEY,
+    RESUME_HINT,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    atomic_write_json,
+    check_output,
+    output_folder,
+    save_weights,
+)
 from ..interop.hf import is_hf_folder, load_hf_model, load_hf_tokenizer
 from ..model import Transformer
 from ..runs import load, transplant
@@ -279,6 +289,7 @@ def finetune(
     epochs: float | None = None,
     out: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     run_config: dict[str, Any] | None = None,
     callbacks: list[Callback] | None = None,
     log: Log = silent,
@@ -291,8 +302,10 @@ def finetune(
         data: training and validation examples.
         method: ``full`` or a PEFT method of :mod:`lmforge.peft`; ``peft``: its options.
         train: the loop's settings; ``epochs`` (if given) sets ``max_steps``.
-        out: the run directory (None: nothing is written, no checkpoints).
+        out: the run directory (None: nothing is written, no checkpoints); new or empty, or
+            its own run with ``resume``.
         resume: continue the run in ``out`` from its newest checkpoint.
+        overwrite: replace an occupied ``out`` as a whole when this run has saved.
         run_config: more of the resolved config to record in config.yaml (data, options, ...).
         callbacks: extra callbacks for the loop.
         log: receives the plan, one line each.
@@ -302,14 +315,75 @@ def finetune(
         for methods whose registry record says so, e.g. AdaLoRA).
     """
     check_method(method, peft)
-    out = Path(out) if out is not None else None
-    if out is not None and not resume and latest_checkpoint(out) is not None:
-        raise LMForgeError(
-            "this run directory already holds a run: add --resume to continue it, or choose another --out",
-            file=out,
-        )
-    seed_everything(train.seed)
     start = time.perf_counter()
+    recorded = {
+        "task": task.name,
+        "task_state": task.state,
+        "options": dataclass_to_dict(task.options),
+        "method": method,
+        "peft": dict(peft or {}),
+        "epochs": epochs,
+        **(run_config or {}),
+    }
+    if method != FULL and base.source is not None:
+        recorded[BASE_MODEL_KEY] = str(base.source.resolve())
+    with contextlib.ExitStack() as stack:
+        work = None if out is None else stack.enter_context(output_folder(out, overwrite=overwrite, resume=resume))
+        if resume and (work is None or latest_checkpoint(work) is None):
+            raise LMForgeError("nothing to resume: no checkpoint in this run directory", file=out)
+        seed_everything(train.seed)
+        prepared = prepare(base, task, data, method=method, peft=peft, train=train, epochs=epochs, log=log)
+        trainer = Trainer(
+            prepared.model,
+            task,
+            prepared.batches,
+            config=prepared.train,
+            eval_data=prepared.val_batches,
+            callbacks=[prepared.evaluation, *(callbacks or [])],
+            run_dir=work,
+            tokenizer=base.tokenizer,
+            run_config=recorded,
+            num_targets=task.num_targets,
+        )
+        if resume:
+            log(f"resumed {out} at step {trainer.resume()}")
+        state = trainer.fit()
+        if state.interrupted:
+            summary = {"interrupted": True, "step": state.step, "stopped_by": state.stopped_by}
+            return FinetuneResult(summary, state=state)
+        summary = finish(prepared, task, state, base=base, method=method, seconds=time.perf_counter() - start)
+        if work is not None and trainer.writer:
+            save_finetuned(prepared.model, work, method=method)
+            atomic_write_json(work / SUMMARY_FILE, summary)
+    prepared.model.eval()
+    return FinetuneResult(summary, prepared.model, base.tokenizer, task, state)
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` sets up for the loop."""
+
+    model: Transformer  # the head fitted, the PEFT method applied
+    train: TrainConfig  # sized by epochs
+    batches: Batches
+    val_batches: Batches
+    evaluation: TaskEvaluation  # the task's validation metric, keeping the best weights
+    report: dict[str, float]  # trainable / total parameters
+    num_features: int
+
+
+def prepare(
+    base: Base,
+    task: Task,
+    data: TaskData,
+    *,
+    method: str,
+    peft: dict[str, Any] | None,
+    train: TrainConfig,
+    epochs: float | None,
+    log: Log,
+) -> Prepared:
+    """The model with the task's head (and the PEFT method), the batches, the validation callback."""
     task.fit(data.train)
     model = fit_head(base, task)
     log(task.describe())
@@ -331,62 +405,34 @@ def finetune(
     )
     keep_best = method == FULL or peft_lib.METHODS[method].keep_best
     evaluation = TaskEvaluation(task, data.validation, batch_size=max(train.batch_size, 32), keep_best=keep_best)
-    recorded = {
-        "task": task.name,
-        "task_state": task.state,
-        "options": dataclass_to_dict(task.options),
-        "method": method,
-        "peft": dict(peft or {}),
-        "epochs": epochs,
-        **(run_config or {}),
-    }
-    if method != FULL and base.source is not None:
-        recorded[BASE_MODEL_KEY] = str(base.source.resolve())
-    trainer = Trainer(
-        model,
-        task,
-        batches,
-        config=train,
-        eval_data=val_batches,
-        callbacks=[evaluation, *(callbacks or [])],
-        run_dir=out,
-        tokenizer=base.tokenizer,
-        run_config=recorded,
-        num_targets=task.num_targets,
-    )
-    if resume:
-        log(f"resumed {out} at step {trainer.resume()}")
-    state = trainer.fit()
-    if state.interrupted:
-        summary = {"interrupted": True, "step": state.step, "stopped_by": state.stopped_by}
-        return FinetuneResult(summary, state=state)
+    return Prepared(model, train, batches, val_batches, evaluation, report, len(features))
 
-    restored = evaluation.restore_best(model)
-    summary = {
+
+def finish(
+    prepared: Prepared, task: Task, state: TrainState, *, base: Base, method: str, seconds: float
+) -> dict[str, Any]:
+    """Put the kept weights back (best or last) and summarize the run (finetune.json)."""
+    evaluation, report = prepared.evaluation, prepared.report
+    restored = evaluation.restore_best(prepared.model)
+    last = evaluation.history[-1] if evaluation.history else {}
+    return {
         "task": task.name,
         "method": method,
         "model": str(base.source) if base.source is not None else "(in memory)",
         "steps": state.step,
         "best_step": evaluation.best_step if restored else state.step,
         "kept": "best" if restored else "last",
-        "validation": evaluation.best_metrics
-        if restored
-        else (evaluation.history[-1] if evaluation.history else {}),
+        "validation": evaluation.best_metrics if restored else last,
         "main_metric": task.main_metric,
         "trainable_parameters": int(report["trainable"]),
         "total_parameters": int(report["total"]),
         "trainable_percent": report["percent"],
-        "train_examples": len(features),
+        "train_examples": prepared.num_features,
         "train_time_s": round(state.train_time_s, 1),
         "eval_time_s": round(state.eval_time_s, 1),
-        "wall_time_s": round(time.perf_counter() - start, 1),
+        "wall_time_s": round(seconds, 1),
         "stop_reason": state.stop_reason,
     }
-    if out is not None and trainer.writer:
-        save_finetuned(model, out, method=method)
-        atomic_write_json(out / SUMMARY_FILE, summary)
-    model.eval()
-    return FinetuneResult(summary, model, base.tokenizer, task, state)
 
 
 def save_finetuned(model: nn.Module, out: Path, *, method: str) -> None:
@@ -410,6 +456,7 @@ def finetune_run(
     epochs: float | None = None,
     out: str | Path,
     resume: bool = False,
+    overwrite: bool = False,
     log: Log = silent,
 ) -> FinetuneResult:
     """:func:`finetune` from files: the base model's folder, the data folder, a run directory.
@@ -418,6 +465,7 @@ def finetune_run(
     weights are touched, and a classification head's size is the number of labels found there.
     """
     check_method(method, peft)
+    check_output(Path(out), overwrite=overwrite, resume=resume, hint=RESUME_HINT)  # before any work
     base = load_base(model)
     task = build_task(task_name, base, options=options, columns=data.columns, labels_file=data.labels_file())
     examples = read_task_data(task, data)
@@ -435,6 +483,7 @@ def finetune_run(
         epochs=epochs,
         out=out,
         resume=resume,
+        overwrite=overwrite,
         run_config={"data": data.to_dict(), "source_model": str(Path(model).resolve())},
         log=log,
     )

@@ -35,7 +35,7 @@ from ..data import (
     write_shards,
 )
 from ..errors import ConfigError, LMForgeError, did_you_mean
-from ..files import TOKENIZER_FILE
+from ..files import TOKENIZER_FILE, output_folder
 from ..model import Transformer
 from ..objectives import DEFAULT_OBJECTIVE, make_objective
 from ..objectives.span_corruption import num_noise_spans
@@ -412,6 +412,7 @@ def pretrain(
     objective: ObjectiveChoice = "auto",
     out: str | Path,
     resume: bool = False,
+    overwrite: bool = False,
     callbacks: list[Callback] | None = None,
     log: Log = silent,
 ) -> PretrainResult:
@@ -419,25 +420,41 @@ def pretrain(
 
     Seeds everything with ``train.seed``, builds the recipe (:func:`build_pretraining`), runs the
     one loop and returns; it prints nothing itself (``log`` receives the plan, one line each).
+    ``out`` must be new or empty (or its own run, with ``resume``); ``overwrite`` replaces an
+    occupied folder as a whole once this run has saved (:func:`lmforge.files.output_folder`).
 
     Raises:
-        LMForgeError: bad recipe or data, a folder that already holds a run (without resume).
+        LMForgeError: bad recipe or data, an occupied folder (without resume or overwrite).
     """
     out = Path(out)
-    seed_everything(train.seed)
-    run = build_pretraining(
-        model=model,
-        tokenizer=tokenizer,
-        data=data,
-        train=train,
-        objective=objective,
-        run_dir=out,
-        resume=resume,
-        progress=train.progress,
-    )
-    log(describe_pretraining(run))
-    trainer = make_trainer(run, train, out=out, callbacks=callbacks)
-    if resume:
-        log(f"resumed {out} at step {trainer.resume()}")
-    state = trainer.fit()
+    with output_folder(out, overwrite=overwrite, resume=resume) as work:
+        seed_everything(train.seed)
+        run = build_pretraining(
+            model=model,
+            tokenizer=tokenizer,
+            data=data,
+            train=train,
+            objective=objective,
+            run_dir=work,
+            resume=resume,
+            progress=train.progress,
+        )
+        run.run_config["out"] = str(out)
+        log(describe_pretraining(run))
+        log(plan_line(train, run))
+        trainer = make_trainer(run, train, out=work, callbacks=callbacks)
+        if resume:
+            log(f"resumed {out} at step {trainer.resume()}")
+        state = trainer.fit()
     return PretrainResult(model=run.model, tokenizer=run.tokenizer, state=state, run=run, out=out)
+
+
+def plan_line(train: TrainConfig, run: Pretraining) -> str:
+    """What the run is about to do: steps, batch, tokens, evaluations, checkpoints."""
+    tokens = train.max_steps * train.batch_size * train.grad_accum * int(run.run_config["data"]["seq_len"])
+    saves = f"a checkpoint every {train.save_every} steps" if train.save_every else "a checkpoint at the end"
+    return (
+        f"{train.max_steps:,} steps of {train.batch_size}×{train.grad_accum} sequences (about {tokens / 1e6:.1f}M "
+        f"tokens), lr {train.lr:g} {train.schedule}, {train.precision}, evaluation every "
+        f"{train.eval_every or train.max_steps} steps, {saves}"
+    )

@@ -14,6 +14,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..corpus import Corpus
+from ..errors import LMForgeError
+from ..files import TOKENIZER_FILE, check_output, check_writable, replace_folder, save_tokenizer
 from ..tokenizers import Tokenizer
 
 
@@ -59,14 +61,30 @@ def train_tokenizer(
     field: str = "text",
     documents: str = "file",
     progress: bool = True,
+    overwrite: bool = False,
     **options: Any,
 ) -> TokenizerReport:
-    """Train a ``kind`` tokenizer on ``files``, write it to ``out`` (a .json file, or a folder to
-    hold tokenizer.json) and measure it on the same text. ``options``: min_frequency,
-    lowercase, num_sentinels (see :meth:`Tokenizer.train`)."""
+    """Train a ``kind`` tokenizer on ``files``, write it to ``out`` (a new or empty folder to hold
+    tokenizer.json, or a .json file) and measure it on the same text. ``options``:
+    min_frequency, lowercase, num_sentinels (see :meth:`Tokenizer.train`).
+
+    Raises:
+        LMForgeError: an occupied ``out`` (without ``overwrite``), bad input files.
+    """
+    as_file = out.suffix.lower() == ".json" and not out.is_dir()
+    if as_file:
+        check_writable(out.parent)
+        if out.exists() and not overwrite:
+            raise LMForgeError("the tokenizer file exists: choose another --out, or add --overwrite", file=out)
+    else:
+        check_output(out, overwrite=overwrite)
     corpus = Corpus.from_files(list(files), field=field, documents=documents)  # type: ignore[arg-type]
     tokenizer = Tokenizer.train(corpus, kind=kind, vocab_size=vocab_size, show_progress=progress, **options)
-    path = out if out.suffix.lower() == ".json" and not out.is_dir() else out / "tokenizer.json"
-    tokenizer.save(path)
+    if as_file:
+        path = out
+        tokenizer.save(path)
+    else:
+        replace_folder(out, lambda tmp: save_tokenizer(tokenizer, tmp))
+        path = out / TOKENIZER_FILE
     num_bytes, num_tokens, num_docs = measure(tokenizer, corpus, progress=progress)
     return TokenizerReport(tokenizer, path, num_bytes, num_tokens, num_docs)

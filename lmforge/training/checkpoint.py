@@ -43,6 +43,7 @@ from ..files import (
     atomic_write_text,
     fsync_dir,
     load_weights,
+    process_alive,
     read_weights,
     save_weights,
 )
@@ -144,16 +145,6 @@ def seed_everything(seed: int) -> None:
 _LEFTOVER = re.compile(r"^\.(?:tmp|old)-step-\d+-(\d+)$|^\..+\.tmp-(\d+)$")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def remove_leftovers(run_dir: str | Path) -> list[Path]:
     """Delete what a killed process left half-written in a run directory — temporary checkpoint
     folders (``checkpoints/.tmp-step-N-PID``) and temporary files (``.NAME.tmp-PID``) — when that
@@ -168,7 +159,7 @@ def remove_leftovers(run_dir: str | Path) -> list[Path]:
             if match is None:
                 continue
             pid = int(match.group(1) or match.group(2))
-            if pid == os.getpid() or _alive(pid):
+            if pid == os.getpid() or process_alive(pid):
                 continue
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
