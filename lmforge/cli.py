@@ -46,7 +46,8 @@ COMMANDS: dict[str, str] = {
     "pretrain": "pretrain:pretrain",
     "demo": "pretrain:demo",
     "finetune": "finetune:finetune",
-    "eval": "finetune:evaluate",
+    "eval": "evaluate:evaluate",
+    "predict": "predict:predict",
     "merge": "merge:merge",
 }
 
@@ -277,7 +278,51 @@ def resolve_arguments(fn: CommandFn, parsed: dict[str, Any]) -> tuple[list[Any],
             args.append(value)
         else:
             kwargs[option.name] = value
+    _flags_beat_the_file(fn, kwargs, parsed, file_values, config_path, lines)
     return args, kwargs
+
+
+def _source(key: str, parsed: dict[str, Any], file_values: dict[str, Any]) -> str:
+    """Where option ``key`` (``epochs``, ``train.max_steps``) got its value: flag, file or default."""
+    if parsed.get(key) not in (None, []):
+        return "flag"
+    head, _, field = key.partition(".")
+    section = file_values.get(head) if field else None
+    if (field and isinstance(section, dict) and field in section) or (not field and key in file_values):
+        return "file"
+    return "default"
+
+
+def _flags_beat_the_file(
+    fn: CommandFn,
+    kwargs: dict[str, Any],
+    parsed: dict[str, Any],
+    file_values: dict[str, Any],
+    config_path: str | None,
+    lines: dict[str, int],
+) -> None:
+    """A flag always wins over the file, also over a different key that decides the same thing
+    (a command's ``cli_conflicts``, e.g. ``--train.max_steps`` against a recipe's ``epochs``): the
+    file's value is dropped and a note says which value came from where."""
+    for pair in getattr(fn, "cli_conflicts", ()):
+        sources = {key: _source(key, parsed, file_values) for key in pair}
+        flag = next((k for k in pair if sources[k] == "flag"), None)
+        loser = next((k for k in pair if sources[k] == "file"), None)
+        if flag is None or loser is None:
+            continue
+        head, _, field = loser.partition(".")
+        default = next(o.default for o in options_of(fn) if o.name == head)
+        if field:
+            kwargs[head] = dataclasses.replace(kwargs[head], **{field: getattr(default, field)})
+            shown = file_values[head][field]
+        else:
+            kwargs[head] = default
+            shown = file_values[head]
+        where = f"{config_path}:{lines[loser]}" if loser in lines else str(config_path)
+        print(
+            f"lmforge: note: --{flag} {parsed[flag]} (command line) wins over {loser}: {shown} ({where})",
+            file=sys.stderr,
+        )
 
 
 def _resolve_mapping(

@@ -50,7 +50,55 @@ class ConfigError(LMForgeError, ValueError):
     """An invalid configuration value: names the field and says why."""
 
 
+# How other toolkits spell an option (Hugging Face Trainer / PEFT, nanoGPT, LitGPT) -> lmforge's name.
+ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "max_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "gradient_accumulation_iters": "grad_accum",
+    "max_iters": "max_steps",
+    "warmup_iters": "warmup_steps",
+    "max_grad_norm": "grad_clip",
+    "gradient_clipping": "grad_clip",
+    "lr_scheduler_type": "schedule",
+    "max_seq_length": "max_length",
+    "block_size": "seq_len",
+    "n_layer": "num_layers",
+    "n_head": "num_heads",
+    "n_embd": "embed_dim",
+    "hidden_size": "embed_dim",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "output_dir": "out",
+    "bf16": "precision",
+}
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """A ``" (did you mean 'x'?)"`` suffix with the nearest choice, or an empty string."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    """A ``" (did you mean 'x'?)"`` suffix: the name other toolkits give the option (``rank`` → ``r``,
+    ``learning_rate`` → ``lr``), else the nearest choice; an empty string when none is near."""
+    choices = list(choices)
+    prefix, bare = _split_flag(name)
+    alias = ALIASES.get(bare)
+    if alias is not None and prefix + alias in choices:
+        return f" (did you mean '{prefix + alias}'?)"
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _split_flag(name: str) -> tuple[str, str]:
+    """``--train.learning_rate`` -> (``--train.``, ``learning_rate``); ``rank`` -> ("", ``rank``)."""
+    head, dot, tail = name.rpartition(".")
+    if dot:
+        return head + dot, tail
+    stripped = name.lstrip("-")
+    return name[: len(name) - len(stripped)], stripped

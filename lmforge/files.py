@@ -34,6 +34,7 @@ TOKENIZER_FILE = "tokenizer.json"  # a Hugging Face tokenizers file
 WEIGHTS_FILE = "model.safetensors"  # the full model's weights
 ADAPTER_WEIGHTS_FILE = "adapter.safetensors"  # a PEFT run: the adapter (and task head) only
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # a PEFT run: the method's options and the base's shape
+HEAD_FILE = "head.safetensors"  # a PEFT run: the task head as it was built (its frozen parts too)
 STATE_FILE = "trainer_state.json"  # step, RNG states, data position
 METRICS_FILE = "metrics.jsonl"  # one JSON line per logged step / evaluation
 TIED_KEY = "lmforge.tied"  # safetensors metadata: JSON {alias name: stored name}
@@ -114,6 +115,12 @@ def save_weights(module: nn.Module, path: str | Path, *, metadata: dict[str, str
     if tied:
         meta[TIED_KEY] = json.dumps(tied, sort_keys=True)
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write named tensors to a safetensors file atomically."""
+    plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata={"format": "pt"}))
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

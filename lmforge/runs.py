@@ -32,10 +32,12 @@ from .files import (
     ADAPTER_CONFIG_FILE,
     BASE_MODEL_KEY,
     CONFIG_FILE,
+    HEAD_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
     check_output,
     load_weights,
+    read_weights,
     replace_folder,
     save_weights,
     write_run_metadata,
@@ -167,8 +169,9 @@ def base_model_path(run_dir: Path, value: Any, *, config_path: Path, line: int |
 def _load_adapter_run(
     path: Path, config: dict[str, Any], model_config: ModelConfig, *, config_path: Path, lines: dict[str, int]
 ) -> Transformer:
-    """The base model (a run directory or a Hugging Face folder) with the run's task head, and
-    the run's adapter applied (its saved copy of the head included)."""
+    """The base model (a run directory or a Hugging Face folder) with the run's task head as it
+    was built for training (``head.safetensors``: its frozen parts too, e.g. a pooler), and the
+    run's adapter applied (its trained copies of the head or of any other module included)."""
     if not (path / ADAPTER_CONFIG_FILE).is_file():
         raise LMForgeError(
             f"config.yaml names a base model, but {ADAPTER_CONFIG_FILE} is missing (was training finished?)",
@@ -179,8 +182,20 @@ def _load_adapter_run(
     )
     base = load(base_path).model
     model = transplant(base, model_config)
+    if (path / HEAD_FILE).is_file():
+        load_head(model, path / HEAD_FILE)
     load_adapter(model, path)
     return model
+
+
+def load_head(model: Transformer, path: Path) -> None:
+    """Put the head tensors of ``path`` (keys ``head.…``) into ``model``'s head, strictly."""
+    tensors, _ = read_weights(path)
+    head = {k.removeprefix("head."): v for k, v in tensors.items()}
+    expected = model.head.state_dict()
+    if set(head) != set(expected) or any(head[k].shape != expected[k].shape for k in head):
+        raise LMForgeError("the saved task head does not fit the model's head", file=path)
+    model.head.load_state_dict(head, strict=True)
 
 
 def transplant(source: nn.Module, config: ModelConfig) -> Transformer:

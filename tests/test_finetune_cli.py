@@ -1,5 +1,6 @@
 """``lmforge finetune`` and ``lmforge eval`` on the command line: a LoRA run with a YAML recipe and
-column mapping, the eval table, eval.json and predictions, and one-line errors with exit status 2."""
+column mapping, the eval report, eval-SPLIT.json and predictions, lmforge predict, and one-line
+errors with exit status 2."""
 
 from __future__ import annotations
 
@@ -75,13 +76,19 @@ def test_lora_recipe_then_eval_with_table_json_and_predictions(
     )
     assert code == 0
     assert "eval: classification into 2 classes (neg, pos), test split" in stdout and "accuracy" in stdout
-    report = json.loads((out / "eval.json").read_text())
+    assert "confusion matrix" in stdout and "precision  recall" in stdout
+    report = json.loads((out / "eval-test.json").read_text())
     assert report["split"] == "test" and report["metrics"]["examples"] == 30
     assert report["metrics"]["accuracy"] >= 0.8 and len(report["metrics"]["confusion_matrix"]) == 2
     lines = [json.loads(line) for line in predictions.read_text().splitlines()]
-    assert len(lines) == 30 and set(lines[0]) == {"prediction", "score", "label"}
+    assert len(lines) == 30 and set(lines[0]) == {"prediction", "score", "probabilities", "label"}
     code, _, err = run_cli(["finetune", "--config", recipe, "--model", base, "--out", out], capsys)
-    assert "already holds a run: add --resume" in one_line_error(code, err)
+    assert "add --resume to continue a run there" in one_line_error(code, err)
+    code, stdout, _ = run_cli(["eval", "--model", out, "--split", "validation"], capsys)
+    assert code == 0 and (out / "eval-validation.json").is_file()
+    assert json.loads((out / "eval-test.json").read_text())["split"] == "test"  # not overwritten
+    code, stdout, _ = run_cli(["predict", "--model", out, "--text", "the plot was awful", "great"], capsys)
+    assert code == 0 and stdout.splitlines()[0].startswith("the plot was awful → neg  (neg ")
 
 
 def test_bad_rows_stop_with_file_and_line_or_are_skipped(
@@ -161,3 +168,41 @@ def test_missing_paths_and_eval_mistakes_are_one_line(
     assert "this run was not fine-tuned on a task (config.yaml has no 'task')" in one_line_error(code, err)
     code, _, err = run_cli(["eval", "--model", base, "--batch_size", 0], capsys)
     assert "--batch_size must be positive" in one_line_error(code, err)
+
+
+def test_a_flag_beats_the_recipe_even_through_another_key(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base, data = setup
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"task: classification\ndata: {data}\nepochs: 4\ncolumns:\n  text: review\n  label: sentiment\n"
+        "train:\n  progress: false\n  eval_every: 0\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "run"
+    code, _, err = run_cli(["finetune", "--config", recipe, "--model", base, "--out", out, "--train.max_steps", 5], capsys)
+    assert code == 0
+    assert f"--train.max_steps 5 (command line) wins over epochs: 4 ({recipe}:3)" in err
+    assert json.loads((out / "finetune.json").read_text())["steps"] == 5
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--method", "lora", "--peft.rank", 8], "lora has no option 'rank' (did you mean 'r'?)"),
+        (["--train.learning_rate", "1e-3"], "unknown option '--train.learning_rate' (did you mean '--train.lr'?)"),
+        (["--train.wandb", "true"], "wandb logging needs the wandb package"),
+    ],
+)
+def test_other_toolkits_spellings_get_lmforge_names_before_any_work(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, extra: list, expected: str
+) -> None:
+    pytest.importorskip("tokenizers")
+    if "--train.wandb" in extra and __import__("importlib").util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    base, _ = setup
+    missing_data = tmp_path / "no-such-data"  # never read: the mistake is reported first
+    args = ["finetune", "--model", base, "--data", missing_data, "--task", "classification", "--out", tmp_path / "r", *extra]
+    code, _, err = run_cli(args, capsys)
+    assert expected in one_line_error(code, err)

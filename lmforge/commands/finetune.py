@@ -1,5 +1,4 @@
-"""``lmforge finetune`` (full or any PEFT method, the one loop) and ``lmforge eval`` (a trained run
-on a split: a table, eval.json, predictions)."""
+"""``lmforge finetune``: a model fine-tuned on a task from data files, fully or with any PEFT method."""
 
 from __future__ import annotations
 
@@ -8,15 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import LMForgeError
-from ..files import atomic_write_json, write_jsonl
-from ..pipeline.evaluation import evaluate_run
 from ..pipeline.finetuning import DataSpec, MethodName, finetune_run
 from ..tasks import TASKS, TaskName
 from ..tasks.data import Columns
 from ..training import TrainConfig
-
-EVAL_FILE = "eval.json"
 
 DEFAULT_TRAIN = TrainConfig(
     max_steps=1000,
@@ -119,83 +113,8 @@ def finetune(
     return 0
 
 
-def evaluate(
-    *,
-    model: Path,
-    data: Path | None = None,
-    split: str = "test",
-    columns: dict[str, Any] | None = None,
-    predictions: Path | None = None,
-    output: Path | None = None,
-    batch_size: int = 32,
-    num_beams: int | None = None,
-    max_examples: int | None = None,
-    skip_bad_rows: bool = False,
-    device: str = "cpu",
-) -> int:
-    """Evaluate a fine-tuned run on a split of its data: print a table, write eval.json.
-
-    Args:
-        model: the run directory written by lmforge finetune.
-        data: the data folder (default: the one the run was trained on).
-        split: train, validation or test.
-        columns: column mapping (default: the run's).
-        predictions: write one prediction per line (JSONL) to this file.
-        output: where to write the metrics (default: RUN_DIR/eval.json).
-        batch_size: examples per forward pass.
-        num_beams: beams for generation tasks (default: the run's options.num_beams).
-        max_examples: evaluate only the first N examples.
-        skip_bad_rows: skip rows that cannot be used instead of stopping.
-        device: cpu, cuda, ...
-    """
-    if batch_size < 1:
-        raise LMForgeError(f"--batch_size must be positive, got {batch_size}", key="batch_size")
-    if max_examples is not None and max_examples < 1:
-        raise LMForgeError(f"--max_examples must be positive, got {max_examples}", key="max_examples")
-    task, result = evaluate_run(
-        model,
-        data=data,
-        split=split,
-        columns=_columns(columns) if columns is not None else None,
-        skip_bad_rows=skip_bad_rows,
-        batch_size=batch_size,
-        num_beams=num_beams,
-        max_examples=max_examples,
-        device=device,
-    )
-    print(f"eval: {task.describe()}, {split} split")
-    print(format_table(result.metrics))
-    target = output or model / EVAL_FILE
-    record = {"model": str(model), "split": split, "task": task.name, "metrics": result.metrics}
-    atomic_write_json(target, record)
-    print(f"eval: metrics written to {target}")
-    if predictions is not None:
-        write_jsonl(predictions, result.predictions)
-        print(f"eval: {len(result.predictions):,} predictions written to {predictions}")
-    return 0
-
-
 def _columns(columns: dict[str, Any] | None) -> dict[str, str]:
     return Columns({k: v for k, v in (columns or {}).items()}).mapping
-
-
-def format_table(metrics: dict[str, Any]) -> str:
-    """The scalar metrics as a two-column table; the per-class report below when not too long."""
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    width = max((len(k) for k in scalars), default=6)
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ----------"]
-    for key, value in scalars.items():
-        shown = f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
-        lines.append(f"{key:<{width}}  {shown}")
-    report = metrics.get("per_class")
-    if isinstance(report, dict) and 0 < len(report) <= 20:
-        name_width = max(len(n) for n in report)
-        lines += ["", f"{'class':<{name_width}}  precision  recall      f1  support"]
-        for name, row in report.items():
-            lines.append(
-                f"{name:<{name_width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:6.4f}  {row['support']:7d}"
-            )
-    return "\n".join(lines)
 
 
 def task_options_help() -> str:
@@ -208,3 +127,5 @@ def task_options_help() -> str:
 
 
 finetune.cli_epilog = task_options_help  # type: ignore[attr-defined]
+# --epochs and --train.max_steps both size the run: a flag beats the recipe file either way.
+finetune.cli_conflicts = [("epochs", "train.max_steps")]  # type: ignore[attr-defined]

@@ -31,17 +31,19 @@ from .. import peft as peft_lib
 from ..errors import LMForgeError
 from ..files import (
     BASE_MODEL_KEY,
+    HEAD_FILE,
     RESUME_HINT,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
     atomic_write_json,
     check_output,
     output_folder,
+    save_tensors,
     save_weights,
 )
 from ..interop.hf import is_hf_folder, load_hf_model, load_hf_tokenizer
 from ..model import Transformer
-from ..runs import load, transplant
+from ..runs import load, load_head, transplant
 from ..settings import dataclass_to_dict
 from ..tasks import make_task, task_class
 from ..tasks.base import DEFAULT_MAX_LENGTH, Batches, Task, TaskEvaluation, TaskOptions
@@ -332,7 +334,10 @@ def finetune(
         if resume and (work is None or latest_checkpoint(work) is None):
             raise LMForgeError("nothing to resume: no checkpoint in this run directory", file=out)
         seed_everything(train.seed)
-        prepared = prepare(base, task, data, method=method, peft=peft, train=train, epochs=epochs, log=log)
+        saved_head = work / HEAD_FILE if work is not None and resume and (work / HEAD_FILE).is_file() else None
+        prepared = prepare(
+            base, task, data, method=method, peft=peft, train=train, epochs=epochs, head_from=saved_head, log=log
+        )
         trainer = Trainer(
             prepared.model,
             task,
@@ -345,6 +350,10 @@ def finetune(
             run_config=recorded,
             num_targets=task.num_targets,
         )
+        if work is not None and method != FULL and prepared.head and not resume:
+            # A PEFT run keeps its task head as built, frozen parts included: the adapter holds
+            # only what trains, and a fresh head's frozen pooler, say, is not in the base.
+            save_tensors(prepared.head, work / HEAD_FILE)
         if resume:
             log(f"resumed {out} at step {trainer.resume()}")
         state = trainer.fit()
@@ -364,6 +373,7 @@ class Prepared:
     """What :func:`prepare` sets up for the loop."""
 
     model: Transformer  # the head fitted, the PEFT method applied
+    head: dict[str, Any]  # the task head's tensors as built, before the PEFT method
     train: TrainConfig  # sized by epochs
     batches: Batches
     val_batches: Batches
@@ -381,11 +391,16 @@ def prepare(
     peft: dict[str, Any] | None,
     train: TrainConfig,
     epochs: float | None,
-    log: Log,
+    head_from: Path | None = None,
+    log: Log = silent,
 ) -> Prepared:
-    """The model with the task's head (and the PEFT method), the batches, the validation callback."""
+    """The model with the task's head (and the PEFT method), the batches, the validation callback.
+    ``head_from``: the head a resumed run was built with (its ``head.safetensors``)."""
     task.fit(data.train)
     model = fit_head(base, task)
+    if head_from is not None:
+        load_head(model, head_from)
+    head = {f"head.{k}": v.detach().clone() for k, v in model.head.state_dict().items()} if model.head else {}
     log(task.describe())
     features = task.encode(data.train)
     batches = Batches(features, task.collate, batch_size=train.batch_size, seed=train.seed)
@@ -405,7 +420,7 @@ def prepare(
     )
     keep_best = method == FULL or peft_lib.METHODS[method].keep_best
     evaluation = TaskEvaluation(task, data.validation, batch_size=max(train.batch_size, 32), keep_best=keep_best)
-    return Prepared(model, train, batches, val_batches, evaluation, report, len(features))
+    return Prepared(model, head, train, batches, val_batches, evaluation, report, len(features))
 
 
 def finish(

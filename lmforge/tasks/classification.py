@@ -40,6 +40,7 @@ from .base import (
 from .data import Row, RowError
 
 UNLABELED = -1
+TOP_PROBABILITIES = 10  # a prediction lists the probabilities of (at most) the ten likeliest labels
 
 
 @dataclass
@@ -247,10 +248,13 @@ class ClassificationTask(Task):
                 classification_metrics([predicted[i] for i in scored], gold.tolist(), names, oos_label=oos)
             )
         predictions = []
+        shown = min(len(names), TOP_PROBABILITIES)
         for i, example in enumerate(examples):
+            top = probabilities[i].topk(shown)
             record: dict[str, Any] = {
                 "prediction": names[predicted[i]],
                 "score": round(float(probabilities[i, predicted[i]]), 6),
+                "probabilities": {names[j]: round(float(p), 6) for p, j in zip(top.values, top.indices, strict=True)},
             }
             if example.id is not None:
                 record = {"id": example.id, **record}

@@ -7,6 +7,7 @@ override them.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Literal
 
@@ -79,6 +80,13 @@ class TrainConfig:
             "must be positive or null",
         )
         check(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be positive or null")
+        # An optional logger that is not installed fails here, before any data or model is read.
+        for key, package in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+            if getattr(self, key) and importlib.util.find_spec(package) is None:
+                raise ConfigError(
+                    f"{key} logging needs the {package} package: pip install {package} (or leave --train.{key} off)",
+                    key=key,
+                )
 
     @property
     def final_lr(self) -> float:
