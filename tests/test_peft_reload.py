@@ -26,7 +26,7 @@ FORMS = {
     "default": None,  # the task head is added on its own
     "whole head": ["head"],
     "part of the head": ["head.classifier"],  # the pooler stays frozen as built
-    "a named layer": ["encoder.layers.1.mlp.down_proj"],  # plus the head, added on its own
+    "a named layer": ["encoder.layers.1.mlp_norm"],  # plus the head, added on its own
 }
 
 
@@ -90,3 +90,10 @@ def test_the_head_file_is_what_makes_the_frozen_pooler_come_back(setup: tuple[Pa
     torch.testing.assert_close(lmforge.load(out).model.head.dense.weight, trained_pooler, rtol=0, atol=0)
     (out / HEAD_FILE).unlink()  # without it the pooler would be a new random one
     assert not torch.equal(lmforge.load(out).model.head.dense.weight, trained_pooler)
+
+
+def test_modules_to_save_cannot_name_what_the_method_adapts(setup: tuple[Path, Path]) -> None:
+    base, _ = setup
+    model = lmforge.load(base).model
+    with pytest.raises(lmforge.LMForgeError, match="modules_to_save names 'encoder.layers.1.mlp.down_proj', which the ia3"):
+        peft.apply(model, "ia3", modules_to_save=["encoder.layers.1.mlp.down_proj"])

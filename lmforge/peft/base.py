@@ -365,5 +365,11 @@ def wrap_modules_to_save(model: nn.Module, config: PeftConfig, adapter_name: str
                 f"modules_to_save: no module '{target}'" + did_you_mean(target, children),
                 key="modules_to_save",
             ) from None
+        if isinstance(module, AdaptedModule) and adapter_name in module.adapters:
+            raise LMForgeError(
+                f"modules_to_save names '{target}', which the {config.method} adapter already adapts: "
+                "train it with the method, or name another module",
+                key="modules_to_save",
+            )
         base = module.base if isinstance(module, AdaptedModule) else module
         wrap(model, target, adapter_name, SavedCopy(base))
