@@ -502,10 +502,39 @@ def test_cli_sampling_and_beams(run_dir: Path, capsys: pytest.CaptureFixture) ->
     assert capsys.readouterr().out == expected + "\n"
 
 
-def test_cli_clamps_to_the_context(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["generate", "--model", str(run_dir), "--prompt", "The cat", "--max_new_tokens", "500"]) == 0
+def test_cli_clamps_the_default_and_refuses_what_cannot_fit(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", "--model", str(run_dir), "--prompt", "The cat"]) == 0  # the default: clamped
     captured = capsys.readouterr()
     assert re.search(r"stopped after \d+ new tokens: the model's context holds 64 positions", captured.err)
+    for asked in ("500", "1000000000"):  # asked for: refused before anything is allocated
+        assert main(["generate", "--model", str(run_dir), "--prompt", "The cat", "--max_new_tokens", asked]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "do not fit the model's context of 64 positions" in err and "--sliding_window" in err
+        assert len(err.splitlines()) == 1
+
+
+def test_cli_sliding_window_writes_past_the_context(run_dir: Path, bpe: Tokenizer, capsys: pytest.CaptureFixture) -> None:
+    from lmforge import load
+    from lmforge.pipeline.generation import Sampling, generate_text
+
+    run = load(run_dir)
+    eos_free = Tokenizer(run.tokenizer.backend, special_tokens={})  # no end token: it writes on
+    result = generate_text(run.model, eos_free, "The cat", Sampling(max_new_tokens=150, sliding_window=True))
+    assert len(result.new_ids) == 150  # more than the 64 positions the model holds
+    # The first chunk is plain generation; later tokens see the last 48 positions (3/4 of 64).
+    plain = generate_text(run.model, eos_free, "The cat", Sampling(max_new_tokens=20))
+    assert result.new_ids[:20] == plain.new_ids
+    argv = ["generate", "--model", str(run_dir), "--prompt", "The cat", "--max_new_tokens", "150", "--sliding_window", "true"]
+    assert main(argv) == 0
+
+
+def test_a_cache_larger_than_memory_is_refused(tmp_path: Path, bpe: Tokenizer) -> None:
+    from lmforge.pipeline.generation import Sampling, check_length
+
+    config = ModelConfig.from_name("tiny-llama", vocab_size=bpe.vocab_size)  # RoPE: no position table
+    check_length(config, 10, Sampling(max_new_tokens=1000))  # fits
+    with pytest.raises(LMForgeError, match=r"need a key/value cache of .* GiB, more than this machine has free"):
+        check_length(config, 10, Sampling(max_new_tokens=10**12))
 
 
 def test_cli_encoder_decoder_prints_the_output(

@@ -6,16 +6,18 @@ import sys
 
 from ..errors import LMForgeError
 from ..generation import TextStreamer
-from ..pipeline.generation import Sampling, generate_text, prompt_ids
+from ..pipeline.generation import Sampling, generate_text, prompt_ids, room
 from ..runs import load
 from ..runtime import resolve_device
+
+DEFAULT_NEW_TOKENS = 200
 
 
 def generate(
     *,
     model: str,
     prompt: str,
-    max_new_tokens: int = 200,
+    max_new_tokens: int | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -24,19 +26,22 @@ def generate(
     length_penalty: float = 1.0,
     seed: int = 0,
     no_stream: bool = False,
+    sliding_window: bool = False,
     device: str = "auto",
 ) -> int:
     """Continue a prompt with a model from a run directory (or a Hugging Face folder).
 
     A decoder prints the prompt and its continuation, token by token as they are generated; an
     encoder-decoder prints its output for the prompt as input. Generation stops at the
-    tokenizer's end-of-sequence token or after max_new_tokens (fewer when a model with a
-    position table has less room left in its context; a note then says so).
+    tokenizer's end-of-sequence token or after max_new_tokens. What cannot fit is refused before
+    anything is allocated: past a model's position table (learned or sinusoidal positions; a
+    decoder can go on with --sliding_window), or a key/value cache larger than the free memory.
 
     Args:
         model: the run directory (config.yaml, model.safetensors, tokenizer.json).
         prompt: the text to continue (empty: start a new document).
-        max_new_tokens: the most tokens to generate.
+        max_new_tokens: the most tokens to generate (default: 200, or what the context still holds,
+            with a note).
         temperature: 0 decodes greedily; above 0 samples (higher: more varied).
         top_k: sample only among the k most likely tokens.
         top_p: sample only among the most likely tokens whose probabilities reach p (nucleus).
@@ -45,6 +50,8 @@ def generate(
         length_penalty: beam search: finished sequences scored by log-probability / length^α.
         seed: random seed of sampling.
         no_stream: print the text at the end instead of token by token.
+        sliding_window: a decoder with a position table keeps generating past its context, each
+            new token seeing the last positions of the text (as nanoGPT does).
         device: cpu, cuda, cuda:1, … or auto (a GPU when there is one).
     """
     run = load(model, device=resolve_device(device))
@@ -52,8 +59,13 @@ def generate(
     if tokenizer is None:
         raise LMForgeError("the run directory has no tokenizer.json to encode the prompt with", file=model)
     config = run.model.config
+    # A prompt (decoder) takes room in the context too: shown before the continuation.
+    shown = [] if config.arch == "encoder_decoder" else prompt_ids(tokenizer, prompt, arch=config.arch)
+    wanted = max_new_tokens
+    if wanted is None:  # unset: the default, clamped to the context with a note
+        wanted = DEFAULT_NEW_TOKENS if sliding_window else room(config, len(shown) or 1, DEFAULT_NEW_TOKENS)
     sampling = Sampling(
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=wanted,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
@@ -61,9 +73,8 @@ def generate(
         num_beams=num_beams,
         length_penalty=length_penalty,
         seed=seed,
+        sliding_window=sliding_window,
     )
-    # A decoder's prompt is printed with its continuation (decoded together, so pieces join).
-    shown = [] if config.arch == "encoder_decoder" else prompt_ids(tokenizer, prompt, arch=config.arch)
     streamer = None
     if not no_stream and num_beams == 1:
         streamer = TextStreamer(tokenizer, prompt_ids=shown, show_prompt=True)
@@ -77,10 +88,10 @@ def generate(
     if streamer is None:
         sys.stdout.write(tokenizer.decode(shown + result.new_ids))
     print()
-    if result.limited_by_context:
+    if max_new_tokens is None and wanted < DEFAULT_NEW_TOKENS and len(result.new_ids) == wanted:
         print(
-            f"lmforge: note: stopped after {len(result.new_ids)} new tokens: the model's context holds "
-            f"{config.max_seq_len} positions",
+            f"lmforge: note: stopped after {wanted} new tokens: the model's context holds "
+            f"{config.max_seq_len} positions (--sliding_window true goes on past it)",
             file=sys.stderr,
         )
     return 0

@@ -6,10 +6,17 @@
 
 ``lmforge generate`` calls :func:`generate_text`, and so do the chat command and the server:
 the decoder-start rule and the context check live here once.
+
+Generation is bounded before anything is allocated: a model with a position table (learned,
+sinusoidal) holds ``max_seq_len`` positions, prompt included; a model without one (RoPE, ALiBi,
+relative) is held to the memory its key/value cache would take. A decoder with a position table
+can keep going past its context with ``sliding_window`` (as nanoGPT's ``generate`` does: the last
+positions of the text are the context of the next tokens).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +40,13 @@ class Sampling:
     num_beams: int = 1  # beam search with this many beams (deterministic)
     length_penalty: float = 1.0  # beam search: finished sequences scored by log-prob / length^α
     seed: int = 0  # seeds sampling
+    sliding_window: bool = False  # a decoder with a position table: crop the context and go on
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise LMForgeError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}", key="max_new_tokens")
+        if self.num_beams < 1:
+            raise LMForgeError(f"num_beams must be at least 1, got {self.num_beams}", key="num_beams")
 
 
 @dataclass
@@ -72,6 +86,57 @@ def room(config: Any, prompt_length: int, wanted: int) -> int:
     return min(wanted, left) if left > 0 else wanted  # no room at all: generate() explains
 
 
+def available_memory() -> int:
+    """Bytes of memory this machine can still give (Linux: MemAvailable; else the physical size)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cache_bytes(config: Any, positions: int, *, rows: int = 1, dtype_bytes: int = 4) -> int:
+    """Bytes of the key/value cache for ``positions`` positions of ``rows`` sequences (beams)."""
+    layers = (config.num_decoder_layers or config.num_layers) if config.arch == "encoder_decoder" else config.num_layers
+    return 2 * layers * config.num_kv_heads * config.head_dim * positions * rows * dtype_bytes
+
+
+def check_length(config: Any, prompt_length: int, sampling: Sampling, *, dtype_bytes: int = 4) -> None:
+    """Refuse, before anything is allocated, a generation the model cannot hold: past a position
+    table (without a sliding window), or a key/value cache larger than the free memory."""
+    total = (1 if config.arch == "encoder_decoder" else prompt_length) + sampling.max_new_tokens
+    if config.position in ABSOLUTE_POSITIONS:
+        if total <= config.max_seq_len:
+            return
+        if config.arch == "decoder" and prompt_length >= config.max_seq_len:
+            raise LMForgeError(
+                f"the prompt has {prompt_length} tokens; the model's context holds {config.max_seq_len} "
+                "positions: shorten the prompt",
+                key="prompt",
+            )
+        if sampling.sliding_window and config.arch == "decoder":
+            return
+        left = config.max_seq_len - (1 if config.arch == "encoder_decoder" else prompt_length)
+        hint = " or --sliding_window true to keep going past it" if config.arch == "decoder" else ""
+        raise LMForgeError(
+            f"{'the prompt (' + str(prompt_length) + ' tokens) and ' if config.arch == 'decoder' else ''}"
+            f"{sampling.max_new_tokens:,} new tokens do not fit the model's context of {config.max_seq_len} "
+            f"positions: ask for at most {max(left, 0):,} new tokens{hint}",
+            key="max_new_tokens",
+        )
+    need = cache_bytes(config, total, rows=sampling.num_beams, dtype_bytes=dtype_bytes)
+    free = available_memory()
+    if need > 0.8 * free:
+        raise LMForgeError(
+            f"{sampling.max_new_tokens:,} new tokens need a key/value cache of {need / 2**30:.1f} GiB, "
+            f"more than this machine has free ({free / 2**30:.1f} GiB): ask for fewer --max_new_tokens",
+            key="max_new_tokens",
+        )
+
+
 def generate_text(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -92,8 +157,14 @@ def generate_text(
     """
     sampling = sampling or Sampling()
     config = model.config
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
+    device = parameter.device
     ids = prompt_ids(tokenizer, prompt, arch=config.arch)
+    check_length(config, len(ids), sampling, dtype_bytes=parameter.element_size())
+    unknown = sum(1 for i in ids if i == tokenizer.unk_id) if tokenizer.unk_id is not None else 0
+    if sampling.sliding_window and config.position in ABSOLUTE_POSITIONS and config.arch == "decoder":
+        new = sliding(model, tokenizer, ids, sampling, streamer=streamer)
+        return GeneratedText(tokenizer.decode(new), ids, new, False, unknown)
     budget = room(config, len(ids), sampling.max_new_tokens)
     encoder_decoder = config.arch == "encoder_decoder"
     out = generate(
@@ -113,7 +184,6 @@ def generate_text(
         streamer=streamer,
     )
     new = out[0, 1:] if encoder_decoder else out[0, len(ids) :]
-    unknown = sum(1 for i in ids if i == tokenizer.unk_id) if tokenizer.unk_id is not None else 0
     return GeneratedText(
         text=tokenizer.decode(new.tolist()),
         prompt_ids=ids,
@@ -121,3 +191,55 @@ def generate_text(
         limited_by_context=budget < sampling.max_new_tokens and new.numel() == budget,
         unknown_pieces=unknown,
     )
+
+
+class _Chunks:
+    """A streamer for one chunk of a longer generation: passes the tokens on, keeps the end."""
+
+    def __init__(self, streamer: Any) -> None:
+        self.streamer = streamer
+
+    def put(self, tokens: torch.Tensor) -> None:
+        if self.streamer is not None:
+            self.streamer.put(tokens)
+
+    def end(self) -> None:
+        """Only the whole generation ends."""
+
+
+def sliding(model: torch.nn.Module, tokenizer: Any, ids: list[int], sampling: Sampling, *, streamer: Any) -> list[int]:
+    """Decoder generation past the context: whenever the context is full, the last three quarters
+    of the text become the prompt of the next chunk (its cache built anew), so each new token
+    sees at least that much of what came before."""
+    config = model.config
+    context = config.max_seq_len
+    keep = max(1, (3 * context) // 4)
+    device = next(model.parameters()).device
+    text, new = list(ids), []
+    chunk_streamer = _Chunks(streamer)
+    step = 0
+    while len(new) < sampling.max_new_tokens:
+        window = text[-keep:] if len(text) >= context else text
+        budget = min(sampling.max_new_tokens - len(new), context - len(window))
+        out = generate(
+            model,
+            torch.tensor([window], device=device),
+            max_new_tokens=budget,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            repetition_penalty=sampling.repetition_penalty,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.pad_id,
+            generator=torch.Generator(device=device).manual_seed(sampling.seed + step),
+            streamer=chunk_streamer,
+        )
+        chunk = out[0, len(window) :].tolist()
+        text += chunk
+        new += chunk
+        step += 1
+        if len(chunk) < budget or (tokenizer.eos_id is not None and tokenizer.eos_id in chunk):
+            break  # the model ended its text
+    if streamer is not None:
+        streamer.end()
+    return new
