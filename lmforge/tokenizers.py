@@ -291,8 +291,12 @@ class Tokenizer:
     # ---- encode / decode ----------------------------------------------------------------------
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``; with ``add_special_tokens`` wrapped as the tokenizer's template
-        says (``[BOS] … [EOS]`` or ``[CLS] … [SEP]``)."""
+        """Token ids of ``text`` — **without special tokens by default**.
+
+        A BERT-style encoder was trained on ``[CLS] … [SEP]``: to feed it a text yourself, pass
+        ``add_special_tokens=True`` (the tokenizer's template wraps it: ``[CLS] … [SEP]``, or
+        ``[BOS] … [EOS]`` for lmforge's BPE). lmforge's tasks, pipeline and evaluation add them
+        where the model needs them; the plain default suits prompts a decoder continues."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_many(self, texts: list[str], *, add_special_tokens: bool = False) -> list[list[int]]:

@@ -188,7 +188,7 @@ def test_cli_convert_reports_one_line_and_exit_2(
             "prenorm = False has no Hugging Face equivalent",
         ),
         (ModelConfig.from_name("tiny-llama", logit_scale=0.5), "logit_scale = 0.5"),
-        (ModelConfig.from_name("tiny-encoder", head="classification", pooling="mean"), "pooling = 'mean'"),
+        (ModelConfig.from_name("tiny-encoder", head="classification", pooling="mean"), "this classification head pools by 'mean'"),
         (
             ModelConfig.from_name(
                 "tiny-encoder-decoder",

@@ -144,3 +144,19 @@ def test_the_help_says_what_overwrite_does(capsys: pytest.CaptureFixture) -> Non
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
     assert "--overwrite" in capsys.readouterr().out
+
+
+def test_label_names_go_to_hugging_face_and_come_back(
+    inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    merged = tmp_path / "merged"
+    assert main(["merge", str(inputs["adapter"]), str(merged)]) == 0
+    hf = tmp_path / "hf"
+    assert main(["convert", str(merged), str(hf), "--to", "hf"]) == 0
+    config = json.loads((hf / "config.json").read_text())
+    assert config["id2label"] == {"0": "neg", "1": "pos"} and config["label2id"] == {"neg": 0, "pos": 1}
+    back = tmp_path / "back"
+    assert main(["convert", str(hf), str(back), "--to", "lmforge"]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--model", str(back), "--text", "the movie was good"]) == 0
+    assert capsys.readouterr().out.split(" → ")[1].split()[0] in ("neg", "pos")  # names, not LABEL_0

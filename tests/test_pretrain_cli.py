@@ -285,8 +285,8 @@ def test_demo_at_tiny_size(text_file: Path, tmp_path: Path) -> None:
 
 
 def test_demo_calibration_times_steps_without_touching_the_model(text_file: Path, tmp_path: Path) -> None:
-    from lmforge.pipeline.demo import demo_sections, demo_train_config, seconds_per_step
-    from lmforge.pipeline.pretraining import DataSection, build_pretraining
+    from lmforge.pipeline.demo import demo_sections, demo_train_config
+    from lmforge.pipeline.pretraining import DataSection, build_pretraining, seconds_per_step
 
     model, tokenizer, _ = demo_sections(vocab_size=320, width=32, layers=1, seq_len=32)
     data = DataSection(path=text_file, documents="blank_line", seq_len=32)

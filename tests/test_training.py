@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -609,3 +610,20 @@ def test_leftovers_of_a_killed_process_are_removed_on_the_next_start(tmp_path: P
     live.mkdir()
     run(tmp_path, steps=2)
     assert not stale_checkpoint.exists() and not stale_file.exists() and live.exists()
+
+
+def test_a_time_budget_shrinks_the_plan_to_what_fits_and_ends_it_properly(tmp_path: Path) -> None:
+    from lmforge.training import TimeBudget
+
+    def slow_next_token(model, batch):  # each step takes at least 20 ms
+        time.sleep(0.02)
+        return next_token(model, batch)
+
+    seed_everything(0)
+    budget = TimeBudget(0.01, check_after=3)  # 0.6 s of training for a plan of 1000 steps
+    trainer = Trainer(tiny(), slow_next_token, Windows(), config=quiet(max_steps=1000, eval_every=0),
+                      eval_data=val_batches(), callbacks=[budget], run_dir=tmp_path)  # fmt: skip
+    state = trainer.fit()
+    assert budget.adjusted_to is not None and 3 <= budget.adjusted_to < 40
+    assert state.step == budget.adjusted_to == trainer.config.max_steps  # ended at its (new) last step
+    assert "time limit" not in state.stop_reason and state.evals  # with its final evaluation

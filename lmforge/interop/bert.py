@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
+from ..errors import LMForgeError
 from .common import Family, HFConfig, Rule, check_config, layer_norm, linear, offset_rows, same
 
 TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
@@ -175,9 +176,16 @@ class Bert(Family):
         ):
             check_config(config, field, allowed, model_type)
         check_config(config, "type_vocab_size", list(range(1, 1 << 20)), model_type)
-        if config.head == "classification":
-            check_config(config, "pooling", ["cls"], model_type)
-            check_config(config, "pooler", [True], model_type)
+        if config.head == "classification" and (config.pooling != "cls" or not config.pooler):
+            how = f"pools by '{config.pooling}'" if config.pooling != "cls" else "has no pooler"
+            raise LMForgeError(
+                f"cannot export as {model_type}: this classification head {how}, and "
+                f"{model_type}'s ForSequenceClassification reads [CLS] through a pooler (dense + tanh). "
+                "To get a run that exports, fine-tune with --options.pooling cls from a base with a pooler "
+                "(a BERT/MiniLM Hugging Face folder has one); this run works as it is with lmforge "
+                "(eval, predict, serve)",
+                key="pooling" if config.pooling != "cls" else "pooler",
+            )
         offset = config.pad_token_id + 1 if self.roberta else 0
         return {
             "model_type": model_type,

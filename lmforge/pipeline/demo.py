@@ -14,7 +14,6 @@ budget (``--minutes``); a hard time limit stops it in any case.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -27,7 +26,7 @@ from torch import nn
 
 from ..files import output_folder
 from ..generation import generate
-from ..training import Callback, TrainConfig, Trainer, TrainState, seed_everything
+from ..training import TimeBudget, TrainConfig, TrainState, seed_everything
 from .common import Log, silent
 from .pretraining import (
     DataSection,
@@ -36,6 +35,7 @@ from .pretraining import (
     batch_sources,
     build_pretraining,
     make_trainer,
+    seconds_per_step,
 )
 
 PROMPTS = ("The list", "Return the", "If the")
@@ -99,22 +99,6 @@ def bf16_is_fast() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def seconds_per_step(
-    model: nn.Module, objective: Any, batches: Any, config: TrainConfig, *, steps: int = 4
-) -> float:
-    """Time a few training steps on a copy of ``model`` (the model itself is not touched); the
-    first step (warm-up: allocations, kernel selection) is left out."""
-    marks: list[float] = []
-
-    class Clock(Callback):
-        def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-            marks.append(time.perf_counter())
-
-    probe = dataclasses.replace(config, max_steps=steps + 1, progress=False, max_minutes=None, eval_every=0)
-    Trainer(copy.deepcopy(model), objective, batches, config=probe, callbacks=[Clock()]).fit()
-    return (marks[-1] - marks[0]) / max(len(marks) - 1, 1)
 
 
 def calibrate(run: Any, data: DataSection, config: TrainConfig, *, minutes: float) -> tuple[int, str]:
@@ -296,7 +280,10 @@ def _demo(
         log(f"demo: {steps} steps of {precision} training fit {minutes:g} minutes on this machine")
         seed_everything(seed)
 
-    trainer = make_trainer(run, config, out=work, extra_config={"demo": {"minutes": minutes, "seed": seed}})
+    budget = [TimeBudget(minutes)] if max_steps is None else []  # the timing was short: keep the plan honest
+    trainer = make_trainer(
+        run, config, out=work, callbacks=budget, extra_config={"demo": {"minutes": minutes, "seed": seed}}
+    )
     before = sample_texts(run.model, run.tokenizer, seed=seed)
     initial = trainer.evaluate()["eval_loss"]
     log("\nsamples before training (random weights):")

@@ -94,7 +94,11 @@ def to_hf(
             "this run holds a PEFT adapter: write it with --to hf-peft, or merge it first (lmforge merge)",
             file=source,
         )
-    replace_folder(out, lambda tmp: save_hf(run.model, run.tokenizer, tmp, model_type=model_type, dtype=dtype))
+    labels = label_names(run.config, run.model.config)
+    replace_folder(
+        out,
+        lambda tmp: save_hf(run.model, run.tokenizer, tmp, model_type=model_type, dtype=dtype, labels=labels),
+    )
     return json.loads((out / "config.json").read_text(encoding="utf-8"))
 
 
@@ -138,5 +142,33 @@ def from_hf(
             "not a Hugging Face model folder (no config.json, or an lmforge config.yaml)", file=source
         )
     model = load_hf_model(source, head=head, num_labels=num_labels, dtype=dtype)
-    save_run(out, model=model, tokenizer=load_hf_tokenizer(source), overwrite=overwrite)
+    config: dict[str, Any] = {}
+    names = hf_label_names(source)
+    if model.config.head in LABELED_HEADS and names and len(names) == model.config.num_labels:
+        # The class names come along, so lmforge eval / predict print them (not LABEL_0, LABEL_1).
+        config = {"task": LABELED_HEADS[model.config.head], "task_state": {"labels": names}}
+    save_run(out, model=model, tokenizer=load_hf_tokenizer(source), config=config, overwrite=overwrite)
     return model
+
+
+LABELED_HEADS = {"classification": "classification", "token_classification": "tagging"}
+
+
+def label_names(run_config: dict[str, Any], model_config: Any) -> list[str] | None:
+    """The class names a run was trained with (its task state), for a head with that many classes."""
+    if model_config.head not in LABELED_HEADS:
+        return None
+    names = (run_config.get("task_state") or {}).get("labels")
+    return list(names) if names and len(names) == model_config.num_labels else None
+
+
+def hf_label_names(folder: Path) -> list[str] | None:
+    """``id2label`` of a Hugging Face config.json in index order (None when absent or LABEL_i)."""
+    try:
+        id2label = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("id2label") or {}
+    except (OSError, ValueError):
+        return None
+    names = [id2label[k] for k in sorted(id2label, key=int)] if all(k.isdigit() for k in id2label) else []
+    if not names or names == [f"LABEL_{i}" for i in range(len(names))]:
+        return None
+    return names

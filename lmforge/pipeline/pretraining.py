@@ -16,11 +16,15 @@ command line, and YAML mistakes are reported as ``file:line: key '...'`` with th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from torch import nn
 
 from ..config import PRESETS, ModelConfig
 from ..data import (
@@ -355,6 +359,22 @@ def build_pretraining(
     )
 
 
+def seconds_per_step(
+    model: nn.Module, objective: Any, batches: Any, config: TrainConfig, *, steps: int = 4
+) -> float:
+    """Time a few training steps on a copy of ``model`` (the model itself is not touched); the
+    first step (warm-up: allocations, kernel selection) is left out."""
+    marks: list[float] = []
+
+    class Clock(Callback):
+        def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+            marks.append(time.perf_counter())
+
+    probe = dataclasses.replace(config, max_steps=steps + 1, progress=False, max_minutes=None, eval_every=0)
+    Trainer(copy.deepcopy(model), objective, batches, config=probe, callbacks=[Clock()]).fit()
+    return (marks[-1] - marks[0]) / max(len(marks) - 1, 1)
+
+
 def make_trainer(
     run: Pretraining,
     train: TrainConfig,
@@ -441,12 +461,22 @@ def pretrain(
         )
         run.run_config["out"] = str(out)
         log(describe_pretraining(run))
-        log(plan_line(train, run))
+        log(plan_line(train, run) + (estimate(run, train, data) if train.progress and not resume else ""))
         trainer = make_trainer(run, train, out=work, callbacks=callbacks)
         if resume:
             log(f"resumed {out} at step {trainer.resume()}")
         state = trainer.fit()
     return PretrainResult(model=run.model, tokenizer=run.tokenizer, state=state, run=run, out=out)
+
+
+def estimate(run: Pretraining, train: TrainConfig, data: DataSection) -> str:
+    """", about N minutes" from a timing of a few steps on a copy of the model and its own batches."""
+    probe, _ = batch_sources(
+        run.shards["train"], run.shards["validation"], run.tokenizer, objective=run.objective_name,
+        data=data, train=train,
+    )  # fmt: skip
+    seconds = seconds_per_step(run.model, run.objective, probe, train, steps=3) * train.max_steps
+    return f", about {seconds / 60:.1f} minutes of training on this machine (timed on 3 steps)"
 
 
 def plan_line(train: TrainConfig, run: Pretraining) -> str:

@@ -5,7 +5,15 @@ state = Trainer(model, objective, batches, config=TrainConfig(max_steps=2000), e
                 run_dir="runs/x").fit()
 """
 
-from .callbacks import Callback, EarlyStopping, JSONLLogger, ProgressBar, TensorBoardLogger, WandbLogger
+from .callbacks import (
+    Callback,
+    EarlyStopping,
+    JSONLLogger,
+    ProgressBar,
+    TensorBoardLogger,
+    TimeBudget,
+    WandbLogger,
+)
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, seed_everything
 from .config import TrainConfig
 from .loop import Trainer, TrainingDiverged, TrainState, default_num_targets
@@ -17,6 +25,7 @@ __all__ = [
     "JSONLLogger",
     "ProgressBar",
     "TensorBoardLogger",
+    "TimeBudget",
     "TrainConfig",
     "TrainState",
     "Trainer",

@@ -9,6 +9,7 @@ through ``load_state_dict()`` on resume.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -206,3 +207,34 @@ class ProgressBar(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class TimeBudget(Callback):
+    """Keeps a run planned for a time budget honest: once ``check_after`` steps have shown how fast
+    this machine really trains, ``max_steps`` shrinks (never grows) to what still fits ``minutes``
+    of training, and the progress bar's total follows — so a run planned from a short timing ends
+    at its last planned step with its final evaluation, instead of being cut by the time limit
+    with the bar stopped half way. The learning-rate schedule, read from ``max_steps`` at each
+    step, decays to its end within the new length."""
+
+    def __init__(self, minutes: float, *, check_after: int = 10, margin: float = 0.97) -> None:
+        self.seconds = 60 * minutes
+        self.check_after = check_after
+        self.margin = margin
+        self.adjusted_to: int | None = None
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        state = trainer.state
+        if self.adjusted_to is not None or state.step < self.check_after:
+            return
+        per_step = state.train_time_s / max(state.step, 1)
+        fits = state.step + int((self.margin * self.seconds - state.train_time_s) / max(per_step, 1e-9))
+        fits = max(fits, state.step)
+        self.adjusted_to = trainer.config.max_steps
+        if fits < trainer.config.max_steps:
+            trainer.config = dataclasses.replace(trainer.config, max_steps=fits)
+            self.adjusted_to = fits
+            for callback in trainer.callbacks:
+                if isinstance(callback, ProgressBar) and callback.bar is not None:
+                    callback.bar.total = fits
+                    callback.bar.refresh()

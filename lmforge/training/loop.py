@@ -181,7 +181,6 @@ class Trainer:
         Raises:
             TrainingDiverged: the loss or gradient norm became NaN/inf (nothing was trained on it).
         """
-        config = self.config
         if self.run_dir is not None and self.writer:
             remove_leftovers(self.run_dir)
             write_run_metadata(
@@ -193,7 +192,7 @@ class Trainer:
         self._call("on_train_begin")
         restore_signals = self._install_signal_handlers()
         try:
-            while self.state.step < config.max_steps and not self.state.should_stop:
+            while self.state.step < self.config.max_steps and not self.state.should_stop:
                 start, cpu_start, tokens_before = (
                     time.perf_counter(),
                     time.process_time(),
@@ -208,6 +207,7 @@ class Trainer:
                     sum(s for _, s in self._recent), 1e-9
                 )
                 self._call("on_step_end", metrics)
+                config = self.config  # a callback may have changed it (e.g. TimeBudget's max_steps)
                 step = self.state.step
                 if config.eval_every and step % config.eval_every == 0:
                     self._evaluate_and_report()
