@@ -171,17 +171,11 @@ def generate_text(
         model,
         torch.tensor([ids], device=device),
         max_new_tokens=budget,
-        temperature=sampling.temperature,
-        top_k=sampling.top_k,
-        top_p=sampling.top_p,
-        repetition_penalty=sampling.repetition_penalty,
         num_beams=sampling.num_beams,
         length_penalty=sampling.length_penalty,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
         decoder_start_token_id=decoder_start_id(tokenizer) if encoder_decoder else None,
-        generator=torch.Generator(device=device).manual_seed(sampling.seed),
         streamer=streamer,
+        **choosing(sampling, tokenizer, device),
     )
     new = out[0, 1:] if encoder_decoder else out[0, len(ids) :]
     return GeneratedText(
@@ -191,6 +185,19 @@ def generate_text(
         limited_by_context=budget < sampling.max_new_tokens and new.numel() == budget,
         unknown_pieces=unknown,
     )
+
+
+def choosing(sampling: Sampling, tokenizer: Any, device: torch.device, *, seed_offset: int = 0) -> dict[str, Any]:
+    """The options of :func:`lmforge.generation.generate` that choose the next token and end the text."""
+    return {
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+        "repetition_penalty": sampling.repetition_penalty,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "generator": torch.Generator(device=device).manual_seed(sampling.seed + seed_offset),
+    }
 
 
 class _Chunks:
@@ -225,14 +232,8 @@ def sliding(model: torch.nn.Module, tokenizer: Any, ids: list[int], sampling: Sa
             model,
             torch.tensor([window], device=device),
             max_new_tokens=budget,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            repetition_penalty=sampling.repetition_penalty,
-            eos_token_id=tokenizer.eos_id,
-            pad_token_id=tokenizer.pad_id,
-            generator=torch.Generator(device=device).manual_seed(sampling.seed + step),
             streamer=chunk_streamer,
+            **choosing(sampling, tokenizer, device, seed_offset=step),
         )
         chunk = out[0, len(window) :].tolist()
         text += chunk
