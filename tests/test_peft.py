@@ -258,6 +258,19 @@ def test_several_adapters_add_switch_disable_delete() -> None:
         peft.set_adapter(model, "a")
 
 
+def test_adapted_module_does_not_forward_attributes() -> None:
+    m = build("tiny-decoder")
+    peft.apply(m, "lora")
+    wrapped = m.get_submodule("decoder.layers.0.self_attn.q_proj")
+    assert isinstance(wrapped, peft.AdaptedModule)
+    with pytest.raises(AttributeError):
+        wrapped.weight  # noqa: B018
+    assert peft.unwrap(wrapped) is wrapped.base
+    assert peft.unwrap(wrapped).weight.shape == (64, 64)
+    plain = torch.nn.Linear(2, 3)
+    assert peft.unwrap(plain) is plain
+
+
 def test_merge_and_unload_gives_a_plain_model() -> None:
     model, batch = build("tiny-llama"), inputs("tiny-llama")
     applied(model, "lora")

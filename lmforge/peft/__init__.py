@@ -39,6 +39,7 @@ from .base import (
     seam_slots,
     set_adapter,
     trainable_report,
+    unwrap,
 )
 from .bitfit import BitFitConfig
 from .ia3 import IA3Config
@@ -240,4 +241,5 @@ __all__ = [
     "trainable_report",
     "training_callbacks",
     "unmerge",
+    "unwrap",
 ]

@@ -56,7 +56,12 @@ class AdapterModule(nn.Module):
 
 
 class AdaptedModule(nn.Module):
-    """A base module plus named adapters, one of them active (or none: the base alone)."""
+    """A base module plus named adapters, one of them active (or none: the base alone).
+
+    Attributes of the wrapped module are not forwarded: read them from ``base`` (or through
+    :func:`unwrap`, which takes wrapped and plain modules alike), so it is always visible which
+    object is read.
+    """
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -69,13 +74,6 @@ class AdaptedModule(nn.Module):
         if self.active is None or self.active not in self.adapters or self.active == self.merged:
             return self.base(*args, **kwargs)
         return self.adapters[self.active](self.base, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        # Reads like `module.weight` or `attn.head_dim` reach the wrapped module.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("base"), name)
 
 
 class SeamSlot(nn.Module):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import LMForgeError
 from ..model.attention import SelfAttention
-from .base import PeftConfig, SeamSlot, peft_modules, register_peft_method, wrap_modules_to_save
+from .base import PeftConfig, SeamSlot, peft_modules, register_peft_method, unwrap, wrap_modules_to_save
 
 NOT_MERGEABLE = "{method} cannot be merged: it adds virtual tokens the model attends to, not a weight change"
 
@@ -33,7 +33,7 @@ def _self_attention_layers(model: nn.Module) -> list[SelfAttention]:
     for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
         if stack is not None:
             layers += [block.self_attn for block in stack.layers]
-    return [getattr(layer, "base", layer) for layer in layers]
+    return [unwrap(layer) for layer in layers]
 
 
 def _prompt_stack(model: nn.Module) -> nn.Module:
