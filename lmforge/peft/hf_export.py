@@ -39,7 +39,6 @@ TASK_TYPES = {  # (arch, head) -> peft task_type
 def hf_parameter_names(model: nn.Module, model_type: str | None = None) -> dict[str, str]:
     """lmforge parameter name -> full Hugging Face tensor name, for parameters stored the same way
     on both sides (fused or transposed tensors, such as GPT-2's c_attn, are left out)."""
-    from ..interop.common import _identity_to_lm
     from ..interop.hf import export_family
 
     config = model.config
@@ -48,7 +47,7 @@ def hf_parameter_names(model: nn.Module, model_type: str | None = None) -> dict[
     prefix = "" if config.head == "none" else family.base_prefix
     names = {}
     for rule in family.rules(config):
-        if len(rule.lm) == 1 and rule.to_lm is _identity_to_lm and not rule.zero:
+        if rule.as_is:
             # BERT's pooler counts as head in lmforge but lives in the backbone (bert.pooler) in Hugging Face
             inside = rule.hf in backbone or rule.hf.startswith("pooler.")
             names[rule.lm[0]] = (prefix + rule.hf) if inside else rule.hf
