@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import pkgutil
 import re
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,3 +159,9 @@ def test_hf_export_names_no_method() -> None:
         assert record.config_class.__name__ not in source
         assert f"from .{module} import" not in source
         assert f'"{record.name}"' not in source and f"'{record.name}'" not in source
+
+
+def test_finetune_method_choices_come_from_the_registry() -> None:
+    from lmforge.tasks.finetuning import MethodName
+
+    assert typing.get_args(MethodName) == ("full", *peft.method_names())

@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import LMForgeError
+from ..peft import get_method, method_names
 from ..settings import dataclass_to_dict
 from ..training import TrainConfig
 from . import make_task
 from .base import DEFAULT_MAX_LENGTH, Batches, EvalResult, Task, TaskEvaluation, TaskOptions
 from .data import LABELS_FILE, Columns, SplitPlan, check_bad_rows, read_label_file
 
-MethodName = Literal["full", "lora", "adalora", "adapter", "prefix", "prompt", "ptuning", "ia3", "bitfit"]
+# "full" or a registered PEFT method: the command line's choices come from lmforge.peft's registry.
+MethodName = Literal[("full", *method_names())]  # type: ignore[valid-type]
 SUMMARY_FILE = "finetune.json"
 EVAL_FILE = "eval.json"
 
@@ -241,10 +243,10 @@ def finetune_run(
         f"validation {task.main_metric} every {train.eval_every or train.max_steps} steps"
     )
 
-    # AdaLoRA's final rank allocation is part of the method: its last weights are kept.
-    evaluation = TaskEvaluation(
-        task, val_examples, batch_size=max(train.batch_size, 32), keep_best=method != "adalora"
-    )
+    # The method's record says whether the best validation weights are kept (AdaLoRA keeps its last:
+    # the final rank allocation is part of the method).
+    keep_best = method == "full" or get_method(method).keep_best
+    evaluation = TaskEvaluation(task, val_examples, batch_size=max(train.batch_size, 32), keep_best=keep_best)
     run_config: dict[str, Any] = {
         "task": task_name,
         "task_state": task.state,
