@@ -22,6 +22,7 @@ OPTIONS = {
     "pfeiffer": ("adapter", {"style": "pfeiffer", "bottleneck": 8}),
     "ia3": ("ia3", {}),
     "bitfit": ("bitfit", {}),
+    "loha": ("loha", {"r": 2, "alpha": 4}),
     "prefix": ("prefix", {"num_virtual_tokens": 3}),
     "prefix-mlp": ("prefix", {"num_virtual_tokens": 3, "projection": True, "projection_hidden": 16}),
     "prompt": ("prompt", {"num_virtual_tokens": 3}),
