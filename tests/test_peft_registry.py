@@ -165,3 +165,18 @@ def test_finetune_method_choices_come_from_the_registry() -> None:
     from lmforge.tasks.finetuning import MethodName
 
     assert typing.get_args(MethodName) == ("full", *peft.method_names())
+
+
+def test_command_help_lists_the_registered_methods() -> None:
+    from lmforge.commands.convert import convert
+    from lmforge.commands.merge import merge
+
+    def listed(doc: str | None, before: str) -> set[str]:
+        match = re.search(re.escape(before) + r"\s+\(([^)]*)\)", doc or "")
+        assert match, before
+        return set(match.group(1).split(", "))
+
+    records = [peft.get_method(name) for name in peft.method_names()]
+    assert listed(merge.__doc__, "be merged") == {r.name for r in records if r.mergeable}
+    assert listed(merge.__doc__, "the others") == {r.name for r in records if not r.mergeable}
+    assert listed(convert.__doc__, "exports a PEFT run") == {r.name for r in records if r.hf_export}
