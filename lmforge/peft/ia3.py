@@ -88,7 +88,9 @@ def inject_ia3(model: nn.Module, config: IA3Config, name: str) -> None:
 
 def hf_config(context: HFExportContext) -> dict[str, Any]:
     """adapter_config.json fields of an IA3 adapter (Hugging Face PEFT's ``IA3Config``)."""
-    feedforward = [name for name, layer in context.layers.items() if getattr(layer, "feedforward", False)]
+    feedforward = [
+        name for name, layer in context.layers.items() if isinstance(layer, IA3Linear) and layer.feedforward
+    ]
     return {
         "peft_type": "IA3",
         "feedforward_modules": feedforward,
