@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from ..errors import LMForgeError
+from ..peft import get_method, method_names
 from ..pipeline.export import from_hf, to_hf, to_hf_peft
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,7 +31,7 @@ def convert(
     transformers' ``AutoModel*.from_pretrained`` loads with the same outputs (GPT-2, BERT/RoBERTa,
     Llama/Qwen2/Mistral and T5/mT5 shapes). ``--to lmforge HF_DIR OUT_RUN_DIR`` reads a local
     Hugging Face folder (safetensors, sharded safetensors or pytorch_model.bin) into an lmforge
-    run directory. ``--to hf-peft RUN_DIR OUT_DIR`` exports a LoRA, IA3 or prompt-tuning run as
+    run directory. ``--to hf-peft RUN_DIR OUT_DIR`` exports a PEFT run ({exportable}) as
     OUT_DIR/base (the Hugging Face base model) and OUT_DIR/adapter (a Hugging Face PEFT adapter
     that ``peft.PeftModel.from_pretrained(base, OUT_DIR/adapter)`` loads with the same outputs).
 
@@ -76,3 +77,9 @@ def convert(
         f"{config.embed_dim} wide, head {config.head}, {model.num_params():,} parameters"
     )
     return 0
+
+
+# The list in --help comes from the PEFT method registry.
+convert.__doc__ = (convert.__doc__ or "").format(
+    exportable=", ".join(n for n in method_names() if get_method(n).hf_export is not None)
+)

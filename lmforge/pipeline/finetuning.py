@@ -55,7 +55,7 @@ from .common import Log, silent
 
 SUMMARY_FILE = "finetune.json"
 FULL = "full"  # the method name of full fine-tuning (every other name is a PEFT method)
-MethodName = Literal[(FULL, *peft_lib.METHODS)]  # type: ignore[valid-type]  # from the PEFT registry
+MethodName = Literal[(FULL, *peft_lib.method_names())]  # type: ignore[valid-type]  # from the PEFT registry
 
 
 # ---- what goes in ------------------------------------------------------------------------------
@@ -418,7 +418,7 @@ def prepare(
         f"({train.max_steps * train.batch_size * train.grad_accum / max(len(features), 1):.2f} epochs), "
         f"validation {task.main_metric} every {train.eval_every or train.max_steps} steps"
     )
-    keep_best = method == FULL or peft_lib.METHODS[method].keep_best
+    keep_best = method == FULL or peft_lib.get_method(method).keep_best
     evaluation = TaskEvaluation(task, data.validation, batch_size=max(train.batch_size, 32), keep_best=keep_best)
     return Prepared(model, head, train, batches, val_batches, evaluation, report, len(features))
 
