@@ -305,7 +305,8 @@ def check_output(path: Path, *, overwrite: bool = False, resume: bool = False, h
 def output_folder(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
     """The folder a command writes its output into, never mixed with an older one.
 
-    - a new or empty ``path``: written in place;
+    - a new or empty ``path``: written in place (left new or empty again when the block fails
+      before a checkpoint was written);
     - ``resume``: ``path`` itself (the caller checks it holds its own run);
     - an occupied ``path`` with ``overwrite``: the new output is written into a folder beside it,
       which replaces ``path`` as a whole when the block ends normally (an interrupted training
@@ -317,8 +318,19 @@ def output_folder(path: str | Path, *, overwrite: bool = False, resume: bool = F
     check_output(path, overwrite=overwrite, resume=resume, hint=RESUME_HINT)
     remove_stale_siblings(path)
     if resume or not occupied(path):
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
-        yield path
+        try:
+            yield path
+        except BaseException:
+            # A command that fails before its first checkpoint leaves the folder as it found it.
+            if not resume and not (path / "checkpoints").exists():
+                if created:
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    for child in path.iterdir():
+                        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+            raise
         return
     staging = path.with_name(f".{path.name}.new-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

@@ -318,7 +318,7 @@ def test_clear_errors() -> None:
     model = build("tiny-llama")
     with pytest.raises(LMForgeError, match="unknown PEFT method 'lorra' \\(did you mean 'lora'"):
         peft.apply(model, "lorra")
-    with pytest.raises(LMForgeError, match="lora has no option 'rank' .options: alpha, dropout"):
+    with pytest.raises(LMForgeError, match=r"lora has no option 'rank' \(did you mean 'r'\?\) \(options: alpha, dropout"):
         peft.apply(model, "lora", rank=4)
     with pytest.raises(LMForgeError, match="target module 'query' matches nothing"):
         peft.apply(model, "lora", target_modules=["query"])

@@ -79,7 +79,8 @@ def test_finetune_in_memory_writes_nothing_and_a_second_task_trains_the_same_mod
         examples_of(task2, records(128, 2, second_cues), training=True), examples_of(task2, records(32, 3, second_cues))
     )
     backbone_before = first.model.encoder.layers[0].mlp.up_proj.weight.detach().clone()
-    second = finetune(base2, task2, data2, method="lora", peft={"r": 4}, train=fast(), out=None)
+    lora = {"r": 8, "target_modules": "all-linear"}
+    second = finetune(base2, task2, data2, method="lora", peft=lora, train=fast(lr=1e-2, max_steps=60), out=None)
     assert second.summary["validation"]["accuracy"] >= 0.9
     frozen = peft.base.unwrap(second.model.encoder.layers[0].mlp.up_proj).weight
     torch.testing.assert_close(frozen, backbone_before, rtol=0, atol=0)  # LoRA left the backbone alone
@@ -98,8 +99,8 @@ def test_finetune_evaluate_predict_and_merge_from_folders(tokenizer: Tokenizer, 
     for split, (n, seed) in {"train": (128, 0), "validation": (32, 1), "test": (32, 2)}.items():
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(n, seed)))
     result = finetune_run(model=base, data=DataSpec(data), task_name="classification", method="lora",
-                          peft={"r": 4, "target_modules": "all-linear"}, options={"max_length": 16},
-                          train=fast(), out=tmp_path / "run")  # fmt: skip
+                          peft={"r": 8, "target_modules": "all-linear"}, options={"max_length": 16},
+                          train=fast(lr=1e-2, max_steps=60), out=tmp_path / "run")  # fmt: skip
     task, evaluated = evaluate_run(tmp_path / "run", split="validation")
     assert evaluated.metrics["accuracy"] == pytest.approx(result.summary["validation"]["accuracy"])
     loaded = load_task_run(tmp_path / "run")

@@ -176,7 +176,7 @@ def test_data_and_run_directory_mistakes(text_file: Path, tmp_path: Path, capsys
     args = tiny_args(text_file, tmp_path / "run", "--tokenizer.kind", "char", "--train.max_steps", "2")
     assert main(args) == 0
     capsys.readouterr()
-    assert "already holds a run: add --resume" in one_line_error(args, capsys)
+    assert "add --resume to continue a run there" in one_line_error(args, capsys)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
