@@ -286,11 +286,12 @@ def model_config_of(config: dict[str, Any], *, file: Path, lines: dict[str, int]
 def load(
     path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> LoadedRun:
-    """Load a run directory (or a Hugging Face folder: config.json + safetensors) for use.
+    """Load a run directory (or a Hugging Face folder: config.json + safetensors; or a GGUF file) for use.
 
     Args:
         path: a folder written by :func:`save_run` or by ``lmforge pretrain``; a folder with a
-            ``config.json`` and no ``config.yaml`` is read as a Hugging Face checkpoint.
+            ``config.json`` and no ``config.yaml`` is read as a Hugging Face checkpoint; a
+            ``.gguf`` file (or a folder holding one) as llama.cpp's format (``lmforge.interop.gguf``).
         device: where to put the model (default: CPU).
         dtype: cast floating-point weights to this dtype (default: as saved).
 
@@ -302,6 +303,10 @@ def load(
             config, or a tokenizer that does not belong to the model.
     """
     path = Path(path)
+    from .interop.gguf import is_gguf, load_gguf
+
+    if is_gguf(path):
+        return load_gguf(path, device=device, dtype=dtype)
     if not path.is_dir():
         raise LMForgeError("run directory not found", file=path)
     config_path = path / CONFIG_FILE
