@@ -23,6 +23,9 @@ def generate(
     seed: int = 0,
     no_stream: bool = False,
     device: str = "auto",
+    chat: bool = False,
+    system: str | None = None,
+    chat_template: str | None = None,
 ) -> int:
     """Continue a prompt with a model from a run directory (or a Hugging Face folder).
 
@@ -32,7 +35,8 @@ def generate(
     position table has less room left in its context; a note then says so).
 
     Args:
-        model: the run directory (config.yaml, model.safetensors, tokenizer.json).
+        model: the run directory (config.yaml, model.safetensors, tokenizer.json), a Hugging Face
+            folder, or a GGUF file (with its tokenizer and chat template).
         prompt: the text to continue (empty: start a new document).
         max_new_tokens: the most tokens to generate.
         temperature: 0 decodes greedily; above 0 samples (higher: more varied).
@@ -44,6 +48,11 @@ def generate(
         seed: random seed of sampling.
         no_stream: print the text at the end instead of token by token.
         device: cpu, cuda, cuda:1, … or auto (a GPU when there is one).
+        chat: send the prompt as a user message through the model's chat template and print the
+            answer only, stopping at the end of the assistant's turn.
+        system: --chat: a system message before the prompt.
+        chat_template: --chat: a built-in template (chatml, llama-2, plain) or Jinja source
+            instead of the model's own.
     """
     from ..generation import TextStreamer
     from ..generation import generate as run_generation
@@ -58,7 +67,17 @@ def generate(
     config = run.model.config
     encoder_decoder = config.arch == "encoder_decoder"
 
-    ids = tokenizer.encode(prompt)
+    stop: int | list[int] | None = tokenizer.eos_id
+    if chat:
+        from ..chat_template import chat_prompt
+
+        if encoder_decoder:
+            raise LMForgeError("--chat applies to decoder models", key="chat")
+        ids, stop = chat_prompt(tokenizer, prompt, system=system, template=chat_template)
+    elif system is not None or chat_template is not None:
+        raise LMForgeError("--system and --chat_template apply with --chat", key="chat")
+    else:
+        ids = tokenizer.encode(prompt)
     unknown = sum(1 for i in ids if i == tokenizer.unk_id) if tokenizer.unk_id is not None else 0
     if unknown:
         print(
@@ -83,7 +102,7 @@ def generate(
     decoder_start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.pad_id
     streaming = not no_stream and num_beams == 1
     shown = [] if encoder_decoder else ids  # a decoder's prompt is printed with its continuation
-    streamer = TextStreamer(tokenizer, prompt_ids=shown, show_prompt=True) if streaming else None
+    streamer = TextStreamer(tokenizer, prompt_ids=shown, show_prompt=not chat) if streaming else None
     out = run_generation(
         run.model,
         torch.tensor([ids], device=torch_device),
@@ -94,7 +113,7 @@ def generate(
         repetition_penalty=repetition_penalty,
         num_beams=num_beams,
         length_penalty=length_penalty,
-        eos_token_id=tokenizer.eos_id,
+        eos_token_id=stop,
         pad_token_id=tokenizer.pad_id,
         decoder_start_token_id=decoder_start,
         generator=torch.Generator(device=torch_device).manual_seed(seed),
@@ -102,7 +121,7 @@ def generate(
     )
     if streamer is None:
         new = out[0, 1:] if encoder_decoder else out[0, len(ids) :]
-        sys.stdout.write(tokenizer.decode(shown + new.tolist()))
+        sys.stdout.write(tokenizer.decode(new.tolist() if chat else shown + new.tolist()))
     print()
     generated = out.shape[1] - (1 if encoder_decoder else len(ids))
     if max_new_tokens < asked and generated == max_new_tokens:
