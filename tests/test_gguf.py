@@ -218,6 +218,29 @@ def test_convert_command_and_folder_loading(tmp_path: Path, tokenizer, capsys) -
         lmforge.load(out.parent)
 
 
+def test_gguf_to_run_directory_and_back(files, tmp_path: Path, tokenizer) -> None:
+    """convert --to lmforge reads a GGUF file into a run directory that keeps the chat template
+    (tokenizer_config.json), and that directory converts back to the same GGUF tensors."""
+    source = files["qwen2", "f32"]
+    run_dir = tmp_path / "run"
+    assert main(["convert", "--to", "lmforge", str(source), str(run_dir)]) == 0
+    run = lmforge.load(run_dir)
+    assert run.tokenizer.chat_template == CHATML
+    assert run.tokenizer.encode(SAMPLES[2]) == tokenizer.encode(SAMPLES[2])
+    back = tmp_path / "back.gguf"
+    assert main(["convert", "--to", "gguf", str(run_dir), str(back), "--dtype", "f32"]) == 0
+    first, second = gguf.GGUFReader(source), gguf.GGUFReader(back)
+    for a, b in zip(first.tensors, second.tensors, strict=True):
+        assert a.name == b.name and np.array_equal(a.data, b.data), a.name
+    for key in (
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.chat_template",
+        "qwen2.rope.freq_base",
+    ):
+        assert first.fields[key].contents() == second.fields[key].contents(), key
+
+
 def test_generate_chat_streams_the_answer_only(files, capsys) -> None:
     code = main(["generate", "--model", str(files["llama", "f16"]), "--prompt", "hi", "--chat",
                  "--max_new_tokens", "5", "--device", "cpu"])  # fmt: skip

@@ -35,17 +35,18 @@ def convert(
     ``--to hf RUN_DIR OUT_DIR`` writes config.json + model.safetensors + tokenizer files that
     transformers' ``AutoModel*.from_pretrained`` loads with the same outputs (GPT-2, BERT/RoBERTa,
     Llama/Qwen2/Mistral and T5/mT5 shapes). ``--to lmforge HF_DIR OUT_RUN_DIR`` reads a local
-    Hugging Face folder (safetensors, sharded safetensors or pytorch_model.bin) into an lmforge
-    run directory. ``--to hf-peft RUN_DIR OUT_DIR`` exports a LoRA, IA3 or prompt-tuning run as
-    OUT_DIR/base (the Hugging Face base model) and OUT_DIR/adapter (a Hugging Face PEFT adapter
-    that ``peft.PeftModel.from_pretrained(base, OUT_DIR/adapter)`` loads with the same outputs).
+    Hugging Face folder (safetensors, sharded safetensors or pytorch_model.bin), or a GGUF file
+    with its tokenizer and chat template, into an lmforge run directory. ``--to hf-peft RUN_DIR
+    OUT_DIR`` exports a LoRA, IA3 or prompt-tuning run as OUT_DIR/base (the Hugging Face base
+    model) and OUT_DIR/adapter (a Hugging Face PEFT adapter that
+    ``peft.PeftModel.from_pretrained(base, OUT_DIR/adapter)`` loads with the same outputs).
     ``--to gguf RUN_DIR OUT.gguf --dtype f16|bf16|q8_0|f32`` writes a Llama-style decoder (a run,
     a merged LoRA run, a Hugging Face folder or a GGUF file) with its tokenizer and chat template
     as a GGUF file for llama.cpp and Ollama (needs the gguf package).
 
     Args:
-        source: the run directory (or Hugging Face folder) to read.
-        out: the folder to write.
+        source: the run directory (or Hugging Face folder, or GGUF file) to read.
+        out: the folder to write (a file for --to gguf).
         to: the format to write: "hf", "hf-peft" (base + PEFT adapter of a fine-tuning run), "lmforge"
             or "gguf" (a file).
         model_type: --to hf: the Hugging Face model_type to write, e.g. roberta or mistral
@@ -101,13 +102,20 @@ def convert(
         return 0
     if model_type is not None:
         raise LMForgeError("--model_type applies to --to hf only", key="model_type")
-    if not is_hf_folder(source):
+    from ..interop.gguf import is_gguf, load_gguf
+
+    if is_gguf(source):  # a GGUF file: its model, tokenizer and chat template
+        if head != "auto" or num_labels is not None:
+            raise LMForgeError("--head and --num_labels apply to Hugging Face folders", key="head")
+        run = load_gguf(source, dtype=torch_dtype)
+    elif not is_hf_folder(source):
         raise LMForgeError(
             "not a Hugging Face model folder (no config.json, or an lmforge config.yaml)", file=source
         )
-    run = load_hf_folder(
-        source, dtype=torch_dtype, head=None if head == "auto" else head, num_labels=num_labels
-    )
+    else:
+        run = load_hf_folder(
+            source, dtype=torch_dtype, head=None if head == "auto" else head, num_labels=num_labels
+        )
     save_run(out, model=run.model, tokenizer=run.tokenizer)
     config = run.model.config
     print(
