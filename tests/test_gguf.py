@@ -111,6 +111,53 @@ def test_weights_are_exactly_what_the_gguf_package_dequantizes(files, tokenizer,
     assert stored["blk.0.attn_norm.weight"].tensor_type.name == "F32"  # 1-D tensors stay F32
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_other_quantizations_are_read(tmp_path: Path, tokenizer, monkeypatch, kind: str) -> None:
+    """Files in the 4- and 5-bit types llama.cpp writes (made here with the gguf package's own
+    quantizers) read back as exactly what the package dequantizes, q/k rows un-permuted."""
+    from lmforge.interop import gguf as ours
+
+    monkeypatch.setitem(ours.WRITE_TYPES, kind.lower(), kind)
+    monkeypatch.setitem(ours.FILE_TYPES, kind, 2)
+    model = tiny(tokenizer)
+    path = tmp_path / "m.gguf"
+    assert save_gguf(model, tokenizer, path, dtype=kind.lower())[kind] == 2 * 7 + 2  # 7 a layer, embed, head
+    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    loaded = lmforge.load(path).model
+    k = stored["blk.1.attn_k.weight"]
+    assert k.tensor_type.name == kind
+    raw = torch.from_numpy(np.array(gguf.quants.dequantize(k.data, k.tensor_type)))
+    heads = model.config.num_kv_heads
+    assert torch.equal(loaded.decoder.layers[1].self_attn.k_proj.weight, from_interleaved(raw, heads))
+    ids = batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0.3, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K"])
+def test_k_quants_are_dequantized_by_the_gguf_package(tmp_path: Path, kind: str) -> None:
+    """K-quant blocks (256 weights; the gguf package dequantizes but cannot write them): random
+    blocks with valid half-precision scales read as the package dequantizes them."""
+    from lmforge.interop.gguf import GGUFFile
+
+    kind_enum = gguf.GGMLQuantizationType[kind]
+    block, size = gguf.GGML_QUANT_SIZES[kind_enum]
+    rows, cols = 3, 2 * block
+    raw = np.random.default_rng(0).integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    raw[..., :4] = np.array([0.01, 0.002], dtype=np.float16).view(np.uint8)  # d, dmin lead each block
+    writer = gguf.GGUFWriter(tmp_path / "k.gguf", "llama")
+    writer.add_tensor("w", raw.reshape(rows, -1), raw_dtype=kind_enum)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    file = GGUFFile(tmp_path / "k.gguf")
+    assert file.shape("w") == (rows, cols)
+    expected = gguf.quants.dequantize(raw.reshape(rows, -1), kind_enum)
+    assert np.isfinite(expected).all()
+    assert torch.equal(file.tensor("w"), torch.from_numpy(np.array(expected)))
+
+
 def test_the_gguf_package_reads_our_metadata(files, tokenizer) -> None:
     reader = gguf.GGUFReader(files["qwen2", "q8_0"])
 
@@ -343,3 +390,18 @@ def test_unsupported_tokenizers_are_named(files, tmp_path: Path) -> None:
         gguf_tokenizer({**fields, "tokenizer.ggml.pre": "deepseek-coder"}, file=tmp_path)
     loaded = load_gguf(files["llama", "f32"])
     assert loaded.config["gguf"]["general.architecture"] == "llama"
+
+
+def test_pre_tokenizer_names_round_trip(tokenizer) -> None:
+    """Each llama.cpp pre-tokenizer name lmforge reads is the name it writes for that splitting."""
+    from tokenizers import Tokenizer as Backend
+
+    from lmforge.interop.gguf_vocab import PRE_TOKENIZERS, byte_level_pre_tokenizer, pre_tokenizer_name
+
+    for name, (split, digits, _) in PRE_TOKENIZERS.items():
+        backend = Backend.from_str(tokenizer.backend.to_str())
+        backend.pre_tokenizer = byte_level_pre_tokenizer(split, digits)
+        assert PRE_TOKENIZERS[pre_tokenizer_name(backend)][:2] == (split, digits), name
+    backend.pre_tokenizer = None
+    with pytest.raises(LMForgeError, match="has no llama.cpp name"):
+        pre_tokenizer_name(backend)

@@ -100,7 +100,8 @@ def gguf_tokenizer(fields: dict[str, Any], *, file: Path) -> Tokenizer:
         pairs.append((left, right))
 
     split, digits, ignore_merges = PRE_TOKENIZERS[pre]
-    backend = Backend(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
+    options = {"ignore_merges": True} if ignore_merges else {}  # (tokenizers >= 0.19 knows it)
+    backend = Backend(models.BPE(vocab, pairs, **options))
     backend.pre_tokenizer = byte_level_pre_tokenizer(split, digits)
     backend.decoder = decoders.ByteLevel()
     added = [
