@@ -154,6 +154,9 @@ def main() -> None:
     )
     print(body)
     if not args.no_record:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the machine line reports the measured thread count
         append_results("SmolLM2-135M from GGUF: load and generation vs transformers", body)
 
 
