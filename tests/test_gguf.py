@@ -405,3 +405,22 @@ def test_pre_tokenizer_names_round_trip(tokenizer) -> None:
     backend.pre_tokenizer = None
     with pytest.raises(LMForgeError, match="has no llama.cpp name"):
         pre_tokenizer_name(backend)
+
+
+def test_embedding_rows_beyond_the_vocabulary_get_unused_tokens(tmp_path: Path, tokenizer) -> None:
+    """llama.cpp wants one token per embedding row: a model padded past its tokenizer (a common
+    rounding of vocab_size) is written with unused [PAD<id>] tokens, as llama.cpp's converter does."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-llama", vocab_size=tokenizer.vocab_size + 6)).eval()
+    path = tmp_path / "padded.gguf"
+    save_gguf(model, tokenizer, path, dtype="f32")
+    fields = gguf.GGUFReader(path).fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == model.config.vocab_size
+    assert tokens[-1] == f"[PAD{model.config.vocab_size - 1}]" and types[-6:] == [5] * 6
+    run = lmforge.load(path)
+    for text in SAMPLES:
+        assert run.tokenizer.encode(text) == tokenizer.encode(text)
+    ids = batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(ids).logits, model(ids).logits, atol=1e-5, rtol=0)

@@ -483,7 +483,7 @@ def save_gguf(
     architecture = gguf_architecture(config)
     if tokenizer is None:
         raise LMForgeError("a GGUF file carries its tokenizer: this model has none", key="tokenizer")
-    vocabulary = tokenizer_metadata(tokenizer)
+    vocabulary = tokenizer_metadata(tokenizer, config.vocab_size)
     if tokenizer.vocab_size > config.vocab_size:
         raise LMForgeError(
             f"the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding {config.vocab_size} rows",

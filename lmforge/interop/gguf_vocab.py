@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from ..tokenizers import Tokenizer
 
-NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_type values (gguf.TokenType)
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5  # tokenizer.ggml.token_type values (gguf.TokenType)
 
 # The word-splitting expressions of llama.cpp's pre-tokenizer names (llama-vocab.cpp), those
 # published with the models' own tokenizer.json files.
@@ -188,11 +188,13 @@ def pre_tokenizer_name(backend: Backend) -> str:
     )
 
 
-def tokenizer_metadata(tokenizer: Tokenizer) -> dict[str, Any]:
+def tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int | None = None) -> dict[str, Any]:
     """The ``tokenizer.ggml.*`` (and ``tokenizer.chat_template``) entries describing ``tokenizer``.
 
     ``add_eos_token`` is always written false: llama.cpp would end every prompt with eos, which a
-    causal language model reads as the end of its text.
+    causal language model reads as the end of its text. When the model's embedding has more rows
+    (``vocab_size``) than the tokenizer has tokens, the list is padded with unused ``[PAD<id>]``
+    tokens, as llama.cpp's converter does: llama.cpp wants one token per row.
 
     Raises:
         LMForgeError: not a byte-level BPE tokenizer, a pre-tokenizer llama.cpp has no name for,
@@ -215,6 +217,9 @@ def tokenizer_metadata(tokenizer: Tokenizer) -> dict[str, Any]:
         raise LMForgeError("the tokenizer's ids are not 0 … N-1 without gaps", key="tokenizer")
     tokens = [by_id[i] for i in range(size)]
     types = [NORMAL] * size
+    for token_id in range(size, vocab_size or size):
+        tokens.append(f"[PAD{token_id}]")
+        types.append(UNUSED)
     for token_id, added in backend.get_added_tokens_decoder().items():
         types[token_id] = CONTROL if added.special else USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
