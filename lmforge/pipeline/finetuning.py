@@ -41,6 +41,7 @@ from ..files import (
     save_tensors,
     save_weights,
 )
+from ..interop.gguf import is_gguf
 from ..interop.hf import is_hf_folder, load_hf_model, load_hf_tokenizer
 from ..model import Transformer
 from ..runs import load, load_head, transplant
@@ -150,15 +151,15 @@ def read_task_data(task: Task, data: DataSpec) -> TaskData:
 
 
 def load_base(path: str | Path) -> Base:
-    """The model and tokenizer of a run directory or Hugging Face folder, to fine-tune.
+    """The model and tokenizer of a run directory, a Hugging Face folder or a GGUF file, to fine-tune.
 
     Raises:
         LMForgeError: no such folder, no tokenizer, or a PEFT run (merge it first).
     """
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() and not is_gguf(path):
         raise LMForgeError(
-            "model folder not found (a run directory or a Hugging Face folder)", file=path, key="model"
+            "model not found (a run directory, a Hugging Face folder or a GGUF file)", file=path, key="model"
         )
     if is_hf_folder(path):
         model, tokenizer = load_hf_model(path), load_hf_tokenizer(path)
