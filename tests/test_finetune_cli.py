@@ -159,7 +159,7 @@ def test_missing_paths_and_eval_mistakes_are_one_line(
     code, _, err = run_cli(
         ["finetune", "--model", tmp_path / "nope", "--data", data, "--task", "classification"], capsys
     )
-    assert "model folder not found" in one_line_error(code, err)
+    assert "model not found (a run directory, a Hugging Face folder or a GGUF file)" in one_line_error(code, err)
     code, _, err = run_cli(
         ["finetune", "--model", base, "--data", tmp_path / "nodata", "--task", "classification"], capsys
     )

@@ -11,10 +11,8 @@ from lmforge import ModelConfig, Transformer, peft
 from lmforge.errors import LMForgeError
 
 ARCHS = ["tiny-decoder", "tiny-encoder", "tiny-encoder-decoder", "tiny-llama"]
-LAYER_METHODS = ["lora", "rslora", "dora", "adalora", "adapter", "pfeiffer", "ia3", "bitfit"]
-PROMPT_METHODS = ["prefix", "prefix-mlp", "prompt", "ptuning"]
-METHODS = LAYER_METHODS + PROMPT_METHODS
-MERGEABLE = {"lora", "rslora", "dora", "adalora", "ia3", "bitfit"}
+# The matrix: one row per method (or variant of one): case -> (method, options). Adding a method
+# to lmforge.peft adds its row here; every registered method must have one (tested below).
 OPTIONS = {
     "lora": ("lora", {"r": 4}),
     "rslora": ("lora", {"r": 4, "use_rslora": True}),
@@ -24,11 +22,17 @@ OPTIONS = {
     "pfeiffer": ("adapter", {"style": "pfeiffer", "bottleneck": 8}),
     "ia3": ("ia3", {}),
     "bitfit": ("bitfit", {}),
+    "loha": ("loha", {"r": 2, "alpha": 4}),
     "prefix": ("prefix", {"num_virtual_tokens": 3}),
     "prefix-mlp": ("prefix", {"num_virtual_tokens": 3, "projection": True, "projection_hidden": 16}),
     "prompt": ("prompt", {"num_virtual_tokens": 3}),
     "ptuning": ("ptuning", {"num_virtual_tokens": 3, "hidden": 16}),
 }
+PROMPT_METHODS = ["prefix", "prefix-mlp", "prompt", "ptuning"]  # they add inputs, not layers
+LAYER_METHODS = [case for case in OPTIONS if case not in PROMPT_METHODS]
+METHODS = list(OPTIONS)
+# What each record declares; test_merge_unmerge_or_clear_error holds every method to it.
+MERGEABLE = {case for case, (method, _) in OPTIONS.items() if peft.get_method(method).mergeable}
 
 
 def build(arch: str, *, head: str | None = None, seed: int = 0) -> Transformer:
@@ -230,6 +234,34 @@ def test_kv_cache_decoding_equals_full_forward(arch: str, method: str) -> None:
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_every_registered_method_is_in_the_matrix() -> None:
+    assert set(peft.method_names()) <= {method for method, _ in OPTIONS.values()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_adapters_of_one_method_switch_and_delete(method: str) -> None:
+    skip_unsupported("tiny-decoder", method)
+    model, batch = build("tiny-decoder"), inputs("tiny-decoder")
+    base = outputs(model, batch)
+    applied(model, method, name="a")
+    perturb(model, "a")
+    out_a = outputs(model, batch)
+    applied(model, method, name="b")
+    perturb(model, "b", scale=0.5)
+    out_b = outputs(model, batch)
+    assert not torch.allclose(out_a, out_b)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(
+        peft.base.adapter_parameters(model, "b")
+    )
+    peft.set_adapter(model, "a")
+    torch.testing.assert_close(outputs(model, batch), out_a)
+    peft.delete_adapter(model, "a")
+    assert peft.active_adapter(model) == "b"
+    torch.testing.assert_close(outputs(model, batch), out_b)
+    peft.delete_adapter(model, "b")
+    torch.testing.assert_close(outputs(model, batch), base)
+
+
 def test_several_adapters_add_switch_disable_delete() -> None:
     model, batch = build("tiny-decoder"), inputs("tiny-decoder")
     base = outputs(model, batch)
@@ -256,6 +288,19 @@ def test_several_adapters_add_switch_disable_delete() -> None:
     torch.testing.assert_close(outputs(model, batch), base)
     with pytest.raises(LMForgeError, match="no adapter named 'a'"):
         peft.set_adapter(model, "a")
+
+
+def test_adapted_module_does_not_forward_attributes() -> None:
+    m = build("tiny-decoder")
+    peft.apply(m, "lora")
+    wrapped = m.get_submodule("decoder.layers.0.self_attn.q_proj")
+    assert isinstance(wrapped, peft.AdaptedModule)
+    with pytest.raises(AttributeError):
+        wrapped.weight  # noqa: B018
+    assert peft.unwrap(wrapped) is wrapped.base
+    assert peft.unwrap(wrapped).weight.shape == (64, 64)
+    plain = torch.nn.Linear(2, 3)
+    assert peft.unwrap(plain) is plain
 
 
 def test_merge_and_unload_gives_a_plain_model() -> None:

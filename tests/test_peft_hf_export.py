@@ -1,9 +1,11 @@
-"""LoRA, IA3 and prompt-tuning adapters exported to the Hugging Face PEFT format load with
-``peft.PeftModel.from_pretrained`` onto the exported base and give the same outputs."""
+"""Adapters exported to the Hugging Face PEFT format load with ``peft.PeftModel.from_pretrained``
+onto the exported base and give the same outputs; every method whose record has a layer export is
+tested with its default options, every method without one is refused with its record's reason."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,42 @@ def test_layer_adapters_load_in_hf_peft_with_identical_outputs(
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
+LAYER_EXPORTS = [
+    name
+    for name in peft.method_names()
+    if getattr(peft.get_method(name).hf_export, "layer_tensors", None) is not None
+]
+NO_EXPORT = [name for name in peft.method_names() if peft.get_method(name).hf_export is None]
+
+
+@pytest.mark.parametrize("fields", [LLAMA, BERT], ids=["llama", "bert"])
+@pytest.mark.parametrize("method", LAYER_EXPORTS)
+def test_every_layer_export_loads_with_identical_outputs(fields: dict, method: str, tmp_path: Path) -> None:
+    model = build(fields)
+    peft.apply(model, method)
+    perturb(model)
+    reference = export(model, tmp_path)
+    inputs = batch()
+    with torch.no_grad():
+        ours = model(inputs["input_ids"], attention_mask=inputs["attention_mask"].bool()).logits
+        theirs = reference(**inputs).logits
+    if fields["arch"] == "decoder":
+        real = inputs["attention_mask"].bool()
+        torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=1e-4)
+    else:  # one row per sequence from the classification head (saved as modules_to_save)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", NO_EXPORT)
+def test_methods_without_an_export_say_why(method: str, tmp_path: Path) -> None:
+    model = build(BERT)
+    peft.apply(model, method)
+    reason = peft.get_method(method).no_hf_export_reason
+    with pytest.raises(LMForgeError, match=re.escape(reason)):
+        export_hf_peft(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
 def test_prompt_tuning_loads_in_hf_peft_with_identical_outputs(tmp_path: Path) -> None:
     model = build(LLAMA)
     peft.apply(model, "prompt", num_virtual_tokens=4)
@@ -125,8 +163,8 @@ def test_prompt_tuning_loads_in_hf_peft_with_identical_outputs(tmp_path: Path) -
 
 def test_what_the_format_cannot_hold_is_refused(tmp_path: Path) -> None:
     model = build(LLAMA)
-    peft.apply(model, "adapter")
-    with pytest.raises(LMForgeError, match="covers LoRA"):
+    peft.apply(model, "lora", use_dora=True)
+    with pytest.raises(LMForgeError, match="cannot export DoRA"):
         export_hf_peft(model, tmp_path / "a")
     gpt2 = Transformer(ModelConfig.from_name("tiny-decoder", activation="gelu_tanh"))
     peft.apply(gpt2, "lora")

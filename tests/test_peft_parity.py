@@ -1,4 +1,4 @@
-"""Numeric parity with Hugging Face PEFT for LoRA and IA3 given the same weights, and equal
+"""Numeric parity with Hugging Face PEFT for LoRA, IA3 and LoHa given the same weights, and equal
 trainable-parameter counts for equal configurations (no download: small random models)."""
 
 from __future__ import annotations
@@ -158,3 +158,45 @@ def test_ia3_matches_hf_peft(family: str, tmp_path: Path) -> None:
         torch.testing.assert_close(
             mine.hidden_states[real], theirs.last_hidden_state[real], atol=1e-5, rtol=1e-4
         )
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_loha_matches_hf_peft(family: str, tmp_path: Path) -> None:
+    reference, ours = (llama_pair if family == "llama" else bert_pair)(tmp_path)
+    hf_targets = ["q_proj", "v_proj"] if family == "llama" else ["query", "value"]
+    reference = hf_peft.get_peft_model(
+        reference, hf_peft.LoHaConfig(r=3, alpha=5, target_modules=hf_targets)
+    ).eval()
+    peft.apply(ours, "loha", r=3, alpha=5, target_modules=["q_proj", "v_proj"])
+    assert peft.trainable_report(ours)["trainable"] == reference.get_nb_trainable_parameters()[0]
+    g = torch.Generator().manual_seed(4)
+    hf_modules = dict(reference.named_modules())
+    factors = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    for name, module in peft.base.adapted_modules(ours):
+        adapter = module.adapters["default"]
+        hf = hf_modules["base_model.model." + hf_module_for(name, family)]
+        with torch.no_grad():
+            for factor in factors:
+                mine = getattr(adapter, factor)
+                theirs = getattr(hf, factor)["default"]
+                assert mine.shape == theirs.shape, factor
+                mine.copy_(torch.randn(mine.shape, generator=g) * 0.3)
+                theirs.copy_(mine)
+    batch = inputs()
+    real = batch["attention_mask"].bool()  # outputs at padding positions are not compared
+
+    def compare() -> None:
+        with torch.no_grad():
+            theirs = reference(**batch)
+            mine = ours(batch["input_ids"], attention_mask=real)
+        if family == "llama":
+            torch.testing.assert_close(mine.logits[real], theirs.logits[real], atol=1e-5, rtol=1e-4)
+        else:
+            torch.testing.assert_close(
+                mine.hidden_states[real], theirs.last_hidden_state[real], atol=1e-5, rtol=1e-4
+            )
+
+    compare()
+    peft.merge(ours)  # merged on both sides: the same folded weights
+    reference.merge_adapter()
+    compare()

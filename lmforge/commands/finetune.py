@@ -56,7 +56,7 @@ def finetune(
         model: the base model: an lmforge run directory or a Hugging Face model folder.
         data: the data folder (or a single file, split by --split_ratio).
         task: classification, sft, translation, summarization, qa or tagging.
-        method: full, or a PEFT method (lmforge.peft's registry: see the choices above).
+        method: full, or a PEFT method (the choices are the methods registered in lmforge.peft).
         peft: options of the PEFT method, e.g. --peft.r 8 --peft.alpha 16 --peft.target_modules all-linear.
         columns: which column holds each field, e.g. --columns.text sentence --columns.label polarity.
         labels: a file of label names, one per line (default: labels.txt in the data folder, else

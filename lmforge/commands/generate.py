@@ -6,7 +6,7 @@ import sys
 
 from ..errors import LMForgeError
 from ..generation import TextStreamer
-from ..pipeline.generation import Sampling, generate_text, prompt_ids, room
+from ..pipeline.generation import Chat, Sampling, generate_text, prompt_ids, room
 from ..runs import load
 from ..runtime import resolve_device
 
@@ -28,6 +28,9 @@ def generate(
     no_stream: bool = False,
     sliding_window: bool = False,
     device: str = "auto",
+    chat: bool = False,
+    system: str | None = None,
+    chat_template: str | None = None,
 ) -> int:
     """Continue a prompt with a model from a run directory (or a Hugging Face folder).
 
@@ -38,7 +41,8 @@ def generate(
     decoder can go on with --sliding_window), or a key/value cache larger than the free memory.
 
     Args:
-        model: the run directory (config.yaml, model.safetensors, tokenizer.json).
+        model: the run directory (config.yaml, model.safetensors, tokenizer.json), a Hugging Face
+            folder, or a GGUF file (with its tokenizer and chat template).
         prompt: the text to continue (empty: start a new document).
         max_new_tokens: the most tokens to generate (default: 200, or what the context still holds,
             with a note).
@@ -53,14 +57,23 @@ def generate(
         sliding_window: a decoder with a position table keeps generating past its context, each
             new token seeing the last positions of the text (as nanoGPT does).
         device: cpu, cuda, cuda:1, … or auto (a GPU when there is one).
+        chat: send the prompt as a user message through the model's chat template and print the
+            answer only, stopping at the end of the assistant's turn.
+        system: --chat: a system message before the prompt.
+        chat_template: --chat: a built-in template (chatml, llama-2, plain) or Jinja source
+            instead of the model's own.
     """
+    if not chat and (system is not None or chat_template is not None):
+        raise LMForgeError("--system and --chat_template apply with --chat", key="chat")
     run = load(model, device=resolve_device(device))
     tokenizer = run.tokenizer
     if tokenizer is None:
         raise LMForgeError("the run directory has no tokenizer.json to encode the prompt with", file=model)
     config = run.model.config
-    # A prompt (decoder) takes room in the context too: shown before the continuation.
-    shown = [] if config.arch == "encoder_decoder" else prompt_ids(tokenizer, prompt, arch=config.arch)
+    conversation = Chat(system=system, template=chat_template) if chat else None
+    # A prompt (decoder) takes room in the context too: shown before the continuation (a chat
+    # shows the answer only).
+    shown = [] if config.arch == "encoder_decoder" or chat else prompt_ids(tokenizer, prompt, arch=config.arch)
     wanted = max_new_tokens
     if wanted is None:  # unset: the default, clamped to the context with a note
         wanted = DEFAULT_NEW_TOKENS if sliding_window else room(config, len(shown) or 1, DEFAULT_NEW_TOKENS)
@@ -77,8 +90,8 @@ def generate(
     )
     streamer = None
     if not no_stream and num_beams == 1:
-        streamer = TextStreamer(tokenizer, prompt_ids=shown, show_prompt=True)
-    result = generate_text(run.model, tokenizer, prompt, sampling, streamer=streamer)
+        streamer = TextStreamer(tokenizer, prompt_ids=shown, show_prompt=not chat)
+    result = generate_text(run.model, tokenizer, prompt, sampling, streamer=streamer, chat=conversation)
     if result.unknown_pieces:
         print(
             f"lmforge: note: {result.unknown_pieces} piece(s) of the prompt are not in the tokenizer's "

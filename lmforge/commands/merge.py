@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..peft import get_method, method_names
 from ..pipeline.export import merge_adapter_run
 
 
@@ -12,8 +13,7 @@ def merge(source: Path, out: Path, *, check: bool = True, overwrite: bool = Fals
 
     The result has model.safetensors with the adapted weights (and the trained task head), no
     adapter files, and gives the same outputs as the adapter run. Methods whose math allows it can
-    be merged (LoRA, rsLoRA, DoRA, AdaLoRA, IA3, BitFit); the others (bottleneck adapters, prefix,
-    prompt and P-tuning) stop with an error saying why.
+    be merged ({mergeable}); the others ({not_mergeable}) stop with an error saying why.
 
     Args:
         source: the run directory of a PEFT fine-tuning run (adapter.safetensors + adapter_config.json).
@@ -27,3 +27,10 @@ def merge(source: Path, out: Path, *, check: bool = True, overwrite: bool = Fals
         f"({merged.num_params:,} parameters)"
     )
     return 0
+
+
+# The lists in --help come from the PEFT method registry.
+merge.__doc__ = (merge.__doc__ or "").format(
+    mergeable=", ".join(n for n in method_names() if get_method(n).mergeable),
+    not_mergeable=", ".join(n for n in method_names() if not get_method(n).mergeable),
+)

@@ -292,6 +292,12 @@ class Rule:
     aliases: tuple[str, ...] = ()
     zero: bool = False
 
+    @property
+    def as_is(self) -> bool:
+        """One lmforge parameter stored unchanged under one Hugging Face name (not fused,
+        transposed or left out): what a per-tensor export such as PEFT's can name directly."""
+        return len(self.lm) == 1 and self.to_lm is _identity_to_lm and not self.zero
+
 
 def same(hf: str, lm: str, *, aliases: Iterable[str] = ()) -> Rule:
     """A tensor with the same layout on both sides."""

@@ -6,209 +6,62 @@
     lmforge.peft.save_adapter(model, "run/adapter")       # adapter.safetensors + adapter_config.json
     lmforge.peft.merge(model)                             # fold it into the weights (where the math allows)
 
-Methods: ``lora`` (with ``use_rslora``, ``use_dora``), ``adalora``, ``adapter`` (Houlsby or
-Pfeiffer), ``prefix``, ``prompt``, ``ptuning``, ``ia3``, ``bitfit``. The contract, the same for all:
-only the adapter's parameters (and ``modules_to_save``, e.g. the task head) are trainable; layer
-methods are a no-op before training; several named adapters can live on one base (add, switch,
-disable, delete); adapter-only save/load; merge/unmerge where the math allows, a clear error where
-it does not.
+Each method is one module of this package that calls :func:`register_peft_method`; this package
+imports all of its modules, so the registry (:func:`method_names`, :func:`get_method`) lists every
+method without a list kept here. The contract, the same for all: only the adapter's parameters
+(and ``modules_to_save``, e.g. the task head) are trainable; layer methods are a no-op before
+training; several named adapters can live on one base (add, switch, disable, delete);
+adapter-only save/load; merge/unmerge where the math allows, a clear error (the method's own
+reason) where it does not.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import pkgutil
 
-from torch import nn
-
-from ..errors import LMForgeError
-from . import adalora, adapters, bitfit, ia3, lora, prompts  # noqa: F401  (each registers its method)
 from .adalora import AdaLoraConfig, RankAllocator
 from .adapters import AdapterConfig
 from .base import (
     METHODS,
     AdaptedModule,
+    HFExport,
+    Method,
     PeftConfig,
-    SeamSlot,
     active_adapter,
-    adapted_modules,
     disable_adapters,
     format_report,
+    get_method,
     make_config,
+    method_names,
     peft_configs,
     register_peft_method,
-    seam_slots,
     set_adapter,
     trainable_report,
+    unwrap,
 )
 from .bitfit import BitFitConfig
 from .ia3 import IA3Config
 from .io import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+from .lifecycle import (
+    apply,
+    delete_adapter,
+    merge,
+    merge_and_unload,
+    training_callbacks,
+    unmerge,
+)
 from .lora import LoraConfig
 from .prompts import PrefixConfig, PromptConfig, PTuningConfig
 
-TASK_HEADS = ("classification", "token_classification", "qa")
+
+def _import_method_modules() -> None:
+    """Import every module of this package: each method module registers its method on import."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
 
 
-def apply(
-    model: nn.Module,
-    method: str | PeftConfig = "lora",
-    *,
-    adapter_name: str = "default",
-    tokenizer: Any = None,
-    **options: Any,
-) -> nn.Module:
-    """Add adapter ``adapter_name`` of ``method`` to ``model`` (in place), make it the active one and
-    make only its parameters trainable. Returns the model.
-
-    A task head (classification, tagging, QA) is trained and saved with the adapter: it is added to
-    ``modules_to_save`` unless that names the head or a part of it (e.g. ``head.classifier`` alone,
-    leaving BERT's pooler frozen as Hugging Face PEFT does). For prompt tuning, ``init_text`` with a ``tokenizer``
-    initializes the prompt from that text's embeddings.
-
-    Raises:
-        LMForgeError: unknown method or option, a target that matches nothing, a name in use.
-    """
-    if isinstance(method, PeftConfig):
-        if options:
-            raise LMForgeError("pass options either in the config object or as keywords, not both")
-        config = method
-    else:
-        init_text = options.pop("init_text", None)
-        if init_text is not None:
-            if tokenizer is None:
-                raise LMForgeError("init_text needs a tokenizer to turn it into token ids", key="init_text")
-            options.setdefault("init", "text")
-            options["init_token_ids"] = tokenizer.encode(init_text)
-        config = make_config(method, options)
-    configs = peft_configs(model)
-    if adapter_name in configs:
-        raise LMForgeError(
-            f"an adapter named '{adapter_name}' already exists on this model", key="adapter_name"
-        )
-    head = getattr(getattr(model, "config", None), "head", None)
-    if (
-        head in TASK_HEADS
-        and not any(m == "head" or m.startswith("head.") for m in config.modules_to_save)
-        and getattr(model, "head", None) is not None
-    ):
-        config.modules_to_save = [*config.modules_to_save, "head"]
-    if any(m.merged is not None for _, m in adapted_modules(model)):
-        raise LMForgeError("an adapter is merged into the weights: unmerge it before adding another")
-    METHODS[config.method].inject(model, config, adapter_name)
-    configs[adapter_name] = config
-    set_adapter(model, adapter_name)
-    return model
-
-
-def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` everywhere; wrappers left without adapters give back their module."""
-    configs = peft_configs(model)
-    if name not in configs:
-        raise LMForgeError(f"no adapter named '{name}'", key="adapter_name")
-    for module_name, module in list(adapted_modules(model)):
-        if name not in module.adapters:
-            continue
-        if module.merged == name:
-            raise LMForgeError(
-                f"adapter '{name}' is merged into {module_name}: unmerge it before deleting it"
-            )
-        del module.adapters[name]
-        if not len(module.adapters):
-            _replace(model, module_name, module.base)
-    for slot in list(seam_slots(model)):
-        slot.names.discard(name)
-    _drop_empty_slots(model)
-    if hasattr(model, "peft_modules") and name in model.peft_modules:
-        del model.peft_modules[name]
-    del configs[name]
-    if active_adapter(model) == name:
-        set_adapter(model, next(iter(configs), None))
-
-
-def merge(model: nn.Module, name: str | None = None) -> nn.Module:
-    """Fold adapter ``name`` (default: the active one) into the base weights; outputs do not change.
-
-    Raises:
-        LMForgeError: for methods that cannot merge (adapters, prefix, prompt, P-tuning), saying why.
-    """
-    name = _resolve(model, name)
-    config = peft_configs(model)[name]
-    if not METHODS[config.method].mergeable:
-        reason = {
-            "adapter": "bottleneck adapters compute h + up(act(down(h))): the nonlinearity cannot be folded into a weight matrix",
-            "prefix": "prefix tuning adds key/value vectors the model attends to, not a weight change",
-            "prompt": "prompt tuning adds input embeddings the model attends to, not a weight change",
-            "ptuning": "P-tuning adds input embeddings the model attends to, not a weight change",
-        }.get(config.method, f"{config.method} cannot be merged")
-        raise LMForgeError(f"cannot merge adapter '{name}': {reason}")
-    for _, module in adapted_modules(model):
-        if name in module.adapters and module.merged != name:
-            if module.merged is not None:
-                raise LMForgeError(f"adapter '{module.merged}' is already merged: unmerge it first")
-            module.adapters[name].merge(module.base)
-            module.merged = name
-    return model
-
-
-def unmerge(model: nn.Module) -> nn.Module:
-    """Take a merged adapter back out of the base weights (exactly, up to float rounding)."""
-    for _, module in adapted_modules(model):
-        if module.merged is not None:
-            module.adapters[module.merged].unmerge(module.base)
-            module.merged = None
-    return model
-
-
-def merge_and_unload(model: nn.Module, name: str | None = None) -> nn.Module:
-    """Merge adapter ``name`` and remove every adapter: a plain model with the adapted weights."""
-    merge(model, name)
-    for module_name, module in list(adapted_modules(model)):
-        _replace(model, module_name, module.base)
-    for slot in list(seam_slots(model)):
-        slot.names.clear()
-    _drop_empty_slots(model)
-    if hasattr(model, "peft_modules"):
-        del model.peft_modules
-    peft_configs(model).clear()
-    object.__setattr__(model, "active_adapter_name", None)
-    for parameter in model.parameters():
-        parameter.requires_grad_(True)
-    return model
-
-
-def training_callbacks(model: nn.Module) -> list[Any]:
-    """Callbacks the training loop adds on its own for the active adapter (AdaLoRA's rank
-    allocation); empty for every other method."""
-    name = active_adapter(model)
-    if name is None:
-        return []
-    config = peft_configs(model).get(name)
-    if isinstance(config, AdaLoraConfig):
-        from .callbacks import AdaLoraCallback
-
-        return [AdaLoraCallback(model, name, config)]
-    return []
-
-
-def _resolve(model: nn.Module, name: str | None) -> str:
-    name = name or active_adapter(model)
-    if name is None or name not in peft_configs(model):
-        raise LMForgeError("the model has no adapter" + (f" named '{name}'" if name else ""))
-    return name
-
-
-def _replace(model: nn.Module, qualified: str, module: nn.Module) -> None:
-    parent_name, _, child = qualified.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-def _drop_empty_slots(model: nn.Module) -> None:
-    for module in model.modules():
-        for attribute in ("prefix", "prompt"):
-            slot = getattr(module, attribute, None)
-            if isinstance(slot, SeamSlot) and not slot.names:
-                setattr(module, attribute, None)
+_import_method_modules()
 
 
 __all__ = [
@@ -217,8 +70,10 @@ __all__ = [
     "AdaptedModule",
     "AdapterConfig",
     "BitFitConfig",
+    "HFExport",
     "IA3Config",
     "LoraConfig",
+    "Method",
     "PTuningConfig",
     "PeftConfig",
     "PrefixConfig",
@@ -230,9 +85,13 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "format_report",
+    "get_method",
     "load_adapter",
     "merge",
     "merge_and_unload",
+    "make_config",
+    "method_names",
+    "peft_configs",
     "read_adapter_config",
     "register_peft_method",
     "save_adapter",
@@ -240,4 +99,5 @@ __all__ = [
     "trainable_report",
     "training_callbacks",
     "unmerge",
+    "unwrap",
 ]

@@ -14,20 +14,28 @@ Q: r × in), starting at r = init_r with Λ = 0 (a no-op). During training:
 
 Unlike Hugging Face PEFT, where the user must call ``update_and_allocate`` by hand or AdaLoRA
 silently stays plain LoRA, the allocation here is a callback the training loop attaches on its own
-whenever the active adapter is AdaLoRA (:func:`lmforge.peft.training_callbacks`); it logs the budget
-and the per-layer ranks, and the final allocation is saved with the adapter.
+whenever the active adapter is AdaLoRA (:class:`AdaLoraCallback`, given by this method's record and
+run through :func:`lmforge.peft.training_callbacks`): after each backward it adds the orthogonality
+regularizer's gradients, after each optimizer step it updates the importance scores and masks
+singular values down to the scheduled budget, and it logs the budget and total rank. The final
+per-layer allocation is stored in the adapter's config (``rank_pattern``, saved with the adapter)
+and, with its history, in ``adalora_ranks.json`` in the run directory. Because that final
+allocation is part of the method, fine-tuning keeps AdaLoRA's last weights, not the best
+validation ones (``keep_best=False``).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LMForgeError
+from ..hooks import Callback
 from .base import (
     AdapterModule,
     PeftConfig,
@@ -38,6 +46,9 @@ from .base import (
     wrap,
     wrap_modules_to_save,
 )
+
+if TYPE_CHECKING:
+    from ..training.loop import Trainer
 
 
 @dataclass
@@ -72,8 +83,6 @@ class AdaLoraConfig(PeftConfig):
 
 class AdaLoraLinear(AdapterModule):
     """ΔW = P diag(Λ) Q scaled by alpha / init_r, on one nn.Linear."""
-
-    mergeable = True
 
     def __init__(self, base: nn.Linear, config: AdaLoraConfig) -> None:
         super().__init__()
@@ -127,10 +136,6 @@ def inject_adalora(model: nn.Module, config: AdaLoraConfig, name: str) -> None:
                 )
         wrap(model, target, name, layer)
     wrap_modules_to_save(model, config, name)
-
-
-# its final rank allocation is part of the method: fine-tuning keeps the last weights, not the best
-register_peft_method("adalora", AdaLoraConfig, inject_adalora, mergeable=True, keep_best=False)
 
 
 def adalora_layers(model: nn.Module, name: str) -> dict[str, AdaLoraLinear]:
@@ -281,3 +286,71 @@ class RankAllocator:
         self.sensitivity = {k: v.to(device) for k, v in state.get("sensitivity", {}).items()}
         self.uncertainty = {k: v.to(device) for k, v in state.get("uncertainty", {}).items()}
         self.config.rank_pattern = state.get("rank_pattern", {})
+
+
+class AdaLoraCallback(Callback):
+    """Runs :class:`RankAllocator` inside the loop; records the allocation every ``record_every`` steps."""
+
+    def __init__(self, model: nn.Module, name: str, config: AdaLoraConfig, *, record_every: int = 10) -> None:
+        self.allocator = RankAllocator(model, name, config)
+        self.config = config
+        self.record_every = record_every
+        self.total_steps = config.total_steps
+        self.history: list[dict[str, Any]] = []
+        self._pending_state: dict[str, Any] | None = None
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.total_steps = self.config.total_steps or trainer.config.max_steps
+        if self._pending_state is not None:
+            self.allocator.load_state_dict(self._pending_state)
+
+    def on_after_backward(self, trainer: Trainer) -> None:
+        self.allocator.add_orthogonality_gradients()
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        step = trainer.state.step
+        metrics.update(self.allocator.update(step, self.total_steps))
+        if step % self.record_every == 0 or step == self.total_steps:
+            self.history.append(
+                {"step": step, "budget": self.allocator.budget, "ranks": self.allocator.ranks()}
+            )
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if not self.config.rank_pattern:
+            self.config.rank_pattern = self.allocator.rank_pattern()
+        run_dir = getattr(trainer, "run_dir", None)
+        if run_dir is not None:
+            report = {
+                "adapter": self.allocator.name,
+                "init_r": self.config.init_r,
+                "target_r": self.config.target_r,
+                "final_ranks": self.allocator.ranks(),
+                "history": self.history,
+            }
+            (run_dir / "adalora_ranks.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"allocator": self.allocator.state_dict(), "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending_state = state.get("allocator")
+        self.history = list(state.get("history", []))
+        if self._pending_state is not None:
+            self.allocator.load_state_dict(self._pending_state)
+
+
+def adalora_callbacks(model: nn.Module, name: str, config: PeftConfig) -> list[Callback]:
+    """The loop runs the rank allocation of AdaLoRA adapter ``name`` while it is active."""
+    assert isinstance(config, AdaLoraConfig)
+    return [AdaLoraCallback(model, name, config)]
+
+
+register_peft_method(
+    "adalora",
+    AdaLoraConfig,
+    inject_adalora,
+    mergeable=True,
+    callbacks=adalora_callbacks,
+    keep_best=False,  # the final rank allocation is part of the method: its last weights are kept
+    no_hf_export_reason="the export of AdaLoRA (Hugging Face PEFT's ADALORA layout with its rank bookkeeping) is not written yet",
+)

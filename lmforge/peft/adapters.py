@@ -53,8 +53,6 @@ class AdapterConfig(PeftConfig):
 class BottleneckAdapter(AdapterModule):
     """h -> h + up(act(down(h))) on the output of the wrapped projection."""
 
-    why_not_mergeable = "bottleneck adapters cannot be merged: h + up(act(down(h))) has a nonlinearity no weight matrix can absorb"
-
     def __init__(self, dim: int, bottleneck: int, activation: str) -> None:
         super().__init__()
         self.down = nn.Linear(dim, bottleneck)
@@ -87,4 +85,11 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, name: str) -> None:
     wrap_modules_to_save(model, config, name)
 
 
-register_peft_method("adapter", AdapterConfig, inject_adapter, mergeable=False)
+register_peft_method(
+    "adapter",
+    AdapterConfig,
+    inject_adapter,
+    mergeable=False,
+    not_mergeable_reason="bottleneck adapters compute h + up(act(down(h))): the nonlinearity cannot be folded into a weight matrix",
+    no_hf_export_reason="Hugging Face PEFT has no bottleneck adapters (they live in the separate `adapters` library)",
+)

@@ -2,9 +2,13 @@
 
 A method is one module: a config dataclass (subclass of :class:`PeftConfig`), the layer or module
 that carries its parameters, and one :func:`register_peft_method` call (after Hugging Face PEFT's
-``register_peft_method`` and torchtune's ``AdapterModule.adapter_params()``). Everything else —
-choosing target modules, freezing, several named adapters on one base, switching, disabling,
-merging, saving — is generic and lives here.
+``register_peft_method`` and torchtune's ``AdapterModule.adapter_params()``). The call's record,
+:class:`Method`, carries everything the rest of lmforge needs to know about the method: whether it
+merges (and why not), the callbacks the training loop runs for it, its Hugging Face PEFT export
+(or why it has none), and whether fine-tuning keeps the best validation weights. ``lmforge.peft``
+imports every module of the package, so a new module is found without being listed anywhere.
+Everything else — choosing target modules, freezing, several named adapters on one base,
+switching, disabling, merging, saving — is generic and lives here.
 
 Two ways a method plugs into a model:
 
@@ -19,6 +23,7 @@ Two ways a method plugs into a model:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import re
 from collections.abc import Callable, Iterator
@@ -29,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import LMForgeError, did_you_mean
+from ..hooks import Callback
 
 
 @dataclass
@@ -43,20 +49,27 @@ class PeftConfig:
 
 
 class AdapterModule(nn.Module):
-    """One adapter of one wrapped module. ``forward(base, *args)`` returns the adapted output."""
+    """One adapter of one wrapped module. ``forward(base, *args)`` returns the adapted output.
 
-    mergeable = False  # whether merge()/unmerge() can fold it into the base weights
-    why_not_mergeable = ""
+    Mergeable methods (``register_peft_method(..., mergeable=True)``) override :meth:`merge` and
+    :meth:`unmerge`; :func:`lmforge.peft.merge` refuses the others with the record's reason before
+    it gets here.
+    """
 
     def merge(self, base: nn.Module) -> None:  # pragma: no cover - overridden where mergeable
-        raise LMForgeError(self.why_not_mergeable)
+        raise LMForgeError(f"{type(self).__name__} cannot be merged into the base weights")
 
     def unmerge(self, base: nn.Module) -> None:  # pragma: no cover - overridden where mergeable
-        raise LMForgeError(self.why_not_mergeable)
+        raise LMForgeError(f"{type(self).__name__} cannot be merged into the base weights")
 
 
 class AdaptedModule(nn.Module):
-    """A base module plus named adapters, one of them active (or none: the base alone)."""
+    """A base module plus named adapters, one of them active (or none: the base alone).
+
+    Attributes of the wrapped module are not forwarded: read them from ``base`` (or through
+    :func:`unwrap`, which takes wrapped and plain modules alike), so it is always visible which
+    object is read.
+    """
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -69,13 +82,6 @@ class AdaptedModule(nn.Module):
         if self.active is None or self.active not in self.adapters or self.active == self.merged:
             return self.base(*args, **kwargs)
         return self.adapters[self.active](self.base, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        # Reads like `module.weight` or `attn.head_dim` reach the wrapped module.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("base"), name)
 
 
 class SeamSlot(nn.Module):
@@ -101,12 +107,49 @@ class SeamSlot(nn.Module):
 # ---- the registry ------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
+class HFExportContext:
+    """What a method's Hugging Face PEFT export sees (built by :mod:`lmforge.peft.hf_export`)."""
+
+    model: nn.Module
+    adapter_name: str
+    config: PeftConfig
+    layers: dict[str, AdapterModule]  # Hugging Face module name -> this adapter's layer on it
+
+
+@dataclass(frozen=True)
+class HFExport:
+    """A method's part of the Hugging Face PEFT export; :func:`lmforge.peft.hf_export.export_hf_peft`
+    does the rest (module names, ``target_modules``, the task head, writing the folder).
+
+    ``config`` returns the method's fields of ``adapter_config.json`` (``peft_type`` first) and
+    raises :class:`LMForgeError` for options the format cannot hold. ``layer_tensors`` names one
+    adapted layer's tensors as ``adapter_model.safetensors`` holds them, relative to the layer
+    (``{"lora_A.weight": A, ...}``); ``model_tensors`` gives the tensors that belong to no layer
+    (prompt tuning's ``prompt_embeddings``), named from the file's root.
+    """
+
+    config: Callable[[HFExportContext], dict[str, Any]]
+    layer_tensors: Callable[[AdapterModule], dict[str, torch.Tensor]] | None = None
+    model_tensors: Callable[[HFExportContext], dict[str, torch.Tensor]] | None = None
+    prompt_learning: bool = False  # Hugging Face names the modules under base_model. (not base_model.model.)
+
+
+CallbackFactory = Callable[[nn.Module, str, PeftConfig], list[Callback]]
+
+
+@dataclass(frozen=True)
 class Method:
-    name: str
-    config_class: type[PeftConfig]
+    """Everything lmforge knows about one PEFT method (one record per :func:`register_peft_method`)."""
+
+    name: str  # what peft.apply, --method and adapter_config.json call it
+    config_class: type[PeftConfig]  # its options
     inject: Callable[[nn.Module, Any, str], None]  # (model, config, adapter name) -> None
-    mergeable: bool
+    mergeable: bool  # whether merge() can fold it into the base weights
+    not_mergeable_reason: str = ""  # why not, for people (when mergeable is False)
+    callbacks: CallbackFactory | None = None  # (model, adapter name, config) -> callbacks the loop runs
+    hf_export: HFExport | None = None  # its Hugging Face PEFT export
+    no_hf_export_reason: str = ""  # why it has none (when hf_export is None)
     keep_best: bool = True  # fine-tuning keeps the best validation weights (False: the last ones)
 
 
@@ -119,17 +162,63 @@ def register_peft_method(
     inject: Callable[[nn.Module, Any, str], None],
     *,
     mergeable: bool,
+    not_mergeable_reason: str = "",
+    callbacks: CallbackFactory | None = None,
+    hf_export: HFExport | None = None,
+    no_hf_export_reason: str = "",
     keep_best: bool = True,
-) -> None:
-    """Make a method available to :func:`lmforge.peft.apply` under ``name``."""
-    METHODS[name] = Method(name, config_class, inject, mergeable, keep_best)
+) -> Method:
+    """Make a method available to :func:`lmforge.peft.apply` (and ``--method``) under ``name``.
+
+    Raises:
+        LMForgeError: a name already taken, a config class whose ``method`` is not ``name``, a
+            method that does not merge without saying why, or one without export or reason.
+    """
+    if name in METHODS:
+        raise LMForgeError(
+            f"PEFT method '{name}' is already registered (by {METHODS[name].config_class.__name__})"
+        )
+    default = next((f.default for f in dataclasses.fields(config_class) if f.name == "method"), None)
+    if default != name:
+        raise LMForgeError(f"{config_class.__name__}.method is {default!r}, registered as '{name}'")
+    if mergeable == bool(not_mergeable_reason):
+        raise LMForgeError(f"PEFT method '{name}': give not_mergeable_reason exactly when it cannot merge")
+    if (hf_export is None) != bool(no_hf_export_reason):
+        raise LMForgeError(f"PEFT method '{name}': give either hf_export or no_hf_export_reason")
+    record = Method(
+        name=name,
+        config_class=config_class,
+        inject=inject,
+        mergeable=mergeable,
+        not_mergeable_reason=not_mergeable_reason,
+        callbacks=callbacks,
+        hf_export=hf_export,
+        no_hf_export_reason=no_hf_export_reason,
+        keep_best=keep_best,
+    )
+    METHODS[name] = record
+    return record
+
+
+def get_method(name: str) -> Method:
+    """The record of method ``name``.
+
+    Raises:
+        LMForgeError: an unknown name (with the nearest known one).
+    """
+    if name not in METHODS:
+        raise LMForgeError(f"unknown PEFT method '{name}'" + did_you_mean(name, METHODS), key="method")
+    return METHODS[name]
+
+
+def method_names() -> list[str]:
+    """The registered methods' names, in registration order."""
+    return list(METHODS)
 
 
 def make_config(method: str, options: dict[str, Any]) -> PeftConfig:
     """A method's config from keyword options, with errors that name the option."""
-    if method not in METHODS:
-        raise LMForgeError(f"unknown PEFT method '{method}'" + did_you_mean(method, METHODS), key="method")
-    config_class = METHODS[method].config_class
+    config_class = get_method(method).config_class
     names = {f.name for f in dataclasses.fields(config_class)} - {"method"}
     for key in options:
         if key not in names:
@@ -326,14 +415,11 @@ def format_report(report: dict[str, float]) -> str:
 
 class SavedCopy(AdapterModule):
     """``modules_to_save``: an adapter's own trainable copy of a whole module (e.g. the task head),
-    used instead of the base module while the adapter is active."""
-
-    mergeable = True  # merging copies the trained module over the base one
+    used instead of the base module while the adapter is active. Merging copies the trained module
+    over the base one."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        import copy
-
         self.module = copy.deepcopy(module)
         for parameter in self.module.parameters():
             parameter.requires_grad_(True)

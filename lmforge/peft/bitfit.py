@@ -36,8 +36,6 @@ class BitFitConfig(PeftConfig):
 class BiasDelta(AdapterModule):
     """y = W x + b + δ."""
 
-    mergeable = True
-
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
         self.delta = nn.Parameter(torch.zeros(base.out_features))
@@ -70,4 +68,10 @@ def inject_bitfit(model: nn.Module, config: BitFitConfig, name: str) -> None:
     wrap_modules_to_save(model, config, name)
 
 
-register_peft_method("bitfit", BitFitConfig, inject_bitfit, mergeable=True)
+register_peft_method(
+    "bitfit",
+    BitFitConfig,
+    inject_bitfit,
+    mergeable=True,
+    no_hf_export_reason="Hugging Face PEFT has no BitFit method (its bias option trains the base biases themselves)",
+)

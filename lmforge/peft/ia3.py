@@ -9,6 +9,7 @@ into the weights: output scaling multiplies the rows of W (and b), input scaling
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,8 @@ from torch import Tensor, nn
 from ..errors import LMForgeError
 from .base import (
     AdapterModule,
+    HFExport,
+    HFExportContext,
     PeftConfig,
     find_targets,
     register_peft_method,
@@ -38,8 +41,6 @@ class IA3Config(PeftConfig):
 
 class IA3Linear(AdapterModule):
     """y = (W x + b) ⊙ l (output scaling), or y = W (x ⊙ l) + b for feed-forward layers."""
-
-    mergeable = True
 
     def __init__(self, base: nn.Linear, *, feedforward: bool) -> None:
         super().__init__()
@@ -85,4 +86,29 @@ def inject_ia3(model: nn.Module, config: IA3Config, name: str) -> None:
     wrap_modules_to_save(model, config, name)
 
 
-register_peft_method("ia3", IA3Config, inject_ia3, mergeable=True)
+def hf_config(context: HFExportContext) -> dict[str, Any]:
+    """adapter_config.json fields of an IA3 adapter (Hugging Face PEFT's ``IA3Config``)."""
+    feedforward = [
+        name for name, layer in context.layers.items() if isinstance(layer, IA3Linear) and layer.feedforward
+    ]
+    return {
+        "peft_type": "IA3",
+        "feedforward_modules": feedforward,
+        "fan_in_fan_out": False,
+        "init_ia3_weights": True,
+    }
+
+
+def hf_layer_tensors(layer: AdapterModule) -> dict[str, Tensor]:
+    """``ia3_l``: (1, in) for input scaling, (out, 1) for output scaling, as Hugging Face PEFT keeps it."""
+    assert isinstance(layer, IA3Linear)
+    return {"ia3_l": layer.scale[None, :] if layer.feedforward else layer.scale[:, None]}
+
+
+register_peft_method(
+    "ia3",
+    IA3Config,
+    inject_ia3,
+    mergeable=True,
+    hf_export=HFExport(config=hf_config, layer_tensors=hf_layer_tensors),
+)

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..errors import LMForgeError
 from ..files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, atomic_write, atomic_write_json
-from .base import METHODS, active_adapter, adapter_parameters, make_config, peft_configs
+from .base import METHODS, active_adapter, adapter_parameters, make_config, peft_configs, set_adapter
+from .lifecycle import apply
 
 ADAPTER_WEIGHTS = ADAPTER_WEIGHTS_FILE
 ADAPTER_CONFIG = ADAPTER_CONFIG_FILE
@@ -90,8 +91,6 @@ def load_adapter(
     model: nn.Module, directory: str | Path, name: str = "default", *, activate: bool = True
 ) -> nn.Module:
     """Inject the saved adapter into ``model`` under ``name`` and fill its tensors (strictly)."""
-    from . import apply
-
     directory = Path(directory)
     meta = read_adapter_config(directory)
     options = dict(meta.get("adapter", {}))
@@ -128,8 +127,6 @@ def load_adapter(
                 )
             parameter.copy_(saved[key])
     if not activate:
-        from .base import set_adapter
-
         set_adapter(model, previous)
     return model
 

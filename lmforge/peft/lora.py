@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,8 @@ from torch import Tensor, nn
 from ..errors import LMForgeError
 from .base import (
     AdapterModule,
+    HFExport,
+    HFExportContext,
     PeftConfig,
     find_targets,
     register_peft_method,
@@ -58,8 +61,6 @@ class LoraConfig(PeftConfig):
 
 class LoraLinear(AdapterModule):
     """The LoRA (or DoRA) adapter of one nn.Linear."""
-
-    mergeable = True
 
     def __init__(self, base: nn.Linear, config: LoraConfig) -> None:
         super().__init__()
@@ -117,4 +118,37 @@ def inject_lora(model: nn.Module, config: LoraConfig, name: str) -> None:
     wrap_modules_to_save(model, config, name)
 
 
-register_peft_method("lora", LoraConfig, inject_lora, mergeable=True)
+def hf_config(context: HFExportContext) -> dict[str, Any]:
+    """adapter_config.json fields of a LoRA adapter (Hugging Face PEFT's ``LoraConfig``)."""
+    config = context.config
+    assert isinstance(config, LoraConfig)
+    if config.use_dora:
+        raise LMForgeError(
+            "cannot export DoRA to the Hugging Face PEFT format: lmforge writes LoRA and rsLoRA adapters only"
+        )
+    return {
+        "peft_type": "LORA",
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "use_dora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+    }
+
+
+def hf_layer_tensors(layer: AdapterModule) -> dict[str, Tensor]:
+    """One layer's tensors as Hugging Face PEFT names them (its ``lora_A``/``lora_B`` are nn.Linear)."""
+    assert isinstance(layer, LoraLinear)
+    return {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}
+
+
+register_peft_method(
+    "lora",
+    LoraConfig,
+    inject_lora,
+    mergeable=True,
+    hf_export=HFExport(config=hf_config, layer_tensors=hf_layer_tensors),
+)

@@ -16,15 +16,23 @@ None of them can be merged into the weights: they add inputs, not weight changes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import LMForgeError
 from ..model.attention import SelfAttention
-from .base import PeftConfig, SeamSlot, peft_modules, register_peft_method, wrap_modules_to_save
-
-NOT_MERGEABLE = "{method} cannot be merged: it adds virtual tokens the model attends to, not a weight change"
+from .base import (
+    HFExport,
+    HFExportContext,
+    PeftConfig,
+    SeamSlot,
+    peft_modules,
+    register_peft_method,
+    unwrap,
+    wrap_modules_to_save,
+)
 
 
 def _self_attention_layers(model: nn.Module) -> list[SelfAttention]:
@@ -33,7 +41,7 @@ def _self_attention_layers(model: nn.Module) -> list[SelfAttention]:
     for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
         if stack is not None:
             layers += [block.self_attn for block in stack.layers]
-    return [getattr(layer, "base", layer) for layer in layers]
+    return [unwrap(layer) for layer in layers]
 
 
 def _prompt_stack(model: nn.Module) -> nn.Module:
@@ -70,8 +78,6 @@ class PrefixConfig(PeftConfig):
 
 class PrefixEncoder(nn.Module):
     """All layers' prefixes: (layers, 2, Hkv, P, D) directly, or from an MLP over P embeddings."""
-
-    why_not_mergeable = NOT_MERGEABLE.format(method="prefix tuning")
 
     def __init__(
         self, num_layers: int, num_kv_heads: int, head_dim: int, embed_dim: int, config: PrefixConfig
@@ -116,7 +122,14 @@ def inject_prefix(model: nn.Module, config: PrefixConfig, name: str) -> None:
     wrap_modules_to_save(model, config, name)
 
 
-register_peft_method("prefix", PrefixConfig, inject_prefix, mergeable=False)
+register_peft_method(
+    "prefix",
+    PrefixConfig,
+    inject_prefix,
+    mergeable=False,
+    not_mergeable_reason="prefix tuning adds key/value vectors the model attends to, not a weight change",
+    no_hf_export_reason="the export of prefix tuning (Hugging Face PEFT's past_key_values layout) is not written yet",
+)
 
 
 # ---- prompt tuning -----------------------------------------------------------------------------
@@ -143,8 +156,6 @@ class PromptConfig(PeftConfig):
 
 class PromptEmbedding(nn.Module):
     """P trainable input embeddings (P, E)."""
-
-    why_not_mergeable = NOT_MERGEABLE.format(method="prompt tuning")
 
     def __init__(self, token_embedding: nn.Embedding, config: PromptConfig) -> None:
         super().__init__()
@@ -181,7 +192,45 @@ def inject_prompt(model: nn.Module, config: PromptConfig, name: str) -> None:
     wrap_modules_to_save(model, config, name)
 
 
-register_peft_method("prompt", PromptConfig, inject_prompt, mergeable=False)
+def hf_prompt_config(context: HFExportContext) -> dict[str, Any]:
+    """adapter_config.json fields of prompt tuning (Hugging Face PEFT's ``PromptTuningConfig``)."""
+    config = context.model.config
+    if config.head == "classification" and config.pooling == "cls":
+        raise LMForgeError(
+            "cannot export prompt tuning with a [CLS]-pooled classifier: Hugging Face PEFT puts the virtual "
+            "tokens first and pools the first of them, lmforge pools the real [CLS] token"
+        )
+    if config.arch == "encoder_decoder":
+        raise LMForgeError(
+            "prompt-tuning export covers encoders and decoders (lmforge prompts only the encoder)"
+        )
+    P, E = context.model.peft_modules[context.adapter_name].prompts().shape
+    return {
+        "peft_type": "PROMPT_TUNING",
+        "num_virtual_tokens": P,
+        "token_dim": E,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": config.num_heads,
+        "num_layers": config.num_layers,
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+    }
+
+
+def hf_prompt_tensors(context: HFExportContext) -> dict[str, Tensor]:
+    """The (P, E) soft prompt under the name Hugging Face PEFT gives it."""
+    return {"prompt_embeddings": context.model.peft_modules[context.adapter_name].prompts()}
+
+
+register_peft_method(
+    "prompt",
+    PromptConfig,
+    inject_prompt,
+    mergeable=False,
+    not_mergeable_reason="prompt tuning adds input embeddings the model attends to, not a weight change",
+    hf_export=HFExport(config=hf_prompt_config, model_tensors=hf_prompt_tensors, prompt_learning=True),
+)
 
 
 # ---- P-tuning ----------------------------------------------------------------------------------
@@ -205,8 +254,6 @@ class PTuningConfig(PeftConfig):
 
 class PromptEncoder(nn.Module):
     """P trainable inputs → (LSTM →) MLP → P prompt embeddings (P, E)."""
-
-    why_not_mergeable = NOT_MERGEABLE.format(method="P-tuning")
 
     def __init__(self, embed_dim: int, config: PTuningConfig) -> None:
         super().__init__()
@@ -238,4 +285,11 @@ def inject_ptuning(model: nn.Module, config: PTuningConfig, name: str) -> None:
     wrap_modules_to_save(model, config, name)
 
 
-register_peft_method("ptuning", PTuningConfig, inject_ptuning, mergeable=False)
+register_peft_method(
+    "ptuning",
+    PTuningConfig,
+    inject_ptuning,
+    mergeable=False,
+    not_mergeable_reason="P-tuning adds input embeddings the model attends to, not a weight change",
+    no_hf_export_reason="the export of P-tuning (Hugging Face PEFT's prompt-encoder layout) is not written yet",
+)

@@ -3,7 +3,8 @@
     PEFT run ──merge_adapter_run──► plain model (same outputs, checked on a probe batch) ──► run folder
     run folder ──to_hf──► config.json + model.safetensors + tokenizer files (transformers loads it)
     PEFT run ──to_hf_peft──► OUT/base (Hugging Face model) + OUT/adapter (Hugging Face PEFT adapter)
-    Hugging Face folder ──from_hf──► run folder
+    Hugging Face folder or GGUF file ──from_hf──► run folder
+    decoder run (a merged LoRA run, say) ──to_gguf──► OUT.gguf (llama.cpp, Ollama, LM Studio)
 
 ``lmforge merge`` and ``lmforge convert`` call these and print what was written.
 """
@@ -19,7 +20,9 @@ import torch
 
 from .. import peft
 from ..errors import LMForgeError
-from ..files import BASE_MODEL_KEY, check_output, replace_folder
+from ..files import BASE_MODEL_KEY, check_output, check_writable, replace_folder
+from ..interop.gguf import is_gguf, load_gguf
+from ..interop.gguf_writer import save_gguf
 from ..interop.hf import is_hf_folder, load_hf_model, load_hf_tokenizer, save_hf
 from ..peft.hf_export import base_model_copy, export_hf_peft
 from ..runs import load, save_run
@@ -137,6 +140,12 @@ def from_hf(
 ) -> Any:
     """Read a Hugging Face folder and write it as a run folder; returns the model."""
     check_output(out, overwrite=overwrite)
+    if is_gguf(source):  # a GGUF file: its model, tokenizer and chat template
+        if head is not None or num_labels is not None:
+            raise LMForgeError("--head and --num_labels apply to Hugging Face folders", key="head")
+        found = load_gguf(source, dtype=dtype)
+        save_run(out, model=found.model, tokenizer=found.tokenizer, config=found.config, overwrite=overwrite)
+        return found.model
     if not is_hf_folder(source):
         raise LMForgeError(
             "not a Hugging Face model folder (no config.json, or an lmforge config.yaml)", file=source
@@ -172,3 +181,34 @@ def hf_label_names(folder: Path) -> list[str] | None:
     if not names or names == [f"LABEL_{i}" for i in range(len(names))]:
         return None
     return names
+
+
+@dataclass
+class WrittenGGUF:
+    """What :func:`to_gguf` wrote."""
+
+    path: Path
+    dtype: str  # f32, f16, bf16 or q8_0 (the matrices; 1-D tensors stay F32)
+    tensor_types: dict[str, int]  # GGML type -> tensors written in it
+    size: int  # bytes
+
+
+def to_gguf(source: Path, out: Path, *, dtype: str = "auto", overwrite: bool = False) -> WrittenGGUF:
+    """Write a decoder (a run, a merged LoRA run, a Hugging Face folder, a GGUF file) with its
+    tokenizer and chat template as one GGUF file.
+
+    Raises:
+        LMForgeError: a folder at ``out``, an existing file (without ``overwrite``), an adapter
+            run (merge it first), or a model GGUF cannot describe.
+    """
+    if out.is_dir():
+        raise LMForgeError("--to gguf writes a file, and this is a folder", file=out)
+    check_writable(out.parent, what="output's folder")
+    if out.exists() and not overwrite:
+        raise LMForgeError("the output file exists: choose another name, or add --overwrite", file=out)
+    kind = {"auto": "f16", "float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(dtype, dtype)
+    run = load(source)
+    if peft.active_adapter(run.model) is not None:
+        raise LMForgeError("this run holds a PEFT adapter: merge it first (lmforge merge)", file=source)
+    counts = save_gguf(run.model, run.tokenizer, out, dtype=kind)
+    return WrittenGGUF(out, kind, counts, out.stat().st_size)

@@ -41,6 +41,7 @@ from ..files import (
     save_tensors,
     save_weights,
 )
+from ..interop.gguf import is_gguf
 from ..interop.hf import is_hf_folder, load_hf_model, load_hf_tokenizer
 from ..model import Transformer
 from ..runs import load, load_head, transplant
@@ -55,7 +56,7 @@ from .common import Log, silent
 
 SUMMARY_FILE = "finetune.json"
 FULL = "full"  # the method name of full fine-tuning (every other name is a PEFT method)
-MethodName = Literal[(FULL, *peft_lib.METHODS)]  # type: ignore[valid-type]  # from the PEFT registry
+MethodName = Literal[(FULL, *peft_lib.method_names())]  # type: ignore[valid-type]  # from the PEFT registry
 
 
 # ---- what goes in ------------------------------------------------------------------------------
@@ -150,15 +151,15 @@ def read_task_data(task: Task, data: DataSpec) -> TaskData:
 
 
 def load_base(path: str | Path) -> Base:
-    """The model and tokenizer of a run directory or Hugging Face folder, to fine-tune.
+    """The model and tokenizer of a run directory, a Hugging Face folder or a GGUF file, to fine-tune.
 
     Raises:
         LMForgeError: no such folder, no tokenizer, or a PEFT run (merge it first).
     """
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() and not is_gguf(path):
         raise LMForgeError(
-            "model folder not found (a run directory or a Hugging Face folder)", file=path, key="model"
+            "model not found (a run directory, a Hugging Face folder or a GGUF file)", file=path, key="model"
         )
     if is_hf_folder(path):
         model, tokenizer = load_hf_model(path), load_hf_tokenizer(path)
@@ -418,7 +419,7 @@ def prepare(
         f"({train.max_steps * train.batch_size * train.grad_accum / max(len(features), 1):.2f} epochs), "
         f"validation {task.main_metric} every {train.eval_every or train.max_steps} steps"
     )
-    keep_best = method == FULL or peft_lib.METHODS[method].keep_best
+    keep_best = method == FULL or peft_lib.get_method(method).keep_best
     evaluation = TaskEvaluation(task, data.validation, batch_size=max(train.batch_size, 32), keep_best=keep_best)
     return Prepared(model, head, train, batches, val_batches, evaluation, report, len(features))
 

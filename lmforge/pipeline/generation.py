@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..chat_template import chat_prompt
 from ..errors import LMForgeError
 from ..generation import generate
 from ..generation.state import ABSOLUTE_POSITIONS
@@ -47,6 +48,15 @@ class Sampling:
             raise LMForgeError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}", key="max_new_tokens")
         if self.num_beams < 1:
             raise LMForgeError(f"num_beams must be at least 1, got {self.num_beams}", key="num_beams")
+
+
+@dataclass
+class Chat:
+    """Send the prompt as the user's turn through the model's chat template (an instruct model):
+    the answer stops at the end of the assistant's turn."""
+
+    system: str | None = None  # a system message before the user's
+    template: str | None = None  # a built-in (chatml, llama-2, plain) or Jinja source; None: the model's
 
 
 @dataclass
@@ -144,6 +154,7 @@ def generate_text(
     sampling: Sampling | None = None,
     *,
     streamer: Any = None,
+    chat: Chat | None = None,
 ) -> GeneratedText:
     """Continue ``prompt`` (a decoder) or answer it (an encoder-decoder) with ``model``.
 
@@ -154,12 +165,19 @@ def generate_text(
         sampling: how to choose tokens (default: greedy, 200 new tokens).
         streamer: receives the new tokens as they come (``put`` / ``end``), e.g.
             :class:`lmforge.generation.TextStreamer`.
+        chat: send ``prompt`` as a user message through the chat template (a decoder).
     """
     sampling = sampling or Sampling()
     config = model.config
     parameter = next(model.parameters())
     device = parameter.device
-    ids = prompt_ids(tokenizer, prompt, arch=config.arch)
+    stop: int | list[int] | None = tokenizer.eos_id
+    if chat is not None:
+        if config.arch != "decoder":
+            raise LMForgeError("a chat prompt needs a decoder model", key="chat")
+        ids, stop = chat_prompt(tokenizer, prompt, system=chat.system, template=chat.template)
+    else:
+        ids = prompt_ids(tokenizer, prompt, arch=config.arch)
     check_length(config, len(ids), sampling, dtype_bytes=parameter.element_size())
     unknown = sum(1 for i in ids if i == tokenizer.unk_id) if tokenizer.unk_id is not None else 0
     if sampling.sliding_window and config.position in ABSOLUTE_POSITIONS and config.arch == "decoder":
@@ -175,7 +193,7 @@ def generate_text(
         length_penalty=sampling.length_penalty,
         decoder_start_token_id=decoder_start_id(tokenizer) if encoder_decoder else None,
         streamer=streamer,
-        **choosing(sampling, tokenizer, device),
+        **choosing(sampling, tokenizer, device, stop=stop),
     )
     new = out[0, 1:] if encoder_decoder else out[0, len(ids) :]
     return GeneratedText(
@@ -187,14 +205,17 @@ def generate_text(
     )
 
 
-def choosing(sampling: Sampling, tokenizer: Any, device: torch.device, *, seed_offset: int = 0) -> dict[str, Any]:
-    """The options of :func:`lmforge.generation.generate` that choose the next token and end the text."""
+def choosing(
+    sampling: Sampling, tokenizer: Any, device: torch.device, *, seed_offset: int = 0, stop: Any = None
+) -> dict[str, Any]:
+    """The options of :func:`lmforge.generation.generate` that choose the next token and end the
+    text (``stop``: the ids that end it, default the tokenizer's eos)."""
     return {
         "temperature": sampling.temperature,
         "top_k": sampling.top_k,
         "top_p": sampling.top_p,
         "repetition_penalty": sampling.repetition_penalty,
-        "eos_token_id": tokenizer.eos_id,
+        "eos_token_id": tokenizer.eos_id if stop is None else stop,
         "pad_token_id": tokenizer.pad_id,
         "generator": torch.Generator(device=device).manual_seed(sampling.seed + seed_offset),
     }

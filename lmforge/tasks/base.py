@@ -103,6 +103,9 @@ class SFTOptions(GenerationOptions):
     """Options of supervised fine-tuning (prompt → response on a decoder)."""
 
     packing: bool = False  # pack several short examples into one sequence
+    chat: bool = False  # through the model's chat template: a row's messages, or its prompt as the user's turn
+    system: str | None = None  # chat: a system message before each conversation (rows without their own)
+    chat_template: str | None = None  # chat: a built-in (chatml, llama-2, plain) or Jinja source; None: the model's
 
 
 @dataclass

