@@ -87,8 +87,12 @@ def test_lora_recipe_then_eval_with_table_json_and_predictions(
     code, stdout, _ = run_cli(["eval", "--model", out, "--split", "validation"], capsys)
     assert code == 0 and (out / "eval-validation.json").is_file()
     assert json.loads((out / "eval-test.json").read_text())["split"] == "test"  # not overwritten
-    code, stdout, _ = run_cli(["predict", "--model", out, "--text", "the plot was awful", "great"], capsys)
-    assert code == 0 and stdout.splitlines()[0].startswith("the plot was awful → neg  (neg ")
+    # predict answers as eval did, row for row (the first five test reviews)
+    texts = [line.split('"')[1] for line in (data / "test.csv").read_text().splitlines()[1:6]]
+    code, stdout, _ = run_cli(["predict", "--model", out, "--text", *texts], capsys)
+    assert code == 0 and len(texts) == 5 and len(stdout.splitlines()) >= 5
+    for text, shown, evaluated in zip(texts, stdout.splitlines(), lines[:5], strict=False):
+        assert shown.startswith(f"{text} → {evaluated['prediction']}  (")
 
 
 def test_bad_rows_stop_with_file_and_line_or_are_skipped(
