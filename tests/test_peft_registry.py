@@ -21,6 +21,7 @@ from lmforge.errors import LMForgeError
 from lmforge.hooks import Callback
 from lmforge.peft import base
 from lmforge.peft.base import AdapterModule, PeftConfig, find_targets, register_peft_method, wrap
+from lmforge.pipeline.finetuning import MethodName
 
 
 @dataclass
@@ -162,8 +163,6 @@ def test_hf_export_names_no_method() -> None:
 
 
 def test_finetune_method_choices_come_from_the_registry() -> None:
-    from lmforge.tasks.finetuning import MethodName
-
     assert typing.get_args(MethodName) == ("full", *peft.method_names())
 
 
