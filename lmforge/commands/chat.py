@@ -110,8 +110,10 @@ def command(conversation: Conversation, line: str) -> bool:
     elif name == "/save" and argument.strip():
         path = conversation.save(argument.strip())
         print(f"(saved {len(conversation.turns)} turn(s) to {path})", file=sys.stderr)
-    else:
+    elif name == "/help":
         print(HELP, file=sys.stderr)
+    else:
+        print(f"(unknown command {name}{'' if name != '/save' else ' without a FILE'}) {HELP}", file=sys.stderr)
     return True
 
 
