@@ -29,9 +29,11 @@ from serving_models import save_tiny_runs  # noqa: E402
 from serving_server import running  # noqa: E402
 
 from lmforge import peft  # noqa: E402
+from lmforge.errors import LMForgeError  # noqa: E402
 from lmforge.generation import generate  # noqa: E402
 from lmforge.pipeline.chat import load_with_adapters  # noqa: E402
-from lmforge.serving import ServeOptions, build_app  # noqa: E402
+from lmforge.serving import ServeOptions, build_app, parse_adapters  # noqa: E402
+from lmforge.serving.server import check_address  # noqa: E402
 
 KEY = "test-key"
 BODY_LIMIT = 32 * 1024
@@ -309,3 +311,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_serve_options_are_checked_in_one_line() -> None:
+    assert parse_adapters(["billing=runs/a", " support = runs/b "]) == {
+        "billing": "runs/a",
+        "support": "runs/b",
+    }
+    for bad, message in (
+        (["billing"], "expected NAME=RUN"),
+        (["a=x", "a=y"], "given twice"),
+        (["=x"], "NAME=RUN"),
+    ):
+        with pytest.raises(LMForgeError, match=message):
+            parse_adapters(bad)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(LMForgeError, match="cannot listen on 127.0.0.1"):
+            check_address("127.0.0.1", taken.getsockname()[1])
