@@ -36,6 +36,7 @@ def chat(
     The conversation is kept within the model's context: when it no longer fits, the oldest turns
     are left out (with a note). Ctrl-C stops an answer (not the program); Ctrl-D or /quit ends.
     Commands: /reset, /system TEXT, /save FILE (the conversation as JSON), /help.
+    Example: lmforge chat --model SmolLM2-135M-Instruct.Q4_1.gguf --system "Answer briefly."
 
     Args:
         model: a run folder, a Hugging Face folder or a GGUF file (with a chat template).

@@ -33,6 +33,8 @@ def serve(
     the request's "model" choosing one. A classification run is served on /v1/classify instead.
     /health and /metrics (Prometheus text) report on it. Binds 127.0.0.1 unless --host says
     otherwise; SIGTERM or Ctrl-C lets the requests in flight finish, then exits.
+    Example: lmforge serve --model base.gguf --adapters billing=runs/billing,support=runs/support
+    --api_key KEY, then OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY").
 
     Args:
         model: a run folder, a Hugging Face folder or a GGUF file.
