@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from serving_models import save_tiny_runs, tiny_decoder, tiny_tokenizer
 
 from lmforge import ModelConfig, Transformer, peft
+from lmforge.commands.chat import interruptible
 from lmforge.errors import LMForgeError
 from lmforge.generation import generate
 from lmforge.pipeline.chat import Conversation, load_with_adapters
@@ -88,6 +90,26 @@ def test_reset_system_and_stopping_an_answer(tokenizer) -> None:
     encoder = Transformer(ModelConfig.from_name("tiny-encoder", vocab_size=tokenizer.vocab_size))
     with pytest.raises(LMForgeError, match="chat needs a decoder"):
         Conversation(encoder, tokenizer)
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(tokenizer) -> None:
+    """SIGINT while an answer is written ends that answer (lmforge chat's interruptible block);
+    after it, Ctrl-C interrupts as usual again."""
+    model = tiny_decoder(tokenizer.vocab_size)
+    conversation = Conversation(model, tokenizer, sampling=Sampling(max_new_tokens=60))
+    pieces: list[str] = []
+
+    def on_text(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
+
+    previous = signal.getsignal(signal.SIGINT)
+    with interruptible() as stopped:
+        reply = conversation.reply("hello there", on_text=on_text, should_stop=stopped.is_set)
+    assert reply.finish_reason == "interrupted" and len(pieces) == 3 and len(reply.new_ids) < 60
+    assert signal.getsignal(signal.SIGINT) is previous
+    assert conversation.reply("hello again").finish_reason in ("stop", "length")  # the chat goes on
 
 
 def lmforge(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
