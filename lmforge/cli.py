@@ -43,6 +43,8 @@ COMMANDS: dict[str, str] = {
     "tokenizer train": "tokenizer:tokenizer_train",
     "convert": "convert:convert",
     "generate": "generate:generate",
+    "chat": "chat:chat",
+    "serve": "serve:serve",
     "pretrain": "pretrain:pretrain",
     "demo": "pretrain:demo",
     "finetune": "finetune:finetune",

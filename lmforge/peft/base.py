@@ -26,7 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,15 @@ class AdapterModule(nn.Module):
     it gets here.
     """
 
+    # An additive method (plain LoRA) changes the output by a term of its own, y = base(x) +
+    # output_delta(x): rows of one batch that use different adapters then share the base's matmul and
+    # each adds its own delta (per-row adapters, see AdaptedModule.routes).
+    additive: bool = False
+
+    def output_delta(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden where additive
+        """The adapter's own term of the output (additive methods only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not additive")
+
     def merge(self, base: nn.Module) -> None:  # pragma: no cover - overridden where mergeable
         raise LMForgeError(f"{type(self).__name__} cannot be merged into the base weights")
 
@@ -77,11 +86,39 @@ class AdaptedModule(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
         self.merged: str | None = None  # the adapter folded into the base weights, if any
+        # Per-row adapters for a batch of requests (a server: see route_rows): (adapter name or
+        # None, the rows of dim 0 it serves); None: every row goes through the active adapter.
+        self.routes: list[tuple[str | None, torch.Tensor]] | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.active is None or self.active not in self.adapters or self.active == self.merged:
+        if self.routes is not None:
+            return self._routed(*args, **kwargs)
+        return self._through(self.active, *args, **kwargs)
+
+    def _through(self, name: str | None, *args: Any, **kwargs: Any) -> Any:
+        if name is None or name not in self.adapters or name == self.merged:
             return self.base(*args, **kwargs)
-        return self.adapters[self.active](self.base, *args, **kwargs)
+        return self.adapters[name](self.base, *args, **kwargs)
+
+    def _routed(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Each group of rows of ``x`` through its own adapter. Additive adapters share one pass
+        of the base over all rows and add their deltas to their rows (as S-LoRA / Punica batch
+        LoRA adapters); any other adapter runs the base on its rows only (grouped per adapter)."""
+        assert self.routes is not None
+        routes = [(n if n in self.adapters and n != self.merged else None, rows) for n, rows in self.routes]
+        if len(routes) == 1:
+            return self._through(routes[0][0], x, *args, **kwargs)
+        if all(name is None or self.adapters[name].additive for name, _ in routes):
+            out = self.base(x, *args, **kwargs)
+            for name, rows in routes:
+                if name is not None:
+                    out.index_add_(0, rows, self.adapters[name].output_delta(x.index_select(0, rows)))
+            return out
+        parts = [(rows, self._through(name, x.index_select(0, rows), *args, **kwargs)) for name, rows in routes]
+        out = parts[0][1].new_empty((x.shape[0], *parts[0][1].shape[1:]))
+        for rows, part in parts:
+            out.index_copy_(0, rows, part)
+        return out
 
 
 class SeamSlot(nn.Module):
@@ -355,6 +392,42 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
         slot.active = name if name in slot.names else None
     object.__setattr__(model, "active_adapter_name", name)
     mark_trainable(model, name)
+
+
+@contextlib.contextmanager
+def route_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
+    """Within the block, row i of every batch (dim 0) goes through adapter ``names[i]`` (None: the
+    base alone), whatever adapter is active: requests for different adapters decoded together.
+
+    Only adapters that wrap layers can be routed per row: a seam (prefix or prompt tuning) changes
+    the keys or the sequence of the whole batch.
+
+    Raises:
+        LMForgeError: an unknown adapter name, or one that plugs into a seam.
+    """
+    configs = peft_configs(model)
+    seams = {name for slot in seam_slots(model) for name in slot.names}
+    groups: dict[str | None, list[int]] = {}
+    for row, name in enumerate(names):
+        if name is not None and name not in configs:
+            raise LMForgeError(f"no adapter named '{name}'" + did_you_mean(name, configs), key="adapter_name")
+        if name in seams:
+            raise LMForgeError(
+                f"adapter '{name}' ({configs[name].method}) plugs into a seam of the whole batch: it cannot "
+                "be chosen per row (adapters that wrap layers can: LoRA, IA3, ...)",
+                key="adapter_name",
+            )
+        groups.setdefault(name, []).append(row)
+    modules = [module for _, module in adapted_modules(model)]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    routes = [(name, torch.tensor(rows, dtype=torch.long, device=device)) for name, rows in groups.items()]
+    for module in modules:
+        module.routes = routes
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.routes = None
 
 
 @contextlib.contextmanager

@@ -74,6 +74,7 @@ class LoraLinear(AdapterModule):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, config.r))  # zero: a no-op at step 0
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initializes its weight
         self.use_dora = config.use_dora
+        self.additive = not config.use_dora  # DoRA renormalizes the whole weight: not a separate term
         if self.use_dora:
             self.magnitude = nn.Parameter(base.weight.detach().norm(dim=1).clone())  # (out,) = ‖W‖ per row
         self._dora_norm: Tensor | None = None  # the row norms used at merge time, to unmerge exactly
@@ -82,10 +83,13 @@ class LoraLinear(AdapterModule):
         """s · B A, shaped like the base weight (out × in)."""
         return self.scaling * (self.lora_B @ self.lora_A)
 
+    def output_delta(self, x: Tensor) -> Tensor:
+        """s · B A x, the update LoRA adds to the base's output (not DoRA)."""
+        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
     def forward(self, base: nn.Linear, x: Tensor) -> Tensor:
         if not self.use_dora:
-            update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
-            return base(x) + update
+            return base(x) + self.output_delta(x)
         # DoRA: m · (W + sBA) x / ‖W + sBA‖ + b, the norm detached (constant in backward).
         weight = base.weight + self.delta_weight()
         norm = weight.norm(dim=1).detach()  # (out,)
