@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Literal
 
 import torch
 
@@ -23,6 +24,7 @@ def generate(
     seed: int = 0,
     no_stream: bool = False,
     device: str = "auto",
+    dtype: Literal["fp32", "bf16", "int8"] = "fp32",
 ) -> int:
     """Continue a prompt with a model from a run directory (or a Hugging Face folder).
 
@@ -44,6 +46,8 @@ def generate(
         seed: random seed of sampling.
         no_stream: print the text at the end instead of token by token.
         device: cpu, cuda, cuda:1, … or auto (a GPU when there is one).
+        dtype: the weights to decode with: fp32, bf16 (half the bytes), or int8 (weight-only, per-group
+            scales; fewer bytes read per token, at a measured quality cost: see benchmarks/RESULTS.md).
     """
     from ..generation import TextStreamer
     from ..generation import generate as run_generation
@@ -52,6 +56,10 @@ def generate(
 
     torch_device = _device(device)
     run = load(model, device=torch_device)
+    if dtype != "fp32":
+        from ..quant import for_decoding
+
+        for_decoding(run.model, dtype)
     tokenizer = run.tokenizer
     if tokenizer is None:
         raise LMForgeError("the run directory has no tokenizer.json to encode the prompt with", file=model)
