@@ -255,9 +255,9 @@ def main() -> None:
             for precision, (wall, cpu, _) in results.items():
                 if ours in wall and peer in wall:
                     ratio_rows.append(
-                        f"| {ours} / {peer} | {precision} | **{wall[peer] / wall[ours]:.2f}×** | {cpu[peer] / cpu[ours]:.2f}× |"
+                        f"| {ours} / {peer} | {precision} | {wall[peer] / wall[ours]:.2f}× | **{cpu[peer] / cpu[ours]:.2f}×** |"
                     )
-                    headline.append(f"{shape_name} {precision} vs {peer}: {wall[peer] / wall[ours]:.2f}×")
+                    headline.append(f"{shape_name} {precision} vs {peer}: {cpu[peer] / cpu[ours]:.2f}× (CPU)")
             if (
                 "fp32" in results
                 and "bf16" in results
@@ -265,19 +265,24 @@ def main() -> None:
                 and peer in results["fp32"][0]
             ):
                 cross = results["fp32"][0][peer] / results["bf16"][0][ours]
-                ratio_rows.append(f"| {ours} bf16 / {peer} fp32 (*cross-precision*) | — | {cross:.2f}× | — |")
+                cross_cpu = results["fp32"][1][peer] / results["bf16"][1][ours]
+                ratio_rows.append(
+                    f"| {ours} bf16 / {peer} fp32 (*cross-precision*) | — | {cross:.2f}× | {cross_cpu:.2f}× |"
+                )
         sections.append(
             f"**{layers} layers / {width} wide / {heads} heads / context {context} / batch {batch}, vocab {args.vocab}** "
             f"({tokens:,} tokens per step, {flops_per_token * tokens / 1e9:.1f} GFLOP per step by nanoGPT's count)\n\n"
             "| precision | variant | parameters | tokens/s | wall ms/step | CPU ms/step | MFU |\n"
             "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n"
-            "| ratio (tokens/s) | precision | wall | CPU |\n|---|---|---:|---:|\n" + "\n".join(ratio_rows)
+            "| speed, lmforge / peer (peer step time / lmforge step time) | precision | wall | CPU (headline) |\n|---|---|---:|---:|\n"
+            + "\n".join(ratio_rows)
         )
         print(sections[-1], flush=True)
 
     body = (
         f"Train step (forward + loss + backward + fused AdamW), {args.threads} thread(s), medians of {args.rounds} "
-        "interleaved rounds; wall and process-CPU time per step. MFU: nanoGPT's FLOP count (6·N + 12·L·H·D·T per "
+        "interleaved rounds; wall and process-CPU time per step. The headline ratios are of CPU time: on a shared "
+        "machine the wall time of one thread also counts the time other jobs held its core. MFU: nanoGPT's FLOP count (6·N + 12·L·H·D·T per "
         "token, N = non-embedding parameters with the tied head) per CPU second / this CPU's measured matmul peak per "
         f"CPU second in the same precision ({peak_text}, {args.threads} thread(s)). "
         f"Load average (1/5/15 min) {load_before} before, {load_average()} after.\n\n"
