@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: timing, peak memory, the machine line and RESULTS.md."""
+"""Shared helpers of the benchmarks: threads, timing (wall and CPU), load, the machine's matmul
+peak, the nanoGPT peer, the machine line and RESULTS.md."""
 
 from __future__ import annotations
 
@@ -14,6 +15,54 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+# nanoGPT (MIT), the primary training peer: never copied into this repository, read from beside it.
+NANOGPT = Path(__file__).resolve().parents[2] / "shared" / "peers" / "nanogpt"
+
+
+def set_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads (1 on a shared machine: a descheduled thread stalls every
+    parallel region); also exported for child processes."""
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load average as "a/b/c" (how busy the shared cores were)."""
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def nanogpt_model() -> object | None:
+    """nanoGPT's own ``model`` module from ../shared/peers/nanogpt, or None when it is absent."""
+    if not (NANOGPT / "model.py").is_file():
+        return None
+    import importlib
+
+    sys.dont_write_bytecode = True  # write no __pycache__ into the shared peer folder
+    if str(NANOGPT) not in sys.path:
+        sys.path.insert(0, str(NANOGPT))
+    return importlib.import_module("model")
+
+
+def matmul_peak(dtype: torch.dtype, *, seconds: float = 1.0) -> float:
+    """This CPU's matmul throughput in FLOP per second of process CPU time for ``dtype`` on the
+    current thread count: the best of square products of a few sizes. CPU time, not wall time,
+    so that a shared machine's other jobs do not lower it (the denominator of model-FLOPs
+    utilization, which the benchmarks compute from CPU time too)."""
+    best = 0.0
+    for n in (256, 512, 1024):
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        a @ b  # warm up (the BLAS picks its kernel on first use)
+        calls, start = 0, time.process_time()
+        while True:
+            a @ b
+            calls += 1
+            used = time.process_time() - start
+            if used >= seconds / 3:
+                break
+        best = max(best, 2 * n**3 * calls / max(used, 1e-9))
+    return best
 
 
 def machine() -> str:
@@ -27,6 +76,7 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    cpu += f" ({torch.backends.cpu.get_cpu_capability()})"  # the vector unit torch's kernels use
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}, "
         f"Python {platform.python_version()}"
@@ -49,16 +99,31 @@ def interleaved(
     fns: dict[str, Callable[[], object]], *, rounds: int = 5, warmup: int = 2
 ) -> dict[str, float]:
     """Median time of each function, measured in alternation so machine noise hits all alike."""
+    return interleaved_wall_cpu(fns, rounds=rounds, warmup=warmup)[0]
+
+
+def interleaved_wall_cpu(
+    fns: dict[str, Callable[[], object]], *, rounds: int = 5, warmup: int = 2, calls: int = 1
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and process-CPU seconds per call of each function, over ``rounds`` rounds in
+    which every function runs ``calls`` times in turn (machine noise hits all alike; CPU time
+    does not count time spent waiting for a core)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for _ in range(calls):
+                fn()
+            wall[name].append((time.perf_counter() - start) / calls)
+            cpu[name].append((time.process_time() - cpu_start) / calls)
+    return (
+        {name: statistics.median(v) for name, v in wall.items()},
+        {name: statistics.median(v) for name, v in cpu.items()},
+    )
 
 
 def append_results(title: str, body: str) -> None:

@@ -1,23 +1,37 @@
-"""Generation speed with a KV cache: lmforge's ``generate`` against transformers' ``generate``.
+"""Generation speed with a KV cache: lmforge's ``generate`` against transformers' ``generate``, in
+fp32 and bf16, and lmforge's int8 weight-only decoding; plus the perplexity each form costs.
 
-Batch 1, a 32-token prompt, 256 new tokens, greedy, fp32, at two GPT-2 shapes (vocabulary 50,257,
+Speed: batch 1, a 32-token prompt, 256 new tokens, greedy, at two GPT-2 shapes (vocabulary 50,257,
 1,024 positions): a small one (4 layers, 128 wide, 2 heads) and GPT-2 small (12 layers, 768 wide,
 12 heads). The transformers model is ``GPT2LMHeadModel`` built from a ``GPT2Config`` with random
-weights; its weights are copied into lmforge's ``Transformer`` by the small mapping below, and the
-two must produce the same 256 greedy tokens before anything is timed. Then lmforge (eager, and
-with ``compile=True``) and transformers run in alternation (medians of interleaved rounds) and
-the ratios of tokens/s are reported. Target: lmforge ≥ 1.5× transformers.
+weights; its weights are copied into lmforge's ``Transformer`` by the small mapping below, and in
+fp32 the two must produce the same 256 greedy tokens before anything is timed. Variants run in
+alternation (medians of interleaved rounds) on ``--threads`` threads; with one thread the time is
+this process's CPU time (steadier on a shared machine), and the wall time is reported beside it.
+Every headline ratio compares the same precision: lmforge fp32 / transformers fp32 (target ≥ 1.5×)
+and lmforge bf16 / transformers bf16. int8 (``lmforge.quant``: int8 codes, one scale per group of
+input columns, bf16 activations) has no transformers counterpart: it is compared with lmforge fp32
+(its speed-up) and, labelled as cross-precision, with transformers fp32. bf16 and int8 tokens are
+not expected to equal the fp32 ones (random weights make near-ties common): the share of equal
+tokens is shown.
 
-    python benchmarks/generation.py                  # both shapes, appends to RESULTS.md
-    python benchmarks/generation.py --shapes small --rounds 3 --threads 1 --no-record
+Quality (random weights have no perplexity to lose): a small GPT trained by lmforge on the
+Python-docs corpus (``lmforge demo``'s model and data; ``--quality_model RUN_DIR`` reuses a demo
+run, otherwise one is trained for ``--quality_steps`` steps), scored on its whole validation split
+in fp32, bf16 and int8. Target: int8 perplexity within 1% of fp32.
+
+    python benchmarks/generation.py --threads 1                      # both shapes, appends to RESULTS.md
+    python benchmarks/generation.py --threads 1 --shapes small --rounds 2 --quality_steps 0 --no-record
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import copy
+import math
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,10 +39,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, interleaved  # noqa: E402
+from common import append_results, load_average, set_threads  # noqa: E402
 
 from lmforge import ModelConfig, Transformer  # noqa: E402
 from lmforge.generation import generate  # noqa: E402
+from lmforge.quant import DEFAULT_GROUP_SIZE, for_decoding  # noqa: E402
 
 SHAPES = {  # name: (layers, width, heads)
     "small": (4, 128, 2),
@@ -93,67 +108,143 @@ def gpt2_to_lmforge(hf: dict[str, torch.Tensor], layers: int) -> dict[str, torch
     return out
 
 
-def timed(fns: dict[str, Callable[[], object]], *, rounds: int, cpu_time: bool) -> dict[str, float]:
-    """Median seconds of each function over interleaved rounds: wall time, or with one thread the
-    CPU time of this thread (time waiting for a core taken by other jobs is not counted)."""
-    if not cpu_time:
-        return interleaved(fns, rounds=rounds, warmup=1)
+def timed(fns: dict[str, Callable[[], object]], *, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and process-CPU seconds of each function over interleaved rounds (one warm-up call each)."""
     for fn in fns.values():
         fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.thread_time()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn()
-            samples[name].append(time.thread_time() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - cpu_start)
+    return (
+        {n: statistics.median(v) for n, v in wall.items()},
+        {n: statistics.median(v) for n, v in cpu.items()},
+    )
 
 
-def bench_shape(name: str, args: argparse.Namespace) -> dict[str, float | int | str]:
-    """Check that the models produce the same greedy tokens, then time them in alternation."""
+def bench_shape(name: str, args: argparse.Namespace) -> dict:
+    """Check that fp32 lmforge and transformers produce the same greedy tokens, then time every form."""
     layers, width, heads = SHAPES[name]
     model, hf = build_pair(layers, width, heads)
     prompt = torch.randint(0, VOCAB, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(prompt)
     N = args.new_tokens
+    models = {"lmforge fp32": model}
+    models["lmforge bf16"] = for_decoding(copy.deepcopy(model), "bf16")
+    models["lmforge int8"] = for_decoding(copy.deepcopy(model), "int8", group_size=args.group_size)
+    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
 
-    def run_lmforge() -> torch.Tensor:
-        return generate(model, prompt, max_new_tokens=N)
+    def ours(m: Transformer, compiled: bool = False) -> Callable[[], torch.Tensor]:
+        return lambda: generate(m, prompt, max_new_tokens=N, compile=compiled)
 
-    def run_compiled() -> torch.Tensor:
-        return generate(model, prompt, max_new_tokens=N, compile=True)
+    def theirs(m: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return m.generate(prompt, attention_mask=mask, max_new_tokens=N, do_sample=False, num_beams=1)
 
-    def run_transformers() -> torch.Tensor:
-        with torch.inference_mode():
-            return hf.generate(prompt, attention_mask=mask, max_new_tokens=N, do_sample=False, num_beams=1)
+        return run
 
-    theirs = run_transformers()
-    start = time.perf_counter()
-    compiled = run_compiled()
-    compile_s = time.perf_counter() - start
-    for label, ours in (("lmforge", run_lmforge()), ("lmforge compiled", compiled)):
-        if ours.shape != theirs.shape or not torch.equal(ours, theirs):
-            differ = (ours[0, : theirs.shape[1]] != theirs[0, : ours.shape[1]]).nonzero()
-            first = int(differ[0]) - args.prompt_len if len(differ) else "length"
-            raise SystemExit(
-                f"{name}: {label} and transformers differ (first at new token {first}): not timing"
-            )
-    print(f"{name}: the same {N} greedy tokens (first compiled call {compile_s:.0f} s); timing …", flush=True)
-    fns = {"lmforge": run_lmforge, "compiled": run_compiled, "transformers": run_transformers}
-    times = timed(fns, rounds=args.rounds, cpu_time=args.threads == 1)
-    with torch.inference_mode():  # the weight read every step needs: the vocabulary projection alone
-        hidden = torch.randn(1, width)
-        head = model.head.proj.weight
-        project = {"head": lambda: torch.nn.functional.linear(hidden, head)}
-        head_ms = timed(project, rounds=50, cpu_time=args.threads == 1)["head"] * 1e3
-    row = {"name": name, "layers": layers, "width": width, "heads": heads, "compile_s": compile_s}
-    row.update({f"{key}_tps": N / seconds for key, seconds in times.items()})
-    row["head_share"] = head_ms / (times["lmforge"] / N * 1e3)
-    print(
-        f"  lmforge {row['lmforge_tps']:.1f} tok/s, compiled {row['compiled_tps']:.1f}, "
-        f"transformers {row['transformers_tps']:.1f}; LM head alone {head_ms:.2f} ms/token"
-    )
+    fns = {label: ours(m) for label, m in models.items()}
+    fns["transformers fp32"] = theirs(hf)
+    fns["transformers bf16"] = theirs(hf_bf16)
+    if args.compile:
+        fns["lmforge fp32 compiled"] = ours(model, compiled=True)
+    outputs = {label: fn() for label, fn in fns.items()}
+    reference = outputs["transformers fp32"]
+    if not torch.equal(outputs["lmforge fp32"], reference):
+        differ = (outputs["lmforge fp32"] != reference).nonzero()
+        raise SystemExit(
+            f"{name}: lmforge fp32 and transformers fp32 differ at {differ[:3].tolist()}: not timing"
+        )
+    agree = {
+        label: float((out[0, args.prompt_len :] == reference[0, args.prompt_len :]).float().mean())
+        for label, out in outputs.items()
+    }
+    print(f"{name}: the same {N} greedy tokens in fp32; timing {len(fns)} variants …", flush=True)
+    wall, cpu = timed(fns, rounds=args.rounds)
+    basis = cpu if args.threads == 1 else wall
+    row = {
+        "name": name,
+        "layers": layers,
+        "width": width,
+        "heads": heads,
+        "agree": agree,
+        "wall": wall,
+        "cpu": cpu,
+    }
+    row["tps"] = {label: N / seconds for label, seconds in basis.items()}
+    print("  " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in row["tps"].items()), flush=True)
     return row
+
+
+# ---- quality: perplexity of a model trained on the Python docs ------------------------------------------
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, batches: list[dict]) -> float:
+    """exp of the mean next-token cross-entropy over every target of ``batches``."""
+    total, count = 0.0, 0
+    for batch in batches:
+        logits = model(batch["input_ids"]).logits.float()
+        labels = batch["labels"]
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+            )
+        )
+        count += int((labels != -100).sum())
+    return math.exp(total / count)
+
+
+def quality(args: argparse.Namespace) -> dict[str, float] | None:
+    """Perplexity of the fp32, bf16 and int8 forms of a demo model on its Python-docs validation split."""
+    from lmforge import load
+    from lmforge.data import TokenShards, pretraining_batches
+    from lmforge.pipeline.demo import run_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = args.quality_model
+        if run_dir is None:
+            if args.quality_steps <= 0:
+                return None
+            run_dir = Path(tmp) / "demo"
+            print(
+                f"training lmforge's demo model on the Python docs for {args.quality_steps} steps …",
+                flush=True,
+            )
+            run_demo(
+                out=run_dir, minutes=600, max_steps=args.quality_steps, progress=False
+            )
+        loaded = load(run_dir)
+        shards = TokenShards(Path(run_dir) / "data", tokenizer=loaded.tokenizer)
+        seq_len = loaded.model.config.max_seq_len
+        batches = list(
+            pretraining_batches(
+                shards["validation"],
+                loaded.tokenizer,
+                objective="causal_lm",
+                seq_len=seq_len,
+                batch_size=8,
+                evaluation=True,
+            )
+        )
+        result = {
+            "tokens": sum(int((b["labels"] != -100).sum()) for b in batches),
+            "params": loaded.model.num_params(),
+        }
+        result["config"] = loaded.model.config
+        for dtype in ("fp32", "bf16", "int8"):
+            model = for_decoding(copy.deepcopy(loaded.model), dtype, group_size=args.group_size)
+            result[dtype] = perplexity(model, batches)
+            print(f"  perplexity {dtype}: {result[dtype]:.3f}", flush=True)
+        if args.group_size != 32:
+            model = for_decoding(copy.deepcopy(loaded.model), "int8", group_size=32)
+            result["int8 (groups of 32, Q8_0)"] = perplexity(model, batches)
+    return result
 
 
 def main() -> None:
@@ -162,39 +253,73 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
+    parser.add_argument(
+        "--group_size", type=int, default=DEFAULT_GROUP_SIZE, help="int8: input columns per scale"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also time generate(..., compile=True) in fp32"
+    )
+    parser.add_argument("--quality_model", type=Path, default=None, help="a demo run directory to score")
+    parser.add_argument(
+        "--quality_steps", type=int, default=600, help="train a demo model this long (0: skip)"
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     rows = [bench_shape(name, args) for name in args.shapes]
-    load_after = os.getloadavg()[0]
+    load_after = load_average()
+    scores = quality(args)
 
+    basis = "process CPU time" if args.threads == 1 else "wall time"
     lines = [
-        f"Greedy decoding with KV cache, batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new "
-        f"tokens, fp32, {torch.get_num_threads()} thread(s), vocabulary {VOCAB}; every column produces the "
-        f"same tokens (checked); medians of {args.rounds} interleaved rounds of "
-        f"{'thread CPU time' if args.threads == 1 else 'wall time'}. *compiled*: "
-        "`generate(..., compile=True)`, one-token steps through torch.compile (first call's compile "
-        "time in the last column, not in the rate). *LM head share*: time of the vocabulary "
-        "projection alone (one (1, E) × (E, V) product, a weight read both libraries make every "
-        "step) / lmforge's time per token. Target: lmforge ≥ 1.5× transformers. Machine load "
-        f"average {load_before:.1f} before, {load_after:.1f} after (other jobs share the cores: "
-        "with more threads than free cores, every parallel region waits for a descheduled thread).",
+        f"Greedy decoding with KV cache, batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+        f"{args.threads} thread(s), vocabulary {VOCAB}, random weights; lmforge fp32 and transformers fp32 produce the "
+        f"same tokens (checked). Tokens/s from the medians of {args.rounds} interleaved rounds of {basis} (wall in "
+        f"the last column). int8: weight-only, groups of {args.group_size} input columns per scale, bf16 activations. "
+        f"Load average (1/5/15 min) {load_before} before, {load_after} after.",
         "",
-        "| shape | layers | width | heads | lmforge tok/s | compiled tok/s | transformers tok/s | "
-        "**lmforge / transformers** | **compiled / transformers** | LM head share | compile s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape | variant | tok/s | tokens equal to fp32 | wall tok/s |",
+        "|---|---|---:|---:|---:|",
     ]
+    ratios = []
     for row in rows:
-        theirs = row["transformers_tps"]
-        lines.append(
-            f"| {row['name']} | {row['layers']} | {row['width']} | {row['heads']} | {row['lmforge_tps']:.1f} | "
-            f"{row['compiled_tps']:.1f} | {theirs:.1f} | **{row['lmforge_tps'] / theirs:.2f}** | "
-            f"**{row['compiled_tps'] / theirs:.2f}** | {row['head_share']:.0%} | {row['compile_s']:.0f} |"
+        tps, wall = row["tps"], row["wall"]
+        for label in tps:
+            lines.append(
+                f"| {row['name']} | {label} | {tps[label]:.1f} | {row['agree'][label]:.0%} | {args.new_tokens / wall[label]:.1f} |"
+            )
+        t = tps
+        ratios.append(
+            f"| {row['name']} | **{t['lmforge fp32'] / t['transformers fp32']:.2f}×** | "
+            f"**{t['lmforge bf16'] / t['transformers bf16']:.2f}×** | {t['lmforge bf16'] / t['lmforge fp32']:.2f}× | "
+            f"{t['lmforge int8'] / t['lmforge fp32']:.2f}× | {t['lmforge int8'] / t['transformers fp32']:.2f}× |"
         )
+    lines += [
+        "",
+        "| shape | lmforge / transformers, fp32 (target ≥ 1.5×) | lmforge / transformers, bf16 | lmforge bf16 / lmforge fp32 | "
+        "lmforge int8 / lmforge fp32 | lmforge int8 / transformers fp32 (*cross-precision*) |",
+        "|---|---:|---:|---:|---:|---:|",
+        *ratios,
+    ]
+    if scores is not None:
+        c = scores["config"]
+        lines += [
+            "",
+            f"Quality: lmforge's demo GPT ({c.num_layers} layers, width {c.embed_dim}, {scores['params'] / 1e6:.2f}M parameters, "
+            f"byte-level BPE of {c.vocab_size}) trained on the Python-docs corpus, perplexity on its whole validation split "
+            f"({scores['tokens']:,} tokens):",
+            "",
+            "| weights | perplexity | change vs fp32 |",
+            "|---|---:|---:|",
+        ]
+        for key in [k for k in scores if k in ("fp32", "bf16", "int8") or k.startswith("int8 (")]:
+            label = f"int8 (groups of {args.group_size})" if key == "int8" else key
+            lines.append(
+                f"| {label} | {scores[key]:.3f} | {100 * (scores[key] / scores['fp32'] - 1):+.2f}% |"
+            )
     body = "\n".join(lines)
     if args.no_record:
         print(body)
@@ -202,7 +327,7 @@ def main() -> None:
         import transformers
 
         append_results(
-            f"Generation tokens/s vs transformers {transformers.__version__} generate (benchmarks/generation.py)",
+            f"Generation vs transformers {transformers.__version__} generate, fp32 / bf16 / int8 (benchmarks/generation.py)",
             body,
         )
 

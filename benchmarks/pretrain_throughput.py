@@ -1,31 +1,41 @@
-"""Pretraining train-step throughput: lmforge's decoder against transformers' GPT2LMHeadModel.
+"""Pretraining train-step throughput: lmforge against nanoGPT's own ``model.py``, then transformers.
 
-One train step = forward, cross-entropy loss, backward, AdamW step, zero grads, at equal shape (same
-layers, width, heads, context, batch, vocabulary, parameter count; GPT-2 architecture: learned
-positions, pre-norm LayerNorm, tanh-GELU MLP, tied embeddings, no dropout). Measured in alternation
-(each round runs a few steps of every variant) so the shared machine's noise hits all alike.
+One train step = forward, cross-entropy loss, backward, AdamW step, zero grads, on one fixed batch.
+Every comparison is at the same architecture, the same precision, the same thread count and the
+same optimizer (``torch.optim.AdamW(fused=True)`` with weight decay on ≥2-D weights, for every
+model):
 
-Variants:
-  peer fp32         transformers GPT2LMHeadModel (SDPA attention), torch AdamW defaults: how it is
-                    usually run
-  peer bf16+fused   the same with bf16 autocast and fused AdamW (the peer given lmforge's tricks)
-  lmforge fp32      lmforge Transformer, fused AdamW with decay groups
-  lmforge bf16      the same under bf16 autocast (fast on CPUs with AMX / AVX512-BF16)
-  lmforge compiled  torch.compile'd, fp32 and bf16 (with --compile)
+- **nanoGPT** (primary peer): ``GPT`` from ``../shared/peers/nanogpt/model.py`` (imported from
+  there, never copied; skipped with a reason when absent), ``bias=False``, no dropout, its own loss
+  (``model(x, y)``). lmforge is built with the same wiring: learned positions, LayerNorm without
+  bias, no bias in the linear layers, exact-erf GELU, tied head, no dropout.
+- **transformers** (second peer): ``GPT2LMHeadModel`` (SDPA attention) with GPT-2's wiring (biases,
+  tanh GELU); lmforge is built with that wiring for this comparison.
 
-Target (PRODUCT.md): lmforge ≥ 1.5× the peer's tokens/s at 4 layers/128 wide/context 64/batch 12
-and at 6 layers/384 wide/context 256/batch 8.
+Precisions: fp32, and bf16 autocast (``torch.autocast("cpu", torch.bfloat16)``, the way nanoGPT's
+``train.py`` runs bf16) for every model alike. Variants run in alternation (each round runs
+``--steps`` steps of every variant) so the shared machine's noise hits all alike; wall and process
+CPU time are both reported (with one thread, CPU time does not count time spent waiting for a core
+that another job holds). Model-FLOPs utilization (MFU) uses nanoGPT's FLOP count (6·N + 12·L·H·D·T
+per token) per CPU second against this CPU's matmul peak in the same precision, measured here in
+the same way. A CPU without bf16 matrix hardware (no AMX / AVX512-BF16: its measured bf16 peak is
+below its fp32 peak) runs bf16 matmuls in a slow generic kernel; bf16 rows are then skipped with
+that reason unless ``--bf16-anyway``.
 
-    python benchmarks/pretrain_throughput.py              # both shapes, appends to RESULTS.md
-    python benchmarks/pretrain_throughput.py --compile    # also torch.compile variants
+Shapes: nanoGPT's CPU configuration (4 layers / 128 wide / 4 heads / context 64 / batch 12) and a
+larger one (6 / 384 / 6 / 256 / 8), vocabulary 65 (character-level Shakespeare).
+
+Targets (issue 16): lmforge ≥ 1.3× nanoGPT in bf16 at both shapes, ≥ 1.3× (small) and ≥ 1.1×
+(6 layers) in fp32, ≥ 1.5× transformers in each precision, bf16 MFU ≥ 40% at 6/384/256/8.
+
+    python benchmarks/pretrain_throughput.py --threads 1            # both shapes, appends to RESULTS.md
+    python benchmarks/pretrain_throughput.py --threads 1 --shapes small --precisions bf16 --no-record
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -34,57 +44,108 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results  # noqa: E402
+from common import (  # noqa: E402
+    NANOGPT,
+    append_results,
+    interleaved_wall_cpu,
+    load_average,
+    matmul_peak,
+    nanogpt_model,
+    set_threads,
+)
 
 from lmforge import ModelConfig, Transformer  # noqa: E402
+from lmforge.model.size import flops_per_token  # noqa: E402
+from lmforge.objectives import make_objective  # noqa: E402
 
 SHAPES = {  # name: (layers, width, heads, context, batch)
     "small": (4, 128, 4, 64, 12),
     "medium": (6, 384, 6, 256, 8),
 }
+PRECISIONS = ("fp32", "bf16")
+Step = Callable[[], None]
 
 
-def decay_groups(model: torch.nn.Module, weight_decay: float = 0.1) -> list[dict]:
-    """Weight decay on ≥2-D weights only (matrices and embeddings), none on biases and norms."""
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The one optimizer of every variant: fused AdamW, decay on ≥2-D weights only (nanoGPT's groups)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.99), fused=True)
 
 
-def make_step(
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    bf16: bool,
-) -> Callable[[], float]:
-    vocab = None
+def make_step(loss_fn: Callable[[], torch.Tensor], model: torch.nn.Module, *, bf16: bool) -> Step:
+    """forward + loss (under bf16 autocast or not) → backward → AdamW step → zero grads."""
+    optimizer = adamw(model)
 
-    def step() -> float:
-        nonlocal vocab
+    def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = forward(x)
-            vocab = logits.shape[-1]
-            loss = F.cross_entropy(logits.float().view(-1, vocab), y.view(-1))
+            loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
 
     return step
 
 
-def build_variants(shape: tuple[int, ...], vocab: int, compile_too: bool) -> tuple[dict, dict]:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def lmforge_config(shape: tuple[int, ...], vocab: int, wiring: str) -> ModelConfig:
+    """lmforge at nanoGPT's wiring (no biases, erf GELU) or GPT-2's (biases, tanh GELU)."""
+    layers, width, heads, context, _ = shape
+    common = dict(
+        arch="decoder",
+        vocab_size=vocab,
+        max_seq_len=context,
+        embed_dim=width,
+        num_layers=layers,
+        num_heads=heads,
+        position="learned",
+        tie_embeddings=True,
+        dropout=0.0,
+        norm_eps=1e-5,
+    )
+    if wiring == "nanogpt":
+        return ModelConfig(**common, bias=False, norm_bias=False, activation="gelu")
+    return ModelConfig(**common, bias=True, activation="gelu_tanh")
 
-    layers, width, heads, context, batch = shape
-    torch.manual_seed(0)
-    x = torch.randint(0, vocab, (batch, context))
-    y = torch.randint(0, vocab, (batch, context))
-    hf_config = GPT2Config(
+
+def lmforge_step(config: ModelConfig, x: torch.Tensor, y: torch.Tensor, *, bf16: bool) -> tuple[Step, int]:
+    """lmforge's model with its own causal-LM objective (the loss its training loop computes)."""
+    model = Transformer(config).train()
+    objective = make_objective("causal_lm")
+    batch = {"input_ids": x, "labels": y}
+    n = y.numel()
+
+    def loss() -> torch.Tensor:
+        return objective(model, batch).loss_sum / n
+
+    return make_step(loss, model, bf16=bf16), model.num_params()
+
+
+def nanogpt_step(nano: object, shape: tuple[int, ...], vocab: int, x, y, *, bf16: bool) -> tuple[Step, int]:  # noqa: ANN001
+    """nanoGPT's GPT at bias=False, no dropout, with its own loss (``model(x, y)``)."""
+    layers, width, heads, context, _ = shape
+    config = nano.GPTConfig(  # type: ignore[attr-defined]
+        block_size=context,
+        vocab_size=vocab,
+        n_layer=layers,
+        n_head=heads,
+        n_embd=width,
+        dropout=0.0,
+        bias=False,
+    )
+    model = nano.GPT(config).train()  # type: ignore[attr-defined]
+    return make_step(lambda: model(x, y)[1], model, bf16=bf16), sum(p.numel() for p in model.parameters())
+
+
+def transformers_step(shape: tuple[int, ...], vocab: int, x, y, *, bf16: bool) -> tuple[Step, int]:  # noqa: ANN001
+    """transformers' GPT2LMHeadModel (SDPA attention), cross-entropy on its logits."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    layers, width, heads, context, _ = shape
+    config = transformers.GPT2Config(
         n_layer=layers,
         n_head=heads,
         n_embd=width,
@@ -96,102 +157,146 @@ def build_variants(shape: tuple[int, ...], vocab: int, compile_too: bool) -> tup
         bos_token_id=0,
         eos_token_id=0,
     )
-    ours_config = ModelConfig(
-        arch="decoder",
-        vocab_size=vocab,
-        max_seq_len=context,
-        embed_dim=width,
-        num_layers=layers,
-        num_heads=heads,
-        activation="gelu_tanh",
-        norm_eps=1e-5,
-    )
-    variants: dict[str, Callable[[], float]] = {}
-    counts = {}
-    for name, bf16, fused in (("peer fp32", False, False), ("peer bf16+fused", True, True)):
-        model = GPT2LMHeadModel(hf_config).train()
-        counts["peer"] = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(decay_groups(model), lr=3e-4, fused=fused or None)
-        variants[name] = make_step(lambda ids, m=model: m(input_ids=ids).logits, opt, x, y, bf16=bf16)
-    kinds = [("lmforge fp32", False, False), ("lmforge bf16", True, False)]
-    if compile_too:
-        kinds += [("lmforge compiled fp32", False, True), ("lmforge compiled bf16", True, True)]
-    for name, bf16, compiled in kinds:
-        model = Transformer(ours_config).train()
-        counts["lmforge"] = model.num_params()
-        opt = torch.optim.AdamW(decay_groups(model), lr=3e-4, fused=True)
-        forward = torch.compile(model) if compiled else model
-        variants[name] = make_step(lambda ids, f=forward: f(ids).logits, opt, x, y, bf16=bf16)
-    return variants, counts
+    model = transformers.GPT2LMHeadModel(config).train()
+
+    def loss() -> torch.Tensor:
+        logits = model(input_ids=x).logits
+        return F.cross_entropy(logits.float().view(-1, vocab), y.view(-1))
+
+    return make_step(loss, model, bf16=bf16), sum(p.numel() for p in model.parameters())
 
 
-def measure(
-    variants: dict[str, Callable[[], float]], *, rounds: int, steps: int, warmup: int
-) -> dict[str, float]:
-    for step in variants.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, step in variants.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            times[name].append((time.perf_counter() - start) / steps)
-    return {name: statistics.median(values) for name, values in times.items()}
+def build_variants(
+    shape: tuple[int, ...], vocab: int, precision: str, peers: list[str], nano: object | None
+) -> tuple[dict[str, Step], dict[str, int]]:
+    _, _, _, context, batch = shape
+    torch.manual_seed(0)
+    x = torch.randint(0, vocab, (batch, context))
+    y = torch.randint(0, vocab, (batch, context))
+    bf16 = precision == "bf16"
+    steps: dict[str, Step] = {}
+    params: dict[str, int] = {}
+    if "nanogpt" in peers and nano is not None:
+        steps["nanoGPT"], params["nanoGPT"] = nanogpt_step(nano, shape, vocab, x, y, bf16=bf16)
+        config = lmforge_config(shape, vocab, "nanogpt")
+        steps["lmforge (nanoGPT wiring)"], params["lmforge (nanoGPT wiring)"] = lmforge_step(
+            config, x, y, bf16=bf16
+        )
+    if "transformers" in peers:
+        steps["transformers GPT-2"], params["transformers GPT-2"] = transformers_step(
+            shape, vocab, x, y, bf16=bf16
+        )
+        config = lmforge_config(shape, vocab, "gpt2")
+        steps["lmforge (GPT-2 wiring)"], params["lmforge (GPT-2 wiring)"] = lmforge_step(
+            config, x, y, bf16=bf16
+        )
+    return steps, params
+
+
+PAIRS = (("lmforge (nanoGPT wiring)", "nanoGPT"), ("lmforge (GPT-2 wiring)", "transformers GPT-2"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    parser.add_argument(
+        "--peers", nargs="+", default=["nanogpt", "transformers"], choices=["nanogpt", "transformers"]
+    )
     parser.add_argument("--vocab", type=int, default=65, help="65: character-level Shakespeare, as nanoGPT")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--compile", action="store_true", help="add torch.compile variants")
+    parser.add_argument("--bf16-anyway", action="store_true", help="time bf16 even without bf16 hardware")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    set_threads(args.threads)
+    nano = nanogpt_model() if "nanogpt" in args.peers else None
+    if "nanogpt" in args.peers and nano is None:
+        print(f"nanoGPT skipped: {NANOGPT / 'model.py'} not found (../shared/peers/nanogpt is absent)")
 
-    sections = []
+    load_before = load_average()
+    peaks = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16) for p in PRECISIONS}
+    peak_text = ", ".join(f"{p} {v / 1e9:,.1f} GFLOP/s" for p, v in peaks.items())
+    print(f"matmul peak per CPU second: {peak_text}", flush=True)
+    notes = []
+    if "bf16" in args.precisions and peaks["bf16"] < peaks["fp32"] and not args.bf16_anyway:
+        args.precisions = [p for p in args.precisions if p != "bf16"]
+        notes.append(
+            f"**bf16 not timed: this CPU has no bf16 matrix hardware** (measured bf16 matmul "
+            f"{peaks['bf16'] / 1e9:.1f} GFLOP/s vs fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s per CPU second: a generic "
+            "kernel, the same for every model, so a bf16 step here measures that kernel, not the models; "
+            "`--bf16-anyway` times it)."
+        )
+        print(notes[-1], flush=True)
+
+    sections, headline = [], []
     for shape_name in args.shapes:
         shape = SHAPES[shape_name]
         layers, width, heads, context, batch = shape
-        variants, counts = build_variants(shape, args.vocab, args.compile)
-        assert counts["peer"] == counts["lmforge"], counts
-        steps = 5 if shape_name == "small" else 1
-        step_time = measure(variants, rounds=args.rounds, steps=steps, warmup=3)
         tokens = batch * context
-        peer = step_time["peer fp32"]
-        peer_same = step_time["peer bf16+fused"]
-        best = min((n for n in step_time if n.startswith("lmforge")), key=step_time.get)
-        rows = [
-            f"| {name} | {tokens / t:,.0f} | {t * 1e3:.1f} | {peer / t:.2f}× |"
-            for name, t in step_time.items()
-        ]
+        per_token = flops_per_token(lmforge_config(shape, args.vocab, "nanogpt"), seq_len=context)
+        calls = 4 if shape_name == "small" else 1
+        rows, results = [], {}
+        for precision in args.precisions:
+            steps, params = build_variants(shape, args.vocab, precision, args.peers, nano)
+            wall, cpu = interleaved_wall_cpu(steps, rounds=args.rounds, warmup=3, calls=calls)
+            results[precision] = (wall, cpu, params)
+            for name in steps:
+                mfu = per_token * tokens / cpu[name] / peaks[precision]
+                rows.append(
+                    f"| {precision} | {name} | {params[name] / 1e6:.3f}M | {tokens / wall[name]:,.0f} | "
+                    f"{wall[name] * 1e3:.1f} | {cpu[name] * 1e3:.1f} | {100 * mfu:.1f}% |"
+                )
+            print("\n".join(rows[-len(steps) :]), flush=True)
+        ratio_rows = []
+        for ours, peer in PAIRS:
+            for precision, (wall, cpu, _) in results.items():
+                if ours in wall and peer in wall:
+                    ratio_rows.append(
+                        f"| {ours} / {peer} | {precision} | {wall[peer] / wall[ours]:.2f}× | **{cpu[peer] / cpu[ours]:.2f}×** |"
+                    )
+                    headline.append(f"{shape_name} {precision} vs {peer}: {cpu[peer] / cpu[ours]:.2f}× (CPU)")
+            if (
+                "fp32" in results
+                and "bf16" in results
+                and ours in results["bf16"][0]
+                and peer in results["fp32"][0]
+            ):
+                cross = results["fp32"][0][peer] / results["bf16"][0][ours]
+                cross_cpu = results["fp32"][1][peer] / results["bf16"][1][ours]
+                ratio_rows.append(
+                    f"| {ours} bf16 / {peer} fp32 (*cross-precision*) | — | {cross:.2f}× | {cross_cpu:.2f}× |"
+                )
         sections.append(
-            f"**{layers} layers / {width} wide / {heads} heads / context {context} / batch {batch}, vocab "
-            f"{args.vocab}** ({counts['lmforge'] / 1e6:.2f}M parameters each)\n\n"
-            "| variant | tokens/s | ms/step | vs peer fp32 |\n|---|---:|---:|---:|\n"
-            + "\n".join(rows)
-            + "\n\n"
-            f"Best lmforge variant ({best}): **{peer / step_time[best]:.2f}×** the peer as usually run; "
-            f"{peer_same / step_time[best]:.2f}× the peer given bf16 autocast and fused AdamW too. "
-            f"lmforge fp32 vs peer fp32: {peer / step_time['lmforge fp32']:.2f}×."
+            f"**{layers} layers / {width} wide / {heads} heads / context {context} / batch {batch}, vocab {args.vocab}** "
+            f"({tokens:,} tokens per step, {per_token * tokens / 1e9:.1f} GFLOP per step by nanoGPT's count)\n\n"
+            "| precision | variant | parameters | tokens/s | wall ms/step | CPU ms/step | MFU |\n"
+            "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n"
+            "| speed, lmforge / peer (peer step time / lmforge step time) | precision | wall | CPU (headline) |\n|---|---|---:|---:|\n"
+            + "\n".join(ratio_rows)
         )
         print(sections[-1], flush=True)
 
     body = (
-        f"Train step (forward + loss + backward + AdamW), medians of {args.rounds} interleaved rounds.\n\n"
+        f"Train step (forward + loss + backward + fused AdamW), {args.threads} thread(s), medians of {args.rounds} "
+        "interleaved rounds; wall and process-CPU time per step. The headline ratios are of CPU time: on a shared "
+        "machine the wall time of one thread also counts the time other jobs held its core. MFU: nanoGPT's FLOP count (6·N + 12·L·H·D·T per "
+        "token, N = non-embedding parameters with the tied head) per CPU second / this CPU's measured matmul peak per "
+        f"CPU second in the same precision ({peak_text}, {args.threads} thread(s)). "
+        f"Load average (1/5/15 min) {load_before} before, {load_average()} after.\n\n"
+        + "".join(n + "\n\n" for n in notes)
         + "\n\n".join(sections)
     )
     if args.no_record:
         print(body)
     else:
         append_results(
-            "Pretraining train-step throughput vs transformers GPT-2 (benchmarks/pretrain_throughput.py)",
-            body,
+            "Pretraining train step vs nanoGPT and transformers (benchmarks/pretrain_throughput.py)", body
         )
+    print("; ".join(headline))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class ModelConfig:
     gated_mlp: bool = False  # GLU-style MLP: act(x W_gate) ⊙ (x W_up) (SwiGLU with silu)
     norm: str = "layernorm"  # "layernorm" or "rmsnorm"
     norm_eps: float = 1e-5  # epsilon inside the norms
+    norm_bias: bool = True  # bias in the LayerNorms (nanoGPT's bias=False has none; RMSNorm never has one)
     prenorm: bool = True  # norm before each sublayer (GPT-2, Llama) or after the residual (BERT)
     position: str = "learned"  # "learned", "sinusoidal", "rope", "alibi", "relative" (T5) or "none"
     rope_theta: float = 10000.0  # RoPE base θ

@@ -244,3 +244,58 @@ def test_bad_masks_are_explained() -> None:
         layer(torch.randn(2, 5, 32), attention_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="cannot attend to a memory"):
         make_layer(4, causal=True)(torch.randn(2, 5, 32), torch.randn(2, 3, 32))
+
+
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_qkv_equals_three_projections(layout: str, bias: bool, packed: bool) -> None:
+    """One matmul over the stacked Q/K/V weights gives the outputs and every gradient of three
+    separate projections, the parameter names stay q_proj/k_proj/v_proj, and it runs only
+    while gradients are on."""
+    from lmforge.model.packing import Packing
+
+    layer = make_layer(HEAD_LAYOUTS[layout], causal=True, bias=bias)
+    x = torch.randn(2, 7, 32)
+    mask = torch.tensor([[True] * 7, [False] * 2 + [True] * 5])
+    results = []
+    for fuse in (True, False):
+        layer.fuse_qkv = fuse
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        if packed:
+            packing = Packing.from_mask(mask)
+            y = layer(packing.unpad(xi), attention_mask=mask, packing=packing)
+        else:
+            y = layer(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append([y.detach(), xi.grad] + [p.grad.clone() for p in layer.parameters()])
+    for fused, separate in zip(*results, strict=True):
+        torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+    names = {n.split(".")[0] for n, _ in layer.named_parameters()}
+    assert names == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    layer.fuse_qkv = True
+    assert layer._fuse_qkv_now()
+    with torch.no_grad():
+        assert not layer._fuse_qkv_now()  # decoding: three plain projections
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_peft_on_the_projections_takes_the_separate_path_and_matches_the_merged_fused_model(method: str) -> None:
+    """LoRA on q/v (IA3 on k/v) wraps those projections: attention falls back to three matmuls,
+    and the adapted model equals its merged copy, which runs the fused matmul again."""
+    from lmforge import ModelConfig, Transformer, peft
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-decoder"))
+    peft.apply(model, method)
+    for name, parameter in model.named_parameters():
+        if ".adapters." in name:
+            nn.init.normal_(parameter, 1.0 if method == "ia3" else 0.0, 0.3)  # away from the no-op start
+    attn = model.decoder.layers[0].self_attn
+    assert not attn._fuse_qkv_now()
+    x = torch.randint(0, 256, (2, 9))
+    adapted = model(x).logits
+    merged = peft.merge_and_unload(model)
+    assert merged.decoder.layers[0].self_attn._fuse_qkv_now()
+    torch.testing.assert_close(merged(x).logits, adapted, rtol=1e-4, atol=1e-4)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from typing import Literal
 
 from ..errors import LMForgeError
 from ..generation import TextStreamer
 from ..pipeline.generation import Chat, Sampling, generate_text, prompt_ids, room
+from ..quant import for_decoding
 from ..runs import load
 from ..runtime import resolve_device
 
@@ -31,6 +33,7 @@ def generate(
     chat: bool = False,
     system: str | None = None,
     chat_template: str | None = None,
+    dtype: Literal["fp32", "bf16", "int8"] = "fp32",
 ) -> int:
     """Continue a prompt with a model from a run directory (or a Hugging Face folder).
 
@@ -62,10 +65,14 @@ def generate(
         system: --chat: a system message before the prompt.
         chat_template: --chat: a built-in template (chatml, llama-2, plain) or Jinja source
             instead of the model's own.
+        dtype: the weights to decode with: fp32, bf16 (half the bytes), or int8 (weight-only, per-group
+            scales; fewer bytes read per token, at a measured quality cost: see benchmarks/RESULTS.md).
     """
     if not chat and (system is not None or chat_template is not None):
         raise LMForgeError("--system and --chat_template apply with --chat", key="chat")
     run = load(model, device=resolve_device(device))
+    if dtype != "fp32":
+        for_decoding(run.model, dtype)
     tokenizer = run.tokenizer
     if tokenizer is None:
         raise LMForgeError("the run directory has no tokenizer.json to encode the prompt with", file=model)

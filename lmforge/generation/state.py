@@ -204,7 +204,7 @@ def last_logits(
         cache=cache,
         cross_cache=cross_cache,
     )[0]
-    return model.head(hidden[:, -1])  # (B, E) -> (B, V)
+    return model.head(hidden[:, -1]).float()  # (B, E) -> (B, V), float32 also for bf16 weights
 
 
 @functools.cache

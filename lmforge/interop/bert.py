@@ -167,6 +167,7 @@ class Bert(Family):
             ("prenorm", [False]),
             ("embed_norm", [True]),
             ("bias", [True]),
+            ("norm_bias", [True]),
             ("qkv_bias", [None, True]),
             ("gated_mlp", [False]),
             ("num_kv_heads", [config.num_heads]),

@@ -108,6 +108,7 @@ class GPT2(Family):
         for field, allowed in (
             ("prenorm", [True]),
             ("bias", [True]),
+            ("norm_bias", [True]),
             ("qkv_bias", [None, True]),
             ("gated_mlp", [False]),
             ("num_kv_heads", [config.num_heads]),

@@ -19,6 +19,12 @@ attention proper, with two interchangeable paths behind it:
   stores α and, without a materialized mask, uses memory linear in sequence length.
 
 Both give the same numbers; a test holds them to it.
+
+Q, K and V stay three ``nn.Linear`` modules (``q_proj``, ``k_proj``, ``v_proj``: the names PEFT
+methods target and Hugging Face weight maps use), but while training they run as one matmul over
+the three weights stacked, [Q | K | V] = X [W_Q | W_K | W_V] (nanoGPT's ``c_attn``): one product
+with a wider output instead of three, one read of X, and one gradient for X instead of a sum of
+three. A PEFT method that wraps one of them (LoRA on q/v, IA3 on k/v) gets the separate path.
 """
 
 from __future__ import annotations
@@ -89,6 +95,9 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         self.use_sdpa = True  # False forces the explicit path (e.g. to compare or to teach)
+        # One matmul for Q, K and V while gradients are on (see the module docstring). Without
+        # gradients (decoding one token at a time) stacking the weights would cost more than it saves.
+        self.fuse_qkv = True
 
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=qkv_bias)
@@ -143,13 +152,22 @@ class SelfAttention(nn.Module):
         if memory is not None and self.causal:
             raise ValueError("a causal attention layer cannot attend to a memory; build it with causal=False")
 
-        # Q = X W_Q, one D-wide slice per head.
-        q = padded(self.q_proj(x)).view(B, T, H, D).transpose(1, 2)  # (B, T, H·D) -> (B, H, T, D)
+        if memory is None and self._fuse_qkv_now():
+            # [Q | K | V] = X [W_Q | W_K | W_V]: one matmul, then each one's D-wide slice per head.
+            qkv = padded(self._stacked_qkv(x))  # (B, T, (H + 2·Hkv)·D)
+            q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+            q = q.view(B, T, H, D).transpose(1, 2)  # (B, T, H·D) -> (B, H, T, D)
+            k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
+            v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
+        else:
+            # Q = X W_Q, one D-wide slice per head.
+            q = padded(self.q_proj(x)).view(B, T, H, D).transpose(1, 2)  # (B, T, H·D) -> (B, H, T, D)
+            if memory is None:
+                # K = X W_K, V = X W_V, with fewer heads under GQA/MQA.
+                k = padded(self.k_proj(x)).view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
+                v = padded(self.v_proj(x)).view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
 
         if memory is None:
-            # K = X W_K, V = X W_V, with fewer heads under GQA/MQA.
-            k = padded(self.k_proj(x)).view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
-            v = padded(self.v_proj(x)).view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
             if rope is not None:  # rotate q and k by their positions (before caching: keys keep theirs)
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             if kv_cache is not None:
@@ -193,6 +211,25 @@ class SelfAttention(nn.Module):
             out = packing.unpad(out)  # (B, T, H·D) -> (N, H·D)
         y = self.out_proj(out)  # (B, T, E), or (N, E) packed
         return (y, weights) if need_weights else y
+
+    def _fuse_qkv_now(self) -> bool:
+        """Whether Q, K, V run as one matmul now: asked for, gradients on, and all three plain
+        ``nn.Linear`` (not wrapped by a PEFT method, not quantized)."""
+        return (
+            self.fuse_qkv
+            and torch.is_grad_enabled()
+            and type(self.q_proj) is nn.Linear
+            and type(self.k_proj) is nn.Linear
+            and type(self.v_proj) is nn.Linear
+            and (self.q_proj.bias is None) == (self.k_proj.bias is None) == (self.v_proj.bias is None)
+        )
+
+    def _stacked_qkv(self, x: Tensor) -> Tensor:
+        """X [W_Q | W_K | W_V] (+ [b_Q | b_K | b_V]): (…, E) -> (…, (H + 2·Hkv)·D)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])  # ((H + 2·Hkv)·D, E)
+        bias = torch.cat([p.bias for p in projections]) if self.q_proj.bias is not None else None
+        return F.linear(x, weight, bias)
 
     def attend(
         self,

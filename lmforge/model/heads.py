@@ -41,7 +41,7 @@ class MLMHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.embed_dim, config.embed_dim)
         self.act = ACTIVATIONS[config.activation]()
-        self.norm = make_norm(config.norm, config.embed_dim, config.norm_eps)
+        self.norm = make_norm(config.norm, config.embed_dim, config.norm_eps, bias=config.norm_bias)
         self.proj = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.proj.weight = embedding.weight

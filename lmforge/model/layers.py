@@ -36,10 +36,10 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
-    """A LayerNorm or RMSNorm of width ``dim``."""
+def make_norm(kind: str, dim: int, eps: float, *, bias: bool = True) -> nn.Module:
+    """A LayerNorm (with or without its bias) or RMSNorm of width ``dim``."""
     if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps)
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
     if kind == "rmsnorm":
         return RMSNorm(dim, eps=eps)
     raise ValueError(f"unknown norm '{kind}' (layernorm or rmsnorm)")
@@ -120,13 +120,13 @@ class TransformerBlock(nn.Module):
                 scale=config.attn_scale,
             )
 
-        self.attn_norm = make_norm(config.norm, config.embed_dim, config.norm_eps)
+        self.attn_norm = make_norm(config.norm, config.embed_dim, config.norm_eps, bias=config.norm_bias)
         self.self_attn = attention(causal)
         self.cross_norm = (
-            make_norm(config.norm, config.embed_dim, config.norm_eps) if cross_attention else None
+            make_norm(config.norm, config.embed_dim, config.norm_eps, bias=config.norm_bias) if cross_attention else None
         )
         self.cross_attn = attention(False) if cross_attention else None
-        self.mlp_norm = make_norm(config.norm, config.embed_dim, config.norm_eps)
+        self.mlp_norm = make_norm(config.norm, config.embed_dim, config.norm_eps, bias=config.norm_bias)
         assert config.mlp_hidden_dim is not None
         self.mlp = MLP(
             config.embed_dim,

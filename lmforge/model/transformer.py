@@ -73,7 +73,7 @@ class TransformerStack(nn.Module):
             else None
         )
         self.embed_norm = (
-            make_norm(config.norm, config.embed_dim, config.norm_eps) if config.embed_norm else None
+            make_norm(config.norm, config.embed_dim, config.norm_eps, bias=config.norm_bias) if config.embed_norm else None
         )
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(
@@ -81,7 +81,7 @@ class TransformerStack(nn.Module):
             for _ in range(num_layers)
         )
         # Pre-norm stacks end with a norm (the residual stream is never normalized otherwise).
-        self.norm = make_norm(config.norm, config.embed_dim, config.norm_eps) if config.prenorm else None
+        self.norm = make_norm(config.norm, config.embed_dim, config.norm_eps, bias=config.norm_bias) if config.prenorm else None
         self.activation_checkpointing = False  # recompute block activations in backward to save memory
         # With a (B, T) padding mask that hides some tokens, run the position-wise layers on the
         # real tokens only (see packing.py); outputs at padding positions are then zeros. Off

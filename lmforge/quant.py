@@ -1,0 +1,129 @@
+"""Smaller weights for decoding: bf16, and int8 weight-only quantization with per-group scales.
+
+Generating one token at a time reads every weight once per token and does two FLOPs with it, so
+decoding at batch 1 is bound by the bytes the weights take, not by arithmetic. Two ways to read
+fewer of them:
+
+- **bf16**: the whole model in bfloat16 (2 bytes per weight instead of 4; the KV cache too).
+- **int8, weight-only**: every ``nn.Linear`` of the model (the LM head included) keeps its weight
+  as int8 codes q ∈ [−127, 127] and one scale per group of ``group_size`` consecutive input
+  columns of each output row, w ≈ s_g · q with s_g = max|w_g| / 127 (symmetric absmax: the layout
+  of GGUF's Q8_0, whose groups are 32 wide). Embeddings, norms and attention stay floating point.
+  The product runs in PyTorch's int8-weight matmul (``torch._weight_int8pack_mm``), one call per
+  group of columns, with the activations in bf16.
+
+References: Dettmers et al. 2022, "LLM.int8()" (absmax int8 weights); ggml's Q8_0 block format
+(llama.cpp); gpt-fast (int8 weight-only decoding in PyTorch). The quality cost is measured, not
+assumed: ``benchmarks/generation.py`` reports the perplexity of each form on the Python-docs corpus.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DTYPES", "Int8Linear", "for_decoding", "quantize_int8", "quantize_linears"]
+
+DTYPES = ("fp32", "bf16", "int8")
+DEFAULT_GROUP_SIZE = 256  # columns per scale; Q8_0 uses 32 (the same code, slower with PyTorch's kernel here)
+
+
+def quantize_int8(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Symmetric absmax int8 codes and scales of ``weight`` (N, K), one scale per ``group_size``
+    columns of a row: codes (G, N, g) int8 and scales (G, N) float32, G = K / g groups of g columns.
+
+    Raises:
+        ValueError: ``group_size`` does not divide the K input columns.
+    """
+    N, K = weight.shape
+    if group_size <= 0 or K % group_size:
+        raise ValueError(f"group_size {group_size} must divide the {K} input columns")
+    groups = weight.detach().float().reshape(N, K // group_size, group_size)  # (N, G, g)
+    scales = groups.abs().amax(dim=-1) / 127.0  # (N, G)
+    codes = torch.round(groups / scales.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
+    codes = codes.clamp(-127, 127).to(torch.int8)
+    return codes.transpose(0, 1).contiguous(), scales.t().contiguous()  # (G, N, g), (G, N)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights and per-group scales: y = Σ_g s_g ⊙ (x_g q_gᵀ) + b.
+
+    Args:
+        codes: (G, N, g) int8, group-major (each group's (N, g) block contiguous for the kernel).
+        scales: (G, N) per-group scales.
+        bias: (N,) or None, kept in floating point.
+    """
+
+    def __init__(self, codes: Tensor, scales: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.num_groups, self.out_features, self.group_size = codes.shape
+        self.in_features = self.num_groups * self.group_size
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales.to(torch.bfloat16))  # the kernel takes the activations' dtype
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> Int8Linear:
+        """Quantize an ``nn.Linear`` (its weight is read, not kept)."""
+        group_size = min(group_size, linear.in_features)
+        codes, scales = quantize_int8(linear.weight, group_size)
+        return cls(codes, scales, linear.bias)
+
+    def dequantized_weight(self) -> Tensor:
+        """The weight these codes stand for, (N, K) float32 (for checks and export)."""
+        weight = self.codes.float() * self.scales.float()[..., None]  # (G, N, g)
+        return weight.transpose(0, 1).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
+        g = self.group_size
+        out = None
+        for i in range(self.num_groups):  # x_g q_gᵀ · s_g, one group of columns at a time
+            part = torch._weight_int8pack_mm(
+                rows[:, i * g : (i + 1) * g].contiguous(), self.codes[i], self.scales[i]
+            )
+            out = part if out is None else out + part  # (M, N)
+        assert out is not None
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        )
+
+
+def quantize_linears(model: nn.Module, *, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """Replace every plain ``nn.Linear`` of ``model`` by an :class:`Int8Linear`, in place (a head
+    tied to the token embedding gets its own int8 copy; the embedding table stays as it is).
+    Layers wrapped by a PEFT method are left in floating point. Returns how many were replaced."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, Int8Linear.from_linear(child, group_size))
+                count += 1
+    return count
+
+
+def for_decoding(model: nn.Module, dtype: str, *, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
+    """``model`` (in place) in the form to decode with: ``fp32`` (as it is, in float32), ``bf16``
+    (every floating-point tensor in bfloat16) or ``int8`` (weight-only int8 linear layers, the rest
+    float32). Meant for generation and evaluation, not for training.
+
+    Raises:
+        ValueError: an unknown ``dtype``.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}' (one of {', '.join(DTYPES)})")
+    model.eval()
+    if dtype == "bf16":
+        return model.to(torch.bfloat16)
+    model.float()
+    if dtype == "int8":
+        with torch.no_grad():
+            quantize_linears(model, group_size=group_size)
+    return model

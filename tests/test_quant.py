@@ -1,0 +1,104 @@
+"""Weight-only int8 and bf16 for decoding (lmforge.quant): codes and scales as specified, layers
+that compute what their dequantized weights say, models that still generate, and the
+``lmforge generate --dtype`` option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge import ModelConfig, Transformer, save_run
+from lmforge.cli import main
+from lmforge.generation import generate
+from lmforge.quant import Int8Linear, for_decoding, quantize_int8
+from lmforge.tokenizers import Tokenizer
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_codes_and_scales_are_absmax_per_group(group_size: int) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(48, 128)
+    codes, scales = quantize_int8(weight, group_size)
+    G = 128 // group_size
+    assert codes.dtype == torch.int8 and codes.shape == (G, 48, group_size) and scales.shape == (G, 48)
+    groups = weight.view(48, G, group_size).transpose(0, 1)  # (G, N, g)
+    torch.testing.assert_close(scales, groups.abs().amax(-1) / 127)
+    assert int(codes.abs().max()) == 127  # the largest weight of each group takes the full range
+    error = (codes.float() * scales[..., None] - groups).abs()
+    assert bool((error <= scales[..., None] / 2 + 1e-7).all())  # rounding: at most half a step
+
+
+def test_a_group_size_must_divide_the_columns() -> None:
+    with pytest.raises(ValueError, match="group_size 48 must divide the 128 input columns"):
+        quantize_int8(torch.randn(4, 128), 48)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("group_size", [32, 256])
+def test_int8_linear_computes_its_dequantized_weight(bias: bool, group_size: int) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 96, bias=bias)
+    layer = Int8Linear.from_linear(linear, group_size)
+    assert layer.group_size == min(group_size, 128)
+    x = torch.randn(3, 5, 128)
+    with torch.no_grad():
+        reference = nn.functional.linear(x, layer.dequantized_weight(), linear.bias)
+        out = layer(x)
+        exact = linear(x)
+    assert out.shape == (3, 5, 96) and out.dtype == torch.float32
+    scale = reference.abs().mean()
+    assert float((out - reference).abs().max() / scale) < 0.05  # bf16 activations in the kernel
+    assert float((out - exact).norm() / exact.norm()) < 0.02
+
+
+def test_int8_model_generates_close_to_fp32_and_leaves_the_embedding_alone() -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-decoder", init_std=0.1)).eval()
+    table = model.tok_embed.weight.detach().clone()
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        reference = model(x).logits
+    for_decoding(model, "int8")
+    assert not [m for m in model.modules() if type(m) is nn.Linear]
+    assert isinstance(model.head.proj, Int8Linear)  # the tied head gets its own int8 copy
+    assert model.tok_embed.weight.dtype == torch.float32 and torch.equal(model.tok_embed.weight, table)
+    with torch.no_grad():
+        logits = model(x).logits
+    assert float((logits - reference).norm() / reference.norm()) < 0.03
+    out = generate(model, x[:1], max_new_tokens=8)
+    assert out.shape == (1, 20)
+
+
+def test_bf16_model_generates_and_hands_out_float32_logits() -> None:
+    torch.manual_seed(0)
+    model = for_decoding(Transformer(ModelConfig.from_name("tiny-llama")), "bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    out = generate(model, torch.randint(0, 256, (1, 5)), max_new_tokens=6, num_beams=2)
+    assert out.shape[1] <= 11
+    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
+        for_decoding(model, "int4")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tokenizer = Tokenizer.train(
+        iter(["the cat sat on the mat"] * 4), kind="char", vocab_size=64, show_progress=False
+    )
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-decoder", vocab_size=tokenizer.vocab_size))
+    return save_run(tmp_path_factory.mktemp("runs") / "tiny", model=model, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_cli_generate_dtype(run_dir: Path, dtype: str, capsys: pytest.CaptureFixture) -> None:
+    argv = ["generate", "--model", str(run_dir), "--prompt", "the", "--max_new_tokens", "6", "--dtype", dtype]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("the")
+
+
+def test_cli_generate_rejects_an_unknown_dtype(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", "--model", str(run_dir), "--prompt", "the", "--dtype", "int4"]) == 2
+    assert "int4" in capsys.readouterr().err
