@@ -306,3 +306,13 @@ def test_lmforge_demo_runs_whole(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "samples after training" in out and "validation loss" in out
     assert lmforge.load(tmp_path / "demo").tokenizer is not None
+
+
+def test_pretrain_says_what_it_is_about_to_do_before_it_starts(text_file: Path, tmp_path: Path, capsys) -> None:
+    argv = tiny_args(text_file, tmp_path / "run", "--model.preset", "tiny-decoder", "--tokenizer.kind", "char")
+    assert main([*argv, "--train.max_steps", "6", "--train.progress", "true"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    plan = next(line for line in printed.splitlines() if "steps of 8×1 sequences" in line)
+    assert plan.startswith("pretrain: 6 steps") and "minutes of training on this machine (timed on 3 steps)" in plan
+    before = printed[: printed.index(plan)]
+    assert "decoder" in before and "objective causal_lm" in before  # the model and objective come first
