@@ -51,6 +51,7 @@ COMMANDS: dict[str, str] = {
     "merge": "merge:merge",
     "viz attention": "viz:viz_attention",
     "viz run": "viz:viz_run",
+    "compare": "compare:compare",
 }
 
 
