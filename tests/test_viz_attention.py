@@ -213,3 +213,51 @@ def test_page_in_a_headless_browser(runs: dict[str, Path], tmp_path: Path) -> No
     pixels = png_pixels(shot)
     blue = (pixels[..., 2].astype(int) - pixels[..., 0].astype(int) > 40).mean()
     assert blue > 0.001  # the script ran and coloured the heatmap table
+
+
+NODE_STUB = """
+function el() {
+  return {options: [], children: [], style: {}, dataset: {}, value: undefined, textContent: '', _html: '',
+    add(o) { this.options.push(o); if (this.value === undefined) this.value = o.value; },  // as a <select>
+    appendChild(c) { this.children.push(c); },
+    classList: {add() {}, remove() {}}, addEventListener() {}, querySelectorAll() { return []; },
+    set innerHTML(v) { this._html = v; }, get innerHTML() { return this._html; }};
+}
+const els = {};
+const payload = require('fs').readFileSync(process.argv[2], 'utf8');
+global.document = {
+  getElementById(id) { return id === '%(data_id)s' ? {textContent: payload} : (els[id] = els[id] || el()); },
+  createElement() { return el(); }, querySelectorAll() { return []; },
+};
+global.Option = function (text, value) { this.text = text; this.value = String(value); };
+"""
+
+
+def test_page_script_runs_and_hover_shows_the_row(runs: dict[str, Path], tmp_path: Path) -> None:
+    """The page's own script, run by Node.js against a minimal stand-in for the DOM: it builds the
+    selectors, the token row and the table, and hovering query 2 colours each key by its α
+    (the page opens on layer 0 and the mean of the heads)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no Node.js on this machine")
+    figures = attention_figures(runs["tiny-decoder"], "the cat sat on the mat", out=tmp_path)
+    page = figures.html.read_text(encoding="utf-8")
+    script = page.rsplit("<script>", 1)[1].split("</script>", 1)[0]
+    data, _ = page_data(figures.html)
+    (tmp_path / "data.json").write_text(json.dumps(data), encoding="utf-8")
+    probe = """
+    show(2);
+    console.log(JSON.stringify({
+      layers: els.layer.options.length, heads: els.head.options.length,
+      rows: (els.map._html.match(/<tr id=/g) || []).length,
+      shades: keySpans.map(s => s.style.background), readout: els.readout.textContent}));
+    """
+    (tmp_path / "run.js").write_text(NODE_STUB % {"data_id": DATA_ID} + script + probe, encoding="utf-8")
+    out = subprocess.run([node, str(tmp_path / "run.js"), str(tmp_path / "data.json")], capture_output=True, text=True, timeout=60, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    T = len(data["tokens"])
+    assert result["layers"] == 2 and result["heads"] == 4 + 1 and result["rows"] == T  # heads + "mean"
+    alpha = np.array(data["attention"][0])[:, 2].mean(axis=0)  # layer 0, mean of the heads, query 2
+    shown = [float(shade.removeprefix("rgba(31,119,180,").removesuffix(")")) for shade in result["shades"]]
+    np.testing.assert_allclose(shown, alpha, atol=6e-4)
+    assert result["readout"].startswith(json.dumps(data["tokens"][2]) + " attends to:")
