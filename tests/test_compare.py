@@ -87,6 +87,7 @@ def test_report_holds_the_runs_numbers_and_a_rerun_reuses_them(setup: tuple[Path
     assert seeds == [0, 1]
     report = (out / "report.md").read_text()
     assert "| full |" in report and "| lora |" in report and "n=2" in report
+    assert {p.name for p in result.files} == {"report.md", "report.csv", "runs.csv", "compare.png", "curves.png"}
     pixels = png_pixels(out / "compare.png")
     assert pixels.shape[0] > 400 and pixels.shape[1] > 800
 

@@ -37,6 +37,8 @@ from ..files import ADAPTER_CONFIG_FILE, HEAD_FILE, WEIGHTS_FILE, atomic_write_j
 from ..training import TimeBudget
 from ..training.config import TrainConfig
 from ..viz.charts import write_compare_png
+from ..viz.curves import curves_figure, read_run
+from ..viz.figures import save_png
 from .common import Log, silent
 from .finetuning import FULL, DataSpec, build_task, check_method, finetune, load_base, read_task_data
 
@@ -245,7 +247,8 @@ class CompareResult:
 
 def compare(comparison: Comparison, *, out: str | Path, isolate: bool = True, log: Log = silent) -> CompareResult:
     """Run every method of ``comparison`` with every seed (each finished run kept, not rerun) and
-    write the report: OUT/report.md, report.csv, runs.csv, compare.png.
+    write the report: OUT/report.md, report.csv, runs.csv, compare.png, and curves.png (the
+    runs' training curves overlaid).
 
     Args:
         comparison: the shared setup and the methods.
@@ -300,6 +303,9 @@ def compare(comparison: Comparison, *, out: str | Path, isolate: bool = True, lo
             files = write_report(comparison, records, failures, folder)
     if not files or failures:  # nothing ran here (all reused), or the last runs failed
         files = write_report(comparison, records, failures, folder)
+    finished = [folder / "runs" / f"{r['method']}-seed{r['seed']}" for r in records]
+    if finished:  # every run's training curves, overlaid (lmforge viz run draws the same)
+        files.append(save_png(curves_figure([read_run(path) for path in finished]), folder / "curves.png"))
     return CompareResult(records, failures, files, skipped)
 
 
