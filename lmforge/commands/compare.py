@@ -48,7 +48,9 @@ def compare(
         methods: full and PEFT methods, e.g. full,lora,adalora,adapter,ia3,bitfit,prefix,prompt.
         task: the task (classification, sft, translation, summarization, qa, tagging).
         seeds: training seeds, every method runs with each (default: 0).
-        budget_minutes: the whole comparison's time, split evenly over methods × seeds.
+        budget_minutes: the whole comparison's time, split evenly over methods × seeds; each run
+            trains for 3/4 of its share (the rest is for starting, loading and evaluating; on a
+            busy machine these can take longer, and the report shows the wall time).
         lr: learning rate per method, e.g. --lr.lora 1e-3 (default: full 5e-5, prefix 1e-2,
             prompt 3e-2, ptuning 1e-2, others --train.lr).
         peft: options per method, e.g. --peft.lora.r 8 (or a `peft: {lora: {r: 8}}` section).

@@ -19,7 +19,9 @@ from .figures import new_figure, save_png
 
 METRICS_FILE = "metrics.jsonl"
 ADALORA_FILE = "adalora_ranks.json"
-NOT_CURVES = {"eval_time_s", "eval_examples", "eval_batches"}  # evaluation bookkeeping, not quality
+# evaluation bookkeeping (counts, times) and perplexity (exp of the loss drawn beside): not drawn
+NOT_CURVES = {"eval_time_s", "eval_examples", "eval_labeled", "eval_batches", "eval_ppl"}
+SUMMARY_FILE = "finetune.json"  # a fine-tuned run's summary: names its main metric
 
 
 @dataclass
@@ -31,6 +33,7 @@ class RunRecord:
     evals: list[dict[str, Any]] = field(default_factory=list)  # evaluation lines (keys eval_*)
     adalora: dict[str, Any] | None = None
     evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> eval-SPLIT.json
+    main_metric: str | None = None  # the task's main metric (from finetune.json), e.g. "accuracy"
 
     @property
     def name(self) -> str:
@@ -67,6 +70,9 @@ def read_run(path: str | Path) -> RunRecord:
             if not isinstance(row, dict) or "step" not in row:
                 continue
             (record.evals if any(k.startswith("eval_") for k in row) else record.steps).append(row)
+    if (path / SUMMARY_FILE).is_file():
+        summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
+        record.main_metric = summary.get("main_metric") if isinstance(summary, dict) else None
     if (path / ADALORA_FILE).is_file():
         record.adalora = json.loads((path / ADALORA_FILE).read_text(encoding="utf-8"))
     for report in sorted(path.glob("eval-*.json")):
@@ -94,7 +100,7 @@ def curves_figure(runs: list[RunRecord]) -> Figure:
     figure = new_figure(11, 7.5)
     (loss, quality), (lr, speed) = figure.subplots(2, 2)
     colors = [f"C{i % 10}" for i in range(len(runs))]
-    eval_keys = sorted({k for r in runs for e in r.evals for k in e if k.startswith("eval_")} - NOT_CURVES - {"eval_loss"})
+    every_key = sorted({k for r in runs for e in r.evals for k in e if k.startswith("eval_")} - NOT_CURVES - {"eval_loss"})
     styles = ["-", "--", ":", "-."]
     for run, color in zip(runs, colors, strict=True):
         label = run.name if len(runs) > 1 else None
@@ -102,6 +108,9 @@ def curves_figure(runs: list[RunRecord]) -> Figure:
         xs, ys = _series(run.evals, "eval_loss")
         if xs:
             loss.plot(xs, ys, color=color, ls="--", marker="o", ms=3, label=f"{label} validation" if label else "validation")
+        # several runs: each one's main metric (one line a run); one run: all its metrics
+        main = f"eval_{run.main_metric}" if run.main_metric else None
+        eval_keys = [main] if len(runs) > 1 and main in every_key else every_key
         for i, key in enumerate(eval_keys):
             xs, ys = _series(run.evals, key)
             if xs:
