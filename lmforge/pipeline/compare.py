@@ -317,6 +317,13 @@ def describe(comparison: Comparison) -> dict[str, Any]:
     return values
 
 
+def model_name(path: Path) -> str:
+    """A short name of the base model for titles: its folder's name, with the folder above it when
+    that name says nothing (a package's ``model`` folder)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.name in ("model", "models") else path.name
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
 
@@ -369,7 +376,7 @@ def markdown(comparison: Comparison, rows: list[dict[str, Any]], failures: dict[
     """The report as Markdown: the setup, the table, the failures."""
     metric = rows[0]["metric"] if rows else "score"
     lines = [
-        f"# Method comparison: {Path(comparison.model).name} on {comparison.data.path.name}",
+        f"# Method comparison: {model_name(comparison.model)} on {comparison.data.path.name}",
         "",
         f"- task: {comparison.task_name}; seeds: {', '.join(map(str, comparison.seeds))}; "
         f"batch {comparison.train.batch_size}, "
@@ -410,7 +417,7 @@ def write_report(
     ]
     if rows:
         scores = {m: [float(r["score"]) for r in records if r["method"] == m and r.get("score") is not None] for m in comparison.methods}
-        title = f"{Path(comparison.model).name} on {comparison.data.path.name}"
+        title = f"{model_name(comparison.model)} on {comparison.data.path.name}"
         files.append(write_compare_png(rows, folder / "compare.png", title=title, scores=scores))
     return files
 
