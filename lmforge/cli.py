@@ -51,6 +51,9 @@ COMMANDS: dict[str, str] = {
     "eval": "evaluate:evaluate",
     "predict": "predict:predict",
     "merge": "merge:merge",
+    "viz attention": "viz:viz_attention",
+    "viz run": "viz:viz_run",
+    "compare": "compare:compare",
 }
 
 
