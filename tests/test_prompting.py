@@ -1,0 +1,310 @@
+"""lmforge.prompting on tiny models: templates and verbalizers (leading spaces, multi-token words,
+BPE merges), calibration by hand, demonstration selection, and label scoring with the shared
+prompt cache equal to one full pass per label."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge import ModelConfig, Transformer
+from lmforge.chat_template import BUILTIN_TEMPLATES
+from lmforge.errors import LMForgeError
+from lmforge.model import KVCache
+from lmforge.prompting import (
+    CONTENT_FREE,
+    ClozeScorer,
+    DecoderScorer,
+    PromptClassifier,
+    PromptEncoder,
+    PromptTemplate,
+    Verbalizer,
+    WordTable,
+    arrange,
+    balanced_sample,
+    calibrate,
+    domain_texts,
+    full_pass_log_probs,
+    label_log_probs,
+    nearest,
+    per_class_sample,
+    read_template_file,
+    reference_distribution,
+    resolve_templates,
+)
+from lmforge.prompting.templates import join_word
+from lmforge.tokenizers import Tokenizer
+
+CORPUS = [
+    "Review: a charming and affecting journey\nSentiment: positive",
+    "Review: unflinchingly bleak and desperate\nSentiment: negative",
+    "the movie was wonderful and the plot was dull, positive negative neutral",
+] * 30
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    return Tokenizer.train(iter(CORPUS), kind="bpe", vocab_size=400, show_progress=False)
+
+
+# ---- templates ---------------------------------------------------------------------------------------
+
+
+def test_raw_template_moves_the_space_before_the_label_onto_the_word() -> None:
+    template = PromptTemplate("Review: {text}\nSentiment: {label}", name="review")
+    prompt = template.prompt({"text": "great fun"})
+    assert prompt.text == "Review: great fun\nSentiment:" and prompt.lead == " "
+    assert template.lead == " " and template.columns == ["text"]
+    assert join_word(prompt.lead, "positive") == " positive"
+    assert join_word(prompt.lead, " positive") == " positive"  # a word written with its space: not doubled
+    assert join_word("", "positive") == "positive"
+
+
+def test_demonstrations_instruction_and_separator() -> None:
+    template = PromptTemplate(
+        "Q: {text} A: {label}.", name="qa", instruction="Answer with one of: {labels}", separator="\n"
+    )
+    prompt = template.prompt(
+        {"text": "x"}, [({"text": "good"}, "yes"), ({"text": "bad"}, " no")], label_words=["yes", "no"]
+    )
+    assert prompt.text == "Answer with one of: yes, no\nQ: good A: yes.\nQ: bad A: no.\nQ: x A:"
+    assert prompt.lead == " "
+
+
+def test_chat_template_renders_turns_and_the_word_has_no_space(bpe: Tokenizer) -> None:
+    tokenizer = Tokenizer(bpe.backend, chat_template=BUILTIN_TEMPLATES["chatml"])
+    template = PromptTemplate("Review: {text}\nPositive or negative? {label}", chat=True, instruction="Be brief.")
+    prompt = template.prompt({"text": "fine"}, [({"text": "awful"}, "negative")], tokenizer=tokenizer)
+    assert prompt.lead == "" and template.lead == ""
+    assert prompt.text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nReview: awful\nPositive or negative?<|im_end|>\n"
+        "<|im_start|>assistant\nnegative<|im_end|>\n"
+        "<|im_start|>user\nReview: fine\nPositive or negative?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_cloze_pieces_around_the_mask() -> None:
+    template = PromptTemplate("{text} It was {label}.", name="it-was")
+    assert template.cloze({"text": "a fine film"}) == ("a fine film It was ", ".")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("Review: {text}", "no {label} slot"),
+        ("{label} {text} {label}", "the {label} slot twice"),
+        ("{text} {0} {label}", "must be a plain column name"),
+    ],
+)
+def test_bad_templates_are_one_line_errors(text: str, message: str) -> None:
+    with pytest.raises(LMForgeError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        PromptTemplate(text, name="bad")
+
+
+def test_an_unknown_column_is_named() -> None:
+    template = PromptTemplate("Title: {title}\n{text} {label}", name="t")
+    with pytest.raises(LMForgeError, match=r"unknown column \{title\}.*the data has: label, text"):
+        template.check_columns(["label", "text"])
+    with pytest.raises(LMForgeError, match=r"unknown column \{title\}"):
+        template.prompt({"text": "x"})
+
+
+def test_template_file_and_builtins(tmp_path) -> None:
+    path = tmp_path / "sst2.yaml"
+    path.write_text(
+        "templates:\n"
+        "  - name: review\n    template: \"Review: {text}\\nSentiment: {label}\"\n"
+        "    verbalizer: {negative: [terrible, bad], positive: great}\n"
+        "  - template: \"{text} {label}\"\n    chat: true\n",
+        encoding="utf-8",
+    )
+    first, second = read_template_file(path)
+    assert first.name == "review" and second.name == "sst2-1" and second.chat
+    assert first.verbalizer_for(["negative", "positive"]).words == (("terrible", "bad"), ("great",))
+    assert resolve_templates(str(path), chat_available=False) == [first, second]
+    assert resolve_templates(None, chat_available=True)[0].chat
+    assert not resolve_templates(None, chat_available=False)[0].chat
+    assert resolve_templates("Q: {text} A: {label}", chat_available=False)[0].name == "inline"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("templates:\n  - template: 'no slot {text}'\n", encoding="utf-8")
+    with pytest.raises(LMForgeError, match=r"bad.yaml:2: .*no \{label\} slot"):
+        read_template_file(bad)
+    with pytest.raises(LMForgeError, match="unknown template 'sentimnt'.*did you mean 'sentiment'"):
+        resolve_templates("sentimnt", chat_available=False)
+
+
+# ---- verbalizers -------------------------------------------------------------------------------------
+
+
+def test_verbalizer_defaults_to_label_names_and_checks_its_labels() -> None:
+    verbalizer = Verbalizer.build(["pin_change", "oos"], {"oos": ["something else", "other"]})
+    assert verbalizer.words == (("pin change",), ("something else", "other"))
+    with pytest.raises(LMForgeError, match="verbalizer label 'positve' is not a label"):
+        Verbalizer.build(["negative", "positive"], {"positve": "good"})
+    with pytest.raises(LMForgeError, match="non-empty words"):
+        Verbalizer.build(["a", "b"], {"a": ""})
+
+
+def test_label_words_tokenize_as_they_do_inside_the_prompt(bpe: Tokenizer) -> None:
+    """The word is encoded with the prompt's trailing space, so prompt ids + word ids are the ids
+    of the whole text (byte-level BPE merges ' positive' into its own token, not ' ' + 'positive')."""
+    template = PromptTemplate("Review: {text}\nSentiment: {label}", name="review")
+    verbalizer = Verbalizer.build(["negative", "positive"], {"negative": "negative", "positive": ["positive", "wonderful movie"]})
+    ids = verbalizer.token_ids(bpe, template.lead)
+    assert len(ids[1][1]) > 1  # a multi-token word
+    for text in ("a charming journey", "bleak", "the plot was dull"):
+        prompt = template.prompt({"text": text})
+        prompt_ids = bpe.encode(prompt.text)
+        for label_words, words in zip(ids, verbalizer.words, strict=True):
+            for word_ids, word in zip(label_words, words, strict=True):
+                assert prompt_ids + word_ids == bpe.encode(prompt.text + join_word(prompt.lead, word))
+    assert bpe.encode(" positive") != bpe.encode(" ") + bpe.encode("positive")  # what the lead avoids
+
+
+def test_prompt_encoder_targets_are_the_first_words(bpe: Tokenizer) -> None:
+    template = PromptTemplate("Review: {text}\nSentiment: {label}", name="review", verbalizer={"positive": ["positive", "good"]})
+    encoder = PromptEncoder(bpe, template, ["negative", "positive"], arch="decoder")
+    assert encoder.target_ids(1) == bpe.encode(" positive")
+    assert encoder.table.owner == (0, 1, 1)
+
+
+# ---- calibration -------------------------------------------------------------------------------------
+
+
+def test_contextual_calibration_by_hand() -> None:
+    content_free = torch.tensor([[0.9, 0.1], [0.7, 0.3]], dtype=torch.float64)
+    reference = reference_distribution(content_free)
+    torch.testing.assert_close(reference, torch.tensor([0.8, 0.2], dtype=torch.float64))
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]], dtype=torch.float64)
+    # [0.7/0.8, 0.3/0.2] = [0.875, 1.5] → / 2.375;  [0.4/0.8, 0.6/0.2] = [0.5, 3.0] → / 3.5
+    expected = torch.tensor([[0.875 / 2.375, 1.5 / 2.375], [0.5 / 3.5, 3.0 / 3.5]], dtype=torch.float64)
+    torch.testing.assert_close(calibrate(probs, reference), expected)
+    assert calibrate(probs, reference).argmax(-1).tolist() == [1, 1]  # the first flips from label 0
+    torch.testing.assert_close(calibrate(reference[None], reference), torch.full((1, 2), 0.5, dtype=torch.float64))
+    assert CONTENT_FREE == ("N/A", "", "[MASK]")
+
+
+def test_domain_texts_are_seeded_in_domain_words_of_average_length() -> None:
+    texts = ["a b c d", "e f", "g h i"]  # 9 words / 3 texts → 3 words each
+    first = domain_texts(texts, num_samples=5, seed=1)
+    assert first == domain_texts(texts, num_samples=5, seed=1) and first != domain_texts(texts, num_samples=5, seed=2)
+    assert all(len(t.split()) == 3 and set(t.split()) <= set("abcdefghi") for t in first)
+
+
+def test_label_log_probs_mean_probability_and_length_normalization() -> None:
+    table = WordTable.build([[[1]], [[2, 3], [4]]])  # label 1 has a 2-token and a 1-token word
+    words = torch.tensor([[-1.0, -4.0, -2.0]])
+    label1 = torch.log((torch.exp(torch.tensor(-4.0)) + torch.exp(torch.tensor(-2.0))) / 2)
+    expected = torch.log_softmax(torch.stack([torch.tensor(-1.0), label1]), dim=-1)
+    torch.testing.assert_close(label_log_probs(words, table)[0], expected)
+    label1 = torch.log((torch.exp(torch.tensor(-2.0)) + torch.exp(torch.tensor(-2.0))) / 2)  # -4 / 2 tokens
+    expected = torch.log_softmax(torch.stack([torch.tensor(-1.0), label1]), dim=-1)
+    torch.testing.assert_close(label_log_probs(words, table, length_normalize=True)[0], expected)
+
+
+# ---- demonstrations ----------------------------------------------------------------------------------
+
+
+def test_random_demonstrations_are_class_balanced_and_seeded() -> None:
+    labels = [0] * 50 + [1] * 10 + [2] * 5
+    chosen = balanced_sample(labels, 9, seed=3)
+    assert sorted(labels[i] for i in chosen) == [0, 0, 0, 1, 1, 1, 2, 2, 2] and len(set(chosen)) == 9
+    assert chosen == balanced_sample(labels, 9, seed=3) and chosen != balanced_sample(labels, 9, seed=4)
+    assert len({labels[i] for i in balanced_sample(labels, 2, seed=0)}) == 2  # k < classes: distinct classes
+    train = per_class_sample(labels, 4, seed=0)
+    dev = per_class_sample(labels, 4, seed=1, exclude=train)
+    assert sorted(labels[i] for i in train) == [0] * 4 + [1] * 4 + [2] * 4 and not set(train) & set(dev)
+    assert sorted(labels[i] for i in dev).count(2) == 1  # class 2 has 5 examples: one left
+
+
+def test_knn_selection_is_deterministic_with_ties_to_the_first() -> None:
+    pool = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [1.0, 1.0], [0.0, 3.0]])
+    queries = torch.tensor([[1.0, 0.1], [0.0, 1.0]])
+    index, similarity = nearest(queries, pool, 3)
+    assert index.tolist() == [[0, 2, 3], [1, 4, 3]]  # equal cosines: the lower index first
+    assert torch.all(similarity[:, :-1] >= similarity[:, 1:])
+    again, _ = nearest(queries, pool, 3)
+    assert torch.equal(index, again)
+    assert arrange([5, 6, 7], [0] * 8, "similar_last", seed=0) == [7, 6, 5]
+    assert arrange([1, 2, 3, 4], [0, 0, 0, 1, 1], "alternate", seed=0) == [1, 3, 2, 4]  # labels 0, 0, 1, 1
+    with pytest.raises(LMForgeError, match="only 5 examples"):
+        nearest(queries, pool, 6)
+
+
+# ---- scoring -----------------------------------------------------------------------------------------
+
+WORDS = WordTable.build([[[5], [7, 8, 9]], [[11, 12]], [[20, 21, 22, 23], [13]]])
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-decoder"])  # RoPE + GQA, learned positions
+def test_shared_cache_scoring_equals_one_full_pass_per_word(preset: str) -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name(preset)).eval()
+    scorer = DecoderScorer(model, WORDS)
+    prompts = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9, 9, 9], [1, 2, 3], [1, 2, 3, 4, 5, 6], [40] * 30]
+    computed = []
+    for prompt in prompts:
+        before = scorer.tokens_computed
+        torch.testing.assert_close(scorer.word_log_probs(prompt), full_pass_log_probs(model, prompt, WORDS), atol=1e-5, rtol=1e-5)
+        computed.append(scorer.tokens_computed - before)
+    packed = 2 + 1 + 3  # every word's tokens but its last ([7, 8], [11], [20, 21, 22]), in one continuation pass
+    assert computed[0] == 6 + packed
+    assert computed[1] == 3 + packed  # [1, 2, 3, 4] came from the cache
+    assert computed[2] == 1 + packed  # all cached: the last token runs again for its logits
+    assert computed[3] == 3 + packed
+
+
+def test_scoring_falls_back_to_full_passes_where_words_cannot_be_packed() -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-decoder", position="alibi")).eval()
+    scorer = DecoderScorer(model, WORDS)
+    assert not scorer.packed
+    torch.testing.assert_close(scorer.word_log_probs([1, 2, 3]), full_pass_log_probs(model, [1, 2, 3], WORDS))
+
+
+def test_kv_cache_truncate() -> None:
+    cache = KVCache(1, 8, 2, 4)
+    cache.update(torch.ones(1, 2, 5, 4), torch.ones(1, 2, 5, 4))
+    cache.truncate(3)
+    assert cache.length == 3 and cache.get()[0].shape == (1, 2, 3, 4)
+    with pytest.raises(ValueError, match="cannot truncate"):
+        cache.truncate(4)
+
+
+def test_cloze_scoring_reads_the_masks_of_an_encoder(bpe: Tokenizer) -> None:
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.train(iter(CORPUS), kind="wordpiece", vocab_size=200, show_progress=False)
+    model = Transformer(ModelConfig.from_name("tiny-encoder", vocab_size=tokenizer.vocab_size, head="mlm")).eval()
+    table = WordTable.build([[[10]], [[11, 12]]])
+    scorer = ClozeScorer(model, table, tokenizer)
+    before, after = tokenizer.encode("a charming journey it was"), tokenizer.encode(".")
+    scores = scorer.word_log_probs(before, after)
+    for index, word in enumerate(table.ids):
+        ids, at = scorer.inputs(before, after, len(word))
+        assert ids[at : at + len(word)] == [tokenizer.mask_id] * len(word) and ids[0] == tokenizer.cls_id
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
+        expected = sum(lp[at + i, t] for i, t in enumerate(word))
+        torch.testing.assert_close(scores[index], expected.detach())
+
+
+def test_classifier_calibrates_with_the_same_demonstrations(bpe: Tokenizer) -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-llama", vocab_size=bpe.vocab_size)).eval()
+    template = PromptTemplate("Review: {text}\nSentiment: {label}", name="review")
+    classifier = PromptClassifier(model, bpe, [template], ["negative", "positive"])
+    pool = [({"text": "bleak"}, 0), ({"text": "charming"}, 1)]
+    queries = [{"text": "a journey"}, {"text": "desperate"}]
+    scores = classifier.classify(
+        queries, pool=pool, demonstrations=[[0, 1], [0, 1]], calibration="contextual", content_free=CONTENT_FREE
+    )
+    encoder = classifier.encoders[0]
+    scorer = encoder.scorer(model)
+    blank = torch.stack(
+        [torch.exp(encoder.log_probs(scorer, {"text": t}, pool).double()) for t in CONTENT_FREE]
+    )
+    raw = torch.stack([torch.exp(encoder.log_probs(scorer, q, pool).double()) for q in queries])
+    torch.testing.assert_close(scores.uncalibrated, raw)
+    torch.testing.assert_close(scores.probabilities, calibrate(raw, blank.mean(0) / blank.mean(0).sum()))
+    assert len(scores.references["review"]) == 1  # one set of demonstrations: one estimate
