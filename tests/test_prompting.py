@@ -4,13 +4,22 @@ prompt cache equal to one full pass per label."""
 
 from __future__ import annotations
 
+import collections
+import json
+import random
+from pathlib import Path
+
 import pytest
 import torch
 
+import lmforge
 from lmforge import ModelConfig, Transformer
 from lmforge.chat_template import BUILTIN_TEMPLATES
+from lmforge.cli import main
 from lmforge.errors import LMForgeError
 from lmforge.model import KVCache
+from lmforge.pipeline.finetuning import DataSpec
+from lmforge.pipeline.prompting import PromptSettings, prompt_run
 from lmforge.prompting import (
     CONTENT_FREE,
     ClozeScorer,
@@ -34,6 +43,7 @@ from lmforge.prompting import (
 )
 from lmforge.prompting.templates import join_word
 from lmforge.tokenizers import Tokenizer
+from lmforge.training import TrainConfig
 
 CORPUS = [
     "Review: a charming and affecting journey\nSentiment: positive",
@@ -308,3 +318,101 @@ def test_classifier_calibrates_with_the_same_demonstrations(bpe: Tokenizer) -> N
     torch.testing.assert_close(scores.uncalibrated, raw)
     torch.testing.assert_close(scores.probabilities, calibrate(raw, blank.mean(0) / blank.mean(0).sum()))
     assert len(scores.references["review"]) == 1  # one set of demonstrations: one estimate
+
+
+# ---- the pipeline and the command line ---------------------------------------------------------------
+
+CUE_WORDS = {"great": 1, "fun": 1, "superb": 1, "bad": 0, "dull": 0, "awful": 0}
+FILLER = ["the", "movie", "was", "plot", "a", "and", "it", "story"]
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write_cue_folder(folder: Path, sizes: dict[str, int], *, seed: int = 0) -> Path:
+    """A synthetic sentiment folder: four filler words and one cue word that decides the label."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        rows = []
+        for _ in range(n):
+            cue = rng.choice(sorted(CUE_WORDS))
+            words = [rng.choice(FILLER) for _ in range(4)] + [cue]
+            rng.shuffle(words)
+            rows.append(json.dumps({"text": " ".join(words), "label": CUE_WORDS[cue]}))
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (folder / "labels.txt").write_text("negative\npositive\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cue_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("prompt")
+    text = " ".join(FILLER + sorted(CUE_WORDS))
+    tokenizer = Tokenizer.train(
+        iter([f"Review: {text}\nSentiment: positive negative"] * 20), kind="bpe", vocab_size=320, show_progress=False
+    )
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-llama", vocab_size=tokenizer.vocab_size))
+    base = lmforge.save_run(root / "base", model=model, tokenizer=tokenizer)
+    return base, write_cue_folder(root / "data", {"train": 200, "validation": 60, "test": 20})
+
+
+def run_cli(args: list[object], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prompt_based_finetuning_learns_a_synthetic_task(cue_setup: tuple[Path, Path]) -> None:
+    """A random tiny decoder, LoRA, the LM loss on the label word: 16 examples per class reach
+    ≥ 90% on 60 held-out examples (chance is 50%; the cue word decides the label)."""
+    base, data = cue_setup
+    train = TrainConfig(
+        max_steps=60, batch_size=8, lr=1e-2, warmup_steps=4, weight_decay=0.0, eval_every=20, save_every=0,
+        progress=False, seed=0,
+    )  # fmt: skip
+    result = prompt_run(
+        model=base, data=DataSpec(path=data), settings=PromptSettings(template="sentiment", shots=16),
+        train=train, method="lora", peft={"r": 8, "target_modules": "all-linear"}, compare_head=False, progress=False,
+    )  # fmt: skip
+    assert result.metrics["accuracy"] >= 0.9, result.metrics
+    assert result.settings["shots_per_class"] == 16 and result.settings["method"] == "lora"
+
+
+def test_prompt_command_end_to_end_writes_metrics_like_eval(
+    cue_setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base, data = cue_setup
+    output, predictions = tmp_path / "prompt.json", tmp_path / "pred.jsonl"
+    code, stdout, _ = run_cli(
+        ["prompt", "--model", base, "--data", data, "--template", "sentiment", "--shots", 2, "--selection", "knn",
+         "--calibrate", "contextual", "--max_examples", 12, "--output", output, "--predictions", predictions],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stdout
+    assert "2-shot in context" in stdout and "predicted labels:" in stdout and "accuracy" in stdout
+    record = json.loads(output.read_text())
+    metrics = record["metrics"]
+    assert {"accuracy", "macro_f1", "confusion_matrix", "per_class", "predicted"} <= set(metrics)
+    assert metrics["examples"] == 12 and sum(metrics["predicted"].values()) == 12
+    assert record["split"] == "validation" and record["task"] == "prompt_classification"
+    assert "uncalibrated" in record["compared"] and record["settings"]["settings"]["selection"] == "knn"
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 12 and {"prediction", "label", "probabilities"} <= set(rows[0])
+    assert metrics["predicted"] == dict(collections.Counter(r["prediction"] for r in rows))
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("Review: {sentence}\nSentiment: {label}", "sentence"),  # a column the data does not have
+        ("Review: {text}", "no {label} slot"),
+    ],
+)
+def test_prompt_command_bad_template_is_one_line_exit_2(
+    cue_setup: tuple[Path, Path], template: str, message: str, capsys: pytest.CaptureFixture
+) -> None:
+    base, data = cue_setup
+    code, _, err = run_cli(["prompt", "--model", base, "--data", data, "--template", template], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("lmforge: error: "), (code, err)
+    assert message in lines[0]
