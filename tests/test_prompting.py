@@ -416,3 +416,22 @@ def test_prompt_command_bad_template_is_one_line_exit_2(
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("lmforge: error: "), (code, err)
     assert message in lines[0]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "clinc150").is_dir(), reason="../shared/data/clinc150 absent (see PRODUCT.md)")
+def test_clinc150_label_names_are_the_verbalizer_with_oos_metrics(
+    cue_setup: tuple[Path, Path], capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """151 intents, no verbalizer: the label names are the words (``pin_change`` → ``pin change``),
+    all scored after one prompt pass; in-scope accuracy and oos recall reported."""
+    base, _ = cue_setup
+    output = tmp_path / "clinc.json"
+    code, stdout, _ = run_cli(
+        ["prompt", "--model", base, "--data", SHARED_DATA / "clinc150", "--template", "Query: {text}\nIntent: {label}",
+         "--options.oos_label", "oos", "--max_examples", 6, "--output", output],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stdout
+    metrics = json.loads(output.read_text())["metrics"]
+    assert {"in_scope_accuracy", "oos_recall"} <= set(metrics) and metrics["examples"] == 6
+    assert "'pin change'" in stdout or "151 labels" in stdout
