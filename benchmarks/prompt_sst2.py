@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 TEMPLATES = Path(__file__).with_name("prompt_templates_sst2.yaml")
 SPLIT = "validation"
+MAX_EXAMPLES: list[int | None] = [None]  # --max_examples: the first N validation sentences (None: all 872)
 
 
 def model_path() -> Path:
@@ -52,7 +53,7 @@ def run(settings: PromptSettings, **kwargs: Any) -> tuple[PromptResult, float, f
     wall, cpu = time.perf_counter(), time.process_time()
     result = prompt_run(
         model=model_path(), data=DataSpec(path=DATA / "sst2"), split=SPLIT, settings=settings,
-        progress=False, log=lambda line: print(f"  {line}", flush=True), **kwargs,
+        progress=False, log=lambda line: print(f"  {line}", flush=True), max_examples=MAX_EXAMPLES[0], **kwargs,
     )  # fmt: skip
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
@@ -75,6 +76,8 @@ def cli_line(settings: PromptSettings, extra: str = "") -> str:
         parts.append(f"--calibrate {settings.calibrate}")
     if settings.seed:
         parts.append(f"--seed {settings.seed}")
+    if MAX_EXAMPLES[0]:
+        parts.append(f"--max_examples {MAX_EXAMPLES[0]}")
     return " ".join(parts) + extra
 
 
@@ -120,7 +123,7 @@ def zeroshot(args: argparse.Namespace) -> None:
     rows += row(f"zero-shot, chosen on {args.select} training examples: {picked}", result, wall, cpu, chosen)
     append_results(
         "Prompting SmolLM2-135M-Instruct: zero-shot SST-2 (benchmarks/prompt_sst2.py zeroshot)",
-        f"Full SST-2 validation (872). Model: SmolLM2-135M-Instruct Q4_1 GGUF dequantized to fp32, {torch.get_num_threads()} thread(s).\n\n"
+        f"SST-2 validation ({MAX_EXAMPLES[0] or 'all 872'} sentences). Model: SmolLM2-135M-Instruct Q4_1 GGUF dequantized to fp32, {torch.get_num_threads()} thread(s).\n\n"
         f"{HEADER}\n" + "\n".join(rows) + "\n\n"
         f"Selection on {args.select} held-out training examples (accuracy %, template/calibration): {table}. "
         f"Candidates: {TEMPLATES.name}.",
@@ -130,7 +133,8 @@ def zeroshot(args: argparse.Namespace) -> None:
 def fewshot(args: argparse.Namespace) -> None:
     rows = []
     for seed in args.seeds:
-        for selection, embedder in (("random", "self"), ("knn", "minilm")):
+        for selection in args.selections:
+            embedder = "minilm" if selection == "knn" else "self"
             settings = PromptSettings(
                 template="sentiment", shots=8, selection=selection, embedder=embedder, calibrate="contextual",
                 pool_size=args.pool if selection == "knn" else None, seed=seed,
@@ -154,7 +158,7 @@ def train(args: argparse.Namespace) -> None:
     rows = []
     config = TrainConfig(
         max_steps=args.steps, batch_size=8, lr=args.lr, warmup_steps=6, weight_decay=0.0, beta2=0.999,
-        eval_every=10, eval_batches=None, save_every=0, log_every=5,
+        eval_every=20, eval_batches=None, save_every=0, log_every=5, progress=False,
     )  # fmt: skip
     peft = {"r": 8}
     for seed in args.seeds:
@@ -174,7 +178,7 @@ def train(args: argparse.Namespace) -> None:
         f"{2 * args.shots} SST-2 training examples ({args.shots} per class, seeded), the best step chosen on "
         f"{args.shots} other training examples per class; LoRA r 8 (default targets), {args.steps} steps, batch 8, lr {args.lr}. "
         f"Prompt-based: template `sentiment`, the LM loss on the label word. Head: lmforge's classification head "
-        f"(fresh) on the same backbone, same LoRA and steps. Full validation (872). {torch.get_num_threads()} thread(s).\n\n"
+        f"(fresh) on the same backbone, same LoRA and steps. SST-2 validation ({MAX_EXAMPLES[0] or 'all 872'} sentences). {torch.get_num_threads()} thread(s).\n\n"
         "| seed | prompt-based LoRA accuracy % | head accuracy % | difference (points) | train s (prompt / head) | wall s (both) | CPU s (both) | command |\n"
         "|---:|---:|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows),
     )
@@ -252,13 +256,20 @@ def main() -> None:
     parser.add_argument(
         "--select", type=int, default=100, help="held-out training examples that choose the template"
     )
+    parser.add_argument(
+        "--selections", type=lambda s: s.split(","), default=["random", "knn"], help="fewshot: which"
+    )
     parser.add_argument("--pool", type=int, default=2000, help="training examples kNN searches")
     parser.add_argument("--shots", type=int, default=16, help="train: examples per class")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--max_examples", type=int, default=None, help="the first N validation sentences only"
+    )
     parser.add_argument("--examples", type=int, default=20, help="speed: examples timed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    MAX_EXAMPLES[0] = args.max_examples
     if not (DATA / "sst2").is_dir():
         raise SystemExit(f"{DATA / 'sst2'} is absent (../shared/data)")
     {"zeroshot": zeroshot, "fewshot": fewshot, "speed": speed, "train": train}[args.stage](args)
