@@ -435,3 +435,21 @@ def test_clinc150_label_names_are_the_verbalizer_with_oos_metrics(
     metrics = json.loads(output.read_text())["metrics"]
     assert {"in_scope_accuracy", "oos_recall"} <= set(metrics) and metrics["examples"] == 6
     assert "'pin change'" in stdout or "151 labels" in stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max_examples", 0], "--max_examples must be positive"),
+        (["--shots", -1], "--shots must be 0 or more"),
+        (["--train", "--shots", 0], "needs --shots"),
+        (["--template", "nonesuch"], "unknown template 'nonesuch'"),
+    ],
+)
+def test_prompt_command_bad_options_are_one_line_exit_2(
+    cue_setup: tuple[Path, Path], args: list[object], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    base, data = cue_setup
+    code, _, err = run_cli(["prompt", "--model", base, "--data", data, *args], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], (code, err)

@@ -458,7 +458,11 @@ def prompt_run(
     task.fit(pool)
     examples = read_examples(task, data, split)
     if max_examples is not None:
+        if max_examples < 1:
+            raise LMForgeError(f"--max_examples must be positive, got {max_examples}", key="max_examples")
         examples = examples[:max_examples]
+    if not examples:
+        raise LMForgeError(f"the {split} split of {data.path} has no examples", key="split")
     log(f"data {data.path}: {len(pool):,} training examples, {len(examples):,} {split} examples; {task.describe()}")
     if train is None:
         return classify_split(base, task, settings, pool, examples, device=device, progress=progress, log=log)
