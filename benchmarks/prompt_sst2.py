@@ -159,7 +159,7 @@ def fewshot(args: argparse.Namespace) -> None:
             print("\n".join(rows[-2:]), flush=True)
     append_results(
         "Prompting SmolLM2-135M-Instruct: 8-shot in context on SST-2 (benchmarks/prompt_sst2.py fewshot)",
-        f'Full SST-2 validation (872), template `sentiment` ("Review: {{text}}\\nSentiment: {{label}}", the issue\'s), '
+        f'SST-2 validation ({MAX_EXAMPLES[0] or "all 872"} sentences), template `sentiment` ("Review: {{text}}\\nSentiment: {{label}}", the issue\'s), '
         f"words ' negative' / ' positive'; random: 8 class-balanced training examples (the same for every query, "
         f"seeded); kNN: the 8 most similar of {args.pool} seeded training examples by MiniLM-L6 sentence embeddings, "
         f"most similar last; calibration: content-free inputs 'N/A', '', '[MASK]' with the same demonstrations. "
