@@ -149,12 +149,12 @@ def fewshot(args: argparse.Namespace) -> None:
         for selection in args.selections:
             embedder = "minilm" if selection == "knn" else "self"
             settings = PromptSettings(
-                template="sentiment", shots=8, selection=selection, embedder=embedder, calibrate="contextual",
+                template="sentiment", shots=8, selection=selection, embedder=embedder, calibrate=args.calibrate,
                 pool_size=args.pool if selection == "knn" else None, seed=seed,
             )  # fmt: skip
             result, wall, cpu = run(settings)
             rows += row(
-                f"8-shot {selection}, seed {seed}, contextual calibration", result, wall, cpu, settings
+                f"8-shot {selection}, seed {seed}, {args.calibrate} calibration", result, wall, cpu, settings
             )
             print("\n".join(rows[-2:]), flush=True)
     append_results(
@@ -162,7 +162,7 @@ def fewshot(args: argparse.Namespace) -> None:
         f'SST-2 validation ({MAX_EXAMPLES[0] or "all 872"} sentences), template `sentiment` ("Review: {{text}}\\nSentiment: {{label}}", the issue\'s), '
         f"words ' negative' / ' positive'; random: 8 class-balanced training examples (the same for every query, "
         f"seeded); kNN: the 8 most similar of {args.pool} seeded training examples by MiniLM-L6 sentence embeddings, "
-        f"most similar last; calibration: content-free inputs 'N/A', '', '[MASK]' with the same demonstrations. "
+        f"most similar last; calibration {args.calibrate} (contextual: content-free inputs 'N/A', '', '[MASK]'; domain: random in-domain words of training texts), with the same demonstrations. "
         f"{torch.get_num_threads()} thread(s).\n\n{HEADER}\n" + "\n".join(rows),
     )
 
@@ -278,6 +278,7 @@ def main() -> None:
     parser.add_argument(
         "--templates", default=str(TEMPLATES), help="zeroshot: the candidate templates (YAML)"
     )
+    parser.add_argument("--calibrate", default="contextual", help="fewshot: contextual or domain")
     parser.add_argument("--pool", type=int, default=2000, help="training examples kNN searches")
     parser.add_argument("--shots", type=int, default=16, help="train: examples per class")
     parser.add_argument("--steps", type=int, default=60)
