@@ -54,6 +54,7 @@ COMMANDS: dict[str, str] = {
     "viz attention": "viz:viz_attention",
     "viz run": "viz:viz_run",
     "compare": "compare:compare",
+    "prompt": "prompt:prompt",
 }
 
 

