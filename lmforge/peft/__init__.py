@@ -91,7 +91,6 @@ __all__ = [
     "make_config",
     "merge",
     "merge_and_unload",
-    "make_config",
     "method_names",
     "peft_configs",
     "read_adapter_config",
