@@ -49,6 +49,7 @@ COMMANDS: dict[str, str] = {
     "eval": "evaluate:evaluate",
     "predict": "predict:predict",
     "merge": "merge:merge",
+    "continual": "continual:continual",
 }
 
 
