@@ -3,6 +3,7 @@ one-line errors for bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from continual_data import LABELS, TASKS, make_tokenizer, records
 from tiny_runs import tiny_base
 
 from lmforge.cli import main
-from lmforge.continual.sequence import read_sequence
+from lmforge.continual.sequence import read_sequence, strategy_setup
 from lmforge.errors import LMForgeError
 from lmforge.pipeline.continual import run_sequence
 
@@ -86,6 +87,8 @@ def test_a_sequence_file_runs_every_strategy_and_writes_the_tables(world: Path, 
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["strategies"][1]["rows"] == replay["rows"]
     assert any("stage 3/3" in line for line in lines)
+    if importlib.util.find_spec("matplotlib") is not None:  # a dependency; the heatmap of each R
+        assert (tmp_path / "out" / "R_replay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_between_tasks_reproduces_the_uninterrupted_matrix(world: Path, tmp_path: Path) -> None:
@@ -109,9 +112,20 @@ def test_resume_between_tasks_reproduces_the_uninterrupted_matrix(world: Path, t
         run_sequence(spec, out=tmp_path / "cut")
 
 
-def test_quick_is_smaller(world: Path) -> None:
-    spec = read_sequence(sequence_file(world, "seq.yaml")).quick_version()
-    assert len(spec.tasks) == 2 and spec.max_train_per_class == 8 and spec.epochs == 1
+def test_quick_is_smaller_and_a_strategy_can_bring_its_own_method_and_loop(world: Path) -> None:
+    strategies = "naive: {}\n  olora: {method: lora, peft: {r: 2}, train: {lr: 0.01}, lam_orth: 0.1}"
+    spec = read_sequence(sequence_file(world, "seq.yaml", strategies=strategies))
+    quick = spec.quick_version()
+    assert len(quick.tasks) == 2 and quick.max_train_per_class == 8 and quick.epochs == 1
+    naive, olora = strategy_setup(spec, "naive"), strategy_setup(spec, "olora")
+    assert (naive.method, naive.train.lr) == ("full", 3.0e-3)
+    assert (olora.method, olora.peft, olora.train.lr, olora.options) == (
+        "lora",
+        {"r": 2},
+        0.01,
+        {"lam_orth": 0.1},
+    )
+    assert olora.train.batch_size == spec.train.batch_size  # the rest of the loop is the sequence's
 
 
 @pytest.mark.parametrize(
@@ -123,6 +137,7 @@ def test_quick_is_smaller(world: Path) -> None:
         ("", "rehearsal: {}", "unknown strategy 'rehearsal'"),
         ("scenario: classes\n", "naive: {}", "unknown key 'scenario'|unknown scenario 'classes'"),
         ("epoch: 3\n", "naive: {}", "unknown key 'epoch'.*did you mean 'epochs'"),
+        ("", "naive: {train: {lr: fast}}", "strategies.naive.train.lr"),
     ],
 )
 def test_bad_sequence_files_are_one_line_exit_2(

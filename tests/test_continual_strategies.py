@@ -299,6 +299,10 @@ def test_class_incremental_scores_among_seen_classes_task_incremental_among_its_
     )
     task_run = learner(tokenizer, "naive", scenario="task")
     assert task_run.eval_mask(1, 2).tolist() == [False, False, True, True, False, False]
+    domain_run = learner(tokenizer, "naive", scenario="domain")
+    assert bool(domain_run.eval_mask(1, 0).all()) and bool(
+        domain_run.train_masks(domain_run.stages()[0]).all()
+    )
     with pytest.raises(LMForgeError, match="unknown scenario 'classes'"):
         learner(tokenizer, "naive", scenario="classes")
 

@@ -13,6 +13,7 @@
     strategies:                         # each is run on the whole sequence, in this order
       naive: {}
       replay: {memory_fraction: 0.02}
+      olora: {method: lora, peft: {r: 8}, train: {lr: 1.0e-3}}   # a strategy's own method and loop
     tasks:                              # in order; a data folder each, optionally only some classes
       - {name: banking, data: ../data/clinc150, classes: [transfer, balance]}
     domains: {file: domains.json, data: ../data/clinc150, take: 10}   # or: one task per domain
@@ -32,7 +33,7 @@ from typing import Any
 
 from .. import peft as peft_lib
 from ..errors import LMForgeError, did_you_mean
-from ..settings import LineMap, dataclass_from_dict, dataclass_to_dict, load_yaml
+from ..settings import LineMap, dataclass_from_dict, dataclass_to_dict, dataclass_update, load_yaml
 from ..training.config import TrainConfig
 from .learner import SCENARIOS
 from .strategies import make_strategy
@@ -219,20 +220,35 @@ def domain_entries(section: Any, here: Path, fail: Any) -> list[TaskEntry]:
     return [TaskEntry(name=n, data=data, classes=[str(c) for c in domains[n]]) for n in names]
 
 
-def strategy_setup(spec: SequenceSpec, name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(method, PEFT options, strategy options) of strategy ``name``: a strategy's own
-    ``method:`` and ``peft:`` keys override the sequence's (per-task adapters need a PEFT method
-    where the rest of the comparison fine-tunes fully)."""
+@dataclass
+class StrategySetup:
+    """How one strategy of the file runs: its method, PEFT options, loop settings and own options."""
+
+    method: str
+    peft: dict[str, Any]
+    train: TrainConfig
+    options: dict[str, Any]
+
+
+def strategy_setup(spec: SequenceSpec, name: str) -> StrategySetup:
+    """Strategy ``name``'s setup: its own ``method:``, ``peft:`` and ``train:`` keys override the
+    sequence's (per-task adapters need a PEFT method, and a LoRA its own learning rate, where the
+    rest of the comparison fine-tunes fully).
+
+    Raises:
+        LMForgeError: a ``peft:`` or ``train:`` that is not a mapping, or a bad loop setting.
+    """
     options = dict(spec.strategies.get(name) or {})
     method = str(options.pop("method", spec.method))
     peft = options.pop("peft", None)
     if peft is None:
         peft = spec.peft if method == spec.method else {}
-    if not isinstance(peft, dict):
-        raise LMForgeError(
-            f"strategies.{name}.peft must be a mapping of PEFT options", key=f"strategies.{name}.peft"
-        )
-    return method, dict(peft), options
+    train = options.pop("train", None) or {}
+    for key, value in (("peft", peft), ("train", train)):
+        if not isinstance(value, dict):
+            raise LMForgeError(f"strategies.{name}.{key} must be a mapping", key=f"strategies.{name}.{key}")
+    changed = dataclass_update(spec.train, train, prefix=f"strategies.{name}.train.") if train else spec.train
+    return StrategySetup(method, dict(peft), changed, options)
 
 
 def check_strategies(spec: SequenceSpec, fail: Any) -> None:
@@ -242,10 +258,10 @@ def check_strategies(spec: SequenceSpec, fail: Any) -> None:
         if options is not None and not isinstance(options, dict):
             raise fail(f"the options of strategy {name} must be a mapping (or {{}})", f"strategies.{name}")
         try:
-            method, peft, own = strategy_setup(spec, name)
-            make_strategy(name, own, method=method)
-            if method != "full":
-                peft_lib.make_config(method, dict(peft))
+            setup = strategy_setup(spec, name)
+            make_strategy(name, setup.options, method=setup.method)
+            if setup.method != "full":
+                peft_lib.make_config(setup.method, dict(setup.peft))
         except LMForgeError as err:
             raise fail(err.message, err.key or f"strategies.{name}") from None
         except (TypeError, ValueError) as err:

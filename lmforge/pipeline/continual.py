@@ -117,7 +117,8 @@ def run_strategy(
     start = time.perf_counter()
     seed_everything(spec.train.seed)
     model = fit_head(Base(copy.deepcopy(base.model), base.tokenizer, base.source), task)
-    method, peft, options = strategy_setup(spec, name)
+    setup = strategy_setup(spec, name)
+    method, options = setup.method, setup.options
     learner = Learner(
         model,
         task,
@@ -125,8 +126,8 @@ def run_strategy(
         scenario=spec.scenario,
         strategy=make_strategy(name, options, method=method),
         method=method,
-        peft=peft,
-        train=spec.train,
+        peft=setup.peft,
+        train=setup.train,
         epochs=spec.epochs,
         eval_batch_size=spec.eval_batch_size,
     )
