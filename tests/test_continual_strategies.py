@@ -307,23 +307,38 @@ def test_class_incremental_scores_among_seen_classes_task_incremental_among_its_
         learner(tokenizer, "naive", scenario="classes")
 
 
-def test_restore_between_stages_continues_exactly(tokenizer: Tokenizer) -> None:
-    for strategy, options in (("replay", {"memory": 30}), ("ewc", {"fisher_samples": 8})):
-        whole = learner(tokenizer, strategy, options=options, max_steps=10)
-        stages = whole.stages()
-        rows = []
-        for stage in stages:
-            whole.prepare(stage)
-            whole.train_stage(stage)
-            rows.append(whole.evaluate(stage.last))
-            if stage.index == 0:
-                saved = (
-                    {k: v.clone() for k, v in whole.model.state_dict().items()},
-                    copy.deepcopy(whole.strategy.state_dict()),
-                )
-        resumed = learner(tokenizer, strategy, options=options, max_steps=10)
-        resumed.restore(1, *saved)
-        for stage in stages[1:]:
-            resumed.prepare(stage)
-            resumed.train_stage(stage)
-            assert resumed.evaluate(stage.last) == rows[stage.index], strategy
+@pytest.mark.parametrize(
+    ("strategy", "options", "method"),
+    [
+        ("replay", {"memory": 30}, "full"),
+        ("ewc", {"fisher_samples": 8}, "full"),
+        ("adapters", {}, "lora"),  # adapters rebuilt, prototypes restored
+        ("olora", {}, "lora"),  # earlier LoRAs merged, their A matrices restored
+    ],
+)
+def test_restore_between_stages_continues_exactly(
+    tokenizer: Tokenizer, strategy: str, options: dict, method: str
+) -> None:
+    lora = {"r": 2} if method == "lora" else None
+
+    def make() -> Learner:
+        return learner(tokenizer, strategy, options=options, method=method, peft_options=lora, max_steps=8)
+
+    whole = make()
+    stages = whole.stages()
+    rows = []
+    for stage in stages:
+        whole.prepare(stage)
+        whole.train_stage(stage)
+        rows.append(whole.evaluate(stage.last))
+        if stage.index == 0:
+            saved = (
+                {k: v.clone() for k, v in whole.model.state_dict().items()},
+                copy.deepcopy(whole.strategy.state_dict()),
+            )
+    resumed = make()
+    resumed.restore(1, *saved)
+    for stage in stages[1:]:
+        resumed.prepare(stage)
+        resumed.train_stage(stage)
+        assert resumed.evaluate(stage.last) == rows[stage.index]
