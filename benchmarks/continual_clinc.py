@@ -20,23 +20,48 @@ from typing import Any
 
 from common import append_results
 
+from lmforge.continual.metrics import summarize
 from lmforge.continual.report import markdown, points, write_tables
 
 ORDER = ("naive", "joint", "replay", "ewc", "lwf", "adapters", "olora")
 
 
-def collect(folders: list[Path]) -> list[dict[str, Any]]:
-    """Each strategy's finished result.json, the first folder that has it winning, in ORDER."""
+def collect(folders: list[Path], *, partial: bool = False) -> list[dict[str, Any]]:
+    """Each strategy's finished result.json (the first folder that has it wins), in ORDER; with
+    ``partial``, a strategy that did not finish enters with the tasks it did finish, its metrics
+    on the top-left k × k block of R (the tasks seen so far) and "(k/T tasks)" in its name."""
     found: dict[str, dict[str, Any]] = {}
     for folder in folders:
         for path in sorted(folder.glob("*/result.json")):
             result = json.loads(path.read_text(encoding="utf-8"))
             found.setdefault(result["strategy"], result)
+    if partial:
+        for folder in folders:
+            for path in sorted(folder.glob("*/progress.json")):
+                name = path.parent.name
+                progress = json.loads(path.read_text(encoding="utf-8"))
+                done = int(progress.get("done", 0))
+                if name in found or done < 2:
+                    continue
+                tasks = len(progress["initial"])
+                rows = [row[:done] for row in progress["rows"]]
+                found[name] = {
+                    "strategy": f"{name} ({done}/{tasks} tasks)",
+                    "tasks": json.loads((folder / "sequence.json").read_text())["tasks"][:done],
+                    "initial": progress["initial"][:done],
+                    "rows": rows,
+                    "stages": progress["stages"],
+                    "wall_time_s": round(progress["elapsed_s"], 1),
+                    "peak_rss_mb": None,
+                    "summary": summarize(rows, progress["initial"][:done]).to_dict(),
+                }
+                found[name]["tasks"] = [t["name"] for t in found[name]["tasks"]]
     return [found[n] for n in ORDER if n in found] + [r for n, r in found.items() if n not in ORDER]
 
 
 def verdict(results: list[dict[str, Any]]) -> str:
-    by_name = {r["strategy"]: r["summary"] for r in results}
+    by_name = {r["strategy"]: r["summary"] for r in results if len(r["rows"]) in (1, len(r["tasks"]))}
+    by_name = {n: s for n, s in by_name.items() if "tasks)" not in n}  # finished strategies only
     if "joint" not in by_name:
         return "joint did not finish: the target cannot be checked."
     joint = by_name["joint"]["average_accuracy"]
@@ -64,9 +89,10 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--tables", type=Path, default=None, help="write the combined tables here")
     parser.add_argument("--note", default="", help="how the runs were made (commands, sizes)")
+    parser.add_argument("--partial", action="store_true", help="also strategies that did not finish")
     parser.add_argument("--no-record", action="store_true", help="print, do not append to RESULTS.md")
     args = parser.parse_args()
-    results = collect(args.folders)
+    results = collect(args.folders, partial=args.partial)
     if not results:
         raise SystemExit("no finished strategy (result.json) in " + ", ".join(map(str, args.folders)))
     if args.tables is not None:
