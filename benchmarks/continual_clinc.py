@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +102,7 @@ def main() -> None:
         part
         for part in (
             args.note,
-            f"Tasks: {', '.join(first['tasks'])}. Rows of R per strategy: {sizes}. "
-            f"Load average while running: {os.getloadavg()[0]:.1f} (shared 2-core machine).",
+            f"Tasks: {', '.join(first['tasks'])}. Rows of R per strategy: {sizes}.",
             verdict(results),
             markdown(results),
         )
