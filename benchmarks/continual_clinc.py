@@ -87,10 +87,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--tables", type=Path, default=None, help="write the combined tables here")
-    parser.add_argument("--note", default="", help="how the runs were made (commands, sizes)")
+    parser.add_argument("--note", default="", help="how the runs were made (commands, sizes); or @FILE")
     parser.add_argument("--partial", action="store_true", help="also strategies that did not finish")
     parser.add_argument("--no-record", action="store_true", help="print, do not append to RESULTS.md")
     args = parser.parse_args()
+    note = Path(args.note[1:]).read_text(encoding="utf-8") if args.note.startswith("@") else args.note
     results = collect(args.folders, partial=args.partial)
     if not results:
         raise SystemExit("no finished strategy (result.json) in " + ", ".join(map(str, args.folders)))
@@ -101,7 +102,7 @@ def main() -> None:
     body = "\n\n".join(
         part
         for part in (
-            args.note,
+            note,
             f"Tasks: {', '.join(first['tasks'])}. Rows of R per strategy: {sizes}.",
             verdict(results),
             markdown(results),
