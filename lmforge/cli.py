@@ -55,6 +55,7 @@ COMMANDS: dict[str, str] = {
     "viz run": "viz:viz_run",
     "compare": "compare:compare",
     "prompt": "prompt:prompt",
+    "continual": "continual:continual",
 }
 
 

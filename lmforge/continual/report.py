@@ -1,0 +1,116 @@
+"""The results of a continual-learning run as files: one table of every strategy (Markdown, CSV,
+JSON) and a heatmap of each strategy's accuracy matrix R (PNG, when matplotlib is installed)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from ..files import atomic_write, atomic_write_json, atomic_write_text
+
+COLUMNS = (
+    "strategy",
+    "average_accuracy",
+    "bwt",
+    "fwt",
+    "forgetting",
+    "train_time_s",
+    "wall_time_s",
+    "peak_rss_mb",
+)
+TABLE_STEM = "results"
+
+
+def points(value: float | None) -> str:
+    """A fraction as accuracy points with one decimal ("n/a" when undefined)."""
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for result in results:
+        summary = result["summary"]
+        rows.append(
+            {
+                "strategy": result["strategy"],
+                **{k: summary.get(k) for k in ("average_accuracy", "bwt", "fwt", "forgetting")},
+                "train_time_s": round(sum(s["train_time_s"] for s in result["stages"]), 1),
+                "wall_time_s": result.get("wall_time_s"),
+                "peak_rss_mb": result.get("peak_rss_mb"),
+            }
+        )
+    return rows
+
+
+def markdown(results: list[dict[str, Any]], *, title: str = "") -> str:
+    """The comparison table, then each strategy's accuracy matrix (accuracy points)."""
+    lines = [f"## {title}", ""] if title else []
+    lines += [
+        "| strategy | avg acc | BWT | FWT | forgetting | train s | wall s | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in table_rows(results):
+        lines.append(
+            f"| {row['strategy']} | {points(row['average_accuracy'])} | {points(row['bwt'])} | {points(row['fwt'])} "
+            f"| {points(row['forgetting'])} | {row['train_time_s']} | {row['wall_time_s']} | {row['peak_rss_mb']} |"
+        )
+    for result in results:
+        tasks = result["tasks"]
+        lines += ["", f"R for {result['strategy']} (row: after training; column: test task; accuracy %):", ""]
+        lines.append("| after \\ on | " + " | ".join(tasks) + " |")
+        lines.append("|---|" + "---:|" * len(tasks))
+        lines.append("| (untrained) | " + " | ".join(points(v) for v in result["initial"]) + " |")
+        labels = ["all tasks (joint)"] if len(result["rows"]) == 1 and len(tasks) > 1 else tasks
+        for label, row in zip(labels, result["rows"], strict=False):
+            lines.append(f"| {label} | " + " | ".join(points(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(folder: Path, results: list[dict[str, Any]], *, title: str = "") -> list[Path]:
+    """results.md, results.csv, results.json (and R_<strategy>.png) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [atomic_write_text(folder / f"{TABLE_STEM}.md", markdown(results, title=title))]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table_rows(results))
+    written.append(atomic_write_text(folder / f"{TABLE_STEM}.csv", buffer.getvalue()))
+    written.append(atomic_write_json(folder / f"{TABLE_STEM}.json", {"title": title, "strategies": results}))
+    for result in results:
+        picture = heatmap(folder / f"R_{result['strategy']}.png", result)
+        if picture is not None:
+            written.append(picture)
+    return written
+
+
+def heatmap(path: Path, result: dict[str, Any]) -> Path | None:
+    """A PNG heatmap of R (None when matplotlib is not installed)."""
+    try:
+        import matplotlib  # noqa: PLC0415  (optional dependency, not an lmforge import)
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return None
+    rows, tasks = result["rows"], result["tasks"]
+    size = max(4.0, 0.6 * len(tasks) + 2)
+    figure, axes = plt.subplots(figsize=(size, max(2.5, 0.6 * len(rows) + 1.5)))
+    image = axes.imshow(
+        [[100 * v for v in row] for row in rows], vmin=0, vmax=100, cmap="viridis", aspect="auto"
+    )
+    axes.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    labels = ["joint"] if len(rows) == 1 and len(tasks) > 1 else tasks
+    axes.set_yticks(range(len(rows)), labels)
+    axes.set_xlabel("test task")
+    axes.set_ylabel("after training")
+    for i, row in enumerate(rows):
+        for j, value in enumerate(row):
+            axes.text(j, i, f"{100 * value:.0f}", ha="center", va="center", color="w", fontsize=7)
+    axes.set_title(f"accuracy matrix R: {result['strategy']}")
+    figure.colorbar(image, ax=axes, label="accuracy %")
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+    return path
