@@ -44,7 +44,7 @@ from ..prompting.demonstrations import (
 )
 from ..prompting.templates import PromptTemplate, resolve_templates
 from ..runs import load
-from ..tasks.classification import TOP_PROBABILITIES, TextExample
+from ..tasks.classification import TextExample, prediction_records
 from ..tasks.prompt import PromptClassificationTask
 from ..training.config import TrainConfig
 from .common import Log, silent
@@ -168,21 +168,7 @@ def score(
         )
     counts = Counter(predicted)
     metrics["predicted"] = {names[i]: counts[i] for i in range(len(names)) if counts[i]}
-    records = []
-    shown = min(len(names), TOP_PROBABILITIES)
-    for i, example in enumerate(examples):
-        top = probabilities[i].topk(shown)
-        record: dict[str, Any] = {
-            "prediction": names[predicted[i]],
-            "score": round(float(probabilities[i, predicted[i]]), 6),
-            "probabilities": {names[j]: round(float(p), 6) for p, j in zip(top.values, top.indices, strict=True)},
-        }
-        if example.id is not None:
-            record = {"id": example.id, **record}
-        if gold[i] is not None:
-            record["label"] = names[gold[i]]
-        records.append(record)
-    return metrics, records
+    return metrics, prediction_records(examples, probabilities, predicted, gold, names)
 
 
 def brief(metrics: dict[str, Any]) -> dict[str, Any]:

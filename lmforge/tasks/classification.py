@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import LMForgeError, did_you_mean
 from ..metrics import classification_metrics
@@ -247,24 +247,33 @@ class ClassificationTask(Task):
             metrics.update(
                 classification_metrics([predicted[i] for i in scored], gold.tolist(), names, oos_label=oos)
             )
-        predictions = []
-        shown = min(len(names), TOP_PROBABILITIES)
-        for i, example in enumerate(examples):
-            top = probabilities[i].topk(shown)
-            record: dict[str, Any] = {
-                "prediction": names[predicted[i]],
-                "score": round(float(probabilities[i, predicted[i]]), 6),
-                "probabilities": {names[j]: round(float(p), 6) for p, j in zip(top.values, top.indices, strict=True)},
-            }
-            if example.id is not None:
-                record = {"id": example.id, **record}
-            if labels[i] != UNLABELED:
-                record["label"] = names[labels[i]]
-            predictions.append(record)
-        return EvalResult(metrics, predictions)
+        gold_or_none = [label if label != UNLABELED else None for label in labels]
+        return EvalResult(metrics, prediction_records(examples, probabilities, predicted, gold_or_none, names))
 
     def describe(self) -> str:
         labels = self.labels
         shown = ", ".join(labels[:6]) + (f", … ({len(labels)} in all)" if len(labels) > 6 else "")
         oos = f"; out-of-scope class '{self.options.oos_label}'" if self.options.oos_label else ""
         return f"classification into {len(labels)} classes ({shown}){oos}"
+
+
+def prediction_records(
+    examples: Sequence[Any], probabilities: Tensor, predicted: list[int], gold: list[int | None], names: list[str]
+) -> list[dict[str, Any]]:
+    """One record per example: the predicted name, its probability, the top probabilities by name,
+    the example's id and its label where it has them."""
+    records = []
+    shown = min(len(names), TOP_PROBABILITIES)
+    for i, example in enumerate(examples):
+        top = probabilities[i].topk(shown)
+        record: dict[str, Any] = {
+            "prediction": names[predicted[i]],
+            "score": round(float(probabilities[i, predicted[i]]), 6),
+            "probabilities": {names[j]: round(float(p), 6) for p, j in zip(top.values, top.indices, strict=True)},
+        }
+        if example.id is not None:
+            record = {"id": example.id, **record}
+        if gold[i] is not None:
+            record["label"] = names[gold[i]]
+        records.append(record)
+    return records
