@@ -301,6 +301,16 @@ def check_output(path: Path, *, overwrite: bool = False, resume: bool = False, h
         refuse_occupied(path, hint=hint)
 
 
+def check_own_folder(path: Path, *, marker: str, what: str) -> None:
+    """A folder a command keeps adding to (pictures, a comparison): new, empty, or one it made
+    before (it holds ``marker``); anything else is a one-line error and nothing is touched."""
+    check_writable(path)
+    if occupied(path) and not (path / marker).exists():
+        raise LMForgeError(
+            f"the output folder holds {describe_contents(path)}, not {what}: choose another --out", file=path
+        )
+
+
 @contextlib.contextmanager
 def output_folder(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
     """The folder a command writes its output into, never mixed with an older one.

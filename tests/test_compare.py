@@ -146,3 +146,14 @@ def test_bad_input_is_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "x" / "runs").exists()
+
+
+def test_a_folder_it_did_not_make_is_refused(setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base, data = setup
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    argv = ["compare", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "x"), "--methods", "lora"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an earlier lmforge compare" in err
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["notes.txt"]

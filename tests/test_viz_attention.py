@@ -261,3 +261,12 @@ def test_page_script_runs_and_hover_shows_the_row(runs: dict[str, Path], tmp_pat
     shown = [float(shade.removeprefix("rgba(31,119,180,").removesuffix(")")) for shade in result["shades"]]
     np.testing.assert_allclose(shown, alpha, atol=6e-4)
     assert result["readout"].startswith(json.dumps(data["tokens"][2]) + " attends to:")
+
+
+def test_a_folder_it_did_not_make_is_refused(runs: dict[str, Path], tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    (tmp_path / "attention.png").write_bytes(b"someone else's picture")
+    argv = ["viz", "attention", "--model", str(runs["tiny-encoder"]), "--text", "the cat", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "not an earlier lmforge viz attention" in capsys.readouterr().err
+    assert (tmp_path / "attention.png").read_bytes() == b"someone else's picture"
+    assert main([*argv[:-1], str(tmp_path / "new")]) == 0 and main([*argv[:-1], str(tmp_path / "new")]) == 0  # its own: again

@@ -33,7 +33,14 @@ import torch
 
 from .. import peft as peft_lib
 from ..errors import LMForgeError
-from ..files import ADAPTER_CONFIG_FILE, HEAD_FILE, WEIGHTS_FILE, atomic_write_json, atomic_write_text
+from ..files import (
+    ADAPTER_CONFIG_FILE,
+    HEAD_FILE,
+    WEIGHTS_FILE,
+    atomic_write_json,
+    atomic_write_text,
+    check_own_folder,
+)
 from ..training import TimeBudget
 from ..training.config import TrainConfig
 from ..viz.charts import write_compare_png
@@ -262,6 +269,7 @@ def compare(comparison: Comparison, *, out: str | Path, isolate: bool = True, lo
     """
     comparison.check()
     folder = Path(out)
+    check_own_folder(folder, marker="comparison.json", what="an earlier lmforge compare")
     load_base(comparison.model)  # a bad model path is reported before any run starts
     if not comparison.data.path.exists():
         raise LMForgeError("data not found", file=comparison.data.path, key="data")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LMForgeError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, check_own_folder
 from ..runs import load
 from ..viz.attention import AttentionMaps, capture_attention
 from ..viz.curves import read_run, write_run_figures
@@ -62,6 +62,7 @@ def attention_figures(
         f"{len(maps.tokens)} tokens: {' '.join(maps.tokens)}"
     )
     folder = Path(out)
+    check_own_folder(folder, marker="attention.html", what="an earlier lmforge viz attention")
     png = write_attention_png(maps, folder / "attention.png", layer=layer, head=head)
     title = f"Attention of {Path(model).name} ({maps.stack})"
     page = write_attention_html(maps, folder / "attention.html", title=title, text=text)
@@ -106,6 +107,7 @@ def run_figures(runs: list[str | Path], *, out: str | Path | None = None, log: L
         raise LMForgeError("give at least one run directory")
     records = [read_run(run) for run in runs]
     folder = Path(out) if out is not None else Path(runs[0]) / "viz"
+    check_own_folder(folder, marker="index.html", what="an earlier lmforge viz run")
     for record in records:
         log(
             f"{record.path}: {len(record.steps)} training lines, {len(record.evals)} evaluations"
