@@ -438,14 +438,17 @@ def test_tiny_read_blocks_give_the_same_documents(
 # ---- several processes: each rank its own share -------------------------------------------------
 
 
-def test_ranks_draw_their_own_share_and_resume_only_in_a_job_of_the_same_size(bpe_shards: TokenShards) -> None:
+def test_ranks_draw_slices_of_one_global_batch_and_resume_only_in_a_job_of_the_same_size(
+    bpe_shards: TokenShards,
+) -> None:
     split = bpe_shards["train"]
-    alone = draw(RandomWindows(split, seq_len=16, batch_size=4, seed=3), 2)
-    assert same(draw(RandomWindows(split, seq_len=16, batch_size=4, seed=3, rank=0, world_size=1), 2), alone)
+    alone = draw(RandomWindows(split, seq_len=16, batch_size=8, seed=3), 3)  # one process, batch 8
     first, second = (
-        draw(RandomWindows(split, seq_len=16, batch_size=4, seed=3, rank=r, world_size=2), 2) for r in (0, 1)
+        draw(RandomWindows(split, seq_len=16, batch_size=4, seed=3, rank=r, world_size=2), 3) for r in (0, 1)
     )
-    assert not same(first, second)  # two ranks never train on the same stream of windows
+    assert not same(first, second)  # two ranks never train on the same windows
+    for whole, a, b in zip(alone, first, second, strict=True):  # 2 ranks × 4 = the batch of 8
+        assert torch.equal(torch.cat([a["input_ids"], b["input_ids"]]), whole["input_ids"])
     source = RandomWindows(split, seq_len=16, batch_size=4, seed=3, rank=1, world_size=2)
     draw(source, 1)
     state = json.loads(json.dumps(source.state_dict()))
@@ -459,13 +462,16 @@ def test_ranks_draw_their_own_share_and_resume_only_in_a_job_of_the_same_size(bp
         def __call__(self, rows: list[np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
             return {"starts": torch.tensor([hash(r.tobytes()) for r in rows])}
 
-    def chunks(rank: int, world: int) -> list[int]:
+    def chunks(rank: int, world: int, size: int) -> list[list[int]]:
         source = DocumentChunks(
-            split, seq_len=8, batch_size=3, collator=Rows(), seed=1, epochs=1, rank=rank, world_size=world
+            split, seq_len=8, batch_size=size, collator=Rows(), seed=1, epochs=1, rank=rank, world_size=world
         )
-        return [int(v) for batch in source for v in batch["starts"]]
+        return [[int(v) for v in batch["starts"]] for batch in source]
 
-    everything = chunks(0, 1)
-    shares = [chunks(r, 3) for r in range(3)]
-    assert sorted(v for share in shares for v in share) == sorted(everything)  # disjoint, complete
-    assert all(abs(len(share) - len(everything) / 3) <= 1 for share in shares)
+    everything = chunks(0, 1, 9)
+    shares = [chunks(r, 3, 3) for r in range(3)]
+    assert len(shares[0]) == len(shares[1]) == len(shares[2]) >= len(everything) - 1
+    for step in range(len(shares[0])):  # three ranks × 3 = the batch of 9, step by step
+        assert shares[0][step] + shares[1][step] + shares[2][step] == everything[step]
+    served = sum(len(b) for share in shares for b in share)
+    assert 0 <= sum(map(len, everything)) - served < 3  # at most a tail shorter than the ranks

@@ -35,20 +35,25 @@ def test_rank_comes_from_the_launcher_environment(monkeypatch: pytest.MonkeyPatc
         shard_of([1], rank_=3, world_size_=2)
 
 
-def test_task_batches_are_dealt_out_to_ranks() -> None:
+def test_task_batches_are_slices_of_the_batch_one_process_would_draw() -> None:
     features = [{"x": i, "length": 1 + i % 5} for i in range(37)]
 
     def collate(rows: list[dict]) -> dict:
         return {"x": [r["x"] for r in rows]}
 
-    def epoch(rank_: int, world: int) -> list[int]:
-        batches = Batches(features, collate, batch_size=4, seed=3, rank=rank_, world_size=world)
-        return [x for batch in batches for x in batch["x"]]
+    def batches(rank_: int, world: int, size: int) -> list[list[int]]:
+        return [b["x"] for b in Batches(features, collate, batch_size=size, seed=3, rank=rank_, world_size=world)]
 
-    shares = [epoch(r, 2) for r in range(2)]
-    assert sorted(shares[0] + shares[1]) == list(range(37))
-    assert not set(shares[0]) & set(shares[1])
-    assert len(Batches(features, collate, batch_size=4, rank=1, world_size=2)) == 5  # of 10 batches
+    alone = batches(0, 1, 8)  # one process, batch 8
+    shares = [batches(r, 2, 4) for r in range(2)]  # two ranks, batch 4 each
+    assert len(shares[0]) == len(shares[1]) == len(alone) == 5
+    for step, whole in enumerate(alone):
+        assert shares[0][step] + shares[1][step] == whole  # the same rows, step by step
+    assert len(Batches(features, collate, batch_size=4, rank=1, world_size=2)) == 5
+    # 37 = 4 global batches of 9 and a tail of 1: fewer rows than ranks, left out.
+    assert len(Batches(features, collate, batch_size=3, rank=0, world_size=3)) == 4
+    thirds = [batches(r, 3, 3) for r in range(3)]
+    assert all(len(b) >= 1 for share in thirds for b in share) and sum(map(len, sum(thirds, []))) == 36
 
 
 def test_only_the_writer_touches_the_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

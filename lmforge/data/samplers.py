@@ -13,9 +13,10 @@ its position and random state, small and JSON-serializable, so a run resumed at 
 exactly the batches an uninterrupted run would. The state is read and advanced by each batch
 drawn, so save it between batches (the training loop does).
 
-The training sources are rank-aware (:mod:`lmforge.runtime`): in a job of several processes each
-rank draws its own share — its own random stream of windows, every ``world_size``-th chunk of an
-epoch — and a saved position can only be resumed by a job of the same size.
+The training sources are rank-aware (:mod:`lmforge.runtime`): in a job of N processes every rank
+draws the same *global* batch of N × batch_size sequences and keeps its own slice of it, so N
+ranks with batch b train on exactly the rows one process with batch N·b would (the same numbers,
+to float rounding). A saved position can only be resumed by a job of the same size.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class RandomWindows:
         batch_size: B, sequences per batch.
         seed: seeds the offsets.
         rank, world_size: this process's place in the job (default: :mod:`lmforge.runtime`'s);
-            each rank draws from its own stream, seeded with (seed, rank).
+            every rank draws the same world_size × B offsets and keeps its B of them.
     """
 
     def __init__(
@@ -101,7 +102,7 @@ class RandomWindows:
         self.batch_size = batch_size
         self.seed = seed
         self.rank, self.world_size = ranks(rank, world_size)
-        self.rng = np.random.default_rng(seed if self.world_size == 1 else [seed, self.rank])
+        self.rng = np.random.default_rng(seed)
         self.batches = 0  # batches drawn so far
 
     def __iter__(self) -> Iterator[Batch]:
@@ -110,7 +111,9 @@ class RandomWindows:
 
     def next_batch(self) -> Batch:
         T = self.seq_len
-        starts = self.rng.integers(0, self.split.num_tokens - T, size=self.batch_size)  # (B,)
+        B = self.batch_size
+        everyone = self.rng.integers(0, self.split.num_tokens - T, size=B * self.world_size)  # (N·B,)
+        starts = everyone[self.rank * B : (self.rank + 1) * B]  # (B,) this rank's slice
         windows = np.stack([self.split.tokens[s : s + T + 1] for s in starts]).astype(np.int64)  # (B, T+1)
         self.batches += 1
         windows_t = torch.from_numpy(windows)
@@ -156,7 +159,9 @@ class DocumentChunks:
             when iterated again (for repeated evaluations).
         min_tokens: shorter chunks (a document's tail) are left out.
         rank, world_size: this process's place in the job (default: :mod:`lmforge.runtime`'s);
-            each rank serves every ``world_size``-th chunk of the epoch's order.
+            a training source (``shuffle``) deals each global batch of world_size × batch_size
+            chunks out in slices, one per rank (an epoch's tail with fewer chunks than ranks is
+            left out); an evaluation source (no ``shuffle``) serves every chunk to every rank.
     """
 
     def __init__(
@@ -180,7 +185,7 @@ class DocumentChunks:
         self.seed = seed
         self.shuffle = shuffle
         self.epochs = epochs
-        self.rank, self.world_size = ranks(rank, world_size)
+        self.rank, self.world_size = ranks(rank, world_size) if shuffle else (0, 1)
         self.chunk_len = collator.chunk_length(seq_len)
         docs = split.documents[:, :2]
         lengths = docs[:, 1] - docs[:, 0]
@@ -198,8 +203,14 @@ class DocumentChunks:
         self._order: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
-        """Batches per epoch (of this rank's share)."""
-        return -(-len(self._epoch_order()) // self.batch_size)
+        """Batches per epoch."""
+        return -(-self._served() // (self.batch_size * self.world_size))
+
+    def _served(self) -> int:
+        """Chunks an epoch serves: all, less a tail too short to give every rank one."""
+        n = len(self.chunks)
+        tail = n % (self.batch_size * self.world_size)
+        return n - tail if 0 < tail < self.world_size else n
 
     def _epoch_order(self) -> np.ndarray:
         if self._order is None or self._order[0] != self.epoch:
@@ -208,7 +219,7 @@ class DocumentChunks:
                 if self.shuffle
                 else np.arange(len(self.chunks))
             )
-            self._order = (self.epoch, order[self.rank :: self.world_size])
+            self._order = (self.epoch, order[: self._served()])
         return self._order[1]
 
     def __iter__(self) -> Iterator[Batch]:
@@ -219,10 +230,12 @@ class DocumentChunks:
 
     def next_batch(self) -> Batch:
         order = self._epoch_order()
-        picked = order[self.position : self.position + self.batch_size]
-        rng = np.random.default_rng([self.seed, self.epoch, self.position, 1])
+        everyone = order[self.position : self.position + self.batch_size * self.world_size]
+        picked = np.array_split(everyone, self.world_size)[self.rank]
+        seed = [self.seed, self.epoch, self.position, 1] + ([self.rank] if self.world_size > 1 else [])
+        rng = np.random.default_rng(seed)
         rows = [np.asarray(self.split.tokens[s:e], dtype=np.int64) for s, e in self.chunks[picked]]
-        self.position += len(picked)
+        self.position += len(everyone)
         if self.position >= len(order):
             self.epoch, self.position = self.epoch + 1, 0
         return self.collator(rows, rng)

@@ -302,8 +302,10 @@ class Batches:
         seed: seeds the shuffles (epoch e uses seed + e).
         bucket: batches per sorting window (1: no length grouping).
         rank, world_size: this process's place in the job (default: :mod:`lmforge.runtime`'s);
-            a shuffled epoch's batches are dealt out in turn, each rank taking every
-            ``world_size``-th one.
+            a shuffled epoch is cut into global batches of world_size × batch_size features,
+            each dealt out in slices, one per rank — the rows one process with a batch that
+            large would train on (a last batch with fewer features than ranks is left out).
+            Evaluation batches (no ``shuffle``) are every rank's whole.
     """
 
     def __init__(
@@ -334,11 +336,12 @@ class Batches:
         self.position = 0  # batches of the current epoch already handed out
 
     def __len__(self) -> int:
-        """Batches per epoch (of this rank's share when shuffled for training)."""
-        total = math.ceil(len(self.features) / self.batch_size)
+        """Batches per epoch (each rank draws this many)."""
         if not self.shuffle:
-            return total
-        return len(range(self.rank, total, self.world_size))
+            return math.ceil(len(self.features) / self.batch_size)
+        n, size = len(self.features), self.batch_size * self.world_size
+        short_tail = 0 < n % size < self.world_size
+        return n // size + (n % size > 0) - short_tail
 
     def order(self, epoch: int) -> list[np.ndarray]:
         """The batches (arrays of feature indices) of one epoch."""
@@ -347,14 +350,17 @@ class Batches:
             return [np.arange(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
         rng = np.random.default_rng(self.seed + epoch)
         order = rng.permutation(n)
-        window = self.batch_size * self.bucket
+        size = self.batch_size * self.world_size  # the global batch
+        window = size * self.bucket
         batches: list[np.ndarray] = []
         for start in range(0, n, window):
             chunk = order[start : start + window]
             chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+            batches.extend(chunk[i : i + size] for i in range(0, len(chunk), size))
         shuffled = [batches[i] for i in rng.permutation(len(batches))]
-        return shuffled[self.rank :: self.world_size]
+        if self.world_size == 1:
+            return shuffled
+        return [np.array_split(b, self.world_size)[self.rank] for b in shuffled if len(b) >= self.world_size]
 
     def __iter__(self) -> Iterator[Batch]:
         batches = self.order(self.epoch)

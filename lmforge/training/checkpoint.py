@@ -48,6 +48,8 @@ from ..files import (
     save_weights,
 )
 from ..peft import active_adapter, adapter_state_dict, save_adapter
+from ..runtime import is_writer
+from . import distributed
 
 CHECKPOINTS_DIR = "checkpoints"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -238,33 +240,106 @@ def save_checkpoint(
         atomic_write(tmp / OPTIMIZER_FILE, lambda path: torch.save(optimizer.state_dict(), path))
         atomic_write_text(tmp / STATE_FILE, state_text)
         fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. interrupted right after a save)
-            old = root / f".old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(root)
-    # The top level of the run directory shows the newest weights and state.
+    _commit(run_dir, final, state_text, weight_files=weight_files, keep=keep)
+    return final
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Rename a complete checkpoint folder into place, over the same step saved before (e.g.
+    interrupted right after a save) without a moment with neither."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _commit(run_dir: Path, final: Path, state_text: str, *, weight_files: list[str], keep: int) -> None:
+    """After a checkpoint folder is in place: show its weights and state at the top of the run
+    directory (atomically) and delete checkpoints older than the newest ``keep``."""
+    fsync_dir(final.parent)
     for name in weight_files:
         _link_or_copy(final / name, run_dir / name)
     atomic_write_text(run_dir / STATE_FILE, state_text)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_sharded_checkpoint(
+    run_dir: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int = 1,
+    frozen: bool = True,
+) -> Path:
+    """An FSDP job's checkpoint, called on every rank: each writes its shards of the weights and
+    optimizer state (``torch.distributed.checkpoint``) into ``step-N/sharded`` of a temporary
+    folder the writer made; the writer then adds ``trainer_state.json`` and renames the folder
+    into place, as :func:`save_checkpoint` does. ``frozen``: include frozen weights (False for a
+    PEFT run: the adapter and head only). The whole weights reach the top of the run directory
+    when training ends (:func:`write_weights` after consolidation)."""
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    name = checkpoint_name(int(state["step"]))
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    writer = is_writer()
+    if writer:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    tmp = Path(distributed.broadcast(str(tmp)))  # the writer's folder, on every rank
+    distributed.save_sharded(tmp / distributed.SHARDED_DIR, model, optimizer, frozen=frozen)
+    distributed.barrier()
+    if writer:
+        state_text = json.dumps(to_json({**state, "checkpoint": f"{CHECKPOINTS_DIR}/{name}"}), indent=1)
+        try:
+            atomic_write_text(tmp / STATE_FILE, state_text)
+            fsync_dir(tmp)
+            _replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _commit(run_dir, final, state_text, weight_files=[], keep=keep)
+    distributed.barrier()
     return final
 
 
+def write_weights(model: nn.Module, run_dir: Path) -> None:
+    """The model's whole weights (or its active adapter) at the top of the run directory."""
+    if active_adapter(model):
+        save_adapter(model, run_dir)
+    else:
+        save_weights(model, run_dir / WEIGHTS_FILE)
+
+
+def release_weights(model: nn.Module) -> None:
+    """Give back the memory of a model's parameters (they become empty, keeping their
+    identity and ties) while a sharded copy trains; refilled by assigning ``param.data``."""
+    for param in model.parameters():
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+
 def load_checkpoint(
-    path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    sharded: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint folder (or the newest one of a run directory) into ``model`` and
-    ``optimizer``; returns the trainer state (RNG and data states not yet applied)."""
+    ``optimizer``; returns the trainer state (RNG and data states not yet applied).
+    ``sharded``: the model is sharded by FSDP in a job, the checkpoint must be an FSDP one."""
     path = Path(path)
-    if not (path / OPTIMIZER_FILE).is_file():
+    if not (path / OPTIMIZER_FILE).is_file() and not (path / distributed.SHARDED_DIR).is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
             raise LMForgeError("no checkpoint to resume from (no checkpoints/step-* folder)", file=path)
@@ -273,6 +348,19 @@ def load_checkpoint(
         state = from_json(json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
     except (OSError, ValueError) as err:
         raise LMForgeError(f"cannot read the trainer state ({err})", file=path / STATE_FILE) from None
+    is_sharded = (path / distributed.SHARDED_DIR).is_dir()
+    if is_sharded != sharded:
+        how = "sharded (FSDP): resume it under torchrun with --train.strategy fsdp" if is_sharded else (
+            "whole (one process or DDP): resume it without --train.strategy fsdp"
+        )
+        raise LMForgeError(f"this checkpoint is {how}", file=path)
+    if sharded:
+        if optimizer is None:
+            raise ValueError("a sharded checkpoint is resumed with its optimizer")
+        distributed.load_sharded(
+            path / distributed.SHARDED_DIR, model, optimizer, frozen=active_adapter(model) is None
+        )
+        return state
     if (path / ADAPTER_WEIGHTS_FILE).is_file():
         load_adapter_weights(model, path / ADAPTER_WEIGHTS_FILE)
     else:

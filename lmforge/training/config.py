@@ -15,6 +15,7 @@ from ..errors import ConfigError
 
 Schedule = Literal["cosine", "linear", "wsd", "constant"]
 Precision = Literal["fp32", "bf16"]
+Strategy = Literal["auto", "ddp", "fsdp"]  # how a torchrun job shares the model (one process: unused)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (with a checkpoint) after this much training time
     seed: int = 1337  # seeds python, numpy and torch before the model is built
     device: str = "auto"  # "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1", ...
+    strategy: Strategy = "auto"  # under torchrun: "ddp" (whole model on each rank), "fsdp" (sharded), "auto"
     tensorboard: bool = False  # also log to TensorBoard (RUN_DIR/tensorboard)
     wandb: bool = False  # also log to Weights & Biases, offline mode (RUN_DIR/wandb)
     progress: bool = True  # show a progress bar

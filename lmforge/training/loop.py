@@ -16,6 +16,7 @@ even when micro-batches hold different numbers of targets (padding, masked-LM se
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import signal
 import sys
@@ -33,10 +34,20 @@ from torch import Tensor, nn
 from ..errors import LMForgeError
 from ..files import METRICS_FILE, write_run_metadata
 from ..objectives.base import Batch
-from ..peft import training_callbacks
-from ..runtime import is_writer, resolve_device
+from ..peft import active_adapter, training_callbacks
+from ..runtime import is_writer, resolve_device, world_size
+from . import distributed
 from .callbacks import Callback, EarlyStopping, JSONLLogger, ProgressBar, TensorBoardLogger, WandbLogger
-from .checkpoint import load_checkpoint, remove_leftovers, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    load_checkpoint,
+    release_weights,
+    remove_leftovers,
+    rng_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    set_rng_state,
+    write_weights,
+)
 from .config import TrainConfig
 from .optim import build_optimizer, lr_at, set_lr
 
@@ -142,12 +153,34 @@ class Trainer:
         for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
             if stack is not None and hasattr(stack, "activation_checkpointing"):
                 stack.activation_checkpointing = config.activation_checkpointing
-        self.forward_model: nn.Module = torch.compile(model) if config.compile else model
-        self.optimizer = build_optimizer(model, config)
+        own_callbacks = training_callbacks(model)
+        # Under torchrun: DDP around the model, or FSDP sharding a copy of it (the model passed in
+        # gives its memory back and is filled with the trained weights at the end of fit()).
+        self.distributed = distributed.active()
+        self.strategy = distributed.choose(config.strategy, model, self.device) if self.distributed else None
+        self.world_size = world_size()
+        self._plain: nn.Module | None = None
+        wrapped: nn.Module = model
+        if self.strategy == "fsdp":
+            if own_callbacks:
+                raise LMForgeError(
+                    "this PEFT method adjusts its adapter during training (its own callbacks), which "
+                    "FSDP does not support: use --train.strategy ddp",
+                    key="train.strategy",
+                )
+            self._plain = model
+            self.model = wrapped = distributed.wrap(
+                copy.deepcopy(model), "fsdp", device=self.device, bf16=config.precision == "bf16"
+            )
+            release_weights(model)
+        elif self.strategy == "ddp":
+            wrapped = distributed.wrap(model, "ddp", device=self.device, bf16=False)
+        self._wrapped = wrapped
+        self.forward_model: nn.Module = torch.compile(wrapped) if config.compile else wrapped
+        self.optimizer = build_optimizer(self.model, config)
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
 
-
-        self.callbacks: list[Callback] = list(callbacks) + training_callbacks(model)
+        self.callbacks: list[Callback] = list(callbacks) + own_callbacks
         if config.early_stopping_patience is not None:
             self.callbacks.append(
                 EarlyStopping(
@@ -198,7 +231,7 @@ class Trainer:
                     time.process_time(),
                     self.state.tokens_seen,
                 )
-                metrics = self._train_step()
+                metrics = self._step_or_stop()
                 seconds = time.perf_counter() - start
                 self.state.train_time_s += seconds
                 self.state.train_cpu_s += time.process_time() - cpu_start
@@ -211,10 +244,15 @@ class Trainer:
                 step = self.state.step
                 if config.eval_every and step % config.eval_every == 0:
                     self._evaluate_and_report()
-                if config.max_minutes is not None and self.state.train_time_s >= 60 * config.max_minutes:
+                out_of_time = config.max_minutes is not None and self.state.train_time_s >= 60 * config.max_minutes
+                interrupted = self._interrupt_requested
+                if self.distributed:  # every rank stops at the same step: one vote
+                    out_of_time, interrupted = (v > 0 for v in distributed.all_sum([out_of_time, interrupted]))
+                if out_of_time:
                     self.state.should_stop = True
                     self.state.stop_reason = f"time limit of {config.max_minutes:g} minutes reached"
-                if self._interrupt_requested:
+                if interrupted:
+                    self.state.stopped_by = self.state.stopped_by or "SIGTERM"
                     self.state.should_stop = self.state.interrupted = True
                     self.state.stop_reason = f"interrupted ({self.state.stopped_by})"
                 last = self.state.should_stop or step >= config.max_steps
@@ -227,7 +265,25 @@ class Trainer:
         finally:
             restore_signals()
             self._call("on_train_end")
+        if self._plain is not None:
+            self._consolidate()
         return self.state
+
+    def _consolidate(self) -> None:
+        """FSDP's end: gather the shards into the model passed in (on every rank) and, on the
+        writer, put the whole weights (or the adapter) at the top of the run folder."""
+        assert self._plain is not None
+        full = distributed.gather_full(self.model)
+        with torch.no_grad():
+            for name, param in self._plain.named_parameters():
+                param.data = full[name].to(self.device)
+            for name, buffer in self._plain.named_buffers():
+                if name in full:
+                    buffer.copy_(full[name])
+        self.model = self.forward_model = self._wrapped = self._plain
+        self._plain = None
+        if self.run_dir is not None and self.writer:
+            write_weights(self.model, self.run_dir)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -253,6 +309,10 @@ class Trainer:
                     metric_sums[key] = metric_sums.get(key, 0.0) + float(value) * n
         finally:
             self.model.train(was_training)
+        if self.distributed:  # each rank's share (or the same whole on every rank): summed
+            keys = sorted(metric_sums)
+            loss_sum, targets_f, *sums = distributed.all_sum([loss_sum, targets, *(metric_sums[k] for k in keys)])
+            targets, metric_sums = int(targets_f), dict(zip(keys, sums, strict=True))
         if targets == 0:
             raise LMForgeError("the validation data has no targets to evaluate on")
         loss = loss_sum / targets
@@ -264,6 +324,19 @@ class Trainer:
         """Write a resumable checkpoint of the current step into the run directory."""
         if self.run_dir is None:
             raise ValueError("this Trainer has no run_dir to save into")
+        if self.strategy == "fsdp":  # every rank writes its shards; the writer commits
+            path = save_sharded_checkpoint(
+                self.run_dir,
+                model=self.model,
+                optimizer=self.optimizer,
+                state=self._state_dict(),
+                keep=self.config.keep_checkpoints,
+                frozen=active_adapter(self.model) is None,
+            )
+            self._last_saved_step = self.state.step
+            if self.writer:
+                self._call("on_save", path)
+            return path
         if not self.writer:  # one writer: the other ranks hold the same weights
             self._last_saved_step = self.state.step
             return self.run_dir
@@ -285,7 +358,9 @@ class Trainer:
         path = Path(path) if path is not None else self.run_dir
         if path is None:
             raise ValueError("resume() needs a path when the Trainer has no run_dir")
-        saved = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        saved = load_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, sharded=self.strategy == "fsdp"
+        )
         for key, value in saved["trainer"].items():
             if key in TrainState.__dataclass_fields__:
                 setattr(self.state, key, value)
@@ -306,36 +381,61 @@ class Trainer:
 
     # ---- the step ------------------------------------------------------------------------------
 
+    def _step_or_stop(self) -> dict[str, float]:
+        """One step; in a job, a rank that lost a peer stops with one line saying what to do."""
+        try:
+            return self._train_step()
+        except (RuntimeError, distributed.PeerLost) as err:
+            if not self.distributed:
+                raise
+            lost = err if isinstance(err, distributed.PeerLost) else distributed.PeerLost(str(err).splitlines()[0])
+            saved = f"step {self._last_saved_step}" if self._last_saved_step > 0 else "none yet"
+            raise distributed.PeerLost(
+                f"{lost} at step {self.state.step + 1}; the last checkpoint is {saved}: "
+                "run the same command with --resume to continue"
+            ) from None
+
     def _train_step(self) -> dict[str, float]:
         config = self.config
         batches = [self._to_device(self._next_batch()) for _ in range(config.grad_accum)]
         counts = [int(self.num_targets(b)) for b in batches]
-        window_targets = max(sum(counts), 1)  # normalize by the targets of the whole window
+        # Normalize by the targets of the whole window, over all ranks; DDP and FSDP average the
+        # gradients over the ranks, so each rank's share is scaled back up by the world size.
+        window_targets = max(int(distributed.all_sum([sum(counts)])[0]), 1)
+        scale = self.world_size if self.distributed else 1
         lr = lr_at(self.state.step, config)
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         metric_sums: dict[str, float] = {}
         for index, (batch, count) in enumerate(zip(batches, counts, strict=True)):
-            with self._autocast():
-                out = self.objective(self.forward_model, batch)
-            value = float(out.loss_sum.detach())
-            if not math.isfinite(value):
-                raise self._diverged(f"the loss is {value}", micro_batch=index)
-            (out.loss_sum / window_targets).backward()
+            with distributed.gradient_sync(self._wrapped, sync=index == len(batches) - 1):
+                with self._autocast():
+                    out = self.objective(self.forward_model, batch)
+                value = float(out.loss_sum.detach())
+                if not math.isfinite(value):
+                    raise self._diverged(f"the loss is {value}", micro_batch=index)
+                (out.loss_sum * (scale / window_targets)).backward()
             loss_sum += value
             for key, metric in out.metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(metric) * count
         self._call("on_after_backward")
-        grad_norm = float(
-            torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip or math.inf, foreach=True)
-        )
+        if self.strategy == "fsdp":
+            grad_norm = distributed.clip_gradients(self.trainable, config.grad_clip or math.inf)
+        else:
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip or math.inf, foreach=True)
+            )
         if not math.isfinite(grad_norm):
             raise self._diverged(f"the gradient norm is {grad_norm}")
         self.optimizer.step()
 
         self.state.step += 1
         tokens = sum(_count_tokens(b) for b in batches)
+        if self.distributed:  # the step's loss, metrics and tokens over all ranks
+            keys = sorted(metric_sums)
+            loss_sum, tokens_f, *sums = distributed.all_sum([loss_sum, tokens, *(metric_sums[k] for k in keys)])
+            tokens, metric_sums = int(tokens_f), dict(zip(keys, sums, strict=True))
         self.state.tokens_seen += tokens
         loss = loss_sum / window_targets
         self.state.last_loss = loss
