@@ -18,6 +18,7 @@ import dataclasses
 import importlib
 import importlib.metadata
 import inspect
+import os
 import re
 import sys
 import types
@@ -26,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import LMForgeError, did_you_mean
+from .runtime import rank, world_size
 from .settings import coerce, dataclass_from_dict, dataclass_update, load_yaml, type_name
 
 CommandFn = Callable[..., Any]
@@ -461,10 +463,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise LMForgeError(f"'{name}' needs a command: one of {', '.join(group)}")
         fn = _commands()[name]
         args, kwargs = resolve_arguments(fn, parsed)
+        if rank() != 0:  # a torchrun job's other ranks: rank 0 alone prints (errors still show)
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process)
         result = fn(*args, **kwargs)
         return result if isinstance(result, int) else 0
     except LMForgeError as err:
-        print(f"lmforge: error: {err.one_line()}", file=sys.stderr)
+        where = f"[rank {rank()}] " if world_size() > 1 else ""
+        print(f"lmforge: error: {where}{err.one_line()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)

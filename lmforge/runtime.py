@@ -32,6 +32,9 @@ def resolve_device(name: str, *, key: str = "device") -> torch.device:
     Raises:
         LMForgeError: a name torch does not know, or CUDA asked for on a machine without it.
     """
+    local = os.environ.get("LOCAL_RANK")  # one GPU per process of a torchrun job
+    if name in ("auto", "cuda") and torch.cuda.is_available() and local is not None:
+        return torch.device(f"cuda:{local}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -37,7 +37,6 @@ from ..files import (
     WEIGHTS_FILE,
     atomic_write_json,
     check_output,
-    output_folder,
     save_tensors,
     save_weights,
 )
@@ -45,14 +44,15 @@ from ..interop.gguf import is_gguf
 from ..interop.hf import is_hf_folder, load_hf_model, load_hf_tokenizer
 from ..model import Transformer
 from ..runs import load, load_head, transplant
+from ..runtime import is_writer, world_size
 from ..settings import dataclass_to_dict
 from ..tasks import make_task, task_class
 from ..tasks.base import DEFAULT_MAX_LENGTH, Batches, Task, TaskEvaluation, TaskOptions
 from ..tasks.data import LABELS_FILE, Columns, Row, SplitPlan, check_bad_rows, data_files, read_label_file
 from ..tokenizers import Tokenizer
-from ..training import Callback, Trainer, TrainState, latest_checkpoint, seed_everything
+from ..training import Callback, Trainer, TrainState, distributed, latest_checkpoint, seed_everything
 from ..training.config import TrainConfig
-from .common import Log, silent
+from .common import Log, job_output_folder, silent
 
 SUMMARY_FILE = "finetune.json"
 FULL = "full"  # the method name of full fine-tuning (every other name is a PEFT method)
@@ -331,7 +331,8 @@ def finetune(
     if method != FULL and base.source is not None:
         recorded[BASE_MODEL_KEY] = str(base.source.resolve())
     with contextlib.ExitStack() as stack:
-        work = None if out is None else stack.enter_context(output_folder(out, overwrite=overwrite, resume=resume))
+        stack.enter_context(distributed.job(train.device))
+        work = None if out is None else stack.enter_context(job_output_folder(out, overwrite=overwrite, resume=resume))
         if resume and (work is None or latest_checkpoint(work) is None):
             raise LMForgeError("nothing to resume: no checkpoint in this run directory", file=out)
         seed_everything(train.seed)
@@ -351,7 +352,7 @@ def finetune(
             run_config=recorded,
             num_targets=task.num_targets,
         )
-        if work is not None and method != FULL and prepared.head and not resume:
+        if work is not None and method != FULL and prepared.head and not resume and trainer.writer:
             # A PEFT run keeps its task head as built, frozen parts included: the adapter holds
             # only what trains, and a fresh head's frozen pooler, say, is not in the base.
             save_tensors(prepared.head, work / HEAD_FILE)
@@ -406,7 +407,9 @@ def prepare(
     features = task.encode(data.train)
     batches = Batches(features, task.collate, batch_size=train.batch_size, seed=train.seed)
     train = sized(train, batches=len(batches), epochs=epochs)
-    val_batches = Batches(task.encode(data.validation), task.collate, batch_size=train.batch_size, shuffle=False)
+    # Every rank of a job evaluates the same batches, as large as the job's global batch.
+    val_size = train.batch_size * world_size()
+    val_batches = Batches(task.encode(data.validation), task.collate, batch_size=val_size, shuffle=False)
     if method != FULL:
         model = peft_lib.apply(model, method, tokenizer=base.tokenizer, **dict(peft or {}))
     report = peft_lib.trainable_report(model)
@@ -481,7 +484,8 @@ def finetune_run(
     weights are touched, and a classification head's size is the number of labels found there.
     """
     check_method(method, peft)
-    check_output(Path(out), overwrite=overwrite, resume=resume, hint=RESUME_HINT)  # before any work
+    if is_writer():  # before any work (a job's other ranks leave the folder to the writer)
+        check_output(Path(out), overwrite=overwrite, resume=resume, hint=RESUME_HINT)
     base = load_base(model)
     task = build_task(task_name, base, options=options, columns=data.columns, labels_file=data.labels_file())
     examples = read_task_data(task, data)

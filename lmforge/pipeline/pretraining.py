@@ -39,16 +39,17 @@ from ..data import (
     write_shards,
 )
 from ..errors import ConfigError, LMForgeError, did_you_mean
-from ..files import TOKENIZER_FILE, output_folder
+from ..files import TOKENIZER_FILE, save_tokenizer
 from ..model import Transformer
 from ..objectives import DEFAULT_OBJECTIVE, make_objective
 from ..objectives.span_corruption import num_noise_spans
+from ..runtime import world_size
 from ..settings import dataclass_to_dict
 from ..tokenizers import Tokenizer
-from ..training import Callback, Trainer, TrainState, seed_everything
+from ..training import Callback, Trainer, TrainState, distributed, seed_everything
 from ..training.checkpoint import latest_checkpoint
 from ..training.config import TrainConfig
-from .common import Log, silent
+from .common import Log, job_output_folder, silent
 
 TokenizerKind = Literal["char", "bpe", "wordpiece"]
 ObjectiveChoice = Literal["auto", "causal_lm", "masked_lm", "span_corruption"]
@@ -229,7 +230,10 @@ def batch_sources(
     data: DataSection,
     train: TrainConfig,
 ) -> tuple[Any, Any]:
-    """The resumable training source and the validation source for ``objective``."""
+    """The resumable training source and the validation source for ``objective``. In a job of
+    N processes each rank evaluates the same batches of N × batch_size sequences: the windows
+    one process with that batch would evaluate."""
+    eval_batch = train.batch_size * world_size()
     if objective == "causal_lm":
         train_source = RandomWindows(
             split_train, seq_len=data.seq_len, batch_size=train.batch_size, seed=data.seed
@@ -237,7 +241,7 @@ def batch_sources(
         eval_source = EvalWindows(
             split_eval,
             seq_len=data.seq_len,
-            batch_size=train.batch_size,
+            batch_size=eval_batch,
             pad_id=tokenizer.pad_id or 0,
             max_batches=train.eval_batches,
         )
@@ -253,7 +257,9 @@ def batch_sources(
     common = dict(seq_len=data.seq_len, batch_size=train.batch_size, collator=collator)
     train_source = DocumentChunks(split_train, seed=data.seed, **common)
     eval_source = Restarting(
-        lambda: DocumentChunks(split_eval, seed=data.seed + 1, shuffle=False, epochs=1, **common)
+        lambda: DocumentChunks(
+            split_eval, seed=data.seed + 1, shuffle=False, epochs=1, **{**common, "batch_size": eval_batch}
+        )
     )
     return train_source, eval_source
 
@@ -277,13 +283,15 @@ def build_pretraining(
     objective: ObjectiveChoice = "auto",
     run_dir: str | Path,
     resume: bool = False,
+    shared: bool = False,
     progress: bool = True,
 ) -> Pretraining:
     """Build tokenizer, token shards, model, objective and batch sources from a recipe.
 
     A fresh run trains the tokenizer (unless ``tokenizer.path`` is given) and writes the shards
     into ``RUN_DIR/data``; a resumed run reads both back from the run directory, so it sees
-    exactly the ids it trained on.
+    exactly the ids it trained on, and so does a job's other ranks (``shared``) once the writer
+    has made them.
 
     Raises:
         LMForgeError: bad data files, a run directory that already holds a run (without
@@ -300,8 +308,8 @@ def build_pretraining(
             f"objective {name} does not fit arch {arch} (use {fits[0]} or auto)", key="objective"
         )
 
-    if resume:
-        if latest_checkpoint(run_dir) is None:
+    if resume or shared:
+        if resume and latest_checkpoint(run_dir) is None:
             raise LMForgeError("nothing to resume: no checkpoint in this run directory", file=run_dir)
         tok = Tokenizer.from_file(run_dir / TOKENIZER_FILE)  # the model check comes with the weights
         shards = TokenShards(run_dir / SHARDS_DIR, tokenizer=tok)
@@ -447,21 +455,33 @@ def pretrain(
         LMForgeError: bad recipe or data, an occupied folder (without resume or overwrite).
     """
     out = Path(out)
-    with output_folder(out, overwrite=overwrite, resume=resume) as work:
+    with distributed.job(train.device), job_output_folder(out, overwrite=overwrite, resume=resume) as work:
         seed_everything(train.seed)
-        run = build_pretraining(
-            model=model,
-            tokenizer=tokenizer,
-            data=data,
-            train=train,
-            objective=objective,
-            run_dir=work,
-            resume=resume,
-            progress=train.progress,
-        )
+
+        def build(shared: bool) -> Pretraining:
+            return build_pretraining(
+                model=model,
+                tokenizer=tokenizer,
+                data=data,
+                train=train,
+                objective=objective,
+                run_dir=work,
+                resume=resume,
+                shared=shared,
+                progress=train.progress and not shared,
+            )
+
+        def first() -> Pretraining:  # the writer trains the tokenizer and writes the shards
+            built = build(shared=False)
+            if distributed.active() and not resume:
+                save_tokenizer(built.tokenizer, work)
+            return built
+
+        run = distributed.writer_first(first) or build(shared=True)
         run.run_config["out"] = str(out)
         log(describe_pretraining(run))
-        log(plan_line(train, run) + (estimate(run, train, data) if train.progress and not resume else ""))
+        timed = train.progress and not resume and not distributed.active()
+        log(plan_line(train, run) + (estimate(run, train, data) if timed else ""))
         trainer = make_trainer(run, train, out=work, callbacks=callbacks)
         if resume:
             log(f"resumed {out} at step {trainer.resume()}")

@@ -473,8 +473,8 @@ class TaskEvaluation(Callback):
         if improved:
             self.best, self.best_step, self.best_metrics = value, step, scalars
             if self.keep_best:
-                self.best_weights = {
-                    name: p.detach().to("cpu", copy=True)
+                self.best_weights = {  # an FSDP shard is gathered whole (every rank calls this)
+                    name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", copy=True)
                     for name, p in model.named_parameters()
                     if p.requires_grad
                 }

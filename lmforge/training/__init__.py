@@ -5,6 +5,7 @@ state = Trainer(model, objective, batches, config=TrainConfig(max_steps=2000), e
                 run_dir="runs/x").fit()
 """
 
+from . import distributed
 from .callbacks import (
     Callback,
     EarlyStopping,
@@ -32,6 +33,7 @@ __all__ = [
     "TrainingDiverged",
     "WandbLogger",
     "build_optimizer",
+    "distributed",
     "default_num_targets",
     "latest_checkpoint",
     "list_checkpoints",

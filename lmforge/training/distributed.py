@@ -25,9 +25,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,7 @@ from torch import nn
 from ..errors import LMForgeError
 from .config import Strategy
 
+T = TypeVar("T")
 SHARDED_DIR = "sharded"  # a checkpoint's DCP folder (FSDP runs)
 
 
@@ -126,24 +127,24 @@ def barrier() -> None:
             raise _peer_lost(err) from None
 
 
-def writer_first(work: Any) -> Any:
-    """Run ``work()`` on rank 0, then tell the other ranks how it went: its result, or its
-    error raised again on every rank (one line), so no rank waits for a writer that failed."""
-    failure: str | None = None
-    result = None
-    if not active() or dist.get_rank() == 0:
+def writer_first(work: Callable[[], T]) -> T | None:
+    """Run ``work()`` on rank 0 before the other ranks go on (they get None), or raise on every
+    rank the one-line reason it failed, so no rank waits for a writer that is gone. Alone: ``work()``."""
+    if not active():
+        return work()
+    if dist.get_rank() == 0:
         try:
             result = work()
-        except LMForgeError as err:
-            failure = str(err)
-            if not active():
-                raise
-            broadcast((None, failure))
+        except Exception as err:
+            why = err.one_line() if isinstance(err, LMForgeError) else f"rank 0 failed: {type(err).__name__}: {err}"
+            broadcast(why)
             raise
-    outcome = broadcast((result, None))
-    if outcome[1] is not None:
-        raise LMForgeError(outcome[1])
-    return outcome[0]
+        broadcast(None)
+        return result
+    why = broadcast(None)
+    if why is not None:
+        raise LMForgeError(why)
+    return None
 
 
 # ---- wrapping the model -----------------------------------------------------------------------
@@ -177,6 +178,9 @@ def wrap(model: nn.Module, strategy: Literal["ddp", "fsdp"], *, device: torch.de
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    with torch.no_grad():  # every rank shards the same weights: rank 0's (as DDP starts)
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs: dict[str, Any] = {"mp_policy": policy} if policy is not None else {}
     for block in blocks_of(model):
