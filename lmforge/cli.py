@@ -26,8 +26,9 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .commands.launch import relaunch
 from .errors import LMForgeError, did_you_mean
-from .runtime import rank, world_size
+from .runtime import launched, rank, world_size
 from .settings import coerce, dataclass_from_dict, dataclass_update, load_yaml, type_name
 
 CommandFn = Callable[..., Any]
@@ -463,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise LMForgeError(f"'{name}' needs a command: one of {', '.join(group)}")
         fn = _commands()[name]
         args, kwargs = resolve_arguments(fn, parsed)
+        if kwargs.get("nproc", 1) > 1 and not launched():  # this command again, as a torchrun job
+            return relaunch(kwargs["nproc"], sys.argv[1:] if argv is None else argv)
         if rank() != 0:  # a torchrun job's other ranks: rank 0 alone prints (errors still show)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process)
         result = fn(*args, **kwargs)

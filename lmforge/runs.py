@@ -48,6 +48,8 @@ from .model import Transformer
 from .peft import load_adapter
 from .settings import dataclass_from_dict, load_yaml
 from .tokenizers import Tokenizer
+from .training import distributed
+from .training.checkpoint import latest_checkpoint
 
 # ---- run directories ---------------------------------------------------------------------------
 
@@ -142,7 +144,11 @@ def load(
         model = _load_adapter_run(path, config, model_config, config_path=config_path, lines=lines)
     else:
         model = Transformer(model_config)
-        load_weights(model, path / WEIGHTS_FILE)
+        sharded = _sharded_checkpoint(path)
+        if sharded is not None:  # an FSDP run stopped before its weights were consolidated
+            distributed.read_sharded_weights(sharded, model)
+        else:
+            load_weights(model, path / WEIGHTS_FILE)
     model.to(device=device or "cpu", dtype=dtype)
     model.eval()
 
@@ -151,6 +157,15 @@ def load(
     if tokenizer_path.is_file():
         tokenizer = load_tokenizer(tokenizer_path, config, model_config, lines=lines, config_path=config_path)
     return LoadedRun(model=model, tokenizer=tokenizer, config=config, path=path)
+
+
+def _sharded_checkpoint(path: Path) -> Path | None:
+    """The newest checkpoint's sharded weights of a run that has no whole weights file, if any."""
+    latest = latest_checkpoint(path)
+    if (path / WEIGHTS_FILE).is_file() or latest is None:
+        return None
+    folder = latest / distributed.SHARDED_DIR
+    return folder if folder.is_dir() else None
 
 
 def base_model_path(run_dir: Path, value: Any, *, config_path: Path, line: int | None = None) -> Path:

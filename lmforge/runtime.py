@@ -46,6 +46,16 @@ def resolve_device(name: str, *, key: str = "device") -> torch.device:
     return device
 
 
+def launched() -> bool:
+    """Whether a launcher such as torchrun started this process as one of a job's."""
+    return "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def local_rank() -> int:
+    """This process's index on its machine (torchrun's ``LOCAL_RANK``; 0 alone)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def rank() -> int:
     """This process's rank in the job (0 when it runs alone)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

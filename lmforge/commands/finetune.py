@@ -43,6 +43,7 @@ def finetune(
     out: Path = Path("runs/finetune"),
     resume: bool = False,
     overwrite: bool = False,
+    nproc: int = 1,
 ) -> int:
     """Fine-tune a model on a task from your own data files, fully or with a PEFT method.
 
@@ -72,6 +73,7 @@ def finetune(
         out: the run directory.
         resume: continue the run in --out from its newest checkpoint.
         overwrite: replace what --out holds, as a whole: the new output is written beside it and swapped in at the end (without it, an occupied --out is an error and nothing is touched).
+        nproc: train with N processes on this machine (a torchrun job: DDP or FSDP, see --train.strategy); each rank takes --train.batch_size sequences of the global batch.
     """
     spec = DataSpec(
         path=data,

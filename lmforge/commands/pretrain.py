@@ -21,6 +21,7 @@ def pretrain(
     out: Path = Path("runs/pretrain"),
     resume: bool = False,
     overwrite: bool = False,
+    nproc: int = 1,
 ) -> int:
     """Pretrain a model from raw text: tokenizer, token shards, the training loop, a run directory.
 
@@ -39,6 +40,7 @@ def pretrain(
         out: the run directory (config.yaml, tokenizer.json, model.safetensors, checkpoints, ...).
         resume: continue the run in --out from its newest checkpoint.
         overwrite: replace what --out holds, as a whole: the new output is written beside it and swapped in at the end (without it, an occupied --out is an error and nothing is touched).
+        nproc: train with N processes on this machine (a torchrun job: DDP or FSDP, see --train.strategy); each rank takes --train.batch_size sequences of the global batch.
     """
     result = pretrain_pipeline(
         model=model,

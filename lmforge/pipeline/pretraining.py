@@ -501,10 +501,12 @@ def estimate(run: Pretraining, train: TrainConfig, data: DataSection) -> str:
 
 def plan_line(train: TrainConfig, run: Pretraining) -> str:
     """What the run is about to do: steps, batch, tokens, evaluations, checkpoints."""
-    tokens = train.max_steps * train.batch_size * train.grad_accum * int(run.run_config["data"]["seq_len"])
+    ranks = world_size()
+    tokens = train.max_steps * train.batch_size * train.grad_accum * ranks * int(run.run_config["data"]["seq_len"])
     saves = f"a checkpoint every {train.save_every} steps" if train.save_every else "a checkpoint at the end"
+    each = f" on each of {ranks} processes" if ranks > 1 else ""
     return (
-        f"{train.max_steps:,} steps of {train.batch_size}×{train.grad_accum} sequences (about {tokens / 1e6:.1f}M "
+        f"{train.max_steps:,} steps of {train.batch_size}×{train.grad_accum} sequences{each} (about {tokens / 1e6:.1f}M "
         f"tokens), lr {train.lr:g} {train.schedule}, {train.precision}, evaluation every "
         f"{train.eval_every or train.max_steps} steps, {saves}"
     )

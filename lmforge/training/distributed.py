@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import LMForgeError
+from ..runtime import launched, local_rank
 from .config import Strategy
 
 T = TypeVar("T")
@@ -44,19 +45,9 @@ class PeerLost(LMForgeError):
     """Another process of the job stopped: this one cannot go on alone."""
 
 
-def launched() -> bool:
-    """Whether a launcher such as torchrun started this process as part of a job."""
-    return "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-
-
 def active() -> bool:
     """Whether this process is in a started process group."""
     return dist.is_available() and dist.is_initialized()
-
-
-def local_rank() -> int:
-    """This process's index on its machine (torchrun's ``LOCAL_RANK``; 0 alone)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 @contextlib.contextmanager
@@ -85,8 +76,16 @@ def job(device: str = "auto", *, timeout_minutes: float = 30.0) -> Iterator[bool
 
 
 def _peer_lost(err: BaseException) -> PeerLost:
-    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    return PeerLost(f"another process of this job stopped ({first}): this rank stops too")
+    return PeerLost(f"another process of this job stopped ({short_reason(err)})")
+
+
+def short_reason(err: BaseException) -> str:
+    """What a failed collective says, in a few words (gloo's and NCCL's messages run long)."""
+    text = str(err).strip()
+    found = re.search(r"Connection (?:reset|closed|refused)[a-z ]*|Broken pipe|[Tt]imed out|NCCL error[^.]*", text)
+    if found:
+        return found.group(0).strip()
+    return text.splitlines()[0][:160] if text else type(err).__name__
 
 
 def all_sum(values: Sequence[float]) -> list[float]:

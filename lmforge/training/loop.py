@@ -388,10 +388,12 @@ class Trainer:
         except (RuntimeError, distributed.PeerLost) as err:
             if not self.distributed:
                 raise
-            lost = err if isinstance(err, distributed.PeerLost) else distributed.PeerLost(str(err).splitlines()[0])
+            reason = str(err) if isinstance(err, distributed.PeerLost) else (
+                f"another process of this job stopped ({distributed.short_reason(err)})"
+            )
             saved = f"step {self._last_saved_step}" if self._last_saved_step > 0 else "none yet"
             raise distributed.PeerLost(
-                f"{lost} at step {self.state.step + 1}; the last checkpoint is {saved}: "
+                f"{reason} at step {self.state.step + 1}; the last checkpoint is {saved}: "
                 "run the same command with --resume to continue"
             ) from None
 
