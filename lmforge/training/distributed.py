@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -274,5 +275,7 @@ def read_sharded_weights(folder: Path, model: nn.Module) -> None:
     wanted = {k: own[k] for k in saved if k in own}
     if missing := sorted(saved - set(wanted)):
         raise LMForgeError(f"the sharded checkpoint does not fit the model: tensor '{missing[0]}'", file=folder)
-    dcp.load({"model": wanted}, checkpoint_id=str(folder))
+    with warnings.catch_warnings():  # "no process group: loading in a single process" — as meant
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": wanted}, checkpoint_id=str(folder))
     model.load_state_dict(wanted, strict=False)
