@@ -147,6 +147,19 @@ def test_fsdp_pretraining_gives_the_numbers_of_one_process(alone: Path, text: Pa
     assert more.returncode == 2 and "sharded (FSDP): resume it under torchrun" in more.stderr
 
 
+def test_fsdp_mixed_precision_trains_in_bf16_near_fp32(alone: Path, text: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bf16"
+    args = [*pretrain_args(text, out, batch=4), "--train.strategy", "fsdp", "--train.precision", "bf16"]
+    ok(lmforge_cli(args, nproc=2))
+    bf16, fp32 = steps(out), steps(alone)
+    assert bf16[1]["loss"] != fp32[1]["loss"]  # computed in bf16 ...
+    for step in fp32:  # ... and close to fp32 all the way (bf16 keeps 8 bits of mantissa)
+        assert bf16[step]["loss"] == pytest.approx(fp32[step]["loss"], abs=0.05), step
+    assert (
+        load_file(str(out / "model.safetensors"))["tok_embed.weight"].dtype == torch.float32
+    )  # fp32 masters
+
+
 def rank_pid(parent: subprocess.Popen, rank: int) -> int | None:
     """The pid of the job's process of ``rank`` (a child of torchrun with RANK in its environment)."""
     for proc in Path("/proc").iterdir():

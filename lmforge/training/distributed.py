@@ -83,7 +83,9 @@ def _peer_lost(err: BaseException) -> PeerLost:
 def short_reason(err: BaseException) -> str:
     """What a failed collective says, in a few words (gloo's and NCCL's messages run long)."""
     text = str(err).strip()
-    found = re.search(r"Connection (?:reset|closed|refused)[a-z ]*|Broken pipe|[Tt]imed out|NCCL error[^.]*", text)
+    found = re.search(
+        r"Connection (?:reset|closed|refused)[a-z ]*|Broken pipe|[Tt]imed out|NCCL error[^.]*", text
+    )
     if found:
         return found.group(0).strip()
     return text.splitlines()[0][:160] if text else type(err).__name__
@@ -136,7 +138,11 @@ def writer_first(work: Callable[[], T]) -> T | None:
         try:
             result = work()
         except Exception as err:
-            why = err.one_line() if isinstance(err, LMForgeError) else f"rank 0 failed: {type(err).__name__}: {err}"
+            why = (
+                err.one_line()
+                if isinstance(err, LMForgeError)
+                else f"rank 0 failed: {type(err).__name__}: {err}"
+            )
             broadcast(why)
             raise
         broadcast(None)
@@ -169,7 +175,9 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def wrap(model: nn.Module, strategy: Literal["ddp", "fsdp"], *, device: torch.device, bf16: bool) -> nn.Module:
+def wrap(
+    model: nn.Module, strategy: Literal["ddp", "fsdp"], *, device: torch.device, bf16: bool
+) -> nn.Module:
     """The model as the job trains it: DDP around it, or the model itself sharded by FSDP2
     (block by block, then the rest: embeddings, final norm, head; bf16 parameters with fp32
     gradient reduction when ``bf16``)."""
@@ -252,7 +260,11 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     state = {"model": weights, "optim": optim}
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_options(frozen)
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=_options(frozen),
     )
 
 
@@ -274,7 +286,9 @@ def read_sharded_weights(folder: Path, model: nn.Module) -> None:
     own = model.state_dict()
     wanted = {k: own[k] for k in saved if k in own}
     if missing := sorted(saved - set(wanted)):
-        raise LMForgeError(f"the sharded checkpoint does not fit the model: tensor '{missing[0]}'", file=folder)
+        raise LMForgeError(
+            f"the sharded checkpoint does not fit the model: tensor '{missing[0]}'", file=folder
+        )
     with warnings.catch_warnings():  # "no process group: loading in a single process" — as meant
         warnings.simplefilter("ignore", UserWarning)
         dcp.load({"model": wanted}, checkpoint_id=str(folder))
