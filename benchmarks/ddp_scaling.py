@@ -112,7 +112,7 @@ def main() -> None:
     names = list(variants)
     alone, ddp, fsdp, one_rank = (median[n] for n in names)
     rows = [
-        "| run | tokens/s (whole job) | vs 1 process | rank 0 CPU s / 1k tokens | loss at the end |",
+        "| run | tokens/s (whole job) | vs 1 process | rank 0's CPU s per 1k of the job's tokens | loss at the end |",
         "|---|---|---|---|---|",
     ]
     for name in names:
@@ -133,6 +133,8 @@ def main() -> None:
         f"BPE 2,000 tokens (about {params / 1e6:.1f}M parameters, {4 * params / 1e6:.1f} MB of fp32 gradients "
         f"a step), {args.steps} steps, global batch {nproc * args.batch}, median of {args.rounds} rounds, "
         f"load average {load_before} before / {load_average()} after, torch {torch.__version__}.\n\n"
+        f"A job of {nproc} one-thread processes runs {ddp['tokens_per_s'] / one_rank['tokens_per_s']:.2f}× (DDP) / "
+        f"{fsdp['tokens_per_s'] / one_rank['tokens_per_s']:.2f}× (FSDP) the tokens/s of one such process.\n\n"
         f"Overhead of being a job: a rank's step takes {overhead['DDP']:.0%} (DDP) / {overhead['FSDP']:.0%} "
         "(FSDP) longer than the same work in a process alone (1 thread, batch b): the gradient all-reduce "
         "(DDP; FSDP all-gathers each block's weights in forward and backward and reduce-scatters its "
