@@ -254,3 +254,27 @@ def test_encoder_has_no_cache_and_learned_positions_have_a_limit() -> None:
         tiny("encoder").new_cache(1, 4)
     with pytest.raises(ValueError, match="max_seq_len 64"):
         tiny("decoder")(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder"])
+def test_logits_at_gives_the_selected_rows_of_the_full_logits_and_their_gradients(arch: str) -> None:
+    torch.manual_seed(0)
+    head = "mlm" if arch == "encoder" else "lm"
+    config = ModelConfig(arch=arch, vocab_size=50, embed_dim=16, num_layers=2, num_heads=2, max_seq_len=12, head=head)
+    model = Transformer(config)
+    ids = torch.randint(0, 50, (3, 10))
+    at = torch.rand(3, 10) < 0.3
+    full = model(ids).logits[at]  # (N, V)
+    picked = model(ids, logits_at=at).logits
+    torch.testing.assert_close(picked, full)
+    grads = []
+    for logits in (model(ids).logits[at], model(ids, logits_at=at).logits):
+        model.zero_grad()
+        logits.logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    classifier = Transformer(ModelConfig(arch="encoder", vocab_size=50, embed_dim=16, num_layers=1, num_heads=2,
+                                         head="classification", num_labels=2))  # fmt: skip
+    with pytest.raises(ValueError, match="language-model head only"):
+        classifier(ids, logits_at=at)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .heads import make_head
+from .heads import LMHead, MLMHead, make_head
 from .kv_cache import KVCache, ModelCache
 from .layers import RMSNorm, TransformerBlock, make_norm
 from .packing import Packing
@@ -339,8 +339,13 @@ class Transformer(nn.Module):
         encoder_hidden_states: Tensor | None = None,
         cache: ModelCache | None = None,
         need_weights: bool = False,
+        logits_at: Tensor | None = None,
     ) -> ModelOutput:
         """One forward pass.
+
+        ``logits_at`` (B, T) bool, for language-model heads: the head runs only at these positions
+        and ``logits`` is (N, V), N of them in row order — a loss over a few positions (an SFT
+        answer, masked-LM targets) then skips the vocabulary projection of all the others.
 
         Decoder or encoder: ``input_ids`` (B, T) (or ``inputs_embeds`` (B, T, E)) with
         ``attention_mask`` (B, S) True/1 = real token (S includes cached positions).
@@ -406,7 +411,12 @@ class Transformer(nn.Module):
             head_mask = attention_mask
         if head_mask is not None and head_mask.dim() == 2 and head_mask.shape[1] != hidden.shape[1]:
             head_mask = head_mask[:, -hidden.shape[1] :]  # with a cache: the mask of the new positions
-        logits = self.head(hidden, head_mask) if self.head is not None else None
+        if logits_at is not None:
+            if not isinstance(self.head, LMHead | MLMHead):
+                raise ValueError("logits_at selects positions for a language-model head only")
+            logits = self.head(hidden[:, -logits_at.shape[1] :][logits_at])  # (N, V)
+        else:
+            logits = self.head(hidden, head_mask) if self.head is not None else None
         if encoder_weights is not None and weights is not None:
             weights = encoder_weights + weights
         return ModelOutput(

@@ -102,8 +102,10 @@ class MaskedLM:
         self.bytes_per_token = bytes_per_token
 
     def __call__(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
-        out = model(batch["input_ids"], **model_inputs(batch, "attention_mask", "token_type_ids"))
-        return token_cross_entropy(out.logits, batch["labels"], bytes_per_token=self.bytes_per_token)
+        counted = batch["labels"] != IGNORE_INDEX  # the masked positions: the head runs there only
+        inputs = model_inputs(batch, "attention_mask", "token_type_ids")
+        out = model(batch["input_ids"], **inputs, logits_at=counted)
+        return token_cross_entropy(out.logits, batch["labels"][counted], bytes_per_token=self.bytes_per_token)
 
     def __repr__(self) -> str:
         return "MaskedLM()"

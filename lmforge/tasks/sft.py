@@ -279,8 +279,11 @@ class SFTTask(Task):
         return batch
 
     def objective(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
-        out = model(batch["input_ids"], **model_inputs(batch, "attention_mask", "position_ids"))
-        return token_cross_entropy(out.logits, batch["labels"])
+        # The LM head (a vocabulary-wide projection) runs on the answer's positions only.
+        counted = batch["labels"] != IGNORE_INDEX
+        inputs = model_inputs(batch, "attention_mask", "position_ids")
+        out = model(batch["input_ids"], **inputs, logits_at=counted)
+        return token_cross_entropy(out.logits, batch["labels"][counted])
 
     def evaluate(
         self, model: nn.Module, examples: Sequence[PromptExample], *, batch_size: int = 32, final: bool = True
