@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="LoRA SFT time budget")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps (the schedule's length)")
     parser.add_argument("--train_per_intent", type=int, default=64)
+    parser.add_argument("--train_oos", type=int, default=100, help="out-of-scope training rows (the split has 100)")
     parser.add_argument("--test_per_intent", type=int, default=6)
     parser.add_argument("--zero_shot_examples", type=int, default=150)
     parser.add_argument("--out", type=Path, default=Path("runs/smollm2-clinc150-lora"))
@@ -123,7 +124,7 @@ def main() -> None:
     names = (DATA / "labels.txt").read_text().split()
     test_oos = max(1, round(args.test_per_intent * 1000 / 30))  # the test split: 30 per intent, 1,000 oos
     test = balanced(read("test", names), args.test_per_intent, test_oos, seed=0)
-    train = balanced(read("train", names), args.train_per_intent, args.train_per_intent, seed=0)
+    train = balanced(read("train", names), args.train_per_intent, args.train_oos, seed=0)
     validation = balanced(read("validation", names), 1, 1, seed=0)
 
     start, cpu = time.perf_counter(), cpu_seconds()
