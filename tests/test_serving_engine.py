@@ -174,3 +174,30 @@ def test_the_engine_thread_serves_and_drains(tokenizer) -> None:
     assert [h.result(0).token_ids for h in handles] == [alone(model, p, 16) for p in ids]
     with pytest.raises(LMForgeError, match="shutting down"):
         engine.submit(Request(ids[0], 4))
+
+
+@pytest.mark.parametrize("position", ["rope", "learned", "alibi"])
+def test_prompts_that_start_alike_reuse_the_prefix_and_give_the_same_tokens(tokenizer, position: str) -> None:
+    model = tiny_decoder(tokenizer.vocab_size, position=position)
+    add_adapter(model, "a", "lora", seed=1)
+    header = prompts(model.config.vocab_size, [20], seed=7)[0]  # a shared "system prompt"
+    tails = prompts(model.config.vocab_size, [3, 9, 1, 14], seed=8)
+    ids = [header + tail for tail in tails] + [header, header[:12]]
+    names = [None, None, "a", None, "a", None]
+    engine = Engine(model, tokenizer, max_batch=3)
+    got = run_staggered(engine, [Request(p, 8, adapter=n) for p, n in zip(ids, names, strict=True)])
+    assert got == [alone(model, p, 8, n) for p, n in zip(ids, names, strict=True)]
+    # reused: the 2nd and 4th take the header from the 1st (20 each); the 5th ("a") finds it in
+    # the 3rd's, capped at all but its last token (19); the 6th, 12 long, takes 11
+    assert engine.snapshot().prefix_tokens_reused == 20 + 20 + 19 + 11
+    off = Engine(model, tokenizer, max_batch=3, prefix_cache=0)
+    assert run_staggered(off, [Request(p, 8) for p in ids[:2]]) == got[:2]
+    assert off.snapshot().prefix_tokens_reused == 0
+
+
+def test_the_prefix_store_keeps_at_most_its_positions(tokenizer) -> None:
+    model = tiny_decoder(tokenizer.vocab_size)
+    engine = Engine(model, tokenizer, max_batch=2, prefix_cache=40)
+    for prompt in prompts(model.config.vocab_size, [15, 15, 15, 15], seed=9):
+        run_staggered(engine, [Request(prompt, 2)])
+    assert sum(len(ids) for _, ids in engine._prefixes) <= 40 and len(engine._prefixes) == 2

@@ -17,6 +17,7 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     max_batch: int = 16,
+    prefix_cache: int = 4096,
     max_context: int | None = None,
     max_tokens: int = 1024,
     max_body_bytes: int = 1 << 20,
@@ -45,6 +46,9 @@ def serve(
         port: the port to listen on.
         api_key: require "Authorization: Bearer KEY" (default: $LMFORGE_API_KEY, or none).
         max_batch: requests decoded together (key/value cache slots).
+        prefix_cache: prompt positions whose keys/values are kept, so a prompt that starts like an
+            earlier one (the chat template's header, a shared system prompt) prefills only the
+            rest; 0 turns it off.
         max_context: positions one request may hold, prompt included (default: the model's
             context; at most 2048 for a model without a position table).
         max_tokens: the most new tokens a request may ask for.
@@ -64,6 +68,7 @@ def serve(
         port=port,
         api_key=api_key or os.environ.get("LMFORGE_API_KEY") or None,
         max_batch=max_batch,
+        prefix_cache=prefix_cache,
         max_context=max_context,
         max_tokens=max_tokens,
         max_body_bytes=max_body_bytes,

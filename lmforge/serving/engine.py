@@ -11,7 +11,11 @@ row of the key/value cache (:mod:`lmforge.serving.slots`) and decodes at its own
 mask hides, per row, the cache positions past its own length, and position ids are per row, so
 every row computes what it would compute alone (greedy decoding gives the same tokens; a test
 holds it to that). Prompts are prefilled one request at a time (up to a token budget per step,
-so the running requests keep streaming while a burst arrives).
+so the running requests keep streaming while a burst arrives). A prompt that starts like one
+prefilled before — the chat template's header and a shared system prompt, typically — takes that
+prefix's keys and values from a small store and prefills only the rest (automatic prefix caching,
+as vLLM and llama.cpp's server do): the keys and values of the first n positions depend on those
+n tokens (and the adapter) alone, so they are the same numbers either way.
 
 Several LoRA adapters on one base are decoded in the same batch: each row names its adapter and
 :func:`lmforge.peft.route_rows` sends it through that adapter in every adapted layer. For LoRA
@@ -31,7 +35,7 @@ import itertools
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +55,7 @@ from .slots import SlotCache
 
 DEFAULT_MAX_CONTEXT = 2048  # positions per request when the model has no position table
 DECODE_CONTEXT = 8  # prompt ids given to the incremental decoder as left context
+MIN_PREFIX = 8  # the shortest stored prefix worth copying instead of computing
 
 
 @dataclass
@@ -172,6 +177,7 @@ class EngineStats:
     steps: int = 0
     batch_rows: int = 0  # rows decoded over all steps (batch_rows / steps: the mean batch)
     cancelled: int = 0
+    prefix_tokens_reused: int = 0  # prompt positions taken from the prefix store, not computed
     history: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens) of recent steps
 
 
@@ -190,6 +196,10 @@ class Engine:
             model's context for a position table, else min(its max_seq_len, 2048)).
         prefill_budget: prompt tokens prefilled per step before the running requests decode
             again (at least one prompt per step).
+        prefix_cache: prompt positions whose keys/values are kept (the most recent prompts',
+            at most this many positions in all) so a later prompt that starts the same way
+            reuses them; 0 = off. Memory: positions × layers × 2 × kv heads × head dim × 4 bytes
+            (fp32), e.g. 4,096 positions of SmolLM2-135M take 189 MB.
         log: receives a line about anything noteworthy (a failed step).
 
     Raises:
@@ -205,6 +215,7 @@ class Engine:
         max_batch: int = 16,
         max_context: int | None = None,
         prefill_budget: int = 512,
+        prefix_cache: int = 4096,
         log: Log = silent,
     ) -> None:
         check_model(model)
@@ -249,6 +260,11 @@ class Engine:
             device=parameter.device,
         )
         self.stats = EngineStats(slots=max_batch)
+        self.prefix_cache = max(prefix_cache, 0)
+        # (adapter, prompt ids) -> per layer (keys, values) of the prompt's positions; newest last
+        self._prefixes: OrderedDict[tuple[str | None, tuple[int, ...]], list[tuple[Tensor, Tensor]]] = (
+            OrderedDict()
+        )
         self._waiting: deque[Handle] = deque()
         self._running: list[_Sequence] = []  # index = slot
         self._lock = threading.Condition()
@@ -373,15 +389,46 @@ class Engine:
         slot = len(self._running)
         prompt = len(request.prompt_ids)
         self.cache.reserve(prompt)
-        views = self.cache.prefill_views(slot)
-        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)  # (1, P)
+        reused = self._reuse_prefix(slot, adapter, request.prompt_ids)
+        views = self.cache.prefill_views(slot, past=reused)
+        ids = torch.tensor([request.prompt_ids[reused:]], dtype=torch.long, device=self.device)  # (1, P − reused)
         with self._routes([adapter]):
             logits = last_logits(self.model, ids, None, None, views, None, None, None)  # (1, V)
-        self.cache.advance(slot, prompt)
+        self.cache.advance(slot, prompt - reused)
+        self._keep_prefix(slot, adapter, request.prompt_ids)
         self._running.append(seq)
         self.stats.prompt_tokens += prompt
+        self.stats.prefix_tokens_reused += reused
         if self._take(seq, logits[0]):
             self._free([slot])
+
+    def _reuse_prefix(self, slot: int, adapter: str | None, prompt: list[int]) -> int:
+        """Copy the longest stored prefix of ``prompt`` (same adapter; at least MIN_PREFIX
+        positions, at most all but the last token, whose logits are needed) into ``slot``;
+        returns its length (0: none)."""
+        best, found = 0, None
+        for (name, ids), kv in self._prefixes.items():
+            if name != adapter:
+                continue
+            n = common_prefix(ids, prompt, limit=len(prompt) - 1)
+            if n > best:
+                best, found = n, ((name, ids), kv)
+        if found is None or best < MIN_PREFIX:
+            return 0
+        self._prefixes.move_to_end(found[0])
+        self.cache.write_prefix(slot, found[1], best)
+        return best
+
+    def _keep_prefix(self, slot: int, adapter: str | None, prompt: list[int]) -> None:
+        """Store ``slot``'s prompt keys/values for later prompts (the oldest entries leave when
+        the positions stored pass ``prefix_cache``)."""
+        kept = prompt[: self.prefix_cache]
+        key = (adapter, tuple(kept))
+        if len(kept) < MIN_PREFIX or key in self._prefixes:
+            return
+        self._prefixes[key] = self.cache.read_prefix(slot, len(kept))
+        while sum(len(ids) for _, ids in self._prefixes) > self.prefix_cache:
+            self._prefixes.popitem(last=False)
 
     def _decode(self) -> None:
         active = len(self._running)
@@ -503,6 +550,15 @@ class Engine:
         else:
             while not self.idle:
                 self.step()
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], *, limit: int) -> int:
+    """How many leading ids ``a`` and ``b`` share (at most ``limit``)."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _cut_at_stop(seq: _Sequence, stops: Sequence[str]) -> bool:

@@ -333,6 +333,7 @@ class App:
             values = {
                 "lmforge_generated_tokens_total": stats.generated_tokens,
                 "lmforge_prompt_tokens_total": stats.prompt_tokens,
+                "lmforge_prefix_tokens_reused_total": stats.prefix_tokens_reused,
                 "lmforge_finished_requests_total": stats.requests_finished,
                 "lmforge_cancelled_requests_total": stats.cancelled,
                 "lmforge_decode_steps_total": stats.steps,

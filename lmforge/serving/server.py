@@ -46,6 +46,7 @@ class ServeOptions:
     port: int = 8000
     api_key: str | None = None
     max_batch: int = 16  # requests decoded together (key/value cache slots)
+    prefix_cache: int = 4096  # prompt positions kept for reuse by prompts that start alike (0 = off)
     max_context: int | None = (
         None  # positions per request (default: the model's, at most 2048 without a table)
     )
@@ -112,7 +113,12 @@ def build_app(options: ServeOptions, *, log: Log = silent) -> App:
         return App(service=None, classify=classify, model_name=name, limits=limits, log=log)
     run = load_with_adapters(options.model, options.adapters, device=device)
     engine = Engine(
-        run.model, run.tokenizer, max_batch=options.max_batch, max_context=options.max_context, log=log
+        run.model,
+        run.tokenizer,
+        max_batch=options.max_batch,
+        max_context=options.max_context,
+        prefix_cache=options.prefix_cache,
+        log=log,
     )
     try:
         template = template_for(run.tokenizer, options.chat_template)

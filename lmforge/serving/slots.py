@@ -27,7 +27,8 @@ GROWTH = 256  # positions added to every slot's buffer when the longest request 
 class SlotView:
     """What one attention layer sees of a :class:`SlotCache` during one forward pass.
 
-    Prefill (one row, ``T`` prompt tokens): keys are written at positions ``0 … T−1`` of that row.
+    Prefill (one row, ``T`` prompt tokens after ``past`` positions already there, e.g. a shared
+    prefix copied in): keys are written at positions ``past … past+T−1`` of that row.
     Decode (the first ``B`` rows, one token each): row b's key is written at position
     ``lengths[b]``; the keys returned cover positions ``0 … max(lengths)`` of the ``B`` rows (a
     row's positions past its own length are stale and must be masked by the caller).
@@ -48,11 +49,11 @@ class SlotView:
 
     def update(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Write the new keys/values (B, Hkv, T, D); return the keys/values to attend to (B, Hkv, S, D)."""
-        if self.rows is None:  # prefill: T tokens from position 0 of one slot
+        if self.rows is None:  # prefill: T tokens of one slot, after its `length` positions
             new = keys.shape[2]
-            self.keys.narrow(2, 0, new).copy_(keys)
-            self.values.narrow(2, 0, new).copy_(values)
-            self.length = new
+            self.keys.narrow(2, self.length, new).copy_(keys)
+            self.values.narrow(2, self.length, new).copy_(values)
+            self.length += new
         else:  # one token per row, each at its own position
             assert self.lengths is not None and keys.shape[2] == 1
             self.keys[self.rows, :, self.lengths] = keys[:, :, 0]  # (B, Hkv, D) at (row, ·, position)
@@ -126,13 +127,28 @@ class SlotCache:
             grown_values.append(values)
         self.keys, self.values, self.capacity = grown_keys, grown_values, capacity
 
-    def prefill_views(self, slot: int) -> list[SlotView]:
-        """Views that write a prompt into ``slot`` from position 0 (its old content is dropped)."""
-        self.lengths[slot] = 0
+    def prefill_views(self, slot: int, *, past: int = 0) -> list[SlotView]:
+        """Views that write a prompt into ``slot`` after its first ``past`` positions (0: its old
+        content is dropped; more: a prefix put there by :meth:`write_prefix`)."""
+        self.lengths[slot] = past
         return [
-            SlotView(k.narrow(0, slot, 1), v.narrow(0, slot, 1), None, None, 0)
+            SlotView(k.narrow(0, slot, 1), v.narrow(0, slot, 1), None, None, past)
             for k, v in zip(self.keys, self.values, strict=True)
         ]
+
+    def read_prefix(self, slot: int, length: int) -> list[tuple[Tensor, Tensor]]:
+        """A copy of the first ``length`` positions of ``slot``: per layer (keys, values), each
+        (Hkv, length, D)."""
+        return [
+            (k[slot, :, :length].clone(), v[slot, :, :length].clone())
+            for k, v in zip(self.keys, self.values, strict=True)
+        ]
+
+    def write_prefix(self, slot: int, prefix: list[tuple[Tensor, Tensor]], length: int) -> None:
+        """Put the first ``length`` positions of a :meth:`read_prefix` copy into ``slot``."""
+        for (keys, values), (k, v) in zip(prefix, zip(self.keys, self.values, strict=True), strict=True):
+            k[slot, :, :length] = keys[:, :length]
+            v[slot, :, :length] = values[:, :length]
 
     def decode_views(self, active: int) -> tuple[list[SlotView], Tensor, Tensor | None]:
         """Views for one decoding step of slots ``0 … active−1`` (one new token each).
