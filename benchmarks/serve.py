@@ -9,6 +9,8 @@ answer over HTTP (SSE), timing its first token and the tokens after it. Reported
 throughput (generated tokens per second of wall time over all clients), p50/p95 time to first
 token, p50/p95 per-token latency (the time between a request's first and last token over its
 tokens after the first), and the server process's CPU seconds (from /proc, its own threads only).
+The server reuses the keys/values of a prompt's start seen before (the chat template's header:
+automatic prefix caching); a last row serves the 16 clients again with ``--prefix_cache 0``.
 The baseline: transformers loads the same GGUF file and runs ``generate`` on each request alone,
 in a process of its own, with the same thread count. Both sides fp32 on identical weights; the
 texts are compared (greedy: they should agree, ties aside).
@@ -165,11 +167,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, *, prefix_cache: bool = True) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     command = [sys.executable, "-m", "lmforge", "serve", "--model", str(args.model), "--name", "smollm2",
                "--port", str(port), "--max_batch", str(max(CLIENTS)), "--max_tokens", str(args.max_tokens)]  # fmt: skip
+    if not prefix_cache:
+        command += ["--prefix_cache", "0"]
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -210,6 +214,18 @@ def main() -> None:
     finally:
         process.terminate()
         process.wait(120)
+    # The same 16 clients once more with the prefix cache off: what reusing the shared chat
+    # header's keys/values (instead of prefilling every prompt whole) is worth.
+    process, url = start_server(args, prefix_cache=False)
+    try:
+        stream_one(url, prompts[0], 4)
+        uncached = serve_level(url, process.pid, prompts, max(CLIENTS), args.max_tokens)
+        uncached["label"] = "lmforge serve, prefix cache off"
+        print(f"lmforge, {max(CLIENTS)} clients, prefix cache off: {uncached['wall']:.1f} s", flush=True)
+    finally:
+        process.terminate()
+        process.wait(120)
+    levels.append(uncached)
     done = subprocess.run(
         [sys.executable, "-c", BASELINE, str(args.threads), str(args.model), str(args.max_tokens)],
         input=json.dumps(prompts), capture_output=True, text=True, check=False,
@@ -243,12 +259,12 @@ def report(args: argparse.Namespace, levels: list[dict], baseline: dict) -> None
         ttft = [a["ttft"] for a in answers]
         per_token = [a["per_token"] * 1000 for a in answers if a["per_token"] is not None]
         rows.append(
-            f"| lmforge serve | {level['clients']} | {tokens} | {level['wall']:.1f} | {rate:.1f} | "
+            f"| {level.get('label', 'lmforge serve')} | {level['clients']} | {tokens} | {level['wall']:.1f} | {rate:.1f} | "
             f"{rate / single:.2f}× | {rate / hf_rate:.2f}× | {level['cpu']:.1f} | {tokens / level['cpu']:.1f} | "
             f"{percentile(ttft, 0.5):.2f} / {percentile(ttft, 0.95):.2f} | "
             f"{percentile(per_token, 0.5):.0f} / {percentile(per_token, 0.95):.0f} |"
         )
-        if level["clients"] == max(CLIENTS):
+        if level["clients"] == max(CLIENTS) and "label" not in level:
             same = sum(a["text"] == b for a, b in zip(answers, baseline["texts"], strict=True))
     consistent = all(
         [a["text"] for a in level["answers"]] == [a["text"] for a in levels[0]["answers"]] for level in levels
