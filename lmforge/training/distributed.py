@@ -80,12 +80,18 @@ def _peer_lost(err: BaseException) -> PeerLost:
     return PeerLost(f"another process of this job stopped ({short_reason(err)})")
 
 
+PEER_GONE = re.compile(r"Connection (?:reset|closed|refused)[a-z ]*|Broken pipe|[Tt]imed out|NCCL error[^.]*")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another rank is gone (not a bug here)."""
+    return isinstance(err, PeerLost | dist.DistError) or bool(PEER_GONE.search(str(err)))
+
+
 def short_reason(err: BaseException) -> str:
     """What a failed collective says, in a few words (gloo's and NCCL's messages run long)."""
     text = str(err).strip()
-    found = re.search(
-        r"Connection (?:reset|closed|refused)[a-z ]*|Broken pipe|[Tt]imed out|NCCL error[^.]*", text
-    )
+    found = PEER_GONE.search(text)
     if found:
         return found.group(0).strip()
     return text.splitlines()[0][:160] if text else type(err).__name__
@@ -101,6 +107,13 @@ def all_sum(values: Sequence[float]) -> list[float]:
     except (RuntimeError, dist.DistError) as err:
         raise _peer_lost(err) from None
     return tensor.tolist()
+
+
+def sum_totals(a: float, b: float, named: dict[str, float]) -> tuple[float, float, dict[str, float]]:
+    """Two totals and a dict of named ones (the same keys on every rank), summed over all ranks."""
+    keys = sorted(named)
+    first, second, *rest = all_sum([a, b, *(named[k] for k in keys)])
+    return first, second, dict(zip(keys, rest, strict=True))
 
 
 def any_rank(flag: bool) -> bool:

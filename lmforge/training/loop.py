@@ -11,6 +11,11 @@ cosine schedule) with the callback hooks of Hugging Face's ``Trainer``.
 Gradient accumulation normalizes by the number of targets of the whole window, counted before
 the first backward, so k micro-batches give the gradient of one batch k times as large — exactly,
 even when micro-batches hold different numbers of targets (padding, masked-LM selections).
+
+Under torchrun the same loop runs on every rank (:mod:`lmforge.training.distributed`): the window's
+targets are counted over all ranks, gradients sync on the window's last micro-batch only, and the
+step's metrics and the decision to stop are shared, so a job of N ranks × batch b computes what
+one process with batch N·b would.
 """
 
 from __future__ import annotations
@@ -244,10 +249,14 @@ class Trainer:
                 step = self.state.step
                 if config.eval_every and step % config.eval_every == 0:
                     self._evaluate_and_report()
-                out_of_time = config.max_minutes is not None and self.state.train_time_s >= 60 * config.max_minutes
+                out_of_time = (
+                    config.max_minutes is not None and self.state.train_time_s >= 60 * config.max_minutes
+                )
                 interrupted = self._interrupt_requested
                 if self.distributed:  # every rank stops at the same step: one vote
-                    out_of_time, interrupted = (v > 0 for v in distributed.all_sum([out_of_time, interrupted]))
+                    out_of_time, interrupted = (
+                        v > 0 for v in distributed.all_sum([out_of_time, interrupted])
+                    )
                 if out_of_time:
                     self.state.should_stop = True
                     self.state.stop_reason = f"time limit of {config.max_minutes:g} minutes reached"
@@ -310,9 +319,8 @@ class Trainer:
         finally:
             self.model.train(was_training)
         if self.distributed:  # each rank's share (or the same whole on every rank): summed
-            keys = sorted(metric_sums)
-            loss_sum, targets_f, *sums = distributed.all_sum([loss_sum, targets, *(metric_sums[k] for k in keys)])
-            targets, metric_sums = int(targets_f), dict(zip(keys, sums, strict=True))
+            loss_sum, total, metric_sums = distributed.sum_totals(loss_sum, targets, metric_sums)
+            targets = int(total)
         if targets == 0:
             raise LMForgeError("the validation data has no targets to evaluate on")
         loss = loss_sum / targets
@@ -386,10 +394,12 @@ class Trainer:
         try:
             return self._train_step()
         except (RuntimeError, distributed.PeerLost) as err:
-            if not self.distributed:
-                raise
-            reason = str(err) if isinstance(err, distributed.PeerLost) else (
-                f"another process of this job stopped ({distributed.short_reason(err)})"
+            if not self.distributed or not distributed.lost_peer(err):
+                raise  # a bug or a bad batch, not a lost peer: as it is
+            reason = (
+                str(err)
+                if isinstance(err, distributed.PeerLost)
+                else (f"another process of this job stopped ({distributed.short_reason(err)})")
             )
             saved = f"step {self._last_saved_step}" if self._last_saved_step > 0 else "none yet"
             raise distributed.PeerLost(
@@ -435,9 +445,8 @@ class Trainer:
         self.state.step += 1
         tokens = sum(_count_tokens(b) for b in batches)
         if self.distributed:  # the step's loss, metrics and tokens over all ranks
-            keys = sorted(metric_sums)
-            loss_sum, tokens_f, *sums = distributed.all_sum([loss_sum, tokens, *(metric_sums[k] for k in keys)])
-            tokens, metric_sums = int(tokens_f), dict(zip(keys, sums, strict=True))
+            loss_sum, total, metric_sums = distributed.sum_totals(loss_sum, tokens, metric_sums)
+            tokens = int(total)
         self.state.tokens_seen += tokens
         loss = loss_sum / window_targets
         self.state.last_loss = loss
