@@ -24,7 +24,6 @@ def silent(line: str) -> None:
     """The default ``log``: says nothing."""
 
 
-
 @contextlib.contextmanager
 def job_output_folder(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
     """:func:`lmforge.files.output_folder` for every process of a job: the writer (rank 0)

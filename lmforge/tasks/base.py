@@ -479,11 +479,12 @@ class TaskEvaluation(Callback):
                     if p.requires_grad
                 }
         shown = f"{value:.4f}" if value is not None else "n/a"
-        tqdm.write(
-            f"step {step}: validation {self.task.main_metric} {shown}"
-            + (" (best so far)" if improved else ""),
-            file=sys.stderr,
-        )
+        if getattr(trainer, "writer", True):  # in a job, rank 0 alone says it
+            tqdm.write(
+                f"step {step}: validation {self.task.main_metric} {shown}"
+                + (" (best so far)" if improved else ""),
+                file=sys.stderr,
+            )
 
     def restore_best(self, model: nn.Module) -> bool:
         """Copy the best weights back into ``model``; False when there is nothing to restore."""
