@@ -9,8 +9,8 @@ module four things:
   device: every rank holds it whole and gradients are averaged) or FSDP2's ``fully_shard`` (each
   transformer block's parameters, gradients and AdamW state sharded across the ranks, gathered
   block by block in forward and backward), after nanoGPT's ``train.py`` and torchtitan;
-- **sum across ranks**: :func:`all_sum` and :func:`any_rank` (targets of an accumulation window,
-  the step's metrics, a vote to stop);
+- **sum across ranks**: :func:`all_sum` and :func:`sum_totals` (targets of an accumulation
+  window, the step's metrics, a vote to stop);
 - **sharded checkpoints**: :func:`save_sharded` / :func:`load_sharded` write and read an FSDP
   run's weights and optimizer state with ``torch.distributed.checkpoint`` (each rank its shards,
   into one folder); :func:`gather_full` consolidates the weights into plain tensors.
@@ -101,7 +101,9 @@ def all_sum(values: Sequence[float]) -> list[float]:
     """Element-wise sums of ``values`` over all ranks (the values themselves when alone)."""
     if not active():
         return list(values)
-    tensor = torch.tensor(list(values), dtype=torch.float64)
+    on_gpu = dist.get_backend() == "nccl"  # NCCL reduces tensors on this rank's GPU only
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
     try:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     except (RuntimeError, dist.DistError) as err:
@@ -114,11 +116,6 @@ def sum_totals(a: float, b: float, named: dict[str, float]) -> tuple[float, floa
     keys = sorted(named)
     first, second, *rest = all_sum([a, b, *(named[k] for k in keys)])
     return first, second, dict(zip(keys, rest, strict=True))
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on at least one (a vote to stop)."""
-    return bool(all_sum([float(flag)])[0] > 0) if active() else flag
 
 
 def broadcast(value: Any) -> Any:
@@ -233,12 +230,6 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return float(total)
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A sharded (DTensor) parameter gathered whole (a collective: every rank calls it); a plain
-    tensor as it is."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 # ---- sharded checkpoints (FSDP) ---------------------------------------------------------------
