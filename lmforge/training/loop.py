@@ -44,6 +44,7 @@ from ..runtime import is_writer, resolve_device, world_size
 from . import distributed
 from .callbacks import Callback, EarlyStopping, JSONLLogger, ProgressBar, TensorBoardLogger, WandbLogger
 from .checkpoint import (
+    latest_checkpoint,
     load_checkpoint,
     release_weights,
     remove_leftovers,
@@ -236,7 +237,7 @@ class Trainer:
                     time.process_time(),
                     self.state.tokens_seen,
                 )
-                metrics = self._step_or_stop()
+                metrics = self._train_step()
                 seconds = time.perf_counter() - start
                 self.state.train_time_s += seconds
                 self.state.train_cpu_s += time.process_time() - cpu_start
@@ -271,6 +272,10 @@ class Trainer:
                     (config.save_every and step % config.save_every == 0) or last
                 ):
                     self.save()
+        except (RuntimeError, distributed.PeerLost) as err:
+            if not self.distributed or not distributed.lost_peer(err):
+                raise  # a bug or a bad batch, not a lost peer: as it is
+            raise self._lost(err) from None
         finally:
             restore_signals()
             self._call("on_train_end")
@@ -389,23 +394,21 @@ class Trainer:
 
     # ---- the step ------------------------------------------------------------------------------
 
-    def _step_or_stop(self) -> dict[str, float]:
-        """One step; in a job, a rank that lost a peer stops with one line saying what to do."""
-        try:
-            return self._train_step()
-        except (RuntimeError, distributed.PeerLost) as err:
-            if not self.distributed or not distributed.lost_peer(err):
-                raise  # a bug or a bad batch, not a lost peer: as it is
-            reason = (
-                str(err)
-                if isinstance(err, distributed.PeerLost)
-                else (f"another process of this job stopped ({distributed.short_reason(err)})")
-            )
-            saved = f"step {self._last_saved_step}" if self._last_saved_step > 0 else "none yet"
-            raise distributed.PeerLost(
-                f"{reason} at step {self.state.step + 1}; the last checkpoint is {saved}: "
-                "run the same command with --resume to continue"
-            ) from None
+    def _lost(self, err: Exception) -> distributed.PeerLost:
+        """The one line a rank stops with when a peer is gone (a collective failed in a step, an
+        evaluation or a save): where, and how to go on."""
+        reason = (
+            str(err)
+            if isinstance(err, distributed.PeerLost)
+            else (f"another process of this job stopped ({distributed.short_reason(err)})")
+        )
+        # Read from the folder: a save the lost peer interrupted may or may not have completed.
+        latest = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+        saved = f"step {int(latest.name.removeprefix('step-'))}" if latest is not None else "none yet"
+        return distributed.PeerLost(
+            f"{reason} at step {self.state.step + 1}; the last checkpoint is {saved}: "
+            "run the same command with --resume to continue"
+        )
 
     def _train_step(self) -> dict[str, float]:
         config = self.config
