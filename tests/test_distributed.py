@@ -147,6 +147,21 @@ def test_fsdp_pretraining_gives_the_numbers_of_one_process(alone: Path, text: Pa
     assert more.returncode == 2 and "sharded (FSDP): resume it under torchrun" in more.stderr
 
 
+def test_a_job_refuses_an_occupied_folder_on_every_rank_and_touches_nothing(
+    text: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "occupied"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    result = lmforge_cli(pretrain_args(text, out, batch=4), nproc=2)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lmforge: error: ")]
+    # rank 0 decides and says why; rank 1 raises the same line (unless torchrun stopped it first)
+    assert any(line.startswith("lmforge: error: [rank 0] ") for line in errors), result.stderr[-2000:]
+    assert all("not empty" in line and "--overwrite" in line for line in errors), errors
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # nothing written, nothing removed
+
+
 def test_fsdp_mixed_precision_trains_in_bf16_near_fp32(alone: Path, text: Path, tmp_path: Path) -> None:
     out = tmp_path / "bf16"
     args = [*pretrain_args(text, out, batch=4), "--train.strategy", "fsdp", "--train.precision", "bf16"]
