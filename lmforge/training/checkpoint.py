@@ -13,6 +13,11 @@ run directory's top-level ``model.safetensors`` (a hard link, no copy) and ``tra
 (or the adapter files) are replaced atomically, so ``lmforge.load(RUN_DIR)`` always sees the
 newest complete weights, from the first checkpoint on.
 
+An FSDP job (:mod:`lmforge.training.distributed`) saves sharded checkpoints instead:
+``step-N/sharded/`` holds every rank's shards of the weights and optimizer state
+(``torch.distributed.checkpoint``), written into the writer's temporary folder and committed with
+the same rename; the whole weights reach the top of the run directory when training ends.
+
 Exact resume restores the python, numpy and torch (CPU and CUDA) random states and the batch
 source's position (``state_dict()`` / ``load_state_dict()``), after the approach of Hugging Face
 ``Trainer._save_rng_state`` and torchtitan's checkpointer.
