@@ -132,3 +132,30 @@ def test_nothing_to_draw_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["viz", "run"]) == 2
     err = capsys.readouterr().err
     assert "run directory not found" in err and err.count("\n") == 2
+
+
+def test_viz_run_draws_each_continual_strategys_accuracy_matrix(tmp_path: Path) -> None:
+    """A folder written by lmforge continual (results.json): one heatmap of R per strategy."""
+    from lmforge.continual.report import write_tables
+    from lmforge.viz.curves import accuracy_matrix_figure
+
+    tasks = ["banking", "travel", "home"]
+
+    def result(strategy: str, rows: list[list[float]]) -> dict:
+        summary = {"average_accuracy": sum(rows[-1]) / 3, "bwt": None, "fwt": None, "forgetting": None}
+        stages = [{"train_time_s": 1.0} for _ in rows]
+        return {"strategy": strategy, "tasks": tasks, "rows": rows, "initial": [0.3, 0.3, 0.3],
+                "summary": summary, "stages": stages}  # fmt: skip
+
+    naive = result("naive", [[0.9, 0.3, 0.35], [0.2, 0.8, 0.3], [0.1, 0.3, 0.9]])
+    joint = result("joint", [[0.85, 0.8, 0.9]])
+    folder = tmp_path / "continual"
+    write_tables(folder, [naive, joint], title="three domains")
+    assert (folder / "R_naive.png").is_file() and (folder / "R_joint.png").is_file()  # the report's own
+    record = read_run(folder)
+    assert [r["strategy"] for r in record.continual] == ["naive", "joint"]
+    shown = np.asarray(accuracy_matrix_figure(naive).axes[0].images[0].get_array())
+    np.testing.assert_allclose(shown, 100 * np.array(naive["rows"]))  # in percent, row by row
+    figures = run_figures([folder], out=tmp_path / "viz").figures
+    assert sorted(p.name for p in figures) == ["R-joint.png", "R-naive.png"]
+    assert png_pixels(figures[0]).shape != png_pixels(figures[1]).shape  # 1 row (joint) against 3

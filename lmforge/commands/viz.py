@@ -36,12 +36,13 @@ def viz_attention(
 
 def viz_run(runs: list[Path], *, out: Path | None = None) -> int:
     """Draw what run folders recorded: training curves (several runs overlaid), AdaLoRA ranks,
-    confusion matrices, and an index.html showing them.
+    confusion matrices, continual-learning accuracy matrices, and an index.html showing them.
 
     curves.png: training and validation loss, the other validation metrics, the learning rate
     and tokens/s from each run's metrics.jsonl. adalora-ranks.png: the rank of every adapted
     matrix over the steps (adalora_ranks.json of an AdaLoRA run). confusion-SPLIT.png: from
-    eval-SPLIT.json written by lmforge eval.
+    eval-SPLIT.json written by lmforge eval. R-STRATEGY.png: each strategy's accuracy matrix
+    from the results.json of an lmforge continual output folder.
 
     Args:
         runs: one or more run directories.

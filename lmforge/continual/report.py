@@ -1,5 +1,5 @@
 """The results of a continual-learning run as files: one table of every strategy (Markdown, CSV,
-JSON) and a heatmap of each strategy's accuracy matrix R (PNG, when matplotlib is installed)."""
+JSON) and a heatmap of each strategy's accuracy matrix R (PNG, :mod:`lmforge.viz.curves`' figure)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import io
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write, atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text
+from ..viz.curves import accuracy_matrix_figure
+from ..viz.figures import save_png
 
 COLUMNS = (
     "strategy",
@@ -79,38 +81,10 @@ def write_tables(folder: Path, results: list[dict[str, Any]], *, title: str = ""
     written.append(atomic_write_text(folder / f"{TABLE_STEM}.csv", buffer.getvalue()))
     written.append(atomic_write_json(folder / f"{TABLE_STEM}.json", {"title": title, "strategies": results}))
     for result in results:
-        picture = heatmap(folder / f"R_{result['strategy']}.png", result)
-        if picture is not None:
-            written.append(picture)
+        written.append(heatmap(folder / f"R_{result['strategy']}.png", result))
     return written
 
 
-def heatmap(path: Path, result: dict[str, Any]) -> Path | None:
-    """A PNG heatmap of R (None when matplotlib is not installed)."""
-    try:
-        import matplotlib  # noqa: PLC0415  (optional dependency, not an lmforge import)
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-    except ImportError:
-        return None
-    rows, tasks = result["rows"], result["tasks"]
-    size = max(4.0, 0.6 * len(tasks) + 2)
-    figure, axes = plt.subplots(figsize=(size, max(2.5, 0.6 * len(rows) + 1.5)))
-    image = axes.imshow(
-        [[100 * v for v in row] for row in rows], vmin=0, vmax=100, cmap="viridis", aspect="auto"
-    )
-    axes.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
-    labels = ["joint"] if len(rows) == 1 and len(tasks) > 1 else tasks
-    axes.set_yticks(range(len(rows)), labels)
-    axes.set_xlabel("test task")
-    axes.set_ylabel("after training")
-    for i, row in enumerate(rows):
-        for j, value in enumerate(row):
-            axes.text(j, i, f"{100 * value:.0f}", ha="center", va="center", color="w", fontsize=7)
-    axes.set_title(f"accuracy matrix R: {result['strategy']}")
-    figure.colorbar(image, ax=axes, label="accuracy %")
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    plt.close(figure)
-    return path
+def heatmap(path: Path, result: dict[str, Any]) -> Path:
+    """A PNG heatmap of R (the figure ``lmforge viz run`` draws too)."""
+    return save_png(accuracy_matrix_figure(result), path)

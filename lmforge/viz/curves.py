@@ -1,6 +1,7 @@
 """What a run folder recorded, drawn: training curves (``metrics.jsonl``, several runs overlaid, in
-the manner of TensorBoard's scalars), AdaLoRA's rank allocation over time (``adalora_ranks.json``)
-and the confusion matrix of an evaluation (``eval-SPLIT.json`` of ``lmforge eval``).
+the manner of TensorBoard's scalars), AdaLoRA's rank allocation over time (``adalora_ranks.json``),
+the confusion matrix of an evaluation (``eval-SPLIT.json`` of ``lmforge eval``) and the accuracy
+matrix R of each continual-learning strategy (``results.json`` of ``lmforge continual``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ ADALORA_FILE = "adalora_ranks.json"
 # evaluation bookkeeping (counts, times) and perplexity (exp of the loss drawn beside): not drawn
 NOT_CURVES = {"eval_time_s", "eval_examples", "eval_labeled", "eval_batches", "eval_ppl"}
 SUMMARY_FILE = "finetune.json"  # a fine-tuned run's summary: names its main metric
+CONTINUAL_FILE = "results.json"  # lmforge continual's results: each strategy's accuracy matrix R
 
 
 @dataclass
@@ -34,6 +36,7 @@ class RunRecord:
     adalora: dict[str, Any] | None = None
     evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> eval-SPLIT.json
     main_metric: str | None = None  # the task's main metric (from finetune.json), e.g. "accuracy"
+    continual: list[dict[str, Any]] = field(default_factory=list)  # strategies of results.json
 
     @property
     def name(self) -> str:
@@ -79,8 +82,14 @@ def read_run(path: str | Path) -> RunRecord:
         value = json.loads(report.read_text(encoding="utf-8"))
         if isinstance(value, dict) and isinstance(value.get("metrics"), dict):
             record.evaluations[value.get("split") or report.stem.removeprefix("eval-")] = value
-    if not (record.steps or record.evals or record.adalora or record.evaluations):
-        raise LMForgeError(f"nothing to draw: no {METRICS_FILE}, {ADALORA_FILE} or eval-*.json here", file=path)
+    if (path / CONTINUAL_FILE).is_file():
+        value = json.loads((path / CONTINUAL_FILE).read_text(encoding="utf-8"))
+        strategies = value.get("strategies") if isinstance(value, dict) else None
+        record.continual = [r for r in strategies or [] if isinstance(r, dict) and r.get("rows")]
+    if not (record.steps or record.evals or record.adalora or record.evaluations or record.continual):
+        raise LMForgeError(
+            f"nothing to draw: no {METRICS_FILE}, {ADALORA_FILE}, eval-*.json or {CONTINUAL_FILE} here", file=path
+        )
     return record
 
 
@@ -196,6 +205,28 @@ def confusion_figure(run: RunRecord, split: str) -> Figure | None:
     return figure
 
 
+def accuracy_matrix_figure(result: dict[str, Any]) -> Figure:
+    """A continual-learning strategy's accuracy matrix R as a heatmap: row i after training task
+    i (one row for joint training), column j the test task, in percent."""
+    rows, tasks = result["rows"], result["tasks"]
+    values = np.array([[100 * v if v is not None else np.nan for v in row] for row in rows], dtype=float)
+    figure = new_figure(max(4.0, 0.6 * len(tasks) + 2), max(2.5, 0.6 * len(rows) + 1.5))
+    axes = figure.subplots()
+    image = axes.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    axes.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    axes.set_yticks(range(len(rows)), ["joint"] if len(rows) == 1 and len(tasks) > 1 else tasks[: len(rows)])
+    axes.set_xlabel("test task")
+    axes.set_ylabel("after training")
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            if not math.isnan(value):
+                axes.text(j, i, f"{value:.0f}", ha="center", va="center", color="w", fontsize=7)
+    axes.set_title(f"accuracy matrix R: {result['strategy']}")
+    figure.colorbar(image, ax=axes, label="accuracy %")
+    figure.tight_layout()
+    return figure
+
+
 def write_run_figures(runs: list[RunRecord], out: Path) -> list[tuple[str, Path, str]]:
     """Every figure the runs allow, as PNG files in ``out``: (section, file, caption) each."""
     written: list[tuple[str, Path, str]] = []
@@ -212,4 +243,9 @@ def write_run_figures(runs: list[RunRecord], out: Path) -> list[tuple[str, Path,
             if figure is not None:
                 written.append((f"evaluation: {run.name}", save_png(figure, out / f"{prefix}confusion-{split}.png"),
                                 f"confusion matrix, {split} split"))
+        for result in run.continual:
+            name = result["strategy"]
+            written.append((f"continual learning: {run.name}",
+                            save_png(accuracy_matrix_figure(result), out / f"{prefix}R-{name}.png"),
+                            f"accuracy matrix R of {name}: row i after training task i, column j the test task"))
     return written
