@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 import statistics
 from pathlib import Path
 
@@ -97,6 +98,13 @@ def test_report_holds_the_runs_numbers_and_a_rerun_reuses_them(setup: tuple[Path
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # not run again
     assert [r["method"] for r in read_csv(out / "report.csv")] == ["full", "lora", "bitfit"]
     assert "finished earlier, not run again" in "\n".join(lines)
+    # a run redone in the middle: the report still holds the finished runs after it
+    shutil.rmtree(out / "runs" / "full-seed1")
+    redone = compare(comparison(setup, ["full", "lora", "bitfit"], seeds=[0, 1]), out=out, isolate=False)
+    assert "full-seed1" not in redone.skipped and len(redone.records) == 6
+    assert [(r["method"], r["seed"]) for r in read_csv(out / "runs.csv")] == [
+        (m, s) for m in ("full", "lora", "bitfit") for s in ("0", "1")
+    ]
 
 
 def test_each_run_in_its_own_process_has_its_own_peak_memory(setup: tuple[Path, Path], tmp_path: Path) -> None:

@@ -279,7 +279,6 @@ def compare(comparison: Comparison, *, out: str | Path, isolate: bool = True, lo
     if minutes is not None:
         log(f"budget {comparison.budget_minutes:g} min for {comparison.num_runs} runs: {minutes:.2f} min of training each")
     records, failures, skipped = [], {}, []
-    files: list[Path] = []
     for method in comparison.methods:
         for seed in comparison.seeds:
             job = Job(comparison, method, seed, folder / "runs" / f"{method}-seed{seed}")
@@ -308,9 +307,9 @@ def compare(comparison: Comparison, *, out: str | Path, isolate: bool = True, lo
                 f"{job.name}: {record['main_metric']} {_fmt(record['score'])}, {record['steps']} steps, "
                 f"{record['wall_time_s']:.0f} s"
             )
-            files = write_report(comparison, records, failures, folder)
-    if not files or failures:  # nothing ran here (all reused), or the last runs failed
-        files = write_report(comparison, records, failures, folder)
+            write_report(comparison, records, failures, folder)  # the report so far, after each run
+    # The whole report: every run, the ones reused after the last that trained included.
+    files = write_report(comparison, records, failures, folder)
     finished = [folder / "runs" / f"{r['method']}-seed{r['seed']}" for r in records]
     if finished:  # every run's training curves, overlaid (lmforge viz run draws the same)
         files.append(save_png(curves_figure([read_run(path) for path in finished]), folder / "curves.png"))
