@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..data.samplers import check_same_world, ranks
 from ..errors import ConfigError, LMForgeError, did_you_mean
 from ..hooks import Callback
-from ..objectives.base import Batch
+from ..objectives.base import IGNORE_INDEX, Batch
 from ..settings import dataclass_from_dict, dataclass_to_dict
 from .data import BadRow, Columns, PartialRowError, Row, RowError
 
@@ -401,6 +401,17 @@ def length_mask(rows: Sequence[Sequence[int]], *, left: bool = False) -> Tensor:
     if left:
         return positions >= (T - lengths)[:, None]
     return positions < lengths[:, None]
+
+
+def token_label_batch(features: Sequence[Feature], pad_id: int) -> Batch:
+    """Features with ``input_ids`` and per-token ``labels`` as one padded batch: input_ids,
+    attention_mask (True on real tokens), labels (-100 on the padding)."""
+    rows = [f["input_ids"] for f in features]
+    return {
+        "input_ids": pad(rows, pad_id),
+        "attention_mask": length_mask(rows),
+        "labels": pad([f["labels"] for f in features], IGNORE_INDEX),
+    }
 
 
 def model_device(model: nn.Module) -> torch.device:

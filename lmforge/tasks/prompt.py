@@ -33,7 +33,7 @@ from ..objectives.base import IGNORE_INDEX, model_inputs
 from ..prompting.classifier import PromptEncoder
 from ..prompting.scoring import cloze_inputs, label_log_probs
 from ..prompting.templates import PromptTemplate, resolve_templates
-from .base import Batch, Feature, TaskOptions, length_mask, model_device, pad, require_token
+from .base import Batch, Feature, TaskOptions, model_device, require_token, token_label_batch
 from .classification import UNLABELED, ClassificationTask, TextExample
 from .data import Row
 
@@ -148,12 +148,7 @@ class PromptClassificationTask(ClassificationTask):
         return start, end
 
     def collate(self, features: Sequence[Feature]) -> Batch:
-        rows = [f["input_ids"] for f in features]
-        return {
-            "input_ids": pad(rows, self.tokenizer.pad_id or 0),
-            "attention_mask": length_mask(rows),
-            "labels": pad([f["labels"] for f in features], IGNORE_INDEX),
-        }
+        return token_label_batch(features, self.tokenizer.pad_id or 0)
 
     # ---- model -------------------------------------------------------------------------------
 

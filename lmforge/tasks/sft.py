@@ -52,6 +52,7 @@ from .base import (
     model_device,
     pad,
     to_device,
+    token_label_batch,
 )
 from .data import Row, RowError
 
@@ -264,18 +265,12 @@ class SFTTask(Task):
         return features
 
     def collate(self, features: Sequence[Feature]) -> Batch:
-        rows = [f["input_ids"] for f in features]
-        batch: Batch = {
-            "input_ids": pad(rows, self.tokenizer.pad_id or 0),
-            "labels": pad([f["labels"] for f in features], IGNORE_INDEX),
-        }
-        if any("segments" in f for f in features):
+        batch = token_label_batch(features, self.tokenizer.pad_id or 0)
+        if any("segments" in f for f in features):  # packed rows: each sees its own sequence
             segments = pad([f["segments"] for f in features], -1)  # (B, T), -1 = padding
             same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
             batch["attention_mask"] = same & (segments >= 0)[:, None, :]
             batch["position_ids"] = pad([f["positions"] for f in features], 0)
-        else:
-            batch["attention_mask"] = length_mask(rows)
         return batch
 
     def objective(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:

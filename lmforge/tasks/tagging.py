@@ -22,7 +22,7 @@ from ..errors import LMForgeError, did_you_mean
 from ..metrics import accuracy, macro_f1, span_f1
 from ..objectives import ObjectiveOutput, token_cross_entropy
 from ..objectives.base import IGNORE_INDEX, model_inputs
-from .base import Batch, EvalResult, Feature, Task, eval_order, length_mask, model_device, pad, to_device
+from .base import Batch, EvalResult, Feature, Task, eval_order, model_device, to_device, token_label_batch
 from .data import Row, RowError
 
 
@@ -144,12 +144,7 @@ class TaggingTask(Task):
         return features
 
     def collate(self, features: Sequence[Feature]) -> Batch:
-        rows = [f["input_ids"] for f in features]
-        return {
-            "input_ids": pad(rows, self.tokenizer.pad_id or 0),
-            "attention_mask": length_mask(rows),
-            "labels": pad([f["labels"] for f in features], IGNORE_INDEX),
-        }
+        return token_label_batch(features, self.tokenizer.pad_id or 0)
 
     def objective(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
         out = model(batch["input_ids"], **model_inputs(batch, "attention_mask"))

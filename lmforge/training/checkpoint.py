@@ -31,6 +31,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -228,21 +229,49 @@ def save_checkpoint(
         The checkpoint folder.
     """
     run_dir = Path(run_dir)
-    root = run_dir / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    name = checkpoint_name(int(state["step"]))
-    final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    state_text = json.dumps(to_json({**state, "checkpoint": f"{CHECKPOINTS_DIR}/{name}"}), indent=1)
+    tmp = _temporary_folder(run_dir, int(state["step"]))
     weight_files = [ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE] if active_adapter(model) else [WEIGHTS_FILE]
-    try:
+
+    def write() -> None:
         if active_adapter(model):
             save_adapter(model, tmp)
         else:
             save_weights(model, tmp / WEIGHTS_FILE, metadata={"step": str(state["step"])})
         atomic_write(tmp / OPTIMIZER_FILE, lambda path: torch.save(optimizer.state_dict(), path))
+
+    return _finish(run_dir, tmp, state, weight_files=weight_files, keep=keep, write=write)
+
+
+def _final_folder(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS_DIR / checkpoint_name(step)
+
+
+def _temporary_folder(run_dir: Path, step: int) -> Path:
+    """A fresh ``checkpoints/.tmp-step-N-PID`` folder to build step ``step``'s checkpoint in."""
+    final = _final_folder(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _finish(
+    run_dir: Path,
+    tmp: Path,
+    state: dict[str, Any],
+    *,
+    weight_files: list[str],
+    keep: int,
+    write: Callable[[], None] = lambda: None,
+) -> Path:
+    """Complete a checkpoint built in ``tmp``: ``write()`` what is still to write, add the
+    trainer state, fsync, rename it into place and commit it (:func:`_commit`); on any failure
+    the temporary folder goes and the previous checkpoint stays."""
+    final = _final_folder(run_dir, int(state["step"]))
+    state_text = json.dumps(to_json({**state, "checkpoint": f"{CHECKPOINTS_DIR}/{final.name}"}), indent=1)
+    try:
+        write()
         atomic_write_text(tmp / STATE_FILE, state_text)
         fsync_dir(tmp)
         _replace(tmp, final)
@@ -292,30 +321,16 @@ def save_sharded_checkpoint(
     PEFT run: the adapter and head only). The whole weights reach the top of the run directory
     when training ends (:func:`write_weights` after consolidation)."""
     run_dir = Path(run_dir)
-    root = run_dir / CHECKPOINTS_DIR
-    name = checkpoint_name(int(state["step"]))
-    final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
+    step = int(state["step"])
     writer = is_writer()
-    if writer:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    tmp = Path(distributed.broadcast(str(tmp)))  # the writer's folder, on every rank
+    made = str(_temporary_folder(run_dir, step)) if writer else None
+    tmp = Path(distributed.broadcast(made))  # the writer's folder, on every rank
     distributed.save_sharded(tmp / distributed.SHARDED_DIR, model, optimizer, frozen=frozen)
     distributed.barrier()
     if writer:
-        state_text = json.dumps(to_json({**state, "checkpoint": f"{CHECKPOINTS_DIR}/{name}"}), indent=1)
-        try:
-            atomic_write_text(tmp / STATE_FILE, state_text)
-            fsync_dir(tmp)
-            _replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _commit(run_dir, final, state_text, weight_files=[], keep=keep)
+        _finish(run_dir, tmp, state, weight_files=[], keep=keep)
     distributed.barrier()
-    return final
+    return _final_folder(run_dir, step)
 
 
 def write_weights(model: nn.Module, run_dir: Path) -> None:
@@ -355,8 +370,10 @@ def load_checkpoint(
         raise LMForgeError(f"cannot read the trainer state ({err})", file=path / STATE_FILE) from None
     is_sharded = (path / distributed.SHARDED_DIR).is_dir()
     if is_sharded != sharded:
-        how = "sharded (FSDP): resume it under torchrun with --train.strategy fsdp" if is_sharded else (
-            "whole (one process or DDP): resume it without --train.strategy fsdp"
+        how = (
+            "sharded (FSDP): resume it under torchrun with --train.strategy fsdp"
+            if is_sharded
+            else ("whole (one process or DDP): resume it without --train.strategy fsdp")
         )
         raise LMForgeError(f"this checkpoint is {how}", file=path)
     if sharded:

@@ -346,22 +346,19 @@ class Trainer:
                 keep=self.config.keep_checkpoints,
                 frozen=active_adapter(self.model) is None,
             )
-            self._last_saved_step = self.state.step
-            if self.writer:
-                self._call("on_save", path)
-            return path
-        if not self.writer:  # one writer: the other ranks hold the same weights
-            self._last_saved_step = self.state.step
-            return self.run_dir
-        path = save_checkpoint(
-            self.run_dir,
-            model=self.model,
-            optimizer=self.optimizer,
-            state=self._state_dict(),
-            keep=self.config.keep_checkpoints,
-        )
+        elif self.writer:
+            path = save_checkpoint(
+                self.run_dir,
+                model=self.model,
+                optimizer=self.optimizer,
+                state=self._state_dict(),
+                keep=self.config.keep_checkpoints,
+            )
+        else:  # one writer: the other ranks hold the same weights
+            path = self.run_dir
         self._last_saved_step = self.state.step
-        self._call("on_save", path)
+        if self.writer:
+            self._call("on_save", path)
         return path
 
     def resume(self, path: str | Path | None = None) -> int:
