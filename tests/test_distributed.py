@@ -62,8 +62,11 @@ def same_losses(a: Path, b: Path, *, padded: bool = False) -> None:
     rank pads its slice to its own longest row)."""
     first, second = steps(a), steps(b)
     assert first.keys() == second.keys() and len(first) >= 10
+    # Padded slices are matmuls of other shapes than the one big batch: other rounding, which
+    # Adam carries from step to step (seen once at 2.4e-5 by step 11 of a full fine-tune).
+    atol = 1e-4 if padded else ATOL
     for step in first:
-        assert first[step]["loss"] == pytest.approx(second[step]["loss"], abs=ATOL), step
+        assert first[step]["loss"] == pytest.approx(second[step]["loss"], abs=atol), step
         assert padded or first[step]["tokens"] == second[step]["tokens"]
 
 
