@@ -335,6 +335,13 @@ def _flags_beat_the_file(
         )
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write: the processes of a job share the pipe, and ``print``
+    writes the text and its newline apart, so two ranks' lines could splice into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _resolve_mapping(
     option: Option,
     file_values: dict[str, Any],
@@ -472,10 +479,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result if isinstance(result, int) else 0
     except LMForgeError as err:
         where = f"[rank {rank()}] " if world_size() > 1 else ""
-        print(f"lmforge: error: {where}{err.one_line()}", file=sys.stderr)
+        _say(f"lmforge: error: {where}{err.one_line()}")
         return 2
     except KeyboardInterrupt:
-        print("lmforge: interrupted", file=sys.stderr)
+        _say("lmforge: interrupted")
         return 130
     except BrokenPipeError:  # `lmforge ... | head`
         return 0
