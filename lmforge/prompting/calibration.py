@@ -12,6 +12,15 @@ Domain-conditional calibration (Fei et al. 2023, "Mitigating Label Biases for In
 Learning") estimates the bias with random *in-domain* words instead: strings of words drawn from
 the task's unlabeled texts (here: the training texts, never the evaluated split), as long as an
 average input, so the estimate also captures how the domain's vocabulary shifts the labels.
+
+Batch calibration (Zhou et al. 2024, "Batch Calibration: Rethinking Calibration for In-Context
+Learning and Prompt Engineering") estimates it with *real* inputs: the mean label distribution of
+a batch of unlabeled inputs under the same prompt. Content-free strings are out of distribution
+and can overshoot (a balanced set of demonstrations may carry almost no bias, and dividing by a
+skewed "N/A" then creates one); the mean over real inputs is the bias the task's inputs meet. The
+paper averages over the evaluated batch; here the inputs are unlabeled *training* examples held
+out of the demonstration pool, each prompted as a query would be (with its own nearest
+demonstrations under kNN selection), so nothing is read from the evaluated split.
 """
 
 from __future__ import annotations
@@ -25,9 +34,11 @@ from torch import Tensor
 
 from ..errors import LMForgeError
 
-Calibration = Literal["none", "contextual", "domain"]
+Calibration = Literal["none", "contextual", "domain", "batch"]
+CALIBRATIONS = ("none", "contextual", "domain", "batch")
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021
 DOMAIN_SAMPLES = 20  # random in-domain strings per estimate (Fei et al. use 20)
+BATCH_SAMPLES = 32  # held-out training inputs per batch-calibration estimate
 
 
 def reference_distribution(content_free_probs: Tensor) -> Tensor:
@@ -60,14 +71,15 @@ def content_free_texts(
     how: Calibration, *, texts: Sequence[str] = (), seed: int = 0, num_samples: int = DOMAIN_SAMPLES
 ) -> list[str]:
     """The inputs whose label distribution estimates the bias: Zhao et al.'s three content-free
-    strings (contextual), random in-domain word strings (domain), none (none)."""
-    if how == "none":
+    strings (contextual), random in-domain word strings (domain), none (none, and batch: its
+    inputs are whole training examples, see :func:`lmforge.pipeline.prompting.in_context`)."""
+    if how in ("none", "batch"):
         return []
     if how == "contextual":
         return list(CONTENT_FREE)
     if how == "domain":
         return domain_texts(texts, num_samples=num_samples, seed=seed)
-    raise LMForgeError(f"unknown calibration '{how}' (none, contextual, domain)", key="calibrate")
+    raise LMForgeError(f"unknown calibration '{how}' ({', '.join(CALIBRATIONS)})", key="calibrate")
 
 
 def as_probabilities(log_probs: Tensor) -> Tensor:
@@ -76,6 +88,8 @@ def as_probabilities(log_probs: Tensor) -> Tensor:
 
 
 __all__ = [
+    "BATCH_SAMPLES",
+    "CALIBRATIONS",
     "CONTENT_FREE",
     "Calibration",
     "as_probabilities",

@@ -2,8 +2,9 @@
 calibration and template ensembling.
 
     example (+ demonstrations) ──template──► prompt ──scorer──► word log-probs ──► label
-    distribution ──calibration (÷ p̂_cf of content-free inputs, same demonstrations)──►
-    mean over templates (ensemble) ──► prediction
+    distribution ──calibration (÷ p̂_cf of content-free inputs with the same demonstrations, or
+    ÷ the mean distribution of a batch of real reference inputs)──► mean over templates
+    (ensemble) ──► prediction
 
 :class:`PromptEncoder` turns examples into token ids for one template (a decoder's prompt, an
 encoder's text around the mask) and knows each label's words as ids; prompt-based fine-tuning
@@ -123,8 +124,9 @@ class PromptScores:
     uncalibrated: (N, L) the ensemble's before calibration.
     per_template: template name → (N, L) its own distribution (calibrated when asked).
     per_template_uncalibrated: template name → (N, L) its own distribution before calibration.
-    references: template name → the content-free mean distributions p̂_cf it used (one per set
-        of demonstrations; empty without calibration).
+    references: template name → the reference distributions it divided by (the content-free
+        mean p̂_cf of each set of demonstrations, or batch calibration's one mean; at most ten
+        shown; empty without calibration).
     tokens_computed: tokens that went through the model.
     """
 
@@ -190,6 +192,8 @@ class PromptClassifier:
         demonstrations: Sequence[Sequence[int]] | None = None,
         calibration: Calibration = "none",
         content_free: Sequence[str] = (),
+        references: Sequence[Values] = (),
+        reference_demonstrations: Sequence[Sequence[int]] | None = None,
         progress: bool = False,
     ) -> PromptScores:
         """Label distributions of ``queries``.
@@ -202,30 +206,47 @@ class PromptClassifier:
             calibration: ``none``, or divide by the mean distribution of ``content_free`` inputs
                 given with the same demonstrations (contextual / domain).
             content_free: the inputs that carry no content (see :mod:`.calibration`).
+            references: for ``batch`` calibration, the real inputs whose mean distribution is
+                divided out (prompted as queries are, with ``reference_demonstrations``).
+            reference_demonstrations: per reference, its demonstrations (None: zero-shot).
             progress: show a progress bar.
         """
         if demonstrations is not None and len(demonstrations) != len(queries):
             raise ValueError(f"{len(demonstrations)} demonstration lists for {len(queries)} queries")
-        if calibration != "none" and not content_free:
+        if calibration == "batch":
+            if not references:
+                raise ValueError("batch calibration needs reference inputs")
+            if reference_demonstrations is not None and len(reference_demonstrations) != len(references):
+                raise ValueError(f"{len(reference_demonstrations)} demonstration lists for {len(references)} references")
+        elif calibration != "none" and not content_free:
             raise ValueError("calibration needs content-free inputs")
         per_template: dict[str, Tensor] = {}
         uncalibrated: dict[str, Tensor] = {}
-        references: dict[str, list[list[float]]] = {}
+        shown: dict[str, list[list[float]]] = {}
         tokens = 0
-        bar = tqdm(total=len(queries) * len(self.encoders), desc="prompting", disable=not progress, leave=False)
+        batch = calibration == "batch"
+        total = (len(queries) + (len(references) if batch else 0)) * len(self.encoders)
+        bar = tqdm(total=total, desc="prompting", disable=not progress, leave=False)
         for encoder in self.encoders:
             scorer = encoder.scorer(self.model, max_length=self.max_length)
             raw, calibrated, refs = self._one_template(
-                encoder, scorer, queries, pool, demonstrations, calibration, content_free, bar
+                encoder, scorer, queries, pool, demonstrations, "none" if batch else calibration, content_free, bar
             )
+            if batch:  # the mean distribution of real inputs, prompted as the queries are
+                seen, _, _ = self._one_template(
+                    encoder, scorer, references, pool, reference_demonstrations, "none", (), bar
+                )
+                reference = reference_distribution(seen)
+                calibrated = calibrate(raw, reference)
+                refs = [[round(float(p), 6) for p in reference]]
             uncalibrated[encoder.template.name] = raw
             per_template[encoder.template.name] = calibrated
-            references[encoder.template.name] = refs
+            shown[encoder.template.name] = refs
             tokens += scorer.tokens_computed
         bar.close()
         ensemble = torch.stack(list(per_template.values())).mean(dim=0)
         raw_ensemble = torch.stack(list(uncalibrated.values())).mean(dim=0)
-        return PromptScores(ensemble, raw_ensemble, per_template, uncalibrated, references, tokens)
+        return PromptScores(ensemble, raw_ensemble, per_template, uncalibrated, shown, tokens)
 
     def _one_template(
         self,
