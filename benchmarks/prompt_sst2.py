@@ -5,6 +5,7 @@
     python benchmarks/prompt_sst2.py fewshot --seeds 0 --threads 1  # 8 shots: random vs kNN (MiniLM), calibrated
     python benchmarks/prompt_sst2.py speed --threads 1              # shared-cache label scoring vs one full pass per label
     python benchmarks/prompt_sst2.py train --seeds 0 --threads 1    # prompt-based LoRA vs a classification head, 16 per class
+    python benchmarks/prompt_sst2.py curve --threads 1              # the same at k = 0, 4, 16, 64, 256 per class (PNG)
 
 Every figure is on the full SST-2 validation split (872 sentences) and comes from
 :func:`lmforge.pipeline.prompting.prompt_run`, what ``lmforge prompt`` runs; the equivalent
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,6 +38,7 @@ from lmforge.pipeline.finetuning import DataSpec  # noqa: E402
 from lmforge.pipeline.prompting import PromptResult, PromptSettings, prompt_run  # noqa: E402
 from lmforge.prompting import DecoderScorer, PromptEncoder, PromptTemplate, full_pass_log_probs  # noqa: E402
 from lmforge.training import TrainConfig  # noqa: E402
+from lmforge.viz.figures import new_figure, save_png  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -212,6 +215,69 @@ def train(args: argparse.Namespace) -> None:
     )
 
 
+def curve_steps(shots: int, floor: int) -> int:
+    """Training steps for ``shots`` per class: three epochs of batch 8, at least ``floor``, at most 200."""
+    return min(200, max(floor, math.ceil(3 * 2 * shots / 8)))
+
+
+def curve(args: argparse.Namespace) -> None:
+    """Learning curve: prompt-based LoRA vs a classification head at k examples per class (k = 0
+    is the template zero-shot, uncalibrated as the fine-tuned prompt is scored; a head has
+    nothing to learn from at k = 0). Table in RESULTS.md, PNG under docs/images."""
+    seed = args.seeds[0]
+    rows, points = [], {"prompt-based LoRA": [], "classification head (LoRA)": []}
+    for k in args.ks:
+        settings = PromptSettings(template="sentiment", shots=k, seed=seed)
+        if k == 0:
+            result, wall, cpu = run(settings)
+            head, steps, extra = None, 0, ""
+        else:
+            steps = curve_steps(k, args.steps)
+            config = TrainConfig(
+                max_steps=steps, batch_size=8, lr=args.lr, warmup_steps=6, weight_decay=0.0, beta2=0.999,
+                eval_every=20, eval_batches=None, save_every=0, log_every=5, progress=False, seed=seed,
+            )  # fmt: skip
+            result, wall, cpu = run(settings, train=config, method="lora", peft={"r": 8})
+            head = result.compared["head"]["accuracy"]
+            extra = f" --train --method lora --peft.r 8 --training.max_steps {steps} --training.lr {args.lr}"
+        prompt = result.metrics["accuracy"]
+        points["prompt-based LoRA"].append((k, prompt))
+        if head is not None:
+            points["classification head (LoRA)"].append((k, head))
+        shown = f"{100 * head:.1f}" if head is not None else "— (nothing to train on)"
+        rows.append(
+            f"| {k} | {steps} | {100 * prompt:.1f} | {shown} | {wall:.0f} | {cpu:.0f} | `{cli_line(settings, extra)}` |"
+        )
+        print(rows[-1], flush=True)
+    picture = REPO / "docs" / "images" / "prompt-curve-sst2-smollm2.png"
+    figure = new_figure(6.4, 4.0, constrained=True)
+    axes = figure.add_subplot()
+    positions = {k: i for i, k in enumerate(args.ks)}
+    for (name, values), marker in zip(points.items(), ("o", "s"), strict=True):
+        axes.plot([positions[k] for k, _ in values], [100 * a for _, a in values], marker=marker, label=name)
+    axes.set_xticks(range(len(args.ks)), [str(k) for k in args.ks])
+    axes.set_xlabel("training examples per class (k)")
+    axes.set_ylabel(f"SST-2 validation accuracy % ({MAX_EXAMPLES[0] or 872} sentences)")
+    axes.set_title(f"SmolLM2-135M-Instruct on SST-2, seed {seed}")
+    axes.axhline(50, color="grey", linewidth=0.8, linestyle=":")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    save_png(figure, picture)
+    append_results(
+        "Prompting SmolLM2-135M-Instruct: learning curve, prompt-based LoRA vs a classification head "
+        "(benchmarks/prompt_sst2.py curve)",
+        f"k SST-2 training examples per class (seed {seed}), the best step chosen on min(k, 32) other training "
+        f"examples per class; LoRA r 8 (default targets), batch 8, lr {args.lr}, steps = three epochs "
+        f"(at least {args.steps}, at most 200). Prompt-based: template `sentiment`, the LM loss on the label word; "
+        "k = 0 is the same template zero-shot, uncalibrated (the fine-tuned prompt is scored uncalibrated too). "
+        "Head: lmforge's classification head (fresh) on the same backbone, same LoRA and steps. "
+        f"SST-2 validation ({MAX_EXAMPLES[0] or 'all 872'} sentences), {torch.get_num_threads()} thread(s). "
+        f"Picture: docs/images/{picture.name}.\n\n"
+        "| k per class | steps | prompt-based LoRA accuracy % | head accuracy % | wall s (both) | CPU s (both) | command |\n"
+        "|---:|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows),
+    )
+
+
 def speed_case(model: torch.nn.Module, encoder: PromptEncoder, texts: list[str]) -> dict[str, float]:
     """Per example: the shared-cache scorer (one prompt pass + one packed pass of all words'
     continuations; nothing kept between examples) against one full pass per word."""
@@ -278,7 +344,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("stage", choices=["zeroshot", "fewshot", "speed", "train"])
+    parser.add_argument("stage", choices=["zeroshot", "fewshot", "speed", "train", "curve"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
     parser.add_argument(
@@ -302,12 +368,16 @@ def main() -> None:
         "--max_examples", type=int, default=None, help="the first N validation sentences only"
     )
     parser.add_argument("--examples", type=int, default=20, help="speed: examples timed")
+    parser.add_argument(
+        "--ks", type=lambda s: [int(x) for x in s.split(",")], default=[0, 4, 16, 64, 256], help="curve: k per class"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     MAX_EXAMPLES[0] = args.max_examples
     if not (DATA / "sst2").is_dir():
         raise SystemExit(f"{DATA / 'sst2'} is absent (../shared/data)")
-    {"zeroshot": zeroshot, "fewshot": fewshot, "speed": speed, "train": train}[args.stage](args)
+    stages = {"zeroshot": zeroshot, "fewshot": fewshot, "speed": speed, "train": train, "curve": curve}
+    stages[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -209,18 +209,28 @@ def test_per_task_adapters_leave_earlier_adapters_bit_identical_and_task_increme
     assert min(rows[2]) >= 0.9
 
 
-def test_adapters_route_to_the_nearest_task_prototype_without_the_task_id(tokenizer: Tokenizer) -> None:
+@pytest.mark.parametrize("routing", ["prototype", "task_mean"])
+def test_adapters_route_to_the_nearest_prototype_without_the_task_id(tokenizer: Tokenizer, routing: str) -> None:
     run = learner(
         tokenizer,
         "adapters",
         scenario="class",
         method="lora",
+        options={"routing": routing},
         peft_options={"r": 4, "target_modules": "all-linear"},
         max_steps=30,
         lr=1e-2,
     )
     result = run.run()
     assert min(result.rows[-1]) >= 0.7  # each example finds its own task's adapter
+    keys = set(run.strategy.prototypes)
+    if routing == "task_mean":  # one prototype per task
+        assert keys == {(t, -1) for t in range(len(run.tasks))}
+    else:  # one per class of each task, and each class belongs to its task
+        assert keys == {(t, c) for t, split in enumerate(run.tasks) for c in split.classes}
+    restored = make_strategy("adapters", {"routing": routing}, method="lora")
+    restored.load_state_dict(run.strategy.state_dict())
+    assert restored.prototypes.keys() == run.strategy.prototypes.keys()
 
 
 def test_confidence_routing_answers_with_the_most_confident_adapter(tokenizer: Tokenizer) -> None:

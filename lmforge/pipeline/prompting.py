@@ -351,6 +351,7 @@ def classify_split(
         f"{len(examples):,} examples, {len(templates)} template(s) ({', '.join(t.name for t in templates)}), "
         f"{settings.shots} demonstration(s) by {settings.selection} from {len(pool):,} training examples, "
         f"calibration {settings.calibrate}"
+        + (f" (on {min(BATCH_SAMPLES, len(pool) // 2)} of them, held out of the demonstrations)" if settings.calibrate == "batch" else "")
     )
     start, cpu = time.perf_counter(), time.process_time()
     scores, chosen = in_context(base, task, templates, settings, pool, examples, embedder=embedder, progress=progress)
