@@ -221,29 +221,43 @@ def train(args: argparse.Namespace) -> None:
 
 def clinc(args: argparse.Namespace) -> None:
     """CLINC150's test split by prompting: 151 label names as the verbalizer, zero-shot and
-    ``--clinc_shots`` demonstrations chosen by kNN (MiniLM-L6) from the training split."""
+    ``--clinc_shots`` demonstrations chosen by kNN (MiniLM-L6) from the training split; batch
+    calibration (each run's uncalibrated twin beside it). A seeded sample of ``--sample`` queries."""
     rows = []
     template = str(Path(__file__).with_name("prompt_templates_clinc150.yaml"))
     for shots in (0, args.clinc_shots):
         settings = PromptSettings(
-            template=template, shots=shots, selection="knn", embedder="minilm", pool_size=args.pool if shots else None
+            template=template, shots=shots, selection="knn", embedder="minilm", calibrate="batch",
+            pool_size=args.pool if shots else None,
+        )  # fmt: skip
+        result, wall, cpu = run(
+            settings, dataset="clinc150", split="test", options={"oos_label": "oos"}, sample=args.sample
         )
-        result, wall, cpu = run(settings, dataset="clinc150", split="test", options={"oos_label": "oos"})
-        m = result.metrics
-        line = cli_line(settings).replace("../shared/data/sst2", "../shared/data/clinc150") + " --split test --options.oos_label oos"
-        oos = m.get("predicted", {}).get("oos", 0) / max(1, sum(m.get("predicted", {}).values()))
-        rows.append(
-            f"| {'zero-shot' if not shots else f'{shots}-shot kNN'} | {100 * m['accuracy']:.1f} | {100 * m['in_scope_accuracy']:.1f} "
-            f"| {100 * m['oos_recall']:.1f} | {100 * oos:.1f} | {wall:.0f} | {cpu:.0f} | `{line}` |"
+        line = (
+            cli_line(settings).replace("../shared/data/sst2", "../shared/data/clinc150")
+            + f" --split test --options.oos_label oos{f' --sample {args.sample}' if args.sample else ''}"
         )
-        print(rows[-1], flush=True)
+        name = "zero-shot" if not shots else f"{shots}-shot kNN"
+        for label, m, times in (
+            (f"{name}, batch calibration", result.metrics, f"{wall:.0f} | {cpu:.0f} | `{line}`"),
+            (f"{name}, same run before calibration", result.compared["uncalibrated"], " | |"),
+        ):
+            counts = m.get("predicted", {})
+            oos = counts.get("oos", 0) / max(1, sum(counts.values()))
+            rows.append(
+                f"| {label} | {100 * m['accuracy']:.1f} | {100 * m['in_scope_accuracy']:.1f} "
+                f"| {100 * m['oos_recall']:.1f} | {100 * oos:.1f} | {times} |"
+            )
+            print(rows[-1], flush=True)
+    size = f"a seeded sample of {args.sample:,} of its 5,500 queries" if args.sample else "all 5,500 queries"
     append_results(
         "Prompting SmolLM2-135M-Instruct: CLINC150 intents, label names as the verbalizer (benchmarks/prompt_sst2.py clinc)",
-        f"CLINC150 test split ({MAX_EXAMPLES[0] or 'all 5,500'} queries: 4,500 in scope, 1,000 out of scope), 151 labels; template "
+        f"CLINC150 test split ({size}; 4,500 of 5,500 are in scope, 1,000 out of scope), 151 labels; template "
         "`Customer request: {text}\\nIntent: {label}`, every label's name as its words (`pin_change` → ' pin change', `oos` → "
         "' out of scope'), all 151 scored after one prompt pass (one packed continuation pass over the prompt's KV cache); "
         f"the k-shot row: the {args.clinc_shots} most similar of {args.pool} seeded training queries (MiniLM-L6 embeddings), "
-        f"most similar last. Uncalibrated. {torch.get_num_threads()} thread(s).\n\n"
+        "most similar last. Batch calibration: the mean label distribution of 32 training queries held out of the pool. "
+        f"{torch.get_num_threads()} thread(s).\n\n"
         "| setting | accuracy % | in-scope accuracy % | oos recall % | predicted oos % | wall s | CPU s | command |\n"
         "|---|---:|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows),
     )
@@ -429,6 +443,7 @@ def main() -> None:
     )
     parser.add_argument("--examples", type=int, default=20, help="speed: examples timed")
     parser.add_argument("--clinc_shots", type=int, default=5, help="clinc: kNN demonstrations")
+    parser.add_argument("--sample", type=int, default=None, help="clinc: a seeded sample of N test queries")
     parser.add_argument(
         "--ks", type=lambda s: [int(x) for x in s.split(",")], default=[0, 4, 16, 64, 256], help="curve: k per class"
     )

@@ -458,6 +458,32 @@ def test_batch_calibration_holds_its_inputs_out_of_the_demonstration_pool(cue_se
     torch.testing.assert_close(scores.probabilities, calibrate(scores.uncalibrated, reference), atol=1e-5, rtol=0)
 
 
+def test_prompt_sample_classifies_a_seeded_subset_in_file_order(
+    cue_setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base, source = cue_setup
+    data = tmp_path / "data"  # the cue folder with an id on every validation row
+    data.mkdir()
+    for name in ("train.jsonl", "labels.txt"):
+        (data / name).write_text((source / name).read_text())
+    rows = [json.loads(line) for line in (source / "validation.jsonl").read_text().splitlines()]
+    (data / "validation.jsonl").write_text("".join(json.dumps({**r, "id": i}) + "\n" for i, r in enumerate(rows)))
+    seen = []
+    for seed in (0, 0, 1):
+        predictions = tmp_path / f"pred-{len(seen)}.jsonl"
+        code, stdout, _ = run_cli(
+            ["prompt", "--model", base, "--data", data, "--sample", 9, "--seed", seed, "--predictions", predictions],
+            capsys,
+        )
+        assert code == 0, stdout
+        ids = [json.loads(line)["id"] for line in predictions.read_text().splitlines()]
+        assert len(ids) == 9 and ids == sorted(ids) and len(set(ids)) == 9  # a subset, in file order
+        seen.append(ids)
+    assert seen[0] == seen[1] and seen[0] != seen[2]  # seeded
+    code, _, err = run_cli(["prompt", "--model", base, "--data", data, "--sample", 0], capsys)
+    assert code == 2 and "--sample must be positive" in err
+
+
 @pytest.mark.parametrize(
     ("template", "message"),
     [

@@ -42,6 +42,7 @@ def prompt(
     labels: Path | None = None,
     options: dict[str, Any] | None = None,
     max_examples: int | None = None,
+    sample: int | None = None,
     output: Path | None = None,
     predictions: Path | None = None,
     train: bool = False,
@@ -80,6 +81,7 @@ def prompt(
         labels: a file of label names (default: labels.txt in the data folder).
         options: task options, e.g. --options.oos_label oos --options.max_length 256.
         max_examples: classify only the first N examples of the split.
+        sample: classify a seeded random sample of N examples of the split (in file order: a split sorted by label stays representative).
         output: write the metrics (JSON, as lmforge eval: a 'metrics' key).
         predictions: write one prediction per example (JSONL).
         train: prompt-based fine-tuning (PET / LM-BFF) on --shots examples per class, compared with a classification head trained on the same examples.
@@ -99,7 +101,7 @@ def prompt(
     result = prompt_run(
         model=model, data=spec, split=split, settings=settings, options=options,
         train=dataclasses.replace(training, seed=seed) if train else None, method=method, peft=peft,
-        compare_head=compare_head, out=out, overwrite=overwrite, max_examples=max_examples, device=device,
+        compare_head=compare_head, out=out, overwrite=overwrite, max_examples=max_examples, sample=sample, device=device,
         log=lambda line: print(f"prompt: {line}"),
     )  # fmt: skip
     mode = "prompt-based fine-tuning" if train else ("zero-shot" if shots == 0 else f"{shots}-shot in context")

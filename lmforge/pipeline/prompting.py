@@ -450,6 +450,7 @@ def prompt_run(
     out: str | Path | None = None,
     overwrite: bool = False,
     max_examples: int | None = None,
+    sample: int | None = None,
     device: str | None = None,
     progress: bool = True,
     log: Log = silent,
@@ -471,6 +472,12 @@ def prompt_run(
         if max_examples < 1:
             raise LMForgeError(f"--max_examples must be positive, got {max_examples}", key="max_examples")
         examples = examples[:max_examples]
+    if sample is not None:
+        if sample < 1:
+            raise LMForgeError(f"--sample must be positive, got {sample}", key="sample")
+        if sample < len(examples):  # seeded, kept in file order (a sorted split stays representative)
+            kept = np.random.default_rng(settings.seed).choice(len(examples), size=sample, replace=False)
+            examples = [examples[i] for i in sorted(kept.tolist())]
     if not examples:
         raise LMForgeError(f"the {split} split of {data.path} has no examples", key="split")
     log(f"data {data.path}: {len(pool):,} training examples, {len(examples):,} {split} examples; {task.describe()}")
