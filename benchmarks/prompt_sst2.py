@@ -190,32 +190,45 @@ def fewshot(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    rows = []
+    rows, accuracies = [], []
     config = TrainConfig(
         max_steps=args.steps, batch_size=8, lr=args.lr, warmup_steps=6, weight_decay=0.0, beta2=0.999,
         eval_every=20, eval_batches=None, save_every=0, log_every=5, progress=False,
     )  # fmt: skip
     peft = {"r": 8}
     for seed in args.seeds:
-        settings = PromptSettings(template="sentiment", shots=args.shots, seed=seed)
+        settings = PromptSettings(template="sentiment", shots=args.shots, seed=seed, calibrate=args.train_calibrate)
         result, wall, cpu = run(
             settings, train=dataclasses.replace(config, seed=seed), method="lora", peft=peft
         )
         m, head = result.metrics, result.compared["head"]
+        calibration = result.settings.get("calibration")
+        if calibration:
+            other = result.compared[calibration["other_name"]]["accuracy"]
+            used = (
+                f"{calibration['used']} (step examples: none {100 * calibration['dev_accuracy']['none']:.1f}, "
+                f"batch {100 * calibration['dev_accuracy']['batch']:.1f}); the other: {100 * other:.1f}"
+            )
+        else:
+            used = "none"
         extra = f" --train --method lora --peft.r 8 --training.max_steps {args.steps} --training.lr {args.lr}"
         rows.append(
-            f"| {seed} | {100 * m['accuracy']:.1f} | {100 * head['accuracy']:.1f} | {100 * (m['accuracy'] - head['accuracy']):+.1f} "
+            f"| {seed} | {100 * m['accuracy']:.1f} | {used} | {100 * head['accuracy']:.1f} | {100 * (m['accuracy'] - head['accuracy']):+.1f} "
             f"| {m['train_time_s']:.0f} / {head['train_time_s']:.0f} | {wall:.0f} | {cpu:.0f} | `{cli_line(settings, extra)}` |"
         )
+        accuracies.append(m["accuracy"])
         print(rows[-1], flush=True)
     append_results(
         f"Prompting SmolLM2-135M-Instruct: prompt-based LoRA vs a classification head, {args.shots} per class (benchmarks/prompt_sst2.py train)",
         f"{2 * args.shots} SST-2 training examples ({args.shots} per class, seeded), the best step chosen on "
         f"{args.shots} other training examples per class; LoRA r 8 (default targets), {args.steps} steps, batch 8, lr {args.lr}. "
-        f"Prompt-based: template `sentiment`, the LM loss on the label word. Head: lmforge's classification head "
-        f"(fresh) on the same backbone, same LoRA and steps. SST-2 validation ({MAX_EXAMPLES[0] or 'all 872'} sentences). {torch.get_num_threads()} thread(s).\n\n"
-        "| seed | prompt-based LoRA accuracy % | head accuracy % | difference (points) | train s (prompt / head) | wall s (both) | CPU s (both) | command |\n"
-        "|---:|---:|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows),
+        f"Prompt-based: template `sentiment`, the LM loss on the label word; calibration `{args.train_calibrate}` "
+        "(batch: the fine-tuned prompt's distributions divided by their mean over 32 other, unlabeled training "
+        "examples, used only where that scores higher on the step-choosing training examples). Head: lmforge's "
+        "classification head (fresh) on the same backbone, same LoRA and steps. "
+        f"SST-2 validation ({MAX_EXAMPLES[0] or 'all 872'} sentences). {torch.get_num_threads()} thread(s).\n\n"
+        "| seed | prompt-based LoRA accuracy % | calibration used | head accuracy % | difference (points) | train s (prompt / head) | wall s (both) | CPU s (both) | command |\n"
+        "|---:|---:|---|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows) + "\n\n" + mean_line(accuracies),
     )
 
 
@@ -436,6 +449,7 @@ def main() -> None:
     )
     parser.add_argument("--pool", type=int, default=2000, help="training examples kNN searches")
     parser.add_argument("--shots", type=int, default=16, help="train: examples per class")
+    parser.add_argument("--train_calibrate", default="batch", help="train: batch or none")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(

@@ -415,6 +415,32 @@ def test_prompt_based_finetuning_learns_a_synthetic_task(cue_setup: tuple[Path, 
     assert result.settings["shots_per_class"] == 16 and result.settings["method"] == "lora"
 
 
+def test_prompt_based_finetuning_with_batch_calibration_picks_on_training_examples(
+    cue_setup: tuple[Path, Path], capsys: pytest.CaptureFixture
+) -> None:
+    base, data = cue_setup
+    train = TrainConfig(
+        max_steps=20, batch_size=8, lr=1e-2, warmup_steps=2, weight_decay=0.0, eval_every=10, save_every=0,
+        progress=False, seed=0,
+    )  # fmt: skip
+    result = prompt_run(
+        model=base, data=DataSpec(path=data), settings=PromptSettings(template="sentiment", shots=8, calibrate="batch"),
+        train=train, method="lora", peft={"r": 4, "target_modules": "all-linear"}, compare_head=False, progress=False,
+    )  # fmt: skip
+    calibration = result.settings["calibration"]
+    assert calibration["how"] == "batch" and calibration["inputs"] == BATCH_SAMPLES
+    assert sum(calibration["reference"]) == pytest.approx(1.0, abs=1e-5)
+    plain, calibrated = calibration["dev_accuracy"]["none"], calibration["dev_accuracy"]["batch"]
+    assert calibration["used"] == ("batch" if calibrated > plain else "none")  # decided on training examples
+    other = "uncalibrated" if calibration["used"] == "batch" else "calibrated"
+    assert set(result.compared) == {other} and 0.0 <= result.compared[other]["accuracy"] <= 1.0
+    # content-free calibration is for prompting in context: with --train it is refused in one line
+    code, _, err = run_cli(
+        ["prompt", "--model", base, "--data", data, "--shots", 2, "--train", "--calibrate", "contextual"], capsys
+    )
+    assert code == 2 and "calibrates with 'batch' or not at all" in err
+
+
 def test_prompt_command_end_to_end_writes_metrics_like_eval(
     cue_setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -31,7 +31,14 @@ import torch
 from ..errors import LMForgeError
 from ..interop.hf import is_hf_folder, load_hf_model, load_hf_tokenizer
 from ..metrics import classification_metrics
-from ..prompting.calibration import BATCH_SAMPLES, CALIBRATIONS, Calibration, content_free_texts
+from ..prompting.calibration import (
+    BATCH_SAMPLES,
+    CALIBRATIONS,
+    Calibration,
+    calibrate,
+    content_free_texts,
+    reference_distribution,
+)
 from ..prompting.classifier import PromptClassifier, PromptScores
 from ..prompting.demonstrations import (
     Order,
@@ -387,15 +394,24 @@ def finetune_prompted(
     peft: dict[str, Any] | None = None,
     train: TrainConfig,
     compare_head: bool = True,
+    calibration: Calibration = "none",
     out: str | Path | None = None,
     overwrite: bool = False,
     log: Log = silent,
 ) -> PromptResult:
     """Prompt-based fine-tuning on ``shots`` training examples per class (the best step chosen on
     ``dev_per_class`` other training examples per class, default min(shots, 32)), scored on
-    ``examples``; with ``compare_head``, a classification head trained on the same examples."""
+    ``examples``; with ``compare_head``, a classification head trained on the same examples.
+
+    ``calibration="batch"``: the fine-tuned prompt's label distributions are also divided by their
+    mean over 32 other (unlabeled) training examples, and the step-choosing examples decide
+    whether the calibrated or the plain predictions are the result (the other is reported)."""
     if shots < 1:
         raise LMForgeError("prompt-based fine-tuning needs --shots ≥ 1 (training examples per class)", key="shots")
+    if calibration not in ("none", "batch"):
+        raise LMForgeError(
+            f"prompt-based fine-tuning calibrates with 'batch' or not at all ('none'), not '{calibration}'", key="calibrate"
+        )
     labels = label_indices(task, pool)
     chosen = per_class_sample(labels, shots, seed=seed)
     dev = per_class_sample(labels, dev_per_class or min(shots, 32), seed=seed + 1, exclude=chosen)
@@ -419,18 +435,69 @@ def finetune_prompted(
         )
         if done.model is None:
             raise LMForgeError(f"the {name} run was interrupted", key="train")
-        evaluated = run_task.evaluate(done.model, examples, batch_size=32)
-        metrics = dict(evaluated.metrics)
-        counts = Counter(p["prediction"] for p in evaluated.predictions)
-        metrics["predicted"] = {n: counts[n] for n in run_task.labels if counts[n]}  # type: ignore[attr-defined]
+        if name == "prompt" and calibration == "batch":
+            metrics, evaluated_predictions = calibrated_result(
+                task, done.model, pool, examples, data.validation, exclude=[*chosen, *dev], seed=seed, record=record
+            )
+        else:
+            evaluated = run_task.evaluate(done.model, examples, batch_size=32)
+            metrics, evaluated_predictions = dict(evaluated.metrics), evaluated.predictions
+            counts = Counter(p["prediction"] for p in evaluated_predictions)
+            metrics["predicted"] = {n: counts[n] for n in run_task.labels if counts[n]}  # type: ignore[attr-defined]
         metrics["train_time_s"] = done.summary["train_time_s"]
         metrics["best_step"] = done.summary["best_step"]
-        results[name] = (metrics, evaluated.predictions)
+        results[name] = (metrics, evaluated_predictions)
         record[f"{name}_trainable_parameters"] = done.summary["trainable_parameters"]
         del copy_base, done
     metrics, predictions = results["prompt"]
     compared = {"head": brief(results["head"][0]) | {"train_time_s": results["head"][0]["train_time_s"]}} if compare_head else {}
+    if "other" in record.get("calibration", {}):
+        compared[record["calibration"]["other_name"]] = record["calibration"].pop("other")
     return PromptResult(metrics, predictions, record, compared, task.describe())
+
+
+def calibrated_result(
+    task: PromptClassificationTask,
+    model: torch.nn.Module,
+    pool: Sequence[TextExample],
+    examples: Sequence[TextExample],
+    dev: Sequence[TextExample],
+    *,
+    exclude: Sequence[int],
+    seed: int,
+    record: dict[str, Any],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A fine-tuned prompt's metrics with batch calibration or without, whichever scores higher on
+    ``dev`` (training examples); the reference inputs are other training examples, unlabeled."""
+    skip = set(exclude)
+    free = [i for i in range(len(pool)) if i not in skip]
+    count = min(BATCH_SAMPLES, len(free))
+    if count < 1:
+        raise LMForgeError("batch calibration needs training examples besides the ones trained on", key="calibrate")
+    picked = np.random.default_rng(seed + 2).choice(len(free), size=count, replace=False)
+
+    def distributions(rows: Sequence[TextExample]) -> torch.Tensor:
+        return task.logits(model, task.encode(rows), batch_size=32).double().softmax(-1)
+
+    reference = reference_distribution(distributions([pool[free[i]] for i in sorted(picked.tolist())]))
+    gold = torch.tensor(label_indices(task, dev))
+    dev_probs = distributions(dev)
+    plain_dev = float((dev_probs.argmax(-1) == gold).double().mean())
+    calibrated_dev = float((calibrate(dev_probs, reference).argmax(-1) == gold).double().mean())
+    use = calibrated_dev > plain_dev  # ties: the plain predictions
+    probs = distributions(examples)
+    (metrics, predictions), (other, _) = (
+        (score(calibrate(probs, reference), examples, task), score(probs, examples, task))
+        if use
+        else (score(probs, examples, task), score(calibrate(probs, reference), examples, task))
+    )
+    record["calibration"] = {
+        "how": "batch", "inputs": count, "reference": [round(float(p), 6) for p in reference],
+        "dev_accuracy": {"none": round(plain_dev, 4), "batch": round(calibrated_dev, 4)},
+        "used": "batch" if use else "none", "other": brief(other),
+        "other_name": "uncalibrated" if use else "calibrated",
+    }  # fmt: skip
+    return metrics, predictions
 
 
 # ---- from files -------------------------------------------------------------------------------------
@@ -487,5 +554,5 @@ def prompt_run(
         log("training uses the first template of the file")
     return finetune_prompted(
         base, task, pool, examples, shots=settings.shots, seed=settings.seed, method=method, peft=peft,
-        train=train, compare_head=compare_head, out=out, overwrite=overwrite, log=log,
+        train=train, compare_head=compare_head, calibration=settings.calibrate, out=out, overwrite=overwrite, log=log,
     )
