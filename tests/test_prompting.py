@@ -484,6 +484,31 @@ def test_batch_calibration_holds_its_inputs_out_of_the_demonstration_pool(cue_se
     torch.testing.assert_close(scores.probabilities, calibrate(scores.uncalibrated, reference), atol=1e-5, rtol=0)
 
 
+def test_select_chooses_template_and_calibration_on_training_data_and_records_the_one_used(
+    cue_setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    base, data = cue_setup
+    file = tmp_path / "templates.yaml"
+    file.write_text(
+        "templates:\n"
+        "  - {name: review, template: \"Review: {text}\\nSentiment: {label}\"}\n"
+        "  - {name: words, template: \"{text} It was {label}\", verbalizer: {negative: bad, positive: great}}\n",
+        encoding="utf-8",
+    )
+    result = prompt_run(
+        model=base, data=DataSpec(path=data), settings=PromptSettings(template=str(file), select=20, calibrate="batch"),
+        max_examples=8, progress=False,
+    )  # fmt: skip
+    table = result.settings["selection"]
+    assert {(r["template"], r["calibrate"]) for r in table} == {
+        (t, c) for t in ("review", "words") for c in ("none", "batch")
+    }
+    best = max(table, key=lambda r: r["accuracy"])  # the first of equals
+    assert result.settings["candidates"] == ["review", "words"]
+    assert [t["name"] for t in result.settings["templates"]] == [best["template"]]
+    assert result.settings["settings"]["calibrate"] == best["calibrate"]
+
+
 def test_prompt_sample_classifies_a_seeded_subset_in_file_order(
     cue_setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -352,7 +352,9 @@ def classify_split(
         )
         log("selection on training data: " + "; ".join(f"{r['template']}/{r['calibrate']} {r['accuracy']:.4f}" for r in table))
         record["selection"] = table
+        record["candidates"] = [t.name for t in templates]
         templates = [template]
+        record["templates"] = [template.to_dict()]  # the one used
         settings = PromptSettings(**{**settings.__dict__, "calibrate": calibration})
     log(
         f"{len(examples):,} examples, {len(templates)} template(s) ({', '.join(t.name for t in templates)}), "
