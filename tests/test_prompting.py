@@ -20,6 +20,7 @@ from lmforge.errors import LMForgeError
 from lmforge.model import KVCache
 from lmforge.pipeline.finetuning import DataSpec, read_examples
 from lmforge.pipeline.prompting import (
+    PromptResult,
     PromptSettings,
     hold_out_references,
     in_context,
@@ -399,18 +400,23 @@ def run_cli(args: list[object], capsys: pytest.CaptureFixture) -> tuple[int, str
     return code, out, err
 
 
+def train_on_cues(cue_setup: tuple[Path, Path], settings: PromptSettings, *, steps: int, r: int) -> PromptResult:
+    """Prompt-based LoRA fine-tuning of the random tiny decoder on the cue folder (no head)."""
+    base, data = cue_setup
+    train = TrainConfig(
+        max_steps=steps, batch_size=8, lr=1e-2, warmup_steps=max(2, steps // 15), weight_decay=0.0,
+        eval_every=steps // 3, save_every=0, progress=False, seed=0,
+    )  # fmt: skip
+    return prompt_run(
+        model=base, data=DataSpec(path=data), settings=settings, train=train, method="lora",
+        peft={"r": r, "target_modules": "all-linear"}, compare_head=False, progress=False,
+    )  # fmt: skip
+
+
 def test_prompt_based_finetuning_learns_a_synthetic_task(cue_setup: tuple[Path, Path]) -> None:
     """A random tiny decoder, LoRA, the LM loss on the label word: 16 examples per class reach
     ≥ 90% on 60 held-out examples (chance is 50%; the cue word decides the label)."""
-    base, data = cue_setup
-    train = TrainConfig(
-        max_steps=60, batch_size=8, lr=1e-2, warmup_steps=4, weight_decay=0.0, eval_every=20, save_every=0,
-        progress=False, seed=0,
-    )  # fmt: skip
-    result = prompt_run(
-        model=base, data=DataSpec(path=data), settings=PromptSettings(template="sentiment", shots=16),
-        train=train, method="lora", peft={"r": 8, "target_modules": "all-linear"}, compare_head=False, progress=False,
-    )  # fmt: skip
+    result = train_on_cues(cue_setup, PromptSettings(template="sentiment", shots=16), steps=60, r=8)
     assert result.metrics["accuracy"] >= 0.9, result.metrics
     assert result.settings["shots_per_class"] == 16 and result.settings["method"] == "lora"
 
@@ -419,14 +425,7 @@ def test_prompt_based_finetuning_with_batch_calibration_picks_on_training_exampl
     cue_setup: tuple[Path, Path], capsys: pytest.CaptureFixture
 ) -> None:
     base, data = cue_setup
-    train = TrainConfig(
-        max_steps=20, batch_size=8, lr=1e-2, warmup_steps=2, weight_decay=0.0, eval_every=10, save_every=0,
-        progress=False, seed=0,
-    )  # fmt: skip
-    result = prompt_run(
-        model=base, data=DataSpec(path=data), settings=PromptSettings(template="sentiment", shots=8, calibrate="batch"),
-        train=train, method="lora", peft={"r": 4, "target_modules": "all-linear"}, compare_head=False, progress=False,
-    )  # fmt: skip
+    result = train_on_cues(cue_setup, PromptSettings(template="sentiment", shots=8, calibrate="batch"), steps=20, r=4)
     calibration = result.settings["calibration"]
     assert calibration["how"] == "batch" and calibration["inputs"] == BATCH_SAMPLES
     assert sum(calibration["reference"]) == pytest.approx(1.0, abs=1e-5)
