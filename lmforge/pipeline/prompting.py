@@ -283,11 +283,24 @@ def hold_out_references(pool: Sequence[TextExample], settings: PromptSettings) -
     batch calibration, the pool whole and no references. Seeded; labels are not looked at."""
     if settings.calibrate != "batch":
         return list(pool), []
-    count = min(BATCH_SAMPLES, len(pool) // 2)
+    count = held_out_count(len(pool))
     if count < 1:
         raise LMForgeError("batch calibration needs at least 2 training examples", key="calibrate")
-    held = set(np.random.default_rng(settings.seed + 2).choice(len(pool), size=count, replace=False).tolist())
-    return [e for i, e in enumerate(pool) if i not in held], [pool[i] for i in sorted(held)]
+    held = draw_references(range(len(pool)), count, seed=settings.seed)
+    chosen = set(held)
+    return [e for i, e in enumerate(pool) if i not in chosen], [pool[i] for i in held]
+
+
+def held_out_count(pool_size: int) -> int:
+    """How many training inputs batch calibration holds out of a pool of ``pool_size``."""
+    return min(BATCH_SAMPLES, pool_size // 2)
+
+
+def draw_references(candidates: Sequence[int], count: int, *, seed: int) -> list[int]:
+    """``count`` of ``candidates`` (indices into the training examples), seeded, in order: the
+    unlabeled inputs of batch calibration."""
+    picked = np.random.default_rng(seed + 2).choice(len(candidates), size=count, replace=False)
+    return sorted(candidates[i] for i in picked.tolist())
 
 
 def select_on_training(
@@ -360,7 +373,7 @@ def classify_split(
         f"{len(examples):,} examples, {len(templates)} template(s) ({', '.join(t.name for t in templates)}), "
         f"{settings.shots} demonstration(s) by {settings.selection} from {len(pool):,} training examples, "
         f"calibration {settings.calibrate}"
-        + (f" (on {min(BATCH_SAMPLES, len(pool) // 2)} of them, held out of the demonstrations)" if settings.calibrate == "batch" else "")
+        + (f" (on {held_out_count(len(pool))} of them, held out of the demonstrations)" if settings.calibrate == "batch" else "")
     )
     start, cpu = time.perf_counter(), time.process_time()
     scores, chosen = in_context(base, task, templates, settings, pool, examples, embedder=embedder, progress=progress)
@@ -476,12 +489,11 @@ def calibrated_result(
     count = min(BATCH_SAMPLES, len(free))
     if count < 1:
         raise LMForgeError("batch calibration needs training examples besides the ones trained on", key="calibrate")
-    picked = np.random.default_rng(seed + 2).choice(len(free), size=count, replace=False)
 
     def distributions(rows: Sequence[TextExample]) -> torch.Tensor:
         return task.logits(model, task.encode(rows), batch_size=32).double().softmax(-1)
 
-    reference = reference_distribution(distributions([pool[free[i]] for i in sorted(picked.tolist())]))
+    reference = reference_distribution(distributions([pool[i] for i in draw_references(free, count, seed=seed)]))
     gold = torch.tensor(label_indices(task, dev))
     dev_probs = distributions(dev)
     plain_dev = float((dev_probs.argmax(-1) == gold).double().mean())
