@@ -26,7 +26,10 @@ def continual(
 
     The sequence file (YAML) names the base model, the tasks in order (a data folder each, or one
     task per domain of a domains file), the scenario (task, class or domain incremental), the
-    fine-tuning method and the strategies to compare. After every task every task's test split is
+    fine-tuning method and the strategies to compare. With task: sft the sequence is generative:
+    each task is supervised fine-tuning of a decoder answered as text (its own template, exact
+    match or chrF), and the perplexity of English text never trained on is watched beside R
+    (configs/continual/smollm2-generative.yaml: SmolLM2 on sentiment, intents, translation). After every task every task's test split is
     scored: OUT/results.md, .csv and .json hold each strategy's accuracy matrix R, average
     accuracy, backward transfer (BWT), forward transfer (FWT), forgetting, time and peak memory;
     OUT/R_<strategy>.png the heatmap of R (with matplotlib). A killed run continues from the last
@@ -49,10 +52,11 @@ def continual(
     result = run_sequence(
         spec, out=out, strategies=strategies, resume=resume, log=lambda line: print(f"continual: {line}")
     )
+    measure = "score" if spec.task == "sft" else "accuracy"
     for record in result.results:
         summary = record["summary"]
         print(
-            f"continual: {record['strategy']:>9}: average accuracy {points(summary['average_accuracy'])}, "
+            f"continual: {record['strategy']:>9}: average {measure} {points(summary['average_accuracy'])}, "
             f"BWT {points(summary['bwt'])}, forgetting {points(summary['forgetting'])}, {record['wall_time_s']} s"
         )
     if result.interrupted:

@@ -26,7 +26,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -110,23 +110,41 @@ class Learner:
         epochs: float | None = None,
         eval_batch_size: int = 64,
     ) -> None:
+        self.check_scenario(scenario)
+        strategy.check_method(method)
+        strategy.check_kind(self.kind)
+        self.task, self.tasks, self.scenario, self.strategy = task, list(tasks), scenario, strategy
+        self.method, self.peft = method, dict(peft or {})
+        self.train_config, self.epochs, self.eval_batch_size = train, epochs, eval_batch_size
+        for split in self.tasks:
+            if not split.train or not split.test:
+                raise LMForgeError(f"task {split.name} has no training or no test examples", key="tasks")
+        self.index_classes()
+        self.model = model
+        if method != FULL and not strategy.owns_adapters:
+            self.model = peft_lib.apply(model, method, tokenizer=task.tokenizer, **self.peft)
+        self._test_features = self.test_features()
+
+    kind: ClassVar[str] = "classification"  # the sequence's kind of task (GenerativeLearner: sft)
+
+    def check_scenario(self, scenario: str) -> None:
         if scenario not in SCENARIOS:
             raise LMForgeError(
                 f"unknown scenario '{scenario}' (scenarios: {', '.join(SCENARIOS)})", key="scenario"
             )
-        strategy.check_method(method)
-        self.task, self.tasks, self.scenario, self.strategy = task, list(tasks), scenario, strategy
-        self.method, self.peft = method, dict(peft or {})
-        self.train_config, self.epochs, self.eval_batch_size = train, epochs, eval_batch_size
-        self.num_classes = len(task.labels)
+
+    def index_classes(self) -> None:
+        """The label space: each task's classes, from its training examples."""
+        self.num_classes = len(self.task.labels)
         for split in self.tasks:
-            if not split.train or not split.test:
-                raise LMForgeError(f"task {split.name} has no training or no test examples", key="tasks")
-            split.classes = sorted({task.label_index(e.label) for e in split.train})
-        self.model = model
-        if method != FULL and not strategy.owns_adapters:
-            self.model = peft_lib.apply(model, method, tokenizer=task.tokenizer, **self.peft)
-        self._test_features = [self.encode(split.test, index) for index, split in enumerate(self.tasks)]
+            split.classes = sorted({self.task.label_index(e.label) for e in split.train})
+
+    def test_features(self) -> list[list[dict[str, Any]]]:
+        return [self.encode(split.test, index) for index, split in enumerate(self.tasks)]
+
+    def label_of(self, task: int, example: Any) -> int:
+        """The class a buffer balances ``example`` of task ``task`` under."""
+        return self.task.label_index(example.label)
 
     # ---- the stages ---------------------------------------------------------------------------
 
@@ -165,9 +183,7 @@ class Learner:
         start = time.perf_counter()
         batches = self.strategy.batches(self, stage, self.stage_features(stage))
         config = sized_steps(self.train_config, batches=len(batches), epochs=self.epochs)  # type: ignore[arg-type]
-        objective = ContinualObjective(
-            self, self.strategy.train_classes(self, stage, self.train_masks(stage))
-        )
+        objective = self.objective(stage)
         trainer = Trainer(self.model, objective, batches, config=config, num_targets=self.task.num_targets)
         state = trainer.fit()
         if state.interrupted:
@@ -175,6 +191,18 @@ class Learner:
         self.model.eval()
         self.strategy.finish(self, stage)
         return {"steps": state.step, "train_time_s": round(time.perf_counter() - start, 2)}
+
+    def objective(self, stage: Stage) -> Callable[[nn.Module, dict[str, Tensor]], ObjectiveOutput]:
+        """The loss the loop trains ``stage`` with: the task loss plus the strategy's penalty."""
+        return ContinualObjective(self, self.strategy.train_classes(self, stage, self.train_masks(stage)))
+
+    def log_likelihood(self, model: nn.Module, batch: dict[str, Tensor], stage: Stage) -> Tensor:
+        """The summed log-likelihood of the batch's labels among the classes ``stage`` trains
+        (EWC's Fisher reads its gradient)."""
+        out = model(batch["input_ids"], **model_inputs(batch, "attention_mask", "token_type_ids"))
+        allowed = self.strategy.train_classes(self, stage, self.train_masks(stage)).to(out.logits.device)
+        logits = out.logits.float().masked_fill(~allowed[batch[TASK_KEY]], float("-inf"))
+        return -F.cross_entropy(logits, batch["labels"], reduction="sum")
 
     # ---- class masks -------------------------------------------------------------------------
 
@@ -248,6 +276,10 @@ class Learner:
             result.stages.append(info)
             log(f"stage {stage.index}: {info['steps']} steps, accuracies {format_row(result.rows[-1])}")
         return result
+
+    def general(self) -> float | None:
+        """A general ability watched beside R (a generative sequence's probe perplexity); None here."""
+        return None
 
     def restore(self, done: int, model_state: dict[str, Tensor], strategy_state: dict[str, Any]) -> None:
         """Rebuild the structure of the first ``done`` stages (adapters), then load their weights

@@ -21,6 +21,8 @@ COLUMNS = (
     "train_time_s",
     "wall_time_s",
     "peak_rss_mb",
+    "general_before",
+    "general_after",
 )
 TABLE_STEM = "results"
 
@@ -41,6 +43,8 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "train_time_s": round(sum(s["train_time_s"] for s in result["stages"]), 1),
                 "wall_time_s": result.get("wall_time_s"),
                 "peak_rss_mb": result.get("peak_rss_mb"),
+                "general_before": (result.get("general") or [None])[0],
+                "general_after": (result.get("general") or [None])[-1],
             }
         )
     return rows
@@ -60,13 +64,18 @@ def markdown(results: list[dict[str, Any]], *, title: str = "") -> str:
         )
     for result in results:
         tasks = result["tasks"]
-        lines += ["", f"R for {result['strategy']} (row: after training; column: test task; accuracy %):", ""]
+        measure = "; ".join(f"{t}: {m}" for t, m in zip(tasks, result.get("metrics") or [], strict=False))
+        scored = f"score %, {measure}" if measure and set(result["metrics"]) != {"accuracy"} else "accuracy %"
+        lines += ["", f"R for {result['strategy']} (row: after training; column: test task; {scored}):", ""]
         lines.append("| after \\ on | " + " | ".join(tasks) + " |")
         lines.append("|---|" + "---:|" * len(tasks))
         lines.append("| (untrained) | " + " | ".join(points(v) for v in result["initial"]) + " |")
         labels = ["all tasks (joint)"] if len(result["rows"]) == 1 and len(tasks) > 1 else tasks
         for label, row in zip(labels, result["rows"], strict=False):
             lines.append(f"| {label} | " + " | ".join(points(v) for v in row) + " |")
+        if result.get("general"):
+            values = " → ".join(f"{v:.2f}" for v in result["general"])
+            lines += ["", f"General ability (perplexity of English text never trained on), untrained → each task: {values}"]
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,8 @@
 """The sequence file: a YAML description of a continual-learning run.
 
-    model: path/to/base                 # a run directory or a Hugging Face folder
-    scenario: class                     # task | class | domain (incremental)
+    model: path/to/base                 # a run directory, a Hugging Face folder or a GGUF file
+    task: classification                # or sft: a generative sequence, each task answered as text
+    scenario: class                     # task | class | domain (incremental; classification only)
     method: full                        # or a PEFT method, with its options under peft:
     peft: {r: 8, target_modules: all-linear}
     options: {max_length: 32}           # the classification task's options
@@ -19,6 +20,21 @@
     domains: {file: domains.json, data: ../data/clinc150, take: 10}   # or: one task per domain
     quick: {max_train_per_class: 8, max_test_per_class: 5, epochs: 1, tasks: 3}   # what --quick uses
 
+A generative sequence (``task: sft``) gives each task its own SFT options (template, system
+prompt, answer length), its metric and its test split; a classification folder's integer labels
+become their names from its labels.txt, so the answer to learn is the label word::
+
+    task: sft
+    method: lora
+    options: {chat: true, max_length: 96}          # shared by every task
+    max_train: 400                                 # rows per task (seeded choice); max_test alike
+    probe_windows: 16                              # a general ability watched: perplexity of English text
+    tasks:
+      - {name: sst2, data: ../data/sst2, columns: {target: label}, test_split: validation,
+         options: {template: "Positive or negative? {text}", max_target_length: 4}}
+      - {name: fr, data: ../data/tatoeba_en_fr, metric: chrf, test_split: validation,
+         options: {template: "Translate into French: {source}", max_target_length: 32}}
+
 Relative paths are relative to the current directory, as in every lmforge recipe. Every mistake is one line naming the file,
 the line and the key.
 """
@@ -35,8 +51,12 @@ from .. import peft as peft_lib
 from ..errors import LMForgeError, did_you_mean
 from ..settings import LineMap, dataclass_from_dict, dataclass_to_dict, dataclass_update, load_yaml
 from ..training.config import TrainConfig
+from .generative import GENERATIVE, METRICS
 from .learner import SCENARIOS
 from .strategies import make_strategy
+
+SFT = "sft"
+TASK_KINDS = ("classification", SFT)
 
 DEFAULT_TRAIN = TrainConfig(
     max_steps=100,
@@ -61,6 +81,9 @@ class TaskEntry:
     data: Path
     classes: list[str] | None = None  # keep only the rows of these labels (None: every row)
     columns: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # sft: this task's own options (template, ...)
+    metric: str = "exact"  # sft: exact (match of the answer) or chrf (translation)
+    test_split: str | None = None  # this task's test split (None: the sequence's test_split)
 
 
 @dataclass
@@ -71,6 +94,8 @@ class Quick:
     max_test_per_class: int = 5
     epochs: float = 1.0
     tasks: int | None = None  # keep only the first N tasks
+    max_train: int | None = 16  # sft: rows per task
+    max_test: int | None = 8
 
 
 @dataclass
@@ -79,7 +104,8 @@ class SequenceSpec:
 
     model: Path | None  # the base model (or --model)
     tasks: list[TaskEntry]
-    scenario: str = "class"
+    task: str = "classification"  # classification, or sft (a generative sequence)
+    scenario: str | None = None  # classification: task, class (default) or domain; sft: generative
     method: str = "full"
     peft: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
@@ -89,9 +115,16 @@ class SequenceSpec:
     epochs: float | None = 1.0
     max_train_per_class: int | None = None
     max_test_per_class: int | None = None
+    max_train: int | None = None  # at most this many training rows per task (a seeded choice)
+    max_test: int | None = None  # at most this many test rows per task
+    probe_windows: int = 0  # sft: windows of English text whose perplexity is watched (0: none)
     test_split: str = "test"
     eval_batch_size: int = 64
     quick: Quick = field(default_factory=Quick)
+
+    def __post_init__(self) -> None:
+        if self.scenario is None:
+            self.scenario = GENERATIVE if self.task == SFT else "class"
 
     def quick_version(self) -> SequenceSpec:
         """The ``--quick`` version: fewer rows per class, fewer epochs (and tasks, if set)."""
@@ -101,6 +134,9 @@ class SequenceSpec:
             tasks=self.tasks[: quick.tasks] if quick.tasks else self.tasks,
             max_train_per_class=quick.max_train_per_class,
             max_test_per_class=quick.max_test_per_class,
+            max_train=quick.max_train if self.task == SFT else self.max_train,
+            max_test=quick.max_test if self.task == SFT else self.max_test,
+            probe_windows=min(self.probe_windows, 4),
             epochs=quick.epochs,
         )
 
@@ -156,10 +192,31 @@ def read_sequence(path: str | Path, *, model: str | Path | None = None) -> Seque
     spec.tasks = tasks
     for key, value in mappings.items():
         setattr(spec, key, value)
-    if spec.scenario not in SCENARIOS:
-        raise fail(f"unknown scenario '{spec.scenario}' (scenarios: {', '.join(SCENARIOS)})", "scenario")
+    check_kind(spec, raw, fail)
     check_strategies(spec, fail)
     return spec
+
+
+def check_kind(spec: SequenceSpec, raw: dict[str, Any], fail: Any) -> None:
+    """The sequence's task kind, its scenario and (sft) each task's metric."""
+    if spec.task not in TASK_KINDS:
+        raise fail(f"unknown task '{spec.task}' (a sequence's tasks are one of: {', '.join(TASK_KINDS)})", "task")
+    if spec.task == SFT:
+        if raw.get("scenario") is not None:
+            raise fail(
+                "scenario: does not apply to an sft sequence (one model answers every task as text)", "scenario"
+            )
+        for index, entry in enumerate(spec.tasks):
+            if entry.metric not in METRICS:
+                raise fail(
+                    f"unknown metric '{entry.metric}' (metrics: {', '.join(METRICS)})", f"tasks[{index}].metric"
+                )
+        return
+    if spec.scenario not in SCENARIOS:
+        raise fail(f"unknown scenario '{spec.scenario}' (scenarios: {', '.join(SCENARIOS)})", "scenario")
+    for index, entry in enumerate(spec.tasks):
+        if entry.options or entry.metric != "exact":
+            raise fail("a task's options: and metric: are for sft sequences (task: sft)", f"tasks[{index}]")
 
 
 def resolve(here: Path, value: Any) -> Path:
@@ -184,6 +241,9 @@ def task_entries(raw: dict[str, Any], here: Path, fail: Any) -> list[TaskEntry]:
         for name in item:
             if name not in TASK_KEYS:
                 raise fail(f"unknown task key '{name}'" + did_you_mean(str(name), TASK_KEYS), f"{key}.{name}")
+        for mapping in ("columns", "options"):
+            if item.get(mapping) is not None and not isinstance(item[mapping], dict):
+                raise fail(f"{mapping}: must be a mapping", f"{key}.{mapping}")
         classes = item.get("classes")
         if classes is not None and (not isinstance(classes, list) or not classes):
             raise fail("classes: must be a non-empty list of label names", f"{key}.classes")
@@ -193,6 +253,9 @@ def task_entries(raw: dict[str, Any], here: Path, fail: Any) -> list[TaskEntry]:
                 data=resolve(here, item["data"]),
                 classes=[str(c) for c in classes] if classes else None,
                 columns={str(k): str(v) for k, v in (item.get("columns") or {}).items()},
+                options=dict(item.get("options") or {}),
+                metric=str(item.get("metric", "exact")),
+                test_split=None if item.get("test_split") is None else str(item["test_split"]),
             )
         )
     names = [e.name for e in entries]
@@ -259,7 +322,7 @@ def check_strategies(spec: SequenceSpec, fail: Any) -> None:
             raise fail(f"the options of strategy {name} must be a mapping (or {{}})", f"strategies.{name}")
         try:
             setup = strategy_setup(spec, name)
-            make_strategy(name, setup.options, method=setup.method)
+            make_strategy(name, setup.options, method=setup.method).check_kind(spec.task)
             if setup.method != "full":
                 peft_lib.make_config(setup.method, dict(setup.peft))
         except LMForgeError as err:

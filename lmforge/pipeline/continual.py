@@ -27,14 +27,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..continual.generative import GenerativeLearner
 from ..continual.learner import Learner, SequenceResult, TaskSplit, format_row
 from ..continual.report import write_tables
-from ..continual.sequence import SequenceSpec, select_strategies, strategy_setup
+from ..continual.sequence import SFT, SequenceSpec, select_strategies, strategy_setup
 from ..continual.strategies import make_strategy
 from ..errors import LMForgeError, did_you_mean
-from ..files import atomic_write_json, check_output, read_weights, save_tensors
+from ..files import TIED_KEY, atomic_write_json, check_output, read_weights, save_tensors, save_weights
 from ..tasks.classification import ClassificationTask
-from ..tasks.data import LABELS_FILE
+from ..tasks.data import LABELS_FILE, read_label_file
+from ..tasks.sft import SFTTask
 from ..training import seed_everything
 from .common import Log, silent
 from .finetuning import Base, DataSpec, build_task, fit_head, load_base, read_examples
@@ -78,8 +80,13 @@ def run_sequence(
     atomic_write_json(saved, described)
     assert spec.model is not None  # read_sequence requires one
     base = load_base(spec.model)
-    task, splits = load_splits(spec, base)
-    log(f"{len(splits)} tasks, {spec.scenario}-incremental, {len(task.labels)} labels; method {spec.method}")
+    if spec.task == SFT:
+        task: Any = load_generative(spec, base)
+        splits = task.splits
+        log(f"{len(splits)} tasks, a generative sequence (answers as text); method {spec.method}")
+    else:
+        task, splits = load_splits(spec, base)
+        log(f"{len(splits)} tasks, {spec.scenario}-incremental, {len(task.labels)} labels; method {spec.method}")
     for split in splits:
         log(f"  {split.name}: {len(split.train):,} training / {len(split.test):,} test examples")
     result = ContinualResult()
@@ -94,9 +101,8 @@ def run_sequence(
         if (out / n / RESULT_FILE).is_file()
     ]
     if finished:
-        result.files = write_tables(
-            out, finished, title=f"{spec.scenario}-incremental, {len(splits)} tasks, method {spec.method}"
-        )
+        kind = "a generative sequence" if spec.task == SFT else f"{spec.scenario}-incremental"
+        result.files = write_tables(out, finished, title=f"{kind}, {len(splits)} tasks, method {spec.method}")
     return result
 
 
@@ -104,7 +110,7 @@ def run_strategy(
     spec: SequenceSpec,
     name: str,
     base: Base,
-    task: ClassificationTask,
+    task: ClassificationTask | GenerativeTasks,
     splits: list[TaskSplit],
     folder: Path,
     *,
@@ -116,24 +122,19 @@ def run_strategy(
         return json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
     start = time.perf_counter()
     seed_everything(spec.train.seed)
-    model = fit_head(Base(copy.deepcopy(base.model), base.tokenizer, base.source), task)
     setup = strategy_setup(spec, name)
     method, options = setup.method, setup.options
-    learner = Learner(
-        model,
-        task,
-        copy.deepcopy(splits),
-        scenario=spec.scenario,
-        strategy=make_strategy(name, options, method=method),
-        method=method,
-        peft=setup.peft,
-        train=setup.train,
-        epochs=spec.epochs,
-        eval_batch_size=spec.eval_batch_size,
-    )
+    learner = make_learner(spec, base, task, splits, setup, make_strategy(name, options, method=method))
     progress = read_progress(folder)
     if progress is None:
-        progress = {"done": 0, "initial": learner.evaluate(-1), "rows": [], "stages": [], "elapsed_s": 0.0}
+        progress = {
+            "done": 0,
+            "initial": learner.evaluate(-1),
+            "general": [learner.general()],
+            "rows": [],
+            "stages": [],
+            "elapsed_s": 0.0,
+        }
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / PROGRESS_FILE, progress)
     else:
@@ -145,10 +146,12 @@ def run_strategy(
         learner.prepare(stage)
         info = learner.train_stage(stage)
         row = learner.evaluate(stage.last)
+        progress["general"].append(learner.general())
         what = "all tasks" if len(stage.tasks) > 1 else splits[stage.last].name
+        watched = f"; general perplexity {progress['general'][-1]:.2f}" if progress["general"][-1] else ""
         log(
             f"{name}: stage {stage.index + 1}/{len(stages)} ({what}): {info['steps']} steps, "
-            f"{info['train_time_s']:.0f} s; accuracy % {format_row(row)}"
+            f"{info['train_time_s']:.0f} s; {'score' if spec.task == SFT else 'accuracy'} % {format_row(row)}{watched}"
         )
         write_state(folder / f"stage-{stage.index}", learner)
         progress["rows"].append(row)
@@ -164,16 +167,45 @@ def run_strategy(
         "scenario": spec.scenario,
         "method": method,
         "tasks": [s.name for s in splits],
+        "metrics": [e.metric for e in spec.tasks] if spec.task == SFT else ["accuracy"] * len(splits),
         "initial": progress["initial"],
         "rows": progress["rows"],
+        "general": progress["general"] if any(v is not None for v in progress["general"]) else None,
         "stages": progress["stages"],
         "wall_time_s": round(progress["elapsed_s"] + time.perf_counter() - start, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     result["summary"] = summary_of(result)
     atomic_write_json(folder / RESULT_FILE, result)
-    log(f"{name}: average accuracy {100 * result['summary']['average_accuracy']:.1f}%")
+    measure = "score" if spec.task == SFT else "accuracy"
+    log(f"{name}: average {measure} {100 * result['summary']['average_accuracy']:.1f}%")
     return result
+
+
+def make_learner(
+    spec: SequenceSpec, base: Base, task: Any, splits: list[TaskSplit], setup: Any, strategy: Any
+) -> Learner:
+    """A fresh copy of the base model in a learner for one strategy (the task's head fitted)."""
+    common = {
+        "strategy": strategy,
+        "method": setup.method,
+        "peft": setup.peft,
+        "train": setup.train,
+        "epochs": spec.epochs,
+        "eval_batch_size": spec.eval_batch_size,
+    }
+    if spec.task == SFT:
+        model = fit_head(Base(copy.deepcopy(base.model), base.tokenizer, base.source), task.tasks[0])
+        return GenerativeLearner(
+            model,
+            task.tasks,
+            copy.deepcopy(splits),
+            metrics=[e.metric for e in spec.tasks],
+            probe_windows=spec.probe_windows,
+            **common,
+        )
+    model = fit_head(Base(copy.deepcopy(base.model), base.tokenizer, base.source), task)
+    return Learner(model, task, copy.deepcopy(splits), scenario=str(spec.scenario), **common)
 
 
 def summary_of(result: dict[str, Any]) -> dict[str, Any]:
@@ -191,7 +223,7 @@ def read_progress(folder: Path) -> dict[str, Any] | None:
 def write_state(folder: Path, learner: Learner) -> None:
     """The model's weights and the strategy's state after a stage (tensors apart from the rest)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_tensors(dict(learner.model.state_dict()), folder / "model.safetensors")
+    save_weights(learner.model, folder / "model.safetensors")  # a tied head stored once
     state = learner.strategy.state_dict()
     tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
     save_tensors(tensors or {"_empty": torch.zeros(0)}, folder / "strategy.safetensors")
@@ -199,7 +231,9 @@ def write_state(folder: Path, learner: Learner) -> None:
 
 
 def read_state(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    model_state, _ = read_weights(folder / "model.safetensors")
+    model_state, metadata = read_weights(folder / "model.safetensors")
+    for alias, source in json.loads(metadata.get(TIED_KEY, "{}")).items():
+        model_state[alias] = model_state[source]
     tensors, _ = read_weights(folder / "strategy.safetensors")
     tensors.pop("_empty", None)
     rest = json.loads((folder / "strategy.json").read_text(encoding="utf-8"))
@@ -228,6 +262,62 @@ def load_splits(spec: SequenceSpec, base: Base) -> tuple[ClassificationTask, lis
             parts.append(per_class(task, chosen, limit, seed=spec.train.seed + index))
         splits.append(TaskSplit(entry.name, parts[0], parts[1]))
     return task, splits
+
+
+@dataclass
+class GenerativeTasks:
+    """A generative sequence's SFT task per entry and each one's examples."""
+
+    tasks: list[SFTTask]
+    splits: list[TaskSplit]
+
+
+def load_generative(spec: SequenceSpec, base: Base) -> GenerativeTasks:
+    """Each entry's SFT task (the sequence's options under its own) and its training and test
+    examples, restricted to its classes (answers) and subsampled as the spec says. A folder's
+    integer labels become their names (labels.txt), the answer a model learns to give."""
+    tasks, splits = [], []
+    for index, entry in enumerate(spec.tasks):
+        task = build_task("sft", base, options={**spec.options, **entry.options}, columns=entry.columns)
+        assert isinstance(task, SFTTask)
+        data = DataSpec(path=entry.data, columns=entry.columns)
+        names = read_label_file(data.labels_file()) if data.labels_file() is not None else None
+        for wanted in entry.classes or []:
+            if names is not None and wanted not in names:
+                raise LMForgeError(
+                    f"label '{wanted}' is not in {data.labels_file()}" + did_you_mean(wanted, names),
+                    key=f"tasks[{index}].classes",
+                )
+        parts = []
+        for split, limit in (("train", spec.max_train), (entry.test_split or spec.test_split, spec.max_test)):
+            examples = [named(e, names) for e in read_examples(task, data, split, training=split == "train")]
+            examples = [e for e in examples if e.response is not None]
+            if entry.classes is not None:
+                examples = [e for e in examples if e.response in set(entry.classes)]
+            if not examples:
+                raise LMForgeError(f"task {entry.name} has no {split} examples", key=f"tasks[{index}]")
+            parts.append(subsample(examples, limit, seed=spec.train.seed + index))
+        tasks.append(task)
+        splits.append(TaskSplit(entry.name, parts[0], parts[1]))
+    return GenerativeTasks(tasks, splits)
+
+
+def named(example: Any, names: list[str] | None) -> Any:
+    """``example`` with an integer answer replaced by that label's name (-1, unlabeled: none)."""
+    answer = example.response
+    if names is None or answer is None or not answer.lstrip("-").isdigit():
+        return example
+    index = int(answer)
+    example.response = names[index] if 0 <= index < len(names) else None
+    return example
+
+
+def subsample(examples: list[Any], limit: int | None, *, seed: int) -> list[Any]:
+    """At most ``limit`` of ``examples`` (a seeded choice, file order kept); all if None."""
+    if limit is None or len(examples) <= limit:
+        return examples
+    keep = sorted(np.random.default_rng(seed).permutation(len(examples))[:limit].tolist())
+    return [examples[i] for i in keep]
 
 
 def of_classes(

@@ -222,7 +222,8 @@ def accuracy_matrix_figure(result: dict[str, Any]) -> Figure:
             if not math.isnan(value):
                 axes.text(j, i, f"{value:.0f}", ha="center", va="center", color="w", fontsize=7)
     axes.set_title(f"accuracy matrix R: {result['strategy']}")
-    figure.colorbar(image, ax=axes, label="accuracy %")
+    scored = set(result.get("metrics") or ["accuracy"]) != {"accuracy"}  # a generative sequence's scores
+    figure.colorbar(image, ax=axes, label="score %" if scored else "accuracy %")
     figure.tight_layout()
     return figure
 

@@ -46,6 +46,8 @@ class Strategy:
         why: the reason shown when a method is refused.
         all_at_once: train one stage on every task's data (joint training), not one per task.
         owns_adapters: the strategy adds its own adapters (the driver applies no PEFT method).
+        generative: it also runs generative sequences (SFT tasks answered as text), where there
+            are no class logits to mask, route or distil.
     """
 
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
@@ -54,6 +56,7 @@ class Strategy:
     why: ClassVar[str] = ""
     all_at_once: ClassVar[bool] = False
     owns_adapters: ClassVar[bool] = False
+    generative: ClassVar[bool] = False
 
     def __init__(self, options: StrategyOptions) -> None:
         self.options: Any = options
@@ -90,6 +93,16 @@ class Strategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+
+    @classmethod
+    def check_kind(cls, kind: str) -> None:
+        """Refuse a generative sequence unless the strategy runs one (one line)."""
+        if kind == "sft" and not cls.generative:
+            raise LMForgeError(
+                f"strategy {cls.name} runs classification sequences only (it works on class logits); "
+                f"generative (sft) sequences take: {', '.join(n for n, r in STRATEGIES.items() if r.strategy_class.generative)}",
+                key="strategies",
+            )
 
     @classmethod
     def check_method(cls, method: str) -> None:

@@ -14,15 +14,14 @@ the task. While training later tasks the loss gains
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...objectives.base import model_inputs
 from .base import Strategy, StrategyOptions, register_strategy, trainable
 
 if TYPE_CHECKING:
@@ -45,6 +44,7 @@ class EWC(Strategy):
 
     Options = EWCOptions
     name = "ewc"
+    generative = True
 
     def __init__(self, options: EWCOptions) -> None:
         super().__init__(options)
@@ -65,7 +65,7 @@ class EWC(Strategy):
             len(features), size=min(len(features), self.options.fisher_samples), replace=False
         )
         batches = [learner.collate([features[i]]) for i in sorted(picked)]
-        fresh = diagonal_fisher(learner.model, batches, learner.train_masks(stage))
+        fresh = diagonal_fisher(learner.model, batches, lambda model, batch: learner.log_likelihood(model, batch, stage))
         for name, value in fresh.items():
             previous = self.fisher.get(name)
             self.fisher[name] = value if previous is None else self.options.gamma * previous + value
@@ -94,9 +94,14 @@ def ewc_penalty(
     return 0.5 * lam * total
 
 
-def diagonal_fisher(model: nn.Module, batches: list[dict[str, Tensor]], masks: Tensor) -> dict[str, Tensor]:
+def diagonal_fisher(
+    model: nn.Module,
+    batches: list[dict[str, Tensor]],
+    log_likelihood: Callable[[nn.Module, dict[str, Tensor]], Tensor],
+) -> dict[str, Tensor]:
     """The empirical Fisher diagonal: the mean over one-example batches of the squared gradient
-    of the log-likelihood of the true label (among the example's allowed classes)."""
+    of the example's log-likelihood (``log_likelihood(model, batch)``: of the true label among
+    the allowed classes, or of the reference answer's tokens)."""
     parameters = trainable(model)
     sums = {n: torch.zeros_like(p) for n, p in parameters.items()}
     device = next(iter(parameters.values())).device
@@ -105,11 +110,8 @@ def diagonal_fisher(model: nn.Module, batches: list[dict[str, Tensor]], masks: T
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(batch["input_ids"], **model_inputs(batch, "attention_mask", "token_type_ids"))
-            allowed = masks.to(device)[batch["task_ids"]]
-            logits = out.logits.float().masked_fill(~allowed, float("-inf"))
-            log_likelihood = -F.cross_entropy(logits, batch["labels"], reduction="sum")
-            grads = torch.autograd.grad(log_likelihood, list(parameters.values()), allow_unused=True)
+            value = log_likelihood(model, batch)
+            grads = torch.autograd.grad(value, list(parameters.values()), allow_unused=True)
             for (name, _), grad in zip(parameters.items(), grads, strict=True):
                 if grad is not None:
                     sums[name] += grad.detach().pow(2)

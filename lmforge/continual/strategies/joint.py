@@ -10,6 +10,7 @@ class Joint(Strategy):
     """One stage over the union of all tasks' training examples."""
 
     name = "joint"
+    generative = True
     all_at_once = True
 
 

@@ -11,6 +11,7 @@ class Naive(Strategy):
     """Train each task in turn; every hook is the base class's no-op."""
 
     name = "naive"
+    generative = True
 
 
 register_strategy(Naive, "sequential fine-tuning, no protection (the lower bound)")

@@ -43,6 +43,7 @@ class OLoRA(Strategy):
 
     Options = OLoRAOptions
     name = "olora"
+    generative = True
     methods = ("lora",)
     why = "its penalty acts on the LoRA factors A"
     owns_adapters = True

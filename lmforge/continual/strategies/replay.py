@@ -7,7 +7,8 @@ The buffer holds references (task, example) to earlier training examples, chosen
   probability capacity / n, replacing a uniformly chosen slot, so at any time the buffer is a
   uniform sample of everything seen;
 - ``class_balanced``: an equal share of the budget per class seen so far (a class's share
-  shrinks, by random removal, as new classes arrive; new classes fill theirs at random).
+  shrinks, by random removal, as new classes arrive; new classes fill theirs at random); in a
+  generative sequence, where answers are text, an equal share per task.
 
 Each training batch of a new task is its own batch plus ``replay_batch_size`` examples drawn
 from the buffer, so old and new examples are mixed in every step.
@@ -113,6 +114,7 @@ class Replay(Strategy):
 
     Options = ReplayOptions
     name = "replay"
+    generative = True
 
     def __init__(self, options: ReplayOptions) -> None:
         super().__init__(options)
@@ -157,7 +159,7 @@ class Replay(Strategy):
             if isinstance(buffer, ReservoirBuffer):
                 buffer.add(refs, rng)
             else:
-                labels = [learner.task.label_index(e.label) for e in learner.tasks[t].train]
+                labels = [learner.label_of(t, e) for e in learner.tasks[t].train]
                 buffer.add(refs, labels, rng)
 
     def state_dict(self) -> dict[str, Any]:
