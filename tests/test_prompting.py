@@ -500,11 +500,12 @@ def test_select_chooses_template_and_calibration_on_training_data_and_records_th
     )  # fmt: skip
     table = result.settings["selection"]
     assert {(r["template"], r["calibrate"]) for r in table} == {
-        (t, c) for t in ("review", "words") for c in ("none", "batch")
+        (t, c) for t in ("review", "words", "ensemble") for c in ("none", "batch")
     }
     best = max(table, key=lambda r: r["accuracy"])  # the first of equals
     assert result.settings["candidates"] == ["review", "words"]
-    assert [t["name"] for t in result.settings["templates"]] == [best["template"]]
+    used = ["review", "words"] if best["template"] == "ensemble" else [best["template"]]
+    assert [t["name"] for t in result.settings["templates"]] == used
     assert result.settings["settings"]["calibrate"] == best["calibrate"]
 
 
@@ -586,3 +587,24 @@ def test_prompt_command_bad_options_are_one_line_exit_2(
     code, _, err = run_cli(["prompt", "--model", base, "--data", data, *args], capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and message in lines[0], (code, err)
+
+
+def test_select_picks_the_ensemble_when_averaging_the_templates_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two templates, each biased to one label (50% each on the held-out examples); their average
+    is right on all four: the ensemble is chosen, with every template."""
+    from lmforge.pipeline import prompting as pipeline_prompting
+    from lmforge.prompting import PromptTemplate
+    from lmforge.prompting.classifier import PromptScores
+
+    a = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.9, 0.1], [0.6, 0.4]], dtype=torch.float64)
+    b = torch.tensor([[0.4, 0.6], [0.1, 0.9], [0.4, 0.6], [0.1, 0.9]], dtype=torch.float64)
+    scores = PromptScores((a + b) / 2, (a + b) / 2, {"a": a, "b": b}, {"a": a, "b": b})
+    monkeypatch.setattr(pipeline_prompting, "in_context", lambda *args, **kwargs: (scores, None))
+    monkeypatch.setattr(pipeline_prompting, "label_indices", lambda task, examples: [0, 1, 0, 1])
+    templates = [PromptTemplate("{text} {label}", name=n) for n in ("a", "b")]
+    chosen, calibration, table = pipeline_prompting.select_on_training(
+        None, None, templates, PromptSettings(calibrate="contextual"), [], [None] * 4,  # type: ignore[arg-type]
+        embedder=None, progress=False,
+    )  # fmt: skip
+    assert [t.name for t in chosen] == ["a", "b"] and calibration == "none"
+    assert {(r["template"], r["accuracy"]) for r in table if r["calibrate"] == "none"} == {("a", 0.5), ("b", 0.5), ("ensemble", 1.0)}

@@ -303,6 +303,9 @@ def draw_references(candidates: Sequence[int], count: int, *, seed: int) -> list
     return sorted(candidates[i] for i in picked.tolist())
 
 
+ENSEMBLE = "ensemble"  # a selection candidate: every template of the file, distributions averaged
+
+
 def select_on_training(
     base: Base,
     task: PromptClassificationTask,
@@ -313,22 +316,24 @@ def select_on_training(
     *,
     embedder: Base | None,
     progress: bool,
-) -> tuple[PromptTemplate, Calibration, list[dict[str, Any]]]:
-    """The template and calibration (the asked one, or none) with the best accuracy on held-out
-    training examples; the table of what was tried."""
+) -> tuple[list[PromptTemplate], Calibration, list[dict[str, Any]]]:
+    """The template (or, with several, the ensemble of all of them) and the calibration (the
+    asked one, or none) with the best accuracy on held-out training examples; the table of what
+    was tried. The ensemble costs no extra pass: it averages the templates' distributions."""
     gold = torch.tensor(label_indices(task, held_out))
     calibration: Calibration = settings.calibrate if settings.calibrate != "none" else "contextual"
     trial = PromptSettings(**{**settings.__dict__, "calibrate": calibration})
     scores, _ = in_context(base, task, templates, trial, pool, held_out, embedder=embedder, progress=progress)
+    candidates = [(t.name, scores.per_template_uncalibrated[t.name], scores.per_template[t.name]) for t in templates]
+    if len(templates) > 1:
+        candidates.append((ENSEMBLE, scores.uncalibrated, scores.probabilities))
     table = []
-    for template in templates:
-        calibrated = scores.per_template[template.name]
-        raw = scores.per_template_uncalibrated[template.name]
+    for name, raw, calibrated in candidates:
         for how, probs in (("none", raw), (calibration, calibrated)):
             accuracy = float((probs.argmax(-1) == gold).double().mean())
-            table.append({"template": template.name, "calibrate": how, "accuracy": round(accuracy, 4)})
+            table.append({"template": name, "calibrate": how, "accuracy": round(accuracy, 4)})
     best = max(table, key=lambda row: row["accuracy"])  # the first of equals: the plainer choice
-    chosen = next(t for t in templates if t.name == best["template"])
+    chosen = list(templates) if best["template"] == ENSEMBLE else [t for t in templates if t.name == best["template"]]
     return chosen, best["calibrate"], table
 
 
@@ -360,14 +365,14 @@ def classify_split(
         pool = [pool[i] for i in sorted(rng.permutation(len(pool))[: settings.pool_size])]
     embedder = embedder_for(settings.embedder, base, device=device) if settings.shots and settings.selection == "knn" else None
     if settings.select:
-        template, calibration, table = select_on_training(
+        chosen_templates, calibration, table = select_on_training(
             base, task, templates, settings, pool, held_out, embedder=embedder, progress=progress
         )
         log("selection on training data: " + "; ".join(f"{r['template']}/{r['calibrate']} {r['accuracy']:.4f}" for r in table))
         record["selection"] = table
         record["candidates"] = [t.name for t in templates]
-        templates = [template]
-        record["templates"] = [template.to_dict()]  # the one used
+        templates = chosen_templates
+        record["templates"] = [t.to_dict() for t in templates]  # the one used (all: the ensemble)
         settings = PromptSettings(**{**settings.__dict__, "calibrate": calibration})
     log(
         f"{len(examples):,} examples, {len(templates)} template(s) ({', '.join(t.name for t in templates)}), "
