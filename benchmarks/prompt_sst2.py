@@ -135,7 +135,9 @@ def zeroshot(args: argparse.Namespace) -> None:
                 template=str(args.templates), calibrate=args.calibrate, select=args.select, seed=seed
             )
             result, wall, cpu = run(chosen)
-            picked = f"{result.settings['templates'][0]['name']}, calibration {result.settings['settings']['calibrate']}"
+            used = [t["name"] for t in result.settings["templates"]]
+            named = used[0] if len(used) == 1 else f"the ensemble of {'+'.join(used)}"
+            picked = f"{named}, calibration {result.settings['settings']['calibrate']}"
             tables.append(
                 f"seed {seed}: "
                 + "; ".join(f"{r['template']}/{r['calibrate']} {100 * r['accuracy']:.1f}" for r in result.settings["selection"])

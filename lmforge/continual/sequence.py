@@ -21,8 +21,9 @@
     quick: {max_train_per_class: 8, max_test_per_class: 5, epochs: 1, tasks: 3}   # what --quick uses
 
 A generative sequence (``task: sft``) gives each task its own SFT options (template, system
-prompt, answer length), its metric and its test split; a classification folder's integer labels
-become their names from its labels.txt, so the answer to learn is the label word::
+prompt, answer length), its metric and its test split; with ``columns: {target: label}`` a
+classification folder's integer labels become their names from its labels.txt, so the answer to
+learn is the label word::
 
     task: sft
     method: lora

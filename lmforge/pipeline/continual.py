@@ -274,18 +274,20 @@ class GenerativeTasks:
 
 def load_generative(spec: SequenceSpec, base: Base) -> GenerativeTasks:
     """Each entry's SFT task (the sequence's options under its own) and its training and test
-    examples, restricted to its classes (answers) and subsampled as the spec says. A folder's
-    integer labels become their names (labels.txt), the answer a model learns to give."""
+    examples, restricted to its classes (answers) and subsampled as the spec says. When the
+    answer is a classification folder's label column (``columns: {target: label}``), its integer
+    labels become their names (labels.txt): the answer a model learns to give."""
     tasks, splits = [], []
     for index, entry in enumerate(spec.tasks):
         task = build_task("sft", base, options={**spec.options, **entry.options}, columns=entry.columns)
         assert isinstance(task, SFTTask)
         data = DataSpec(path=entry.data, columns=entry.columns)
-        names = read_label_file(data.labels_file()) if data.labels_file() is not None else None
+        labels_file = data.labels_file() if entry.columns.get("target") == "label" else None
+        names = read_label_file(labels_file) if labels_file is not None else None  # answers by name
         for wanted in entry.classes or []:
             if names is not None and wanted not in names:
                 raise LMForgeError(
-                    f"label '{wanted}' is not in {data.labels_file()}" + did_you_mean(wanted, names),
+                    f"label '{wanted}' is not in {labels_file}" + did_you_mean(wanted, names),
                     key=f"tasks[{index}].classes",
                 )
         parts = []
