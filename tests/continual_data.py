@@ -4,8 +4,10 @@ classes each, every class marked by its own cue word among random filler words."
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import torch
 
 from lmforge import ModelConfig, Transformer
@@ -22,6 +24,16 @@ TASKS = {  # task name -> cue word -> class
     "colors": {"red": "red_class", "blue": "blue_class"},
 }
 LABELS = [label for cues in TASKS.values() for label in cues.values()]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread (and do not fight the other tests for cores); the
+    continual test modules import this fixture."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_tokenizer() -> Tokenizer:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from continual_data import one_thread  # noqa: F401 (an autouse fixture)
 from tiny_runs import tiny_base
 
 from lmforge import ModelConfig, Transformer
@@ -31,13 +31,6 @@ TASKS = {  # task name -> (prompt word, cue word -> answer)
     "pets": ("pet", {"cat": "m", "dog": "w"}),
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def word_tokenizer() -> Tokenizer:

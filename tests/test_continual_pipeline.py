@@ -6,12 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from continual_data import LABELS, TASKS, make_tokenizer, records
+from continual_data import LABELS, TASKS, make_tokenizer, one_thread, records  # noqa: F401 (one_thread: an autouse fixture)
 from tiny_runs import tiny_base
 
 from lmforge.cli import main
@@ -23,13 +21,6 @@ from lmforge.pipeline.continual import run_sequence
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

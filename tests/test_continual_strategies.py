@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
-from continual_data import fast, make_tokenizer, setup
+from continual_data import fast, make_tokenizer, one_thread, setup  # noqa: F401 (one_thread: an autouse fixture)
 
 from lmforge import peft
 from lmforge.continual import Learner, make_strategy, strategy_names
@@ -25,14 +24,6 @@ from lmforge.tokenizers import Tokenizer
 def tokenizer() -> Tokenizer:
     return make_tokenizer()
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and do not fight the other tests for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def learner(
