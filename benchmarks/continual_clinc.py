@@ -6,6 +6,12 @@ target and append the section to RESULTS.md.
     lmforge continual configs/continual/clinc150-domains.yaml --model $M --quick --threads 1 --out OUT
     python benchmarks/continual_clinc.py OUT [OUT2 ...] --note "how it was run"
 
+Any other sequence's folders are collected the same way with ``--title`` (the CLINC target is
+then not checked), e.g. SmolLM2's generative sequence:
+
+    lmforge continual configs/continual/smollm2-generative.yaml --model SMOL.gguf --threads 2 --out OUT
+    python benchmarks/continual_clinc.py OUT --title "Continual learning: SmolLM2 generative sequence"
+
 Target (issue 15): the best non-joint strategy's final average accuracy within 5 points of
 joint, with BWT ≥ −5 points; naive shows the forgetting.
 """
@@ -90,13 +96,14 @@ def main() -> None:
     parser.add_argument("--note", default="", help="how the runs were made (commands, sizes); or @FILE")
     parser.add_argument("--partial", action="store_true", help="also strategies that did not finish")
     parser.add_argument("--no-record", action="store_true", help="print, do not append to RESULTS.md")
+    parser.add_argument("--title", default=None, help="another sequence's section title (no CLINC target check)")
     args = parser.parse_args()
     note = Path(args.note[1:]).read_text(encoding="utf-8") if args.note.startswith("@") else args.note
     results = collect(args.folders, partial=args.partial)
     if not results:
         raise SystemExit("no finished strategy (result.json) in " + ", ".join(map(str, args.folders)))
     if args.tables is not None:
-        write_tables(args.tables, results, title="CLINC150 10 domains, class-incremental")
+        write_tables(args.tables, results, title=args.title or "CLINC150 10 domains, class-incremental")
     first = results[0]
     sizes = [len(r["rows"]) for r in results]
     body = "\n\n".join(
@@ -104,7 +111,7 @@ def main() -> None:
         for part in (
             note,
             f"Tasks: {', '.join(first['tasks'])}. Rows of R per strategy: {sizes}.",
-            verdict(results),
+            "" if args.title else verdict(results),
             markdown(results),
         )
         if part
@@ -112,7 +119,7 @@ def main() -> None:
     if args.no_record:
         print(body)
     else:
-        append_results("Continual learning: CLINC150 10 domains, class-incremental, MiniLM-L6", body)
+        append_results(args.title or "Continual learning: CLINC150 10 domains, class-incremental, MiniLM-L6", body)
 
 
 if __name__ == "__main__":

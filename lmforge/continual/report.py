@@ -53,14 +53,21 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(results: list[dict[str, Any]], *, title: str = "") -> str:
     """The comparison table, then each strategy's accuracy matrix (accuracy points)."""
     lines = [f"## {title}", ""] if title else []
+    scored = any(set(r.get("metrics") or ["accuracy"]) != {"accuracy"} for r in results)
+    watched = any(r.get("general") for r in results)
     lines += [
-        "| strategy | avg acc | BWT | FWT | forgetting | train s | wall s | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| strategy | {'avg score' if scored else 'avg acc'} | BWT | FWT | forgetting | train s | wall s | peak RSS MB |"
+        + (" general perplexity, before → after |" if watched else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if watched else ""),
     ]
     for row in table_rows(results):
+        general = ""
+        if watched:
+            before, after = row["general_before"], row["general_after"]
+            general = f" {before:.2f} → {after:.2f} |" if before is not None and after is not None else " n/a |"
         lines.append(
             f"| {row['strategy']} | {points(row['average_accuracy'])} | {points(row['bwt'])} | {points(row['fwt'])} "
-            f"| {points(row['forgetting'])} | {row['train_time_s']} | {row['wall_time_s']} | {row['peak_rss_mb']} |"
+            f"| {points(row['forgetting'])} | {row['train_time_s']} | {row['wall_time_s']} | {row['peak_rss_mb']} |{general}"
         )
     for result in results:
         tasks = result["tasks"]
