@@ -29,15 +29,15 @@ def continual(
     fine-tuning method and the strategies to compare. With task: sft the sequence is generative:
     each task is supervised fine-tuning of a decoder answered as text (its own template, exact
     match or chrF), and the perplexity of English text never trained on is watched beside R
-    (configs/continual/smollm2-generative.yaml: SmolLM2 on sentiment, intents, translation). After every task every task's test split is
-    scored: OUT/results.md, .csv and .json hold each strategy's accuracy matrix R, average
+    (configs/continual/smollm2-generative.yaml: SmolLM2 on sentiment, intents, translation).
+    After every task every task's test split is scored: OUT/results.md, .csv and .json hold each strategy's accuracy matrix R, average
     accuracy, backward transfer (BWT), forward transfer (FWT), forgetting, time and peak memory;
     OUT/R_<strategy>.png the heatmap of R (with matplotlib). A killed run continues from the last
     finished task with --resume. Example: configs/continual/clinc150-domains.yaml.
 
     Args:
         sequence: the sequence file (YAML).
-        model: the base model (a run directory or a Hugging Face folder), instead of the file's model:.
+        model: the base model (a run directory, a Hugging Face folder or a GGUF file), instead of the file's model:.
         out: the output folder.
         strategies: run only these strategies of the file, e.g. --strategies naive,replay.
         quick: the smaller version the file's quick: section describes (fewer rows, epochs, tasks).
