@@ -30,10 +30,11 @@ def continual(
     each task is supervised fine-tuning of a decoder answered as text (its own template, exact
     match or chrF), and the perplexity of English text never trained on is watched beside R
     (configs/continual/smollm2-generative.yaml: SmolLM2 on sentiment, intents, translation).
-    After every task every task's test split is scored: OUT/results.md, .csv and .json hold each strategy's accuracy matrix R, average
-    accuracy, backward transfer (BWT), forward transfer (FWT), forgetting, time and peak memory;
-    OUT/R_<strategy>.png the heatmap of R (with matplotlib). A killed run continues from the last
-    finished task with --resume. Example: configs/continual/clinc150-domains.yaml.
+    After every task every task's test split is scored: OUT/results.md, .csv and .json hold each
+    strategy's accuracy matrix R, average accuracy, backward transfer (BWT), forward transfer
+    (FWT), forgetting, time and peak memory; OUT/R_<strategy>.png the heatmap of R (with
+    matplotlib). A killed run continues from the last finished task with --resume. Example:
+    configs/continual/clinc150-domains.yaml.
 
     Args:
         sequence: the sequence file (YAML).
