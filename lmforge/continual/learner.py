@@ -5,6 +5,10 @@
         the scenario's classes + strategy.penalty) → strategy.finish
         → evaluate every task's test split → one row of the accuracy matrix R
 
+A generative sequence (SFT tasks answered as text) runs in the subclass
+:class:`lmforge.continual.generative.GenerativeLearner`, which overrides the hooks below that
+speak of classes (encoding, the objective, the log-likelihood, evaluation).
+
 Scenarios (van de Ven & Tolias 2019, "Three scenarios for continual learning"):
 
 - ``task``: task-incremental, the task id is known at test time: each example is scored among
@@ -96,6 +100,8 @@ class Learner:
         LMForgeError: an unknown scenario, a task with no examples, a method the strategy refuses.
     """
 
+    kind: ClassVar[str] = "classification"  # the sequence's kind of task (GenerativeLearner: sft)
+
     def __init__(
         self,
         model: nn.Module,
@@ -124,8 +130,6 @@ class Learner:
         if method != FULL and not strategy.owns_adapters:
             self.model = peft_lib.apply(model, method, tokenizer=task.tokenizer, **self.peft)
         self._test_features = self.test_features()
-
-    kind: ClassVar[str] = "classification"  # the sequence's kind of task (GenerativeLearner: sft)
 
     def check_scenario(self, scenario: str) -> None:
         if scenario not in SCENARIOS:
