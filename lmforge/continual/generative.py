@@ -141,9 +141,7 @@ class GenerativeLearner(Learner):
         return GenerativeObjective(self)
 
     def log_likelihood(self, model: nn.Module, batch: dict[str, Tensor], stage: Stage) -> Tensor:
-        counted = batch["labels"] != IGNORE_INDEX
-        out = model(batch["input_ids"], **model_inputs(batch, "attention_mask"), logits_at=counted)
-        return -token_cross_entropy(out.logits, batch["labels"][counted]).loss_sum
+        return -answer_loss(model, batch)[0].loss_sum
 
     def answers(self, task: int) -> list[str]:
         """The model's greedy answer to each test example of ``task``."""
@@ -176,6 +174,14 @@ class GenerativeLearner(Learner):
         return math.exp(total / max(count, 1))
 
 
+def answer_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[ObjectiveOutput, Tensor]:
+    """Cross-entropy of the answer tokens and their logits; the LM head runs on the answers'
+    positions only (the training loss and EWC's log-likelihood alike)."""
+    counted = batch["labels"] != IGNORE_INDEX
+    out = model(batch["input_ids"], **model_inputs(batch, "attention_mask"), logits_at=counted)
+    return token_cross_entropy(out.logits, batch["labels"][counted]), out.logits
+
+
 class GenerativeObjective:
     """Cross-entropy of the answer tokens (the prompt is context), plus the strategy's penalty;
     the LM head runs on the answers' positions only."""
@@ -184,10 +190,8 @@ class GenerativeObjective:
         self.learner = learner
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
-        counted = batch["labels"] != IGNORE_INDEX
-        out = model(batch["input_ids"], **model_inputs(batch, "attention_mask"), logits_at=counted)
-        result = token_cross_entropy(out.logits, batch["labels"][counted])
-        extra = self.learner.strategy.penalty(self.learner, model, batch, out.logits)
+        result, logits = answer_loss(model, batch)
+        extra = self.learner.strategy.penalty(self.learner, model, batch, logits)
         if extra is not None:
             result.metrics["penalty"] = float(extra.detach())
             result.loss_sum = result.loss_sum + extra * result.num_targets
