@@ -7,7 +7,8 @@ fewer of them:
 - **bf16**: the whole model in bfloat16 (2 bytes per weight instead of 4; the KV cache too).
 - **int8, weight-only**: every ``nn.Linear`` of the model (the LM head included) keeps its weight
   as int8 codes q ∈ [−127, 127] and one scale per group of ``group_size`` consecutive input
-  columns of each output row, w ≈ s_g · q with s_g = max|w_g| / 127 (symmetric absmax: the layout
+  columns of each output row (or of the widest group under that size that divides the layer's
+  columns: SmolLM2's 576 take 192), w ≈ s_g · q with s_g = max|w_g| / 127 (symmetric absmax: the layout
   of GGUF's Q8_0, whose groups are 32 wide). Embeddings, norms and attention stay floating point.
   The product runs in PyTorch's int8-weight matmul (``torch._weight_int8pack_mm``), one call per
   group of columns, with the activations in bf16.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DTYPES", "Int8Linear", "for_decoding", "quantize_int8", "quantize_linears"]
+__all__ = ["DTYPES", "Int8Linear", "fitting_group", "for_decoding", "quantize_int8", "quantize_linears"]
 
 DTYPES = ("fp32", "bf16", "int8")
 DEFAULT_GROUP_SIZE = 256  # columns per scale; Q8_0 uses 32 (the same code, slower with PyTorch's kernel here)
@@ -45,6 +46,14 @@ def quantize_int8(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     return codes.transpose(0, 1).contiguous(), scales.t().contiguous()  # (G, N, g), (G, N)
 
 
+def fitting_group(columns: int, group_size: int) -> int:
+    """The widest group of at most ``group_size`` columns that divides ``columns``: a width of
+    576 (SmolLM2) with groups of 256 takes groups of 192, 1,536 columns take 256."""
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    return next(g for g in range(min(group_size, columns), 0, -1) if columns % g == 0)
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights and per-group scales: y = Σ_g s_g ⊙ (x_g q_gᵀ) + b.
 
@@ -64,9 +73,9 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> Int8Linear:
-        """Quantize an ``nn.Linear`` (its weight is read, not kept)."""
-        group_size = min(group_size, linear.in_features)
-        codes, scales = quantize_int8(linear.weight, group_size)
+        """Quantize an ``nn.Linear`` (its weight is read, not kept), in groups of the widest size
+        up to ``group_size`` that divides its input columns (:func:`fitting_group`)."""
+        codes, scales = quantize_int8(linear.weight, fitting_group(linear.in_features, group_size))
         return cls(codes, scales, linear.bias)
 
     def dequantized_weight(self) -> Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 from lmforge import ModelConfig, Transformer, save_run
 from lmforge.cli import main
 from lmforge.generation import generate
-from lmforge.quant import Int8Linear, for_decoding, quantize_int8
+from lmforge.quant import Int8Linear, fitting_group, for_decoding, quantize_int8
 from lmforge.tokenizers import Tokenizer
 
 
@@ -34,6 +34,15 @@ def test_codes_and_scales_are_absmax_per_group(group_size: int) -> None:
 def test_a_group_size_must_divide_the_columns() -> None:
     with pytest.raises(ValueError, match="group_size 48 must divide the 128 input columns"):
         quantize_int8(torch.randn(4, 128), 48)
+
+
+def test_each_layer_takes_the_widest_group_that_divides_its_columns() -> None:
+    assert fitting_group(576, 256) == 192 and fitting_group(1536, 256) == 256 and fitting_group(128, 256) == 128
+    assert fitting_group(97, 32) == 1  # a prime width: one scale per weight, still correct
+    layer = Int8Linear.from_linear(nn.Linear(576, 8), 256)  # SmolLM2's width: no group of 256 fits
+    assert (layer.num_groups, layer.group_size) == (3, 192)
+    with pytest.raises(ValueError, match="must be positive"):
+        fitting_group(64, 0)
 
 
 @pytest.mark.parametrize("bias", [True, False])
