@@ -76,7 +76,7 @@ def cli_line(settings: PromptSettings, extra: str = "") -> str:
         parts.append(f"--shots {settings.shots} --selection {settings.selection}")
     if settings.embedder != "self":
         parts.append(f"--embedder {settings.embedder}")
-    for key in ("pool_size", "select"):
+    for key in ("pool_size", "select", "select_min_words"):
         if getattr(settings, key):
             parts.append(f"--{key} {getattr(settings, key)}")
     if settings.calibrate != "none":
@@ -130,9 +130,11 @@ def zeroshot(args: argparse.Namespace) -> None:
         )
     if "chosen" in args.which:
         rows, tables, accuracies = [], [], []
+        longer = f" of ≥ {args.select_min_words} words" if args.select_min_words else ""
         for seed in args.seeds:  # the seed draws the held-out training examples that choose
             chosen = PromptSettings(
-                template=str(args.templates), calibrate=args.calibrate, select=args.select, seed=seed
+                template=str(args.templates), calibrate=args.calibrate, select=args.select,
+                select_min_words=args.select_min_words, seed=seed,
             )
             result, wall, cpu = run(chosen)
             used = [t["name"] for t in result.settings["templates"]]
@@ -143,7 +145,7 @@ def zeroshot(args: argparse.Namespace) -> None:
                 + "; ".join(f"{r['template']}/{r['calibrate']} {100 * r['accuracy']:.1f}" for r in result.settings["selection"])
             )
             rows += row(
-                f"zero-shot, seed {seed}, chosen on {args.select} training examples: {picked}", result, wall, cpu, chosen
+                f"zero-shot, seed {seed}, chosen on {args.select} training examples{longer}: {picked}", result, wall, cpu, chosen
             )
             accuracies.append(result.metrics["accuracy"])
             print("\n".join(rows[-2:]), flush=True)
@@ -152,7 +154,7 @@ def zeroshot(args: argparse.Namespace) -> None:
             "(benchmarks/prompt_sst2.py zeroshot)",
             f"{size}. Model: {model}.\n\n{HEADER}\n" + "\n".join(rows) + "\n\n"
             + mean_line(accuracies)
-            + f"Selection on {args.select} held-out training examples (accuracy %, template/calibration): {'. '.join(tables)}. "
+            + f"Selection on {args.select} held-out training examples{longer} (accuracy %, template/calibration): {'. '.join(tables)}. "
             f"Candidates: {Path(args.templates).name}. Wall and CPU time include the selection.",
         )
 
@@ -430,6 +432,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
     parser.add_argument(
         "--select", type=int, default=100, help="held-out training examples that choose the template"
+    )
+    parser.add_argument(
+        "--select_min_words", type=int, default=0, help="the held-out examples: training rows of at least this many words"
     )
     parser.add_argument(
         "--selections", type=lambda s: s.split(","), default=["random", "knn"], help="fewshot: which"

@@ -5,6 +5,7 @@ prompt cache equal to one full pass per label."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -22,6 +23,7 @@ from lmforge.pipeline.finetuning import DataSpec, read_examples
 from lmforge.pipeline.prompting import (
     PromptResult,
     PromptSettings,
+    held_out_for_selection,
     hold_out_references,
     in_context,
     load_prompt_model,
@@ -507,6 +509,25 @@ def test_select_chooses_template_and_calibration_on_training_data_and_records_th
     used = ["review", "words"] if best["template"] == "ensemble" else [best["template"]]
     assert [t["name"] for t in result.settings["templates"]] == used
     assert result.settings["settings"]["calibrate"] == best["calibrate"]
+
+
+def test_select_min_words_holds_out_only_long_training_examples(cue_setup: tuple[Path, Path]) -> None:
+    base, data = cue_setup
+    task = prompt_task(load_prompt_model(base), DataSpec(path=data), options={"template": "sentiment"})
+    pool = read_examples(task, DataSpec(path=data), "train", training=True)
+    task.fit(pool)
+    pool = [dataclasses.replace(e, text=f"{e.text} and so on") if i % 3 == 0 else e for i, e in enumerate(pool)]
+    floor = 1 + min(len(e.text.split()) for e in pool)  # two thirds of the pool is too short
+    long_enough = sum(len(e.text.split()) >= floor for e in pool)
+    assert 10 < long_enough < len(pool)
+    held = held_out_for_selection(task, pool, PromptSettings(select=10, select_min_words=floor, seed=1))
+    assert len(held) == 10 and held == sorted(held)
+    assert all(len(pool[i].text.split()) >= floor for i in held)
+    counts = collections.Counter(pool[i].label for i in held)
+    assert max(counts.values()) - min(counts.values()) <= 1  # class-balanced
+    assert held == held_out_for_selection(task, pool, PromptSettings(select=10, select_min_words=floor, seed=1))
+    with pytest.raises(LMForgeError, match=f"than the {long_enough} training examples of at least {floor} words"):
+        held_out_for_selection(task, pool, PromptSettings(select=long_enough + 1, select_min_words=floor))
 
 
 def test_prompt_sample_classifies_a_seeded_subset_in_file_order(
