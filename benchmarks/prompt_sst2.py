@@ -76,7 +76,7 @@ def cli_line(settings: PromptSettings, extra: str = "") -> str:
         parts.append(f"--shots {settings.shots} --selection {settings.selection}")
     if settings.embedder != "self":
         parts.append(f"--embedder {settings.embedder}")
-    for key in ("pool_size", "select", "select_min_words"):
+    for key in ("pool_size", "select", "train_min_words"):
         if getattr(settings, key):
             parts.append(f"--{key} {getattr(settings, key)}")
     if settings.calibrate != "none":
@@ -130,11 +130,11 @@ def zeroshot(args: argparse.Namespace) -> None:
         )
     if "chosen" in args.which:
         rows, tables, accuracies = [], [], []
-        longer = f" of ≥ {args.select_min_words} words" if args.select_min_words else ""
+        longer = f" of ≥ {args.train_min_words} words" if args.train_min_words else ""
         for seed in args.seeds:  # the seed draws the held-out training examples that choose
             chosen = PromptSettings(
                 template=str(args.templates), calibrate=args.calibrate, select=args.select,
-                select_min_words=args.select_min_words, seed=seed,
+                train_min_words=args.train_min_words, seed=seed,
             )
             result, wall, cpu = run(chosen)
             used = [t["name"] for t in result.settings["templates"]]
@@ -434,7 +434,7 @@ def main() -> None:
         "--select", type=int, default=100, help="held-out training examples that choose the template"
     )
     parser.add_argument(
-        "--select_min_words", type=int, default=0, help="the held-out examples: training rows of at least this many words"
+        "--train_min_words", type=int, default=0, help="use only training rows of at least this many words"
     )
     parser.add_argument(
         "--selections", type=lambda s: s.split(","), default=["random", "knn"], help="fewshot: which"

@@ -5,7 +5,6 @@ prompt cache equal to one full pass per label."""
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import random
 from pathlib import Path
@@ -23,10 +22,10 @@ from lmforge.pipeline.finetuning import DataSpec, read_examples
 from lmforge.pipeline.prompting import (
     PromptResult,
     PromptSettings,
-    held_out_for_selection,
     hold_out_references,
     in_context,
     load_prompt_model,
+    long_enough,
     prompt_run,
     prompt_task,
     templates_of,
@@ -511,23 +510,27 @@ def test_select_chooses_template_and_calibration_on_training_data_and_records_th
     assert result.settings["settings"]["calibrate"] == best["calibrate"]
 
 
-def test_select_min_words_holds_out_only_long_training_examples(cue_setup: tuple[Path, Path]) -> None:
-    base, data = cue_setup
-    task = prompt_task(load_prompt_model(base), DataSpec(path=data), options={"template": "sentiment"})
-    pool = read_examples(task, DataSpec(path=data), "train", training=True)
-    task.fit(pool)
-    pool = [dataclasses.replace(e, text=f"{e.text} and so on") if i % 3 == 0 else e for i, e in enumerate(pool)]
-    floor = 1 + min(len(e.text.split()) for e in pool)  # two thirds of the pool is too short
-    long_enough = sum(len(e.text.split()) >= floor for e in pool)
-    assert 10 < long_enough < len(pool)
-    held = held_out_for_selection(task, pool, PromptSettings(select=10, select_min_words=floor, seed=1))
-    assert len(held) == 10 and held == sorted(held)
-    assert all(len(pool[i].text.split()) >= floor for i in held)
-    counts = collections.Counter(pool[i].label for i in held)
-    assert max(counts.values()) - min(counts.values()) <= 1  # class-balanced
-    assert held == held_out_for_selection(task, pool, PromptSettings(select=10, select_min_words=floor, seed=1))
-    with pytest.raises(LMForgeError, match=f"than the {long_enough} training examples of at least {floor} words"):
-        held_out_for_selection(task, pool, PromptSettings(select=long_enough + 1, select_min_words=floor))
+def test_train_min_words_keeps_only_long_training_examples_for_every_choice(
+    cue_setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base, source = cue_setup
+    data = tmp_path / "data"  # the cue folder with every third training row made longer
+    data.mkdir()
+    for name in ("validation.jsonl", "labels.txt"):
+        (data / name).write_text((source / name).read_text())
+    rows = [json.loads(line) for line in (source / "train.jsonl").read_text().splitlines()]
+    rows = [{**r, "text": f"{r['text']} and so on"} if i % 3 == 0 else r for i, r in enumerate(rows)]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    floor = 1 + min(len(r["text"].split()) for r in rows)
+    long = [r for r in rows if len(r["text"].split()) >= floor]
+    assert 10 < len(long) < len(rows)
+    pool = read_examples(prompt_task(load_prompt_model(base), DataSpec(path=data), options={}), DataSpec(path=data), "train")
+    assert [e.text for e in long_enough(pool, floor)] == [r["text"] for r in long] and long_enough(pool, 0) == pool
+    settings = PromptSettings(template="sentiment", select=10, calibrate="batch", train_min_words=floor)
+    result = prompt_run(model=base, data=DataSpec(path=data), settings=settings, max_examples=4, progress=False)
+    assert result.settings["pool"] == len(long) - 10  # the held-out examples came from the long rows too
+    code, _, err = run_cli(["prompt", "--model", base, "--data", data, "--train_min_words", 99], capsys)
+    assert code == 2 and err.strip() == "lmforge: error: key 'train_min_words': no training example has 99 words or more"
 
 
 def test_prompt_sample_classifies_a_seeded_subset_in_file_order(

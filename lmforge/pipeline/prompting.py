@@ -72,15 +72,15 @@ class PromptSettings:
     embedder: str = "self"  # kNN embeddings: self (the model's hidden states), minilm, or a model folder
     pool_size: int | None = None  # training examples to choose demonstrations from (None: all)
     select: int | None = None  # held-out training examples that choose the template and the calibration
-    select_min_words: int = 0  # ... drawn from training examples of at least this many words
+    train_min_words: int = 0  # use only training examples of at least this many words
     length_normalize: bool = False  # multi-token words scored by their mean token log-probability
     seed: int = 0  # seeds every draw (demonstrations, pools, training examples)
 
     def check(self) -> None:
         if self.shots < 0:
             raise LMForgeError(f"--shots must be 0 or more, got {self.shots}", key="shots")
-        if self.select_min_words < 0:
-            raise LMForgeError(f"--select_min_words must be 0 or more, got {self.select_min_words}", key="select_min_words")
+        if self.train_min_words < 0:
+            raise LMForgeError(f"--train_min_words must be 0 or more, got {self.train_min_words}", key="train_min_words")
         for key in ("pool_size", "select"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -153,6 +153,19 @@ def templates_of(task: PromptClassificationTask, spec: str | None) -> list[Promp
 
 def text_of(example: TextExample) -> str:
     return example.text if example.text_pair is None else f"{example.text} {example.text_pair}"
+
+
+def long_enough(pool: list[TextExample], min_words: int) -> list[TextExample]:
+    """The training examples of at least ``min_words`` words (all of them for 0): what every choice
+    draws from (demonstrations, held-out selection and calibration inputs, fine-tuning examples).
+
+    Raises:
+        LMForgeError: none is that long.
+    """
+    kept = [e for e in pool if len(text_of(e).split()) >= min_words]
+    if not kept:
+        raise LMForgeError(f"no training example has {min_words} words or more", key="train_min_words")
+    return kept
 
 
 def label_indices(task: PromptClassificationTask, examples: Sequence[TextExample]) -> list[int]:
@@ -309,28 +322,6 @@ def draw_references(candidates: Sequence[int], count: int, *, seed: int) -> list
 ENSEMBLE = "ensemble"  # a selection candidate: every template of the file, distributions averaged
 
 
-def held_out_for_selection(
-    task: PromptClassificationTask, pool: Sequence[TextExample], settings: PromptSettings
-) -> list[int]:
-    """The indices (sorted) of the ``settings.select`` training examples that choose the template
-    and the calibration: class-balanced and seeded, among the examples of at least
-    ``settings.select_min_words`` words.
-
-    Raises:
-        LMForgeError: fewer such examples than asked.
-    """
-    assert settings.select is not None
-    eligible = [i for i, e in enumerate(pool) if len(text_of(e).split()) >= settings.select_min_words]
-    if len(eligible) < settings.select:
-        raise LMForgeError(
-            f"--select {settings.select} asks for more held-out examples than the {len(eligible):,} training "
-            f"examples of at least {settings.select_min_words} words",
-            key="select",
-        )
-    labels = label_indices(task, [pool[i] for i in eligible])
-    return sorted(eligible[j] for j in balanced_sample(labels, settings.select, seed=settings.seed + 1))
-
-
 def select_on_training(
     base: Base,
     task: PromptClassificationTask,
@@ -381,9 +372,10 @@ def classify_split(
     rng = np.random.default_rng(settings.seed)
     record: dict[str, Any] = {"templates": [t.to_dict() for t in templates]}
     if settings.select:
-        held = held_out_for_selection(task, pool, settings)
-        held_out = [pool[i] for i in held]
-        pool = [e for i, e in enumerate(pool) if i not in set(held)]
+        labels = label_indices(task, pool)
+        held = set(balanced_sample(labels, settings.select, seed=settings.seed + 1))
+        held_out = [pool[i] for i in sorted(held)]
+        pool = [e for i, e in enumerate(pool) if i not in held]
         log(f"choosing the template and the calibration on {len(held_out)} held-out training examples")
     if settings.pool_size is not None and settings.pool_size < len(pool):
         pool = [pool[i] for i in sorted(rng.permutation(len(pool))[: settings.pool_size])]
@@ -575,7 +567,7 @@ def prompt_run(
     options = {"template": settings.template, "length_normalize": settings.length_normalize, **(options or {})}
     base = load_prompt_model(model, device=device, log=log)
     task = prompt_task(base, data, options=options)
-    pool = read_examples(task, data, "train", training=True)
+    pool = long_enough(read_examples(task, data, "train", training=True), settings.train_min_words)
     task.fit(pool)
     examples = read_examples(task, data, split)
     if max_examples is not None:
