@@ -199,9 +199,17 @@ def train(args: argparse.Namespace) -> None:
         max_steps=args.steps, batch_size=8, lr=args.lr, warmup_steps=6, weight_decay=0.0, beta2=0.999,
         eval_every=20, eval_batches=None, save_every=0, log_every=5, progress=False,
     )  # fmt: skip
-    peft = {"r": 8}
+    peft: dict[str, Any] = {"r": 8}
+    targets = "default targets"
+    if args.lora_targets:
+        peft["target_modules"] = args.lora_targets
+        targets = f"targets {args.lora_targets}"
+    longer = f" (from training rows of ≥ {args.train_min_words} words)" if args.train_min_words else ""
     for seed in args.seeds:
-        settings = PromptSettings(template="sentiment", shots=args.shots, seed=seed, calibrate=args.train_calibrate)
+        settings = PromptSettings(
+            template=args.train_template, shots=args.shots, seed=seed, calibrate=args.train_calibrate,
+            train_min_words=args.train_min_words,
+        )  # fmt: skip
         result, wall, cpu = run(
             settings, train=dataclasses.replace(config, seed=seed), method="lora", peft=peft
         )
@@ -216,6 +224,8 @@ def train(args: argparse.Namespace) -> None:
         else:
             used = "none"
         extra = f" --train --method lora --peft.r 8 --training.max_steps {args.steps} --training.lr {args.lr}"
+        if args.lora_targets:
+            extra += f" --peft.target_modules {args.lora_targets}"
         rows.append(
             f"| {seed} | {100 * m['accuracy']:.1f} | {used} | {100 * head['accuracy']:.1f} | {100 * (m['accuracy'] - head['accuracy']):+.1f} "
             f"| {m['train_time_s']:.0f} / {head['train_time_s']:.0f} | {wall:.0f} | {cpu:.0f} | `{cli_line(settings, extra)}` |"
@@ -224,9 +234,9 @@ def train(args: argparse.Namespace) -> None:
         print(rows[-1], flush=True)
     append_results(
         f"Prompting SmolLM2-135M-Instruct: prompt-based LoRA vs a classification head, {args.shots} per class (benchmarks/prompt_sst2.py train)",
-        f"{2 * args.shots} SST-2 training examples ({args.shots} per class, seeded), the best step chosen on "
-        f"{args.shots} other training examples per class; LoRA r 8 (default targets), {args.steps} steps, batch 8, lr {args.lr}. "
-        f"Prompt-based: template `sentiment`, the LM loss on the label word; calibration `{args.train_calibrate}` "
+        f"{2 * args.shots} SST-2 training examples ({args.shots} per class, seeded){longer}, the best step chosen on "
+        f"{args.shots} other training examples per class; LoRA r 8 ({targets}), {args.steps} steps, batch 8, lr {args.lr}. "
+        f"Prompt-based: template `{args.train_template}`, the LM loss on the label word; calibration `{args.train_calibrate}` "
         "(batch: the fine-tuned prompt's distributions divided by their mean over 32 other, unlabeled training "
         "examples, used only where that scores higher on the step-choosing training examples). Head: lmforge's "
         "classification head (fresh) on the same backbone, same LoRA and steps. "
@@ -453,6 +463,8 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=2000, help="training examples kNN searches")
     parser.add_argument("--shots", type=int, default=16, help="train: examples per class")
     parser.add_argument("--train_calibrate", default="batch", help="train: batch or none")
+    parser.add_argument("--train_template", default="sentiment", help="train: the template (built-in name or file)")
+    parser.add_argument("--lora_targets", default=None, help="train: LoRA target modules (default: lmforge's)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
