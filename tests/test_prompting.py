@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -510,17 +511,24 @@ def test_select_chooses_template_and_calibration_on_training_data_and_records_th
     assert result.settings["settings"]["calibrate"] == best["calibrate"]
 
 
+def cue_copy(source: Path, folder: Path, name: str, edit: Callable[[dict, int], dict]) -> list[dict]:
+    """A copy of the cue folder in ``folder`` whose file ``name`` has every row (and its index)
+    passed through ``edit``; the edited rows."""
+    folder.mkdir()
+    for other in ("train.jsonl", "validation.jsonl", "labels.txt"):
+        if other != name:
+            (folder / other).write_text((source / other).read_text())
+    rows = [edit(json.loads(line), i) for i, line in enumerate((source / name).read_text().splitlines())]
+    (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 def test_train_min_words_keeps_only_long_training_examples_for_every_choice(
     cue_setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     base, source = cue_setup
-    data = tmp_path / "data"  # the cue folder with every third training row made longer
-    data.mkdir()
-    for name in ("validation.jsonl", "labels.txt"):
-        (data / name).write_text((source / name).read_text())
-    rows = [json.loads(line) for line in (source / "train.jsonl").read_text().splitlines()]
-    rows = [{**r, "text": f"{r['text']} and so on"} if i % 3 == 0 else r for i, r in enumerate(rows)]
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tmp_path / "data"  # every third training row made longer
+    rows = cue_copy(source, data, "train.jsonl", lambda r, i: {**r, "text": f"{r['text']} and so on"} if i % 3 == 0 else r)
     floor = 1 + min(len(r["text"].split()) for r in rows)
     long = [r for r in rows if len(r["text"].split()) >= floor]
     assert 10 < len(long) < len(rows)
@@ -537,12 +545,8 @@ def test_prompt_sample_classifies_a_seeded_subset_in_file_order(
     cue_setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     base, source = cue_setup
-    data = tmp_path / "data"  # the cue folder with an id on every validation row
-    data.mkdir()
-    for name in ("train.jsonl", "labels.txt"):
-        (data / name).write_text((source / name).read_text())
-    rows = [json.loads(line) for line in (source / "validation.jsonl").read_text().splitlines()]
-    (data / "validation.jsonl").write_text("".join(json.dumps({**r, "id": i}) + "\n" for i, r in enumerate(rows)))
+    data = tmp_path / "data"  # an id on every validation row
+    cue_copy(source, data, "validation.jsonl", lambda r, i: {**r, "id": i})
     seen = []
     for seed in (0, 0, 1):
         predictions = tmp_path / f"pred-{len(seen)}.jsonl"
