@@ -88,6 +88,11 @@ print("RESULT " + json.dumps(out))
 """
 
 
+def agreeing(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two generations share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+
 def child(args: argparse.Namespace, side: str, task: str) -> dict:
     cmd = [sys.executable, "-c", CHILD, str(args.threads), str(args.model), side, task,
            str(args.new_tokens), str(args.rounds), PROMPT]  # fmt: skip
@@ -137,10 +142,7 @@ def main() -> None:
 
     lm, hf = gen["lmforge"], gen["transformers"]
     same = lm["tokens"] == hf["tokens"]
-    agree = next(
-        (i for i, (a, b) in enumerate(zip(lm["tokens"], hf["tokens"], strict=True)) if a != b),
-        len(lm["tokens"]),
-    )
+    agree = agreeing(lm["tokens"], hf["tokens"])
     n = args.new_tokens
     rows = [
         "| measure | lmforge | transformers | ratio |",
@@ -166,14 +168,14 @@ def main() -> None:
             f"{n / c['wall']:.1f} | {n / hf['wall']:.1f} | {hf['wall'] / c['wall']:.2f}× |"
         )
 
-    def agreeing(tokens: list[int]) -> str:
-        first = next((i for i, (a, b) in enumerate(zip(tokens, lm["tokens"], strict=True)) if a != b), n)
+    def same_as_fp32(tokens: list[int]) -> str:
+        first = agreeing(tokens, lm["tokens"])
         return "the fp32 tokens" if first == n else f"the first {first} fp32 tokens"
 
     if "lmforge-bf16" in gen:
         b, hb = gen["lmforge-bf16"], gen["transformers-bf16"]
         rows.append(
-            f"| generate, **bf16 both** (same precision), tokens/s wall (lmforge: {agreeing(b['tokens'])}) | "
+            f"| generate, **bf16 both** (same precision), tokens/s wall (lmforge: {same_as_fp32(b['tokens'])}) | "
             f"{n / b['wall']:.1f} | {n / hb['wall']:.1f} | {hb['wall'] / b['wall']:.2f}× |"
         )
         rows.append(
@@ -183,7 +185,7 @@ def main() -> None:
         q = gen["lmforge-int8"]
         rows.append(
             f"| generate, **lmforge int8 weight-only vs transformers fp32 (cross-precision)**, tokens/s wall "
-            f"(lmforge: {agreeing(q['tokens'])}) | {n / q['wall']:.1f} | {n / hf['wall']:.1f} | {hf['wall'] / q['wall']:.2f}× |"
+            f"(lmforge: {same_as_fp32(q['tokens'])}) | {n / q['wall']:.1f} | {n / hf['wall']:.1f} | {hf['wall'] / q['wall']:.2f}× |"
         )
         rows.append(
             f"| generate, int8 vs fp32 (cross-precision), tokens per CPU s; peak RSS MB | {n / q['cpu']:.1f}; "
