@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import lmforge
 from lmforge import ModelConfig, Transformer
@@ -54,6 +55,7 @@ from lmforge.prompting import (
     resolve_templates,
 )
 from lmforge.prompting.templates import join_word
+from lmforge.tasks.prompt import PromptClassificationTask
 from lmforge.tokenizers import Tokenizer
 from lmforge.training import TrainConfig
 
@@ -440,6 +442,64 @@ def test_prompt_based_finetuning_with_batch_calibration_picks_on_training_exampl
         ["prompt", "--model", base, "--data", data, "--shots", 2, "--train", "--calibrate", "contextual"], capsys
     )
     assert code == 2 and "calibrates with 'batch' or not at all" in err
+
+
+VERDICT = """  - name: verdict
+    template: "{text}\\nThe movie was {label}"
+    verbalizer: {negative: bad, positive: great}
+"""
+TWO_TEMPLATES = 'templates:\n  - name: review\n    template: "Review: {text}\\nSentiment: {label}"\n' + VERDICT
+
+
+def test_a_template_ensemble_trains_through_each_template_and_averages_their_distributions(
+    cue_setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base, data = cue_setup
+    file = tmp_path / "two.yaml"
+    file.write_text(TWO_TEMPLATES, encoding="utf-8")
+    (tmp_path / "verdict.yaml").write_text("templates:\n" + VERDICT, encoding="utf-8")
+    loaded = load_prompt_model(base)
+
+    def fitted(template: str) -> PromptClassificationTask:
+        task = prompt_task(loaded, DataSpec(path=data), options={"template": template})
+        task.fit(read_examples(task, DataSpec(path=data), "train"))
+        return task
+
+    both = fitted(str(file))
+    review, verdict = fitted("Review: {text}\\nSentiment: {label}"), fitted(str(tmp_path / "verdict.yaml"))
+    examples = read_examples(both, DataSpec(path=data), "validation")[:6]
+    # each example once per template, through that template's prompt and label word
+    training = both.training_features(examples)
+    alone = review.encode(examples) + verdict.encode(examples)
+    assert [f["input_ids"] for f in training] == [f["input_ids"] for f in alone]
+    assert [f["labels"] for f in training] == [f["labels"] for f in alone]
+    # prediction: the log of the mean of the two templates' label distributions
+    model = loaded.model
+    got = both.logits(model, both.encode(examples), batch_size=4)
+    each = [t.logits(model, t.encode(examples), batch_size=4).softmax(-1) for t in (review, verdict)]
+    torch.testing.assert_close(got, ((each[0] + each[1]) / 2).log(), atol=1e-5, rtol=0)
+    assert "an ensemble of 2 templates" in both.describe()
+    # trained: both templates recorded in the run, and `lmforge eval` scores the ensemble again
+    trained = tmp_path / "trained.yaml"  # two templates the random tiny model learns within 60 steps
+    trained.write_text(
+        'templates:\n  - name: review\n    template: "Review: {text}\\nSentiment: {label}"\n'
+        '  - name: text\n    template: "Text: {text}\\nSentiment: {label}"\n', encoding="utf-8"
+    )  # fmt: skip
+    settings = PromptSettings(template=str(trained), shots=16)
+    train = TrainConfig(max_steps=60, batch_size=8, lr=1e-2, warmup_steps=4, weight_decay=0.0, eval_every=20, save_every=0, progress=False)
+    result = prompt_run(
+        model=base, data=DataSpec(path=data), settings=settings, train=train, method="lora",
+        peft={"r": 8, "target_modules": "all-linear"}, compare_head=False, progress=False, out=tmp_path / "run",
+    )  # fmt: skip
+    assert result.metrics["accuracy"] >= 0.9, result.metrics
+    state = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["task_state"]
+    assert [t["name"] for t in state["templates"]] == ["review", "text"]
+    code, stdout, _ = run_cli(
+        ["eval", "--model", tmp_path / "run", "--data", data, "--split", "validation", "--output", tmp_path / "e.json"], capsys
+    )
+    assert code == 0, stdout
+    evaluated = json.loads((tmp_path / "e.json").read_text())["metrics"]
+    assert evaluated["accuracy"] == pytest.approx(result.metrics["accuracy"])
 
 
 def test_prompt_command_end_to_end_writes_metrics_like_eval(

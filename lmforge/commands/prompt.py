@@ -67,7 +67,8 @@ def prompt(
         model: a GGUF file, an lmforge run directory or a Hugging Face folder (decoder, or encoder with an MLM head).
         data: a classification folder: train / validation / test files and labels.txt.
         template: a built-in (default, {builtin}), a YAML template file (several templates: an
-            ensemble) or template text with {{column}} slots and a {{label}} slot.
+            ensemble, in context and with --train: trained through each, their distributions
+            averaged) or template text with {{column}} slots and a {{label}} slot.
         shots: in context: demonstrations in each prompt (0: zero-shot); with --train: training examples per class.
         selection: random (seeded, class-balanced; the same demonstrations for every example) or knn (the most similar training examples, per example).
         order: the demonstrations' order: auto (random; knn: similar_last), random, alternate, similar_last, similar_first.

@@ -404,7 +404,7 @@ def prepare(
         load_head(model, head_from)
     head = {f"head.{k}": v.detach().clone() for k, v in model.head.state_dict().items()} if model.head else {}
     log(task.describe())
-    features = task.encode(data.train)
+    features = task.training_features(data.train)
     batches = Batches(features, task.collate, batch_size=train.batch_size, seed=train.seed)
     train = sized(train, batches=len(batches), epochs=epochs)
     # Every rank of a job evaluates the same batches, as large as the job's global batch.

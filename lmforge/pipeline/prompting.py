@@ -585,8 +585,6 @@ def prompt_run(
     log(f"data {data.path}: {len(pool):,} training examples, {len(examples):,} {split} examples; {task.describe()}")
     if train is None:
         return classify_split(base, task, settings, pool, examples, device=device, progress=progress, log=log)
-    if len(templates_of(task, settings.template)) > 1:
-        log("training uses the first template of the file")
     return finetune_prompted(
         base, task, pool, examples, shots=settings.shots, seed=settings.seed, method=method, peft=peft,
         train=train, compare_head=compare_head, calibration=settings.calibrate, out=out, overwrite=overwrite, log=log,

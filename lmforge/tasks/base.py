@@ -248,6 +248,11 @@ class Task:
         """Tokenized features for training (each with a ``length`` for batching)."""
         raise NotImplementedError
 
+    def training_features(self, examples: Sequence[Any]) -> list[Feature]:
+        """The features the training batches draw from: :meth:`encode`'s, unless a task trains on
+        several views of one example (prompt-based classification with a template ensemble)."""
+        return self.encode(examples)
+
     def collate(self, features: Sequence[Feature]) -> Batch:
         raise NotImplementedError
 

@@ -14,6 +14,10 @@ label handling are sequence classification's (:class:`ClassificationTask`), so `
 and ``lmforge predict`` read a prompt-tuned run like any classifier. The template and verbalizer
 are resolved once and recorded in the run (``task_state``), so evaluation needs no template file.
 
+A template file of several templates is an ensemble, as PET's is (there one model per template,
+distilled; here one model): each training example is seen through every template, and a
+prediction averages the templates' label distributions.
+
 Any PEFT method applies (``lmforge finetune --task prompt_classification --method lora``): the
 task only supplies batches and a loss to the one training loop.
 """
@@ -42,7 +46,7 @@ from .data import Row
 class PromptOptions(TaskOptions):
     """Options of prompt-based classification."""
 
-    template: str | None = None  # a built-in (default, plain, chat, sentiment, sentiment-chat), a YAML file (its first template) or text with a {label} slot
+    template: str | None = None  # a built-in (default, plain, chat, sentiment, sentiment-chat), a YAML file (several templates: an ensemble) or text with a {label} slot
     length_normalize: bool = False  # score a multi-token label word by its mean token log-probability
     oos_label: str | None = None  # the out-of-scope class (CLINC150: oos)
 
@@ -59,33 +63,48 @@ class PromptClassificationTask(ClassificationTask):
     name = "prompt_classification"
     head = "lm"
 
-    # ---- the template ------------------------------------------------------------------------
+    # ---- the templates -----------------------------------------------------------------------
+
+    @property
+    def templates(self) -> list[PromptTemplate]:
+        """The templates: those recorded in the run, else every one ``options.template`` names
+        (a file of several is an ensemble, PET's: trained on each, predictions averaged)."""
+        recorded = self.state.get("templates") or ([self.state["template"]] if self.state.get("template") else [])
+        if recorded:
+            return [PromptTemplate.from_dict(t, where="the run's recorded template") for t in recorded]
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        return resolve_templates(self.options.template, chat_available=chat)
 
     @property
     def template(self) -> PromptTemplate:
-        """The template: the one recorded in the run, else the first that ``options.template`` names."""
-        recorded = self.state.get("template")
-        if recorded is not None:
-            return PromptTemplate.from_dict(recorded, where="the run's recorded template")
-        chat = bool(getattr(self.tokenizer, "chat_template", None))
-        return resolve_templates(self.options.template, chat_available=chat)[0]
+        """The first template (the only one, unless the templates are an ensemble)."""
+        return self.templates[0]
 
     @property
-    def encoder(self) -> PromptEncoder:
-        """The template's view of examples as ids (built once for the label set)."""
-        key = (id(self.state.get("labels")), str(self.state.get("template")))
+    def encoders(self) -> list[PromptEncoder]:
+        """Each template's view of examples as ids (built once for the label set)."""
+        key = (id(self.state.get("labels")), str(self.state.get("templates") or self.state.get("template")))
         cached = getattr(self, "_encoder_cache", None)
         if cached is None or cached[0] != key:
-            encoder = PromptEncoder(self.tokenizer, self.template, self.labels, arch=self.arch or "decoder")
-            cached = (key, encoder)
+            arch = self.arch or "decoder"
+            cached = (key, [PromptEncoder(self.tokenizer, t, self.labels, arch=arch) for t in self.templates])
             self._encoder_cache = cached
         return cached[1]
 
+    @property
+    def encoder(self) -> PromptEncoder:
+        """The first template's encoder."""
+        return self.encoders[0]
+
     def _record_template(self) -> None:
         if "template" not in self.state and self.state.get("labels"):
-            template = self.template
-            encoder = PromptEncoder(self.tokenizer, template, self.labels, arch=self.arch or "decoder")
-            self.state["template"] = {**template.to_dict(), "verbalizer": encoder.verbalizer.to_dict()}
+            recorded = []
+            for template in self.templates:
+                encoder = PromptEncoder(self.tokenizer, template, self.labels, arch=self.arch or "decoder")
+                recorded.append({**template.to_dict(), "verbalizer": encoder.verbalizer.to_dict()})
+            self.state["template"] = recorded[0]  # what a run of one template has always recorded
+            if len(recorded) > 1:
+                self.state["templates"] = recorded
 
     def fit(self, examples: Sequence[TextExample]) -> None:
         super().fit(examples)
@@ -111,36 +130,47 @@ class PromptClassificationTask(ClassificationTask):
 
     def encode(self, examples: Sequence[TextExample]) -> list[Feature]:
         """Prompt + label word (decoder) or the cloze with the word's tokens as the masks'
-        targets (encoder); unlabeled examples get the prompt alone (prediction only)."""
-        encoder = self.encoder
-        features = []
-        for example in examples:
-            label = self.label_index(example.label) if example.label is not None else UNLABELED
-            target = encoder.target_ids(label) if label != UNLABELED else []
-            values = self.values_of(example)
-            if encoder.arch == "decoder":
-                prompt = encoder.prompt_ids(values)
-                room = self.max_length - len(target)
-                if room < 1:
-                    raise LMForgeError(f"max_length {self.max_length} leaves no room for a prompt", key="options.max_length")
-                prompt = prompt[-room:]
-                ids = prompt + target
-                targets = [IGNORE_INDEX] * len(prompt) + target
-                shifted = shift_labels(torch.tensor([targets]))[0].tolist()
-                features.append({"input_ids": ids, "labels": shifted, "label": label, "prompt": prompt, "length": len(ids)})
-            else:
-                before, after = encoder.cloze_ids(values)
-                start, end = self._specials()
-                ids, at = cloze_inputs(
-                    before, after, max(len(target), 1), start=start, end=end,
-                    mask_id=require_token(self.tokenizer, "mask", "a cloze"), max_length=self.max_length,
-                )
-                targets = [IGNORE_INDEX] * len(ids)
-                targets[at : at + len(target)] = target
-                features.append(
-                    {"input_ids": ids, "labels": targets, "label": label, "cloze": (before, after), "length": len(ids)}
-                )
+        targets (encoder), through the first template; unlabeled examples get the prompt alone
+        (prediction only). With several templates each feature also holds every template's
+        prompt (``views``), which :meth:`logits` scores and averages."""
+        encoders = self.encoders
+        features = [self._feature(encoders[0], example) for example in examples]
+        if len(encoders) > 1:
+            for feature, example in zip(features, examples, strict=True):
+                feature["views"] = [self._view(encoder, example) for encoder in encoders]
         return features
+
+    def training_features(self, examples: Sequence[TextExample]) -> list[Feature]:
+        """Every example once per template: one model learns the label word through each."""
+        return [self._feature(encoder, example) for encoder in self.encoders for example in examples]
+
+    def _view(self, encoder: PromptEncoder, example: TextExample) -> dict[str, Any]:
+        feature = self._feature(encoder, example)
+        return {key: feature[key] for key in ("prompt", "cloze") if key in feature}
+
+    def _feature(self, encoder: PromptEncoder, example: TextExample) -> Feature:
+        label = self.label_index(example.label) if example.label is not None else UNLABELED
+        target_ids = encoder.target_ids(label) if label != UNLABELED else []
+        values = self.values_of(example)
+        if encoder.arch == "decoder":
+            prompt = encoder.prompt_ids(values)
+            room = self.max_length - len(target_ids)
+            if room < 1:
+                raise LMForgeError(f"max_length {self.max_length} leaves no room for a prompt", key="options.max_length")
+            prompt = prompt[-room:]
+            ids = prompt + target_ids
+            targets = [IGNORE_INDEX] * len(prompt) + target_ids
+            shifted = shift_labels(torch.tensor([targets]))[0].tolist()
+            return {"input_ids": ids, "labels": shifted, "label": label, "prompt": prompt, "length": len(ids)}
+        before, after = encoder.cloze_ids(values)
+        start, end = self._specials()
+        ids, at = cloze_inputs(
+            before, after, max(len(target_ids), 1), start=start, end=end,
+            mask_id=require_token(self.tokenizer, "mask", "a cloze"), max_length=self.max_length,
+        )  # fmt: skip
+        targets = [IGNORE_INDEX] * len(ids)
+        targets[at : at + len(target_ids)] = target_ids
+        return {"input_ids": ids, "labels": targets, "label": label, "cloze": (before, after), "length": len(ids)}
 
     def _specials(self) -> tuple[list[int], list[int]]:
         start = [i for i in (self.tokenizer.cls_id,) if i is not None]
@@ -164,28 +194,43 @@ class PromptClassificationTask(ClassificationTask):
 
     @torch.no_grad()
     def logits(self, model: nn.Module, features: Sequence[Feature], *, batch_size: int) -> torch.Tensor:
-        """(N, L) log-probabilities of the labels: every label word scored in the slot."""
-        encoder = self.encoder
+        """(N, L) log-probabilities of the labels: every label word scored in the slot. Several
+        templates: the log of the mean of their label distributions (an ensemble, as in context)."""
+        encoders = self.encoders
         was_training = model.training
         model.eval()
-        out = torch.empty(len(features), len(self.labels))
+        scored = []
         try:
-            scorer = encoder.scorer(model, max_length=self.max_length)
-            for index, feature in enumerate(features):
-                if "prompt" in feature:
-                    words = scorer.word_log_probs(feature["prompt"])
-                else:
-                    words = scorer.word_log_probs(*feature["cloze"])
-                out[index] = label_log_probs(
-                    words.to(model_device(model)), encoder.table, length_normalize=self.options.length_normalize
-                ).cpu()
+            for which, encoder in enumerate(encoders):  # one template at a time: its prompts share a cache
+                scorer = encoder.scorer(model, max_length=self.max_length)
+                out = torch.empty(len(features), len(self.labels))
+                for index, feature in enumerate(features):
+                    view = feature["views"][which] if len(encoders) > 1 else feature
+                    if "prompt" in view:
+                        words = scorer.word_log_probs(view["prompt"])
+                    else:
+                        words = scorer.word_log_probs(*view["cloze"])
+                    out[index] = label_log_probs(
+                        words.to(model_device(model)), encoder.table, length_normalize=self.options.length_normalize
+                    ).cpu()
+                scored.append(out)
         finally:
             model.train(was_training)
-        return out
+        if len(scored) == 1:
+            return scored[0]
+        mean = torch.stack([s.log_softmax(-1).exp() for s in scored]).mean(0)  # (N, L)
+        return mean.log()
 
     def describe(self) -> str:
-        template = self.template
         words = ", ".join(f"{name} → {words[0].strip()!r}" for name, words in zip(self.labels[:6], self.encoder.verbalizer.words, strict=False))
         more = f", … ({len(self.labels)} labels)" if len(self.labels) > 6 else ""
-        mode = "chat" if template.chat else "raw"
-        return f"prompt-based classification, template '{template.name}' ({mode}): {template.text!r}; label words {words}{more}"
+        shown = []
+        for template in self.templates:
+            mode = "chat" if template.chat else "raw"
+            shown.append(f"'{template.name}' ({mode}): {template.text!r}")
+        if len(shown) == 1:
+            return f"prompt-based classification, template {shown[0]}; label words {words}{more}"
+        return (
+            f"prompt-based classification, an ensemble of {len(shown)} templates (each example trained through "
+            f"each; predictions average their label distributions): {'; '.join(shown)}; label words of the first {words}{more}"
+        )
