@@ -205,13 +205,22 @@ def train(args: argparse.Namespace) -> None:
         peft["target_modules"] = args.lora_targets
         targets = f"targets {args.lora_targets}"
     longer = f" (from training rows of ≥ {args.train_min_words} words)" if args.train_min_words else ""
+    demos = (
+        f", after {args.train_demos} demonstration(s) per class in context (each training example its own draw from "
+        "the other training examples, every prediction one fixed draw; LM-BFF)"
+        if args.train_demos
+        else ""
+    )
     for seed in args.seeds:
         settings = PromptSettings(
             template=args.train_template, shots=args.shots, seed=seed, calibrate=args.train_calibrate,
             train_min_words=args.train_min_words,
         )  # fmt: skip
+        options = (
+            {"demonstrations": args.train_demos, "demonstration_seed": seed, "max_length": 512} if args.train_demos else None
+        )
         result, wall, cpu = run(
-            settings, train=dataclasses.replace(config, seed=seed), method="lora", peft=peft
+            settings, train=dataclasses.replace(config, seed=seed), method="lora", peft=peft, options=options
         )
         m, head = result.metrics, result.compared["head"]
         calibration = result.settings.get("calibration")
@@ -226,6 +235,8 @@ def train(args: argparse.Namespace) -> None:
         extra = f" --train --method lora --peft.r 8 --training.max_steps {args.steps} --training.lr {args.lr}"
         if args.lora_targets:
             extra += f" --peft.target_modules {args.lora_targets}"
+        if args.train_demos:
+            extra += f" --options.demonstrations {args.train_demos} --options.demonstration_seed {seed} --options.max_length 512"
         rows.append(
             f"| {seed} | {100 * m['accuracy']:.1f} | {used} | {100 * head['accuracy']:.1f} | {100 * (m['accuracy'] - head['accuracy']):+.1f} "
             f"| {m['train_time_s']:.0f} / {head['train_time_s']:.0f} | {wall:.0f} | {cpu:.0f} | `{cli_line(settings, extra)}` |"
@@ -236,7 +247,7 @@ def train(args: argparse.Namespace) -> None:
         f"Prompting SmolLM2-135M-Instruct: prompt-based LoRA vs a classification head, {args.shots} per class (benchmarks/prompt_sst2.py train)",
         f"{2 * args.shots} SST-2 training examples ({args.shots} per class, seeded){longer}, the best step chosen on "
         f"{args.shots} other training examples per class; LoRA r 8 ({targets}), {args.steps} steps, batch 8, lr {args.lr}. "
-        f"Prompt-based: template `{args.train_template}`, the LM loss on the label word; calibration `{args.train_calibrate}` "
+        f"Prompt-based: template `{args.train_template}`, the LM loss on the label word{demos}; calibration `{args.train_calibrate}` "
         "(batch: the fine-tuned prompt's distributions divided by their mean over 32 other, unlabeled training "
         "examples, used only where that scores higher on the step-choosing training examples). Head: lmforge's "
         "classification head (fresh) on the same backbone, same LoRA and steps. "
@@ -465,6 +476,9 @@ def main() -> None:
     parser.add_argument("--train_calibrate", default="batch", help="train: batch or none")
     parser.add_argument("--train_template", default="sentiment", help="train: the template (built-in name or file)")
     parser.add_argument("--lora_targets", default=None, help="train: LoRA target modules (default: lmforge's)")
+    parser.add_argument(
+        "--train_demos", type=int, default=0, help="train: demonstrations per class in context (LM-BFF), 0 for none"
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(

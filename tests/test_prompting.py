@@ -502,6 +502,46 @@ def test_a_template_ensemble_trains_through_each_template_and_averages_their_dis
     assert evaluated["accuracy"] == pytest.approx(result.metrics["accuracy"])
 
 
+def test_demonstrations_in_context_while_training_and_predicting(
+    cue_setup: tuple[Path, Path], capsys: pytest.CaptureFixture
+) -> None:
+    """LM-BFF's demonstrations: each training prompt after its own draw of one example per class
+    (never itself, seeded), every prediction after one recorded draw."""
+    base, data = cue_setup
+    loaded = load_prompt_model(base)
+    options = {"template": "sentiment", "demonstrations": 1, "max_length": 256}
+    task = prompt_task(loaded, DataSpec(path=data), options=options)
+    examples = read_examples(task, DataSpec(path=data), "train")[:12]
+    task.fit(examples)
+    tokenizer = loaded.tokenizer
+
+    def shown(feature: dict) -> list[str]:  # the reviews in the prompt, in order (the query last)
+        text = tokenizer.decode(feature["prompt"])
+        return [part.split("\n")[0].strip() for part in text.split("Review:")[1:]]
+
+    training = task.training_features(examples)
+    assert training == task.training_features(examples)  # seeded
+    draws = set()
+    for example, feature in zip(examples, training, strict=True):
+        reviews = shown(feature)
+        assert len(reviews) == 3 and reviews[-1] == example.text and example.text not in reviews[:2]
+        labels = sorted(CUE_WORDS[next(w for w in r.split() if w in CUE_WORDS)] for r in reviews[:2])
+        assert labels == [0, 1]  # one demonstration per class, labels filled in
+        draws.add(tuple(reviews[:2]))
+    assert len(draws) > 1  # each example its own draw
+    fixed = task.state["demonstrations"]
+    assert [d["label"] for d in sorted(fixed, key=lambda d: d["label"])] == [0, 1]
+    for feature in task.encode(examples[:3]):
+        assert shown(feature)[:2] == [d["values"]["text"] for d in fixed]
+    # a task rebuilt from the recorded state (as `lmforge eval` does) prompts the same way
+    again = PromptClassificationTask(options, tokenizer, state=task.state, arch="decoder")
+    assert [f["input_ids"] for f in again.encode(examples[:3])] == [f["input_ids"] for f in task.encode(examples[:3])]
+    code, _, err = run_cli(
+        ["prompt", "--model", base, "--data", data, "--train", "--shots", 2, "--options.demonstrations", -1], capsys
+    )
+    assert code == 2 and "demonstrations" in err and len(err.strip().splitlines()) == 1
+
+
 def test_prompt_command_end_to_end_writes_metrics_like_eval(
     cue_setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

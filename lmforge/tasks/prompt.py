@@ -14,6 +14,11 @@ label handling are sequence classification's (:class:`ClassificationTask`), so `
 and ``lmforge predict`` read a prompt-tuned run like any classifier. The template and verbalizer
 are resolved once and recorded in the run (``task_state``), so evaluation needs no template file.
 
+With ``demonstrations`` K (LM-BFF's "demonstrations in context"), K training examples per class,
+labels filled in, precede each prompt: while training, each example gets its own draw from the
+other training examples (seeded); for prediction one fixed draw, recorded in the run, precedes
+every prompt (its KV cache is shared, so it costs little).
+
 A template file of several templates is an ensemble, as PET's is (there one model per template,
 distilled; here one model): each training example is seen through every template, and a
 prediction averages the templates' label distributions.
@@ -35,9 +40,10 @@ from ..errors import LMForgeError
 from ..objectives import ObjectiveOutput, shift_labels, token_cross_entropy
 from ..objectives.base import IGNORE_INDEX, model_inputs
 from ..prompting.classifier import PromptEncoder
+from ..prompting.demonstrations import per_class_sample
 from ..prompting.scoring import cloze_inputs, label_log_probs
 from ..prompting.templates import PromptTemplate, resolve_templates
-from .base import Batch, Feature, TaskOptions, model_device, require_token, token_label_batch
+from .base import Batch, Feature, TaskOptions, _check, model_device, require_token, token_label_batch
 from .classification import UNLABELED, ClassificationTask, TextExample
 from .data import Row
 
@@ -49,6 +55,12 @@ class PromptOptions(TaskOptions):
     template: str | None = None  # a built-in (default, plain, chat, sentiment, sentiment-chat), a YAML file (several templates: an ensemble) or text with a {label} slot
     length_normalize: bool = False  # score a multi-token label word by its mean token log-probability
     oos_label: str | None = None  # the out-of-scope class (CLINC150: oos)
+    demonstrations: int = 0  # training examples per class put in context before each prompt (LM-BFF)
+    demonstration_seed: int = 0  # seeds which training examples are the demonstrations
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, self.demonstrations >= 0, "demonstrations", "must be 0 or more (examples per class)")
 
 
 @dataclass
@@ -109,6 +121,37 @@ class PromptClassificationTask(ClassificationTask):
     def fit(self, examples: Sequence[TextExample]) -> None:
         super().fit(examples)
         self._record_template()
+        if self.options.demonstrations:
+            self._pick_demonstrations(examples)
+
+    # ---- demonstrations (LM-BFF) -------------------------------------------------------------
+
+    def _pick_demonstrations(self, examples: Sequence[TextExample]) -> None:
+        """Keep the training examples to draw each training prompt's demonstrations from, and
+        record one fixed draw for prediction (the last ``fit`` decides: the examples trained on)."""
+        labeled = [e for e in examples if e.label is not None]
+        self._pool = (labeled, [self.label_index(e.label) for e in labeled])
+        chosen = per_class_sample(self._pool[1], self.options.demonstrations, seed=self.options.demonstration_seed)
+        if not chosen:
+            raise LMForgeError("demonstrations need labeled training examples", key="options.demonstrations")
+        self.state["demonstrations"] = [
+            {"values": plain_values(self.values_of(labeled[i])), "label": self._pool[1][i]} for i in chosen
+        ]
+
+    def fixed_demonstrations(self) -> list[tuple[dict[str, Any], int]]:
+        """The demonstrations every prediction's prompt starts with (none without the option)."""
+        return [(d["values"], int(d["label"])) for d in self.state.get("demonstrations") or []]
+
+    def _training_demonstrations(self, example: TextExample, index: int) -> list[tuple[dict[str, Any], int]]:
+        """A training example's own draw from the other training examples (seeded by its index)."""
+        pool = getattr(self, "_pool", None)
+        if pool is None:  # a task restored from a run: its recorded draw
+            return self.fixed_demonstrations()
+        examples, labels = pool
+        itself = [j for j, other in enumerate(examples) if other is example or other.text == example.text]
+        seed = self.options.demonstration_seed * 1_000_003 + index + 1
+        chosen = per_class_sample(labels, self.options.demonstrations, seed=seed, exclude=itself)
+        return [(self.values_of(examples[j]), labels[j]) for j in chosen]
 
     def set_labels(self, names: list[str], source: str) -> None:
         super().set_labels(names, source)
@@ -133,27 +176,37 @@ class PromptClassificationTask(ClassificationTask):
         targets (encoder), through the first template; unlabeled examples get the prompt alone
         (prediction only). With several templates each feature also holds every template's
         prompt (``views``), which :meth:`logits` scores and averages."""
-        encoders = self.encoders
-        features = [self._feature(encoders[0], example) for example in examples]
+        encoders, demos = self.encoders, self.fixed_demonstrations()
+        features = [self._feature(encoders[0], example, demos) for example in examples]
         if len(encoders) > 1:
             for feature, example in zip(features, examples, strict=True):
-                feature["views"] = [self._view(encoder, example) for encoder in encoders]
+                feature["views"] = [self._view(encoder, example, demos) for encoder in encoders]
         return features
 
     def training_features(self, examples: Sequence[TextExample]) -> list[Feature]:
-        """Every example once per template: one model learns the label word through each."""
-        return [self._feature(encoder, example) for encoder in self.encoders for example in examples]
+        """Every example once per template: one model learns the label word through each (after
+        its own demonstrations, with ``options.demonstrations``)."""
+        def demos(index: int, example: TextExample) -> list[tuple[dict[str, Any], int]]:
+            return self._training_demonstrations(example, index) if self.options.demonstrations else []
 
-    def _view(self, encoder: PromptEncoder, example: TextExample) -> dict[str, Any]:
-        feature = self._feature(encoder, example)
+        return [
+            self._feature(encoder, example, demos(index, example))
+            for encoder in self.encoders
+            for index, example in enumerate(examples)
+        ]
+
+    def _view(self, encoder: PromptEncoder, example: TextExample, demos: Sequence[tuple[dict[str, Any], int]]) -> dict[str, Any]:
+        feature = self._feature(encoder, example, demos)
         return {key: feature[key] for key in ("prompt", "cloze") if key in feature}
 
-    def _feature(self, encoder: PromptEncoder, example: TextExample) -> Feature:
+    def _feature(
+        self, encoder: PromptEncoder, example: TextExample, demos: Sequence[tuple[dict[str, Any], int]] = ()
+    ) -> Feature:
         label = self.label_index(example.label) if example.label is not None else UNLABELED
         target_ids = encoder.target_ids(label) if label != UNLABELED else []
         values = self.values_of(example)
         if encoder.arch == "decoder":
-            prompt = encoder.prompt_ids(values)
+            prompt = encoder.prompt_ids(values, demos)
             room = self.max_length - len(target_ids)
             if room < 1:
                 raise LMForgeError(f"max_length {self.max_length} leaves no room for a prompt", key="options.max_length")
@@ -162,7 +215,7 @@ class PromptClassificationTask(ClassificationTask):
             targets = [IGNORE_INDEX] * len(prompt) + target_ids
             shifted = shift_labels(torch.tensor([targets]))[0].tolist()
             return {"input_ids": ids, "labels": shifted, "label": label, "prompt": prompt, "length": len(ids)}
-        before, after = encoder.cloze_ids(values)
+        before, after = encoder.cloze_ids(values, demos)
         start, end = self._specials()
         ids, at = cloze_inputs(
             before, after, max(len(target_ids), 1), start=start, end=end,
@@ -228,9 +281,17 @@ class PromptClassificationTask(ClassificationTask):
         for template in self.templates:
             mode = "chat" if template.chat else "raw"
             shown.append(f"'{template.name}' ({mode}): {template.text!r}")
+        demos = self.options.demonstrations
+        context = f"; {demos} demonstration(s) per class in context" if demos else ""
         if len(shown) == 1:
-            return f"prompt-based classification, template {shown[0]}; label words {words}{more}"
+            return f"prompt-based classification, template {shown[0]}; label words {words}{more}{context}"
         return (
             f"prompt-based classification, an ensemble of {len(shown)} templates (each example trained through "
-            f"each; predictions average their label distributions): {'; '.join(shown)}; label words of the first {words}{more}"
+            f"each; predictions average their label distributions): {'; '.join(shown)}; label words of the first "
+            f"{words}{more}{context}"
         )
+
+
+def plain_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A row's columns as plain values a run's config.yaml can hold (others as their text)."""
+    return {k: v if v is None or isinstance(v, str | int | float | bool) else str(v) for k, v in values.items()}
