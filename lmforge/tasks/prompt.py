@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -130,13 +131,17 @@ class PromptClassificationTask(ClassificationTask):
         """Keep the training examples to draw each training prompt's demonstrations from, and
         record one fixed draw for prediction (the last ``fit`` decides: the examples trained on)."""
         labeled = [e for e in examples if e.label is not None]
-        self._pool = (labeled, [self.label_index(e.label) for e in labeled])
-        chosen = per_class_sample(self._pool[1], self.options.demonstrations, seed=self.options.demonstration_seed)
+        labels = [self.label_index(e.label) for e in labeled]
+        chosen = per_class_sample(labels, self.options.demonstrations, seed=self.options.demonstration_seed)
         if not chosen:
             raise LMForgeError("demonstrations need labeled training examples", key="options.demonstrations")
         self.state["demonstrations"] = [
-            {"values": plain_values(self.values_of(labeled[i])), "label": self._pool[1][i]} for i in chosen
+            {"values": plain_values(self.values_of(labeled[i])), "label": labels[i]} for i in chosen
         ]
+        members: dict[int, list[int]] = {}
+        for i, label in enumerate(labels):
+            members.setdefault(label, []).append(i)
+        self._pool = (labeled, labels, members)
 
     def fixed_demonstrations(self) -> list[tuple[dict[str, Any], int]]:
         """The demonstrations every prediction's prompt starts with (none without the option)."""
@@ -147,11 +152,12 @@ class PromptClassificationTask(ClassificationTask):
         pool = getattr(self, "_pool", None)
         if pool is None:  # a task restored from a run: its recorded draw
             return self.fixed_demonstrations()
-        examples, labels = pool
-        itself = [j for j, other in enumerate(examples) if other is example or other.text == example.text]
-        seed = self.options.demonstration_seed * 1_000_003 + index + 1
-        chosen = per_class_sample(labels, self.options.demonstrations, seed=seed, exclude=itself)
-        return [(self.values_of(examples[j]), labels[j]) for j in chosen]
+        examples, labels, members = pool
+        rng = np.random.default_rng([self.options.demonstration_seed, index])
+        chosen = []
+        for label in sorted(members):  # k of each class, never the example itself (nor a copy of its text)
+            chosen += draw_others(members[label], self.options.demonstrations, rng, lambda j: examples[j].text != example.text)
+        return [(self.values_of(examples[j]), labels[j]) for j in rng.permutation(chosen).tolist()]
 
     def set_labels(self, names: list[str], source: str) -> None:
         super().set_labels(names, source)
@@ -180,7 +186,8 @@ class PromptClassificationTask(ClassificationTask):
         features = [self._feature(encoders[0], example, demos) for example in examples]
         if len(encoders) > 1:
             for feature, example in zip(features, examples, strict=True):
-                feature["views"] = [self._view(encoder, example, demos) for encoder in encoders]
+                first = {key: feature[key] for key in ("prompt", "cloze") if key in feature}
+                feature["views"] = [first] + [self._view(encoder, example, demos) for encoder in encoders[1:]]
         return features
 
     def training_features(self, examples: Sequence[TextExample]) -> list[Feature]:
@@ -295,3 +302,18 @@ class PromptClassificationTask(ClassificationTask):
 def plain_values(values: dict[str, Any]) -> dict[str, Any]:
     """A row's columns as plain values a run's config.yaml can hold (others as their text)."""
     return {k: v if v is None or isinstance(v, str | int | float | bool) else str(v) for k, v in values.items()}
+
+
+def draw_others(members: list[int], k: int, rng: np.random.Generator, allowed: Any) -> list[int]:
+    """Up to ``k`` distinct members that ``allowed`` accepts, uniformly: rejection draws while
+    the class is large (O(k) per call, whatever the pool's size), a shuffle of the rest when small."""
+    if len(members) > 4 * k:
+        picked: list[int] = []
+        for _ in range(16 * k):
+            j = members[int(rng.integers(len(members)))]
+            if j not in picked and allowed(j):
+                picked.append(j)
+                if len(picked) == k:
+                    return picked
+    others = [j for j in members if allowed(j)]
+    return [others[i] for i in rng.permutation(len(others))[:k]]
