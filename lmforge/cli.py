@@ -484,5 +484,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("lmforge: interrupted")
         return 130
+    except RuntimeError as err:  # in a torchrun job: a collective that failed because a peer is gone
+        if world_size() <= 1:
+            raise
+        from .training.distributed import lost_peer, short_reason
+
+        if not lost_peer(err):
+            raise
+        _say(
+            f"lmforge: error: [rank {rank()}] another process of this job stopped ({short_reason(err)}); "
+            "run the same command with --resume to continue from the last checkpoint"
+        )
+        return 2
     except BrokenPipeError:  # `lmforge ... | head`
         return 0

@@ -7,10 +7,12 @@ each process draws its own masks."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -239,6 +241,115 @@ def test_a_killed_rank_stops_the_job_and_resume_continues_exactly(text: Path, tm
     same_losses(straight, killed)  # metrics.jsonl: the lines after the checkpoint were replaced
     same_weights(straight, killed)
     no_leftovers(killed)
+
+
+LOST_AT_THE_END = """
+import os, signal, sys
+import torch
+import torch.nn.functional as F
+from lmforge import ModelConfig, Transformer
+from lmforge.training import Callback, TrainConfig, Trainer, distributed
+
+
+class Out:
+    def __init__(self, loss_sum, num_targets):
+        self.loss_sum, self.num_targets, self.metrics = loss_sum, num_targets, {}
+
+
+def objective(model, batch):
+    logits = model(batch["input_ids"]).logits
+    return Out(F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum"),
+               torch.tensor(batch["labels"].numel()))
+
+
+def batches():
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        ids = torch.randint(0, 32, (2, 9), generator=generator)
+        yield {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+
+class DiesAtTheEnd(Callback):  # rank 1 crashes between its last step and the final gathering
+    def on_train_end(self, trainer):
+        if os.environ["RANK"] == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+torch.manual_seed(0)
+model = Transformer(ModelConfig.from_name("tiny-decoder", vocab_size=32, dropout=0.0))
+config = TrainConfig(max_steps=4, batch_size=2, lr=1e-3, save_every=2, eval_every=0, progress=False,
+                     device="cpu", strategy="fsdp", log_every=1000)
+with distributed.job("cpu"):
+    trainer = Trainer(model, objective, batches(), config=config, run_dir=sys.argv[1], callbacks=[DiesAtTheEnd()])
+    try:
+        trainer.fit()
+    except distributed.PeerLost as err:
+        print("LOST:", err, flush=True)
+        sys.exit(2)
+print("FINISHED", flush=True)
+"""
+
+
+def test_a_rank_lost_while_the_final_weights_are_gathered_is_one_line(tmp_path: Path) -> None:
+    """The last collectives of an FSDP run (consolidating the shards after the last step) fail like
+    a step's would: one line naming where, with the last checkpoint, never a traceback."""
+    script = tmp_path / "job.py"
+    script.write_text(LOST_AT_THE_END)
+    with socket.socket() as probe:  # a free port for the rendezvous (two plain processes, no torchrun)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2"}  # fmt: skip
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "run")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r in (0, 1)
+    ]
+    out, err = ranks[0].communicate(timeout=240)
+    ranks[1].communicate(timeout=60)
+    assert ranks[1].returncode == -signal.SIGKILL
+    assert ranks[0].returncode == 2, out + err[-3000:]
+    lost = next(line for line in out.splitlines() if line.startswith("LOST:"))
+    assert "another process of this job stopped" in lost and "while gathering the final weights" in lost
+    assert "the last checkpoint is step 4: run the same command with --resume" in lost
+    assert "Traceback" not in err
+
+
+def test_a_lost_peer_anywhere_in_a_job_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Outside the training loop too (a pipeline's final evaluation, say), a collective that fails
+    because a peer is gone ends the rank with one line and exit status 2; other errors stay as
+    they are."""
+    from lmforge import cli
+    from lmforge.commands import pretrain as demo  # `lmforge demo` is lmforge.commands.pretrain.demo
+
+    def failing(message: str):
+        @functools.wraps(demo.demo)
+        def command(*args: object, **kwargs: object) -> None:
+            raise RuntimeError(message)
+
+        return command
+
+    monkeypatch.setattr(cli, "world_size", lambda: 2)
+    monkeypatch.setattr(cli, "rank", lambda: 0)
+    gloo = "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500"
+    monkeypatch.setattr(demo, "demo", failing(gloo))
+    assert cli.main(["demo"]) == 2
+    assert capsys.readouterr().err == (
+        "lmforge: error: [rank 0] another process of this job stopped (Connection closed by peer); "
+        "run the same command with --resume to continue from the last checkpoint\n"
+    )
+    monkeypatch.setattr(demo, "demo", failing("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["demo"])
+    monkeypatch.setattr(cli, "world_size", lambda: 1)  # alone, there is no peer to lose
+    monkeypatch.setattr(demo, "demo", failing(gloo))
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        cli.main(["demo"])
 
 
 # ---- fine-tuning -----------------------------------------------------------------------------

@@ -280,7 +280,12 @@ class Trainer:
             restore_signals()
             self._call("on_train_end")
         if self._plain is not None:
-            self._consolidate()
+            try:
+                self._consolidate()
+            except (RuntimeError, distributed.PeerLost) as err:
+                if not distributed.lost_peer(err):
+                    raise
+                raise self._lost(err, "while gathering the final weights") from None
         return self.state
 
     def _consolidate(self) -> None:
@@ -391,9 +396,9 @@ class Trainer:
 
     # ---- the step ------------------------------------------------------------------------------
 
-    def _lost(self, err: Exception) -> distributed.PeerLost:
+    def _lost(self, err: Exception, where: str = "") -> distributed.PeerLost:
         """The one line a rank stops with when a peer is gone (a collective failed in a step, an
-        evaluation or a save): where, and how to go on."""
+        evaluation, a save or the final gathering of the weights): where, and how to go on."""
         reason = (
             str(err)
             if isinstance(err, distributed.PeerLost)
@@ -402,8 +407,9 @@ class Trainer:
         # Read from the folder: a save the lost peer interrupted may or may not have completed.
         latest = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
         saved = f"step {int(latest.name.removeprefix('step-'))}" if latest is not None else "none yet"
+        where = where or f"at step {self.state.step + 1}"
         return distributed.PeerLost(
-            f"{reason} at step {self.state.step + 1}; the last checkpoint is {saved}: "
+            f"{reason} {where}; the last checkpoint is {saved}: "
             "run the same command with --resume to continue"
         )
 
