@@ -65,6 +65,36 @@ def matmul_peak(dtype: torch.dtype, *, seconds: float = 1.0) -> float:
     return best
 
 
+def weight_pass(model: torch.nn.Module, *, rounds: int = 5) -> dict[str, float]:
+    """What a batch-1 decoding step must cost at the least: every ``nn.Linear`` weight (the tied
+    head once) read once. Times three passes over them all (median wall and CPU seconds of
+    ``rounds``): a plain read (``sum``), matrix-vector products on the (out, in) layout
+    (``F.linear``, as transformers decodes) and on the (in, out) layout (``x @ Wᵀ`` stored
+    transposed, as lmforge's fp32 decoding does). ``megabytes`` is what a token reads; the fastest
+    pass bounds the tokens/s of an implementation in that precision that reads the weights no
+    faster (attention, norms and the rest ignored)."""
+    import torch.nn.functional as F
+
+    weights = list(
+        {id(m.weight): m.weight.detach() for m in model.modules() if type(m) is torch.nn.Linear}.values()
+    )
+    transposed = [w.t().contiguous() for w in weights]
+    inputs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
+    wall, cpu = interleaved_wall_cpu(
+        {
+            "read": lambda: [w.sum() for w in weights],
+            "gemv": lambda: [F.linear(x, w) for x, w in zip(inputs, weights, strict=True)],
+            "gemv_t": lambda: [x @ w for x, w in zip(inputs, transposed, strict=True)],
+        },
+        rounds=rounds,
+        warmup=1,
+    )
+    out = {"megabytes": sum(w.numel() * w.element_size() for w in weights) / 1e6}
+    for name in wall:
+        out[f"{name}_wall"], out[f"{name}_cpu"] = wall[name], cpu[name]
+    return out
+
+
 def machine() -> str:
     """CPU model, cores, and library versions: enough to tell runs apart."""
     cpu = platform.processor() or platform.machine()

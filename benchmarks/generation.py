@@ -15,6 +15,12 @@ input columns, bf16 activations) has no transformers counterpart: it is compared
 not expected to equal the fp32 ones (random weights make near-ties common): the share of equal
 tokens is shown.
 
+The fp32 ceiling: three passes over every linear weight (the tied head once), each timed alone: a
+plain read, ``F.linear`` matrix-vector products on the (out, in) layout and ``x @ Wᵀ`` on the
+transposed (in, out) layout lmforge's fp32 decoding keeps. A token at batch 1 reads each weight
+once, so a decoder that reads them no faster than the fastest pass does not pass ``1 / its time``;
+the ratio of that to transformers' tokens/s is the most the fp32 target could be met by.
+
 Quality (random weights have no perplexity to lose): a small GPT trained by lmforge on the
 Python-docs corpus (``lmforge demo``'s model and data; ``--quality_model RUN_DIR`` reuses a demo
 run, otherwise one is trained for ``--quality_steps`` steps), scored on its whole validation split
@@ -39,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, load_average, set_threads  # noqa: E402
+from common import append_results, load_average, set_threads, weight_pass  # noqa: E402
 
 from lmforge import ModelConfig, Transformer  # noqa: E402
 from lmforge.generation import generate  # noqa: E402
@@ -133,9 +139,15 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict:
     prompt = torch.randint(0, VOCAB, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(prompt)
     N = args.new_tokens
-    models = {"lmforge fp32": model}
-    models["lmforge bf16"] = for_decoding(copy.deepcopy(model), "bf16")
-    models["lmforge int8"] = for_decoding(copy.deepcopy(model), "int8", group_size=args.group_size)
+    floor = weight_pass(model)  # the plain model's linear weights, before any layout change
+    models = {
+        "lmforge fp32 (out, in)": copy.deepcopy(model).eval(),  # the layout change alone: nn.Linear as trained
+        "lmforge bf16": for_decoding(copy.deepcopy(model), "bf16"),
+        "lmforge int8": for_decoding(copy.deepcopy(model), "int8", group_size=args.group_size),
+    }
+    # fp32 as `lmforge generate` decodes: each linear weight stored transposed, (in, out)
+    model = for_decoding(model, "fp32")
+    models = {"lmforge fp32": model, **models}
     hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
 
     def ours(m: Transformer, compiled: bool = False) -> Callable[[], torch.Tensor]:
@@ -177,6 +189,9 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict:
         "cpu": cpu,
     }
     row["tps"] = {label: N / seconds for label, seconds in basis.items()}
+    row["floor"] = floor
+    clock = "cpu" if args.threads == 1 else "wall"
+    row["ceiling"] = 1 / min(floor[f"{p}_{clock}"] for p in ("read", "gemv", "gemv_t"))
     print("  " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in row["tps"].items()), flush=True)
     return row
 
@@ -295,14 +310,34 @@ def main() -> None:
         ratios.append(
             f"| {row['name']} | **{t['lmforge fp32'] / t['transformers fp32']:.2f}×** | "
             f"**{t['lmforge bf16'] / t['transformers bf16']:.2f}×** | {t['lmforge bf16'] / t['lmforge fp32']:.2f}× | "
-            f"{t['lmforge int8'] / t['lmforge fp32']:.2f}× | {t['lmforge int8'] / t['transformers fp32']:.2f}× |"
+            f"{t['lmforge int8'] / t['lmforge fp32']:.2f}× | {t['lmforge int8'] / t['transformers fp32']:.2f}× | "
+            f"{row['ceiling'] / t['transformers fp32']:.2f}× |"
         )
     lines += [
         "",
         "| shape | lmforge / transformers, fp32 (target ≥ 1.5×) | lmforge / transformers, bf16 | lmforge bf16 / lmforge fp32 | "
-        "lmforge int8 / lmforge fp32 | lmforge int8 / transformers fp32 (*cross-precision*) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "lmforge int8 / lmforge fp32 | lmforge int8 / transformers fp32 (*cross-precision*) | "
+        "fp32 ceiling / transformers fp32 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *ratios,
+        "",
+        "fp32 ceiling: the tokens/s of a decoder whose token cost nothing but one pass over every linear weight "
+        "(the tied head once) at the fastest of the three speeds below, the least an fp32 implementation reading "
+        "them no faster must spend per token at batch 1; ceiling / transformers is the most such a decoder could "
+        "reach against it on this core.",
+        "",
+        "| shape | fp32 weights read per token, MB | plain read (`sum`): ms, GB/s | `F.linear` on (out, in): ms, GB/s "
+        "| `x @ Wᵀ` stored (in, out), lmforge's fp32 decoding: ms, GB/s | fp32 ceiling, tok/s |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[
+            f"| {row['name']} | {row['floor']['megabytes']:.0f} | "
+            + " | ".join(
+                f"{1e3 * row['floor'][p + '_wall']:.1f}, {row['floor']['megabytes'] / row['floor'][p + '_wall'] / 1e3:.1f}"
+                for p in ("read", "gemv", "gemv_t")
+            )
+            + f" | {row['ceiling']:.1f} |"
+            for row in rows
+        ],
     ]
     if scores is not None:
         c = scores["config"]

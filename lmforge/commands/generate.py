@@ -65,14 +65,15 @@ def generate(
         system: --chat: a system message before the prompt.
         chat_template: --chat: a built-in template (chatml, llama-2, plain) or Jinja source
             instead of the model's own.
-        dtype: the weights to decode with: fp32, bf16 (half the bytes), or int8 (weight-only, per-group
-            scales; fewer bytes read per token, at a measured quality cost: see benchmarks/RESULTS.md).
+        dtype: the weights to decode with: fp32 (on a CPU stored transposed, the layout one-row
+            products read fastest; the same numbers), bf16 (half the bytes), or int8 (weight-only,
+            per-group scales; fewer bytes read per token, at a measured quality cost: see
+            benchmarks/RESULTS.md).
     """
     if not chat and (system is not None or chat_template is not None):
         raise LMForgeError("--system and --chat_template apply with --chat", key="chat")
     run = load(model, device=resolve_device(device))
-    if dtype != "fp32":
-        for_decoding(run.model, dtype)
+    for_decoding(run.model, dtype)  # fp32 too: on a CPU, the weights in the layout decoding reads fastest
     tokenizer = run.tokenizer
     if tokenizer is None:
         raise LMForgeError("the run directory has no tokenizer.json to encode the prompt with", file=model)
