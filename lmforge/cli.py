@@ -30,6 +30,7 @@ from .commands.launch import relaunch
 from .errors import LMForgeError, did_you_mean
 from .runtime import launched, rank, world_size
 from .settings import coerce, dataclass_from_dict, dataclass_update, load_yaml, type_name
+from .training.distributed import lost_peer, short_reason
 
 CommandFn = Callable[..., Any]
 
@@ -487,8 +488,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as err:  # in a torchrun job: a collective that failed because a peer is gone
         if world_size() <= 1:
             raise
-        from .training.distributed import lost_peer, short_reason
-
         if not lost_peer(err):
             raise
         _say(
