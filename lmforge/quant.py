@@ -147,8 +147,15 @@ class DecodeLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The (N, K) weight, as a view (for code that reads a linear layer's ``weight``)."""
+        """The (N, K) weight, as a view (for code that reads a linear layer's ``weight``, or
+        changes it in place, as merging an adapter does: ``layer.weight += delta``)."""
         return self.weight_t.t()
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        if value.data_ptr() != self.weight_t.data_ptr():  # ``+=`` on the view has written it already
+            with torch.no_grad():
+                self.weight_t.copy_(value.t())
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)

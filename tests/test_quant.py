@@ -102,6 +102,11 @@ def test_fp32_decoding_layout_gives_the_same_numbers_and_tokens() -> None:
     with torch.no_grad():
         rows = torch.randn(2, 3, 6)
         torch.testing.assert_close(layer(rows), rows @ layer.weight.T + layer.bias)
+        before, delta = layer.weight.clone(), torch.randn(4, 6)
+        layer.weight += delta  # as merging a LoRA into its base does
+        torch.testing.assert_close(layer.weight_t, (before + delta).T)
+        layer.weight = before  # and setting it
+        assert torch.equal(layer.weight, before)
 
 
 def test_bf16_model_generates_and_hands_out_float32_logits() -> None:
