@@ -25,6 +25,7 @@ from ..errors import LMForgeError
 from ..files import atomic_write_json
 from ..generation import IncrementalDecoder, stream
 from ..peft import load_adapter, set_adapter
+from ..quant import for_decoding
 from ..runs import LoadedRun, load
 from .generation import Sampling, choosing
 
@@ -51,7 +52,9 @@ def load_with_adapters(
 ) -> LoadedRun:
     """Load a model (run folder, Hugging Face folder, GGUF file) and put each adapter run of
     ``adapters`` (name -> run folder) on it under its name; ``active`` names the one to answer
-    with (default: the model as loaded, e.g. a PEFT run's own adapter).
+    with (default: the model as loaded, e.g. a PEFT run's own adapter). The model comes in the
+    form decoding reads fastest (:func:`lmforge.quant.for_decoding`, fp32: on a CPU each linear
+    weight stored transposed), for ``lmforge chat`` and ``lmforge serve``.
 
     Raises:
         LMForgeError: a model or adapter that cannot be loaded, or an adapter trained on another base.
@@ -65,6 +68,7 @@ def load_with_adapters(
         load_adapter(run.model, adapter, name=name, activate=False)
     if active is not None:
         set_adapter(run.model, active)
+    for_decoding(run.model, "fp32")  # on a CPU, the weights in the layout decoding reads fastest
     return run
 
 
