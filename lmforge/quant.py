@@ -8,8 +8,8 @@ read depends on their layout:
 - **fp32**: on a CPU every ``nn.Linear`` keeps its weight transposed, (in, out) row-major, and
   multiplies with ``x @ Wᵀ`` as one ``addmm`` over it (:class:`DecodeLinear`). A one-row product
   then streams the weight as the BLAS's axpy-style kernel, which reads memory faster than the
-  dot-product kernel ``F.linear`` uses on the (out, in) layout: 25 against 18 GB/s on one core
-  here (``benchmarks/generation.py`` measures both). Same numbers to fp32 rounding.
+  dot-product kernel ``F.linear`` uses on the (out, in) layout: 18–24 against 11–18 GB/s on one
+  core here (``benchmarks/generation.py`` measures both). Same numbers to fp32 rounding.
 
 And two ways to read fewer of them:
 
@@ -189,7 +189,7 @@ def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -
 def quantize_linears(model: nn.Module, *, group_size: int = DEFAULT_GROUP_SIZE) -> int:
     """Replace every plain ``nn.Linear`` of ``model`` by an :class:`Int8Linear`, in place (a head
     tied to the token embedding gets its own int8 copy; the embedding table stays as it is).
-    Layers wrapped by a PEFT method are left in floating point. Returns how many were replaced."""
+    The base layer inside a PEFT wrapper is replaced like any other. Returns how many were replaced."""
     return _replace_linears(model, lambda linear: Int8Linear.from_linear(linear, group_size))
 
 
