@@ -29,7 +29,7 @@ assumed: ``benchmarks/generation.py`` reports the perplexity of each form on the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,9 +37,11 @@ from torch import Tensor, nn
 __all__ = [
     "DTYPES",
     "DecodeLinear",
+    "FusedDecodeLinear",
     "Int8Linear",
     "fitting_group",
     "for_decoding",
+    "fuse_for_decoding",
     "quantize_int8",
     "quantize_linears",
     "transpose_linears",
@@ -166,6 +168,75 @@ class DecodeLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, layout=(in, out)"
 
 
+class FusedDecodeLinear(DecodeLinear):
+    """Several linear layers that read the same input, as one: their transposed weights side by
+    side in one (K, N₁ + N₂ + …) buffer, one ``addmm`` for all (a wider product streams faster
+    than several narrow ones: Q, K, V; a gated MLP's gate and up). Each part is a
+    :class:`DecodeLinear` whose ``weight_t`` is a view of its columns, so the weights are held
+    once, and a change to a part's weight (merging an adapter) is a change to the fused one.
+
+    A model uses it only while its parts are still the modules fused (:meth:`covers`): a part
+    wrapped or replaced since (by a PEFT method, say) turns it off.
+
+    Args:
+        weight_t: (K, N₁ + N₂ + …), the parts' transposed weights side by side.
+        bias: the parts' biases end to end, or None.
+        parts: the parts, each with its columns of ``weight_t`` as its own weight.
+    """
+
+    def __init__(self, weight_t: Tensor, bias: Tensor | None, parts: Sequence[DecodeLinear]) -> None:
+        super().__init__(weight_t, bias)
+        self.parts = tuple(parts)  # a plain tuple: not registered as submodules a second time
+
+    @classmethod
+    def from_linears(cls, linears: Sequence[nn.Linear]) -> FusedDecodeLinear:
+        """Each weight transposed straight into its columns of one new buffer (the ``nn.Linear``
+        layers are read, not kept: replace them by the returned ``parts``)."""
+        first = linears[0].weight
+        weight_t = first.new_empty(first.shape[1], sum(linear.out_features for linear in linears))
+        parts, start = [], 0
+        for linear in linears:
+            columns = weight_t[:, start : start + linear.out_features]
+            columns.copy_(linear.weight.detach().t())
+            parts.append(DecodeLinear(columns, linear.bias))
+            start += linear.out_features
+        biases = [linear.bias for linear in linears]
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        return cls(weight_t, bias, parts)
+
+    def covers(self, *modules: nn.Module) -> bool:
+        """Whether ``modules`` are exactly the parts fused here, in order."""
+        return len(modules) == len(self.parts) and all(m is p for m, p in zip(modules, self.parts, strict=True))
+
+
+FUSED = {"qkv_decode": ("q_proj", "k_proj", "v_proj"), "gate_up_decode": ("gate_proj", "up_proj")}
+
+
+def fuse_for_decoding(model: nn.Module) -> int:
+    """In every attention layer, Q, K and V (its ``qkv_decode``), and in every gated MLP, the gate
+    and up projections (``gate_up_decode``), when they are plain ``nn.Linear`` on the CPU with the
+    same input width and bias layout: one :class:`FusedDecodeLinear`, the parts replaced by its
+    views. Returns how many were fused."""
+    count = 0
+    holders = [m for m in model.modules() if any(hasattr(m, slot) for slot in FUSED)]  # not the layers
+    for module in holders:
+        for slot, names in FUSED.items():
+            if not hasattr(module, slot):
+                continue
+            linears = [getattr(module, name, None) for name in names]
+            if not all(type(p) is nn.Linear and p.weight.device.type == "cpu" for p in linears):
+                continue
+            if len({p.in_features for p in linears}) != 1 or len({p.bias is None for p in linears}) != 1:
+                continue
+            fused = FusedDecodeLinear.from_linears(linears)
+            del linears
+            for name, part in zip(names, fused.parts, strict=True):
+                setattr(module, name, part)  # the nn.Linear goes, and its weight with it
+            setattr(module, slot, fused)
+            count += 1
+    return count
+
+
 def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
     """Replace every plain ``nn.Linear`` child of ``model``'s modules by ``make(child)``, one at a
     time: only the parents and names are listed first, so each replaced layer's weight is freed
@@ -203,7 +274,8 @@ def transpose_linears(model: nn.Module) -> int:
 
 def for_decoding(model: nn.Module, dtype: str, *, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
     """``model`` (in place) in the form to decode with: ``fp32`` (float32; on a CPU the linear
-    layers' weights transposed, :class:`DecodeLinear`), ``bf16`` (every floating-point tensor in
+    layers' weights transposed, :class:`DecodeLinear`, with Q/K/V and gate/up fused,
+    :class:`FusedDecodeLinear`), ``bf16`` (every floating-point tensor in
     bfloat16) or ``int8`` (weight-only int8 linear layers, the rest float32). Meant for generation
     and evaluation, not for training.
 
@@ -220,5 +292,6 @@ def for_decoding(model: nn.Module, dtype: str, *, group_size: int = DEFAULT_GROU
         if dtype == "int8":
             quantize_linears(model, group_size=group_size)
         else:
+            fuse_for_decoding(model)
             transpose_linears(model)
     return model

@@ -14,7 +14,14 @@ from torch import nn
 from lmforge import ModelConfig, Transformer, save_run
 from lmforge.cli import main
 from lmforge.generation import generate
-from lmforge.quant import DecodeLinear, Int8Linear, fitting_group, for_decoding, quantize_int8
+from lmforge.quant import (
+    DecodeLinear,
+    FusedDecodeLinear,
+    Int8Linear,
+    fitting_group,
+    for_decoding,
+    quantize_int8,
+)
 from lmforge.tokenizers import Tokenizer
 
 
@@ -98,6 +105,22 @@ def test_fp32_decoding_layout_gives_the_same_numbers_and_tokens() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, plain(x).logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(generate(model, x[:1], max_new_tokens=16), generate(plain, x[:1], max_new_tokens=16))
+    # Q/K/V and gate/up run as one product each, their weights held once (the parts are views)
+    attn, mlp = model.decoder.layers[0].self_attn, model.decoder.layers[0].mlp
+    assert isinstance(attn.qkv_decode, FusedDecodeLinear) and isinstance(mlp.gate_up_decode, FusedDecodeLinear)
+    fused = attn.qkv_decode.weight_t
+    assert attn.k_proj.weight_t.data_ptr() == fused[:, attn.q_proj.out_features :].data_ptr()
+    with torch.no_grad():
+        attn.k_proj.weight += 1.0  # a change to a part (merging an adapter) is a change to the fused weight
+        assert torch.equal(fused[:, attn.q_proj.out_features : attn.q_proj.out_features + attn.k_proj.out_features],
+                           attn.k_proj.weight_t)  # fmt: skip
+        attn.k_proj.weight -= 1.0
+        attn.q_proj = DecodeLinear(attn.q_proj.weight_t.clone() * 0, None)  # a part replaced: fusion off
+        assert not attn._fuse_qkv_now()
+        changed = model(x).logits
+        attn_plain = plain.decoder.layers[0].self_attn
+        attn_plain.q_proj.weight.zero_()
+        torch.testing.assert_close(changed, plain(x).logits, rtol=1e-5, atol=1e-5)
     layer = DecodeLinear.from_linear(nn.Linear(6, 4))  # a bias, and any number of leading dims
     with torch.no_grad():
         rows = torch.randn(2, 3, 6)

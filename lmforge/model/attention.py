@@ -103,6 +103,9 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
+        # Q, K and V already fused for decoding (lmforge.quant.for_decoding), used while the three
+        # projections are still the ones it fused.
+        self.qkv_decode: nn.Module | None = None
         # Seam for prefix tuning: a module called with the batch size that returns extra
         # (keys, values), each (B, Hkv, P, D), seen by every query, or None (no prefix now).
         self.prefix: nn.Module | None = None
@@ -212,9 +215,16 @@ class SelfAttention(nn.Module):
         y = self.out_proj(out)  # (B, T, E), or (N, E) packed
         return (y, weights) if need_weights else y
 
+    def _decode_qkv(self) -> nn.Module | None:
+        """The Q/K/V weights fused for decoding, while the projections are the ones fused."""
+        fused = self.qkv_decode
+        return fused if fused is not None and fused.covers(self.q_proj, self.k_proj, self.v_proj) else None
+
     def _fuse_qkv_now(self) -> bool:
-        """Whether Q, K, V run as one matmul now: asked for, gradients on, and all three plain
-        ``nn.Linear`` (not wrapped by a PEFT method, not quantized)."""
+        """Whether Q, K, V run as one matmul now: fused for decoding, or asked for, gradients on,
+        and all three plain ``nn.Linear`` (not wrapped by a PEFT method, not quantized)."""
+        if self._decode_qkv() is not None:
+            return True
         return (
             self.fuse_qkv
             and torch.is_grad_enabled()
@@ -226,6 +236,9 @@ class SelfAttention(nn.Module):
 
     def _stacked_qkv(self, x: Tensor) -> Tensor:
         """X [W_Q | W_K | W_V] (+ [b_Q | b_K | b_V]): (…, E) -> (…, (H + 2·Hkv)·D)."""
+        fused = self._decode_qkv()
+        if fused is not None:
+            return fused(x)
         projections = (self.q_proj, self.k_proj, self.v_proj)
         weight = torch.cat([p.weight for p in projections])  # ((H + 2·Hkv)·D, E)
         bias = torch.cat([p.bias for p in projections]) if self.q_proj.bias is not None else None

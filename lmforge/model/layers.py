@@ -83,10 +83,18 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+        # gate and up already fused for decoding (lmforge.quant.for_decoding), used while the two
+        # projections are still the ones it fused.
+        self.gate_up_decode: nn.Module | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_proj is not None:
-            hidden = self.act(self.gate_proj(x)) * self.up_proj(x)
+            fused = self.gate_up_decode
+            if fused is not None and fused.covers(self.gate_proj, self.up_proj):
+                gate, up = fused(x).chunk(2, dim=-1)  # [gate | up] = X [W_gate | W_up], one matmul
+            else:
+                gate, up = self.gate_proj(x), self.up_proj(x)
+            hidden = self.act(gate) * up
         else:
             hidden = self.act(self.up_proj(x))
         if self.dropout.p:
