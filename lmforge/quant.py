@@ -9,7 +9,9 @@ read depends on their layout:
   multiplies with ``x @ Wᵀ`` as one ``addmm`` over it (:class:`DecodeLinear`). A one-row product
   then streams the weight as the BLAS's axpy-style kernel, which reads memory faster than the
   dot-product kernel ``F.linear`` uses on the (out, in) layout: 18–24 against 11–18 GB/s on one
-  core here (``benchmarks/generation.py`` measures both). Same numbers to fp32 rounding.
+  core here (``benchmarks/generation.py`` measures both). Layers that read the same input (Q, K
+  and V; a gated MLP's gate and up) are fused into one wider product (:class:`FusedDecodeLinear`),
+  which streams faster still. Same numbers to fp32 rounding.
 
 And two ways to read fewer of them:
 
