@@ -72,7 +72,7 @@ def weight_pass(model: torch.nn.Module, *, rounds: int = 5) -> dict[str, float]:
     (``F.linear``, as transformers decodes) and on the (in, out) layout (``x @ Wᵀ`` stored
     transposed, as lmforge's fp32 decoding does). ``megabytes`` is what a token reads; the fastest
     pass bounds the tokens/s of an implementation in that precision that reads the weights no
-    faster (attention, norms and the rest ignored)."""
+    faster (attention, norms and the rest ignored): ``ceiling_wall`` / ``ceiling_cpu``, in tokens/s."""
     import torch.nn.functional as F
 
     weights = list(
@@ -92,6 +92,8 @@ def weight_pass(model: torch.nn.Module, *, rounds: int = 5) -> dict[str, float]:
     out = {"megabytes": sum(w.numel() * w.element_size() for w in weights) / 1e6}
     for name in wall:
         out[f"{name}_wall"], out[f"{name}_cpu"] = wall[name], cpu[name]
+    for clock, times in (("wall", wall), ("cpu", cpu)):  # tokens/s if a token cost the fastest pass
+        out[f"ceiling_{clock}"] = 1 / min(times.values())
     return out
 
 

@@ -486,9 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say("lmforge: interrupted")
         return 130
     except RuntimeError as err:  # in a torchrun job: a collective that failed because a peer is gone
-        if world_size() <= 1:
-            raise
-        if not lost_peer(err):
+        if world_size() <= 1 or not lost_peer(err):
             raise
         _say(
             f"lmforge: error: [rank {rank()}] another process of this job stopped ({short_reason(err)}); "

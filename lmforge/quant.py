@@ -255,7 +255,6 @@ def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -
         if new is not getattr(parent, name):
             setattr(parent, name, new)
             count += 1
-        del new
     return count
 
 

@@ -29,7 +29,7 @@ task only supplies batches and a loss to the one training loop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,7 +304,9 @@ def plain_values(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v if v is None or isinstance(v, str | int | float | bool) else str(v) for k, v in values.items()}
 
 
-def draw_others(members: list[int], k: int, rng: np.random.Generator, allowed: Any) -> list[int]:
+def draw_others(
+    members: list[int], k: int, rng: np.random.Generator, allowed: Callable[[int], bool]
+) -> list[int]:
     """Up to ``k`` distinct members that ``allowed`` accepts, uniformly: rejection draws while
     the class is large (O(k) per call, whatever the pool's size), a shuffle of the rest when small."""
     if len(members) > 4 * k:
