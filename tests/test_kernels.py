@@ -1,0 +1,181 @@
+"""Weights kept in GGUF's blocks for decoding (lmforge.kernels, lmforge.quant.BlockLinear): the
+native kernel is built and cached, finds exactly the weights that lie on a block grid, multiplies
+as the dequantized weight does, and a model read from a GGUF file decodes with it to the same
+tokens as with its weights widened to fp32. Skipped where the kernel cannot be built here (no C
+compiler or no AVX2), with the reason."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lmforge
+from lmforge import ModelConfig, Transformer, kernels, peft, quant
+from lmforge.generation import generate
+from lmforge.interop.gguf_writer import save_gguf
+from lmforge.kernels import block_dequantize, block_matmul, kernel_problem
+from lmforge.quant import BlockLinear, DecodeLinear, FusedBlockLinear, find_blocks, for_decoding
+from lmforge.tokenizers import Tokenizer
+
+gguf = pytest.importorskip("gguf")
+pytestmark = pytest.mark.skipif(
+    kernel_problem() is not None, reason=f"block kernels unavailable here: {kernel_problem()}"
+)
+
+FORMATS = ["q8_0", "q4_0", "q5_0", "q4_1", "q5_1"]
+
+
+def on_grid(kind: str, rows: int = 24, columns: int = 96, seed: int = 0) -> torch.Tensor:
+    """A random weight quantized by the gguf package to ``kind`` and dequantized again: the
+    values a float model read from such a file holds."""
+    w = np.random.default_rng(seed).standard_normal((rows, columns)).astype(np.float32) * 0.1
+    qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+    return torch.from_numpy(np.array(gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype), dtype=np.float32))
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_a_weight_on_a_block_grid_is_found_exactly(kind: str) -> None:
+    w = on_grid(kind)
+    found = find_blocks(w, chunk=7)  # rows a few at a time: chunks join up
+    assert found is not None
+    assert found[0] == kind
+    codes, scales, offsets = found[1:]
+    assert codes.dtype == torch.int8 and scales.shape == (24, 3)
+    assert (offsets is not None) == kind.endswith("_1")
+    assert torch.equal(block_dequantize(codes, scales, offsets), w)  # bit for bit: the same weight
+
+
+def test_a_float_weight_is_not_on_a_grid() -> None:
+    torch.manual_seed(0)
+    assert find_blocks(torch.randn(16, 64)) is None  # trained weights never are
+    assert find_blocks(on_grid("q8_0", columns=96)[:, :80]) is None  # 80 columns: no 32-wide blocks
+    w = on_grid("q4_1")
+    w[5, 7] += 1e-3  # one weight off the grid, past the first row
+    assert find_blocks(w) is None
+    assert find_blocks(on_grid("q8_0").double()) is None
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, quant.MANY_ROWS + 1])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
+def test_block_linear_computes_what_its_weight_says(kind: str, rows: int) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 24)
+    with torch.no_grad():
+        linear.weight.copy_(on_grid(kind))
+    layer = BlockLinear.from_linear(linear)
+    assert layer is not None and layer.kind == kind
+    x = torch.randn(rows, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x.view(rows, 1, 96)), layer(x).view(rows, 1, 24))
+    # two threads split the rows: the same numbers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_block_linear_passes_gradients_to_its_input() -> None:
+    linear = nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(on_grid("q8_0", rows=8, columns=64))
+    layer = BlockLinear.from_linear(linear)
+    x = torch.randn(1, 64, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, linear.weight.sum(0, keepdim=True))
+
+
+def test_the_kernel_refuses_tensors_it_cannot_read() -> None:
+    codes, scales = torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 2)
+    with pytest.raises(ValueError, match="contiguous CPU tensor of torch.float32"):
+        block_matmul(torch.zeros(1, 64, dtype=torch.float64), codes, scales, None, None)
+    with pytest.raises(ValueError, match="columns"):
+        block_matmul(torch.zeros(1, 32), codes, scales, None, None)
+    with pytest.raises(ValueError, match="scales/offsets"):
+        block_matmul(torch.zeros(1, 64), codes, torch.ones(8, 3), None, None)
+    with pytest.raises(ValueError, match="contiguous"):
+        block_matmul(torch.zeros(1, 64), codes, torch.ones(2, 8).t(), None, None)
+
+
+def test_the_kernel_is_built_once_and_a_missing_compiler_is_a_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    lib, problem = kernels._build()
+    assert lib is not None and problem is None
+    (built,) = (tmp_path / "kernels").glob("blocks-*.so")
+    stamp = built.stat().st_mtime_ns
+    assert kernels._build()[0] is not None and built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    lib, problem = kernels._build()
+    assert lib is None and "no-such-cc" in problem
+
+
+def test_without_the_kernel_decoding_keeps_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quant, "block_kernels", lambda: None)
+    linear = nn.Linear(64, 8)
+    with torch.no_grad():
+        linear.weight.copy_(on_grid("q8_0", rows=8, columns=64))
+    model = nn.Sequential(linear)
+    for_decoding(model, "fp32")
+    assert isinstance(model[0], DecodeLinear)
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen2-style decoder (q/k/v biases, a tied head) written as a Q8_0 GGUF file."""
+    tokenizer = Tokenizer.train(iter(["the quick brown fox jumps over the lazy dog"] * 8), kind="bpe",
+                                vocab_size=280, show_progress=False)  # fmt: skip
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("tiny-llama", vocab_size=tokenizer.vocab_size, qkv_bias=True, tie_embeddings=True)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.5)
+    path = tmp_path_factory.mktemp("gguf") / "tiny-q8_0.gguf"
+    save_gguf(model, tokenizer, path, dtype="q8_0")
+    return path
+
+
+def test_a_model_read_from_gguf_decodes_with_its_blocks_to_the_same_tokens(gguf_run: Path) -> None:
+    blocks = lmforge.load(gguf_run).model
+    widened = copy.deepcopy(blocks)
+    for_decoding(blocks, "fp32")
+    for_decoding(widened, "fp32", blocks=False)
+    layers = [m for m in blocks.modules() if isinstance(m, BlockLinear)]
+    assert layers and not [m for m in blocks.modules() if type(m) in (nn.Linear, DecodeLinear)]
+    assert isinstance(blocks.head.proj, BlockLinear)  # the tied head: its own blocks
+    assert isinstance(blocks.tok_embed.weight, nn.Parameter)  # the embedding table stays as it was
+    attn, mlp = blocks.decoder.layers[0].self_attn, blocks.decoder.layers[0].mlp
+    assert isinstance(attn.qkv_decode, FusedBlockLinear) and isinstance(mlp.gate_up_decode, FusedBlockLinear)
+    assert attn._decode_qkv() is attn.qkv_decode  # the parts are still the fused ones: used
+    start = attn.q_proj.out_features
+    assert attn.k_proj.codes.data_ptr() == attn.qkv_decode.codes[start].data_ptr()  # views: held once
+    assert torch.equal(attn.k_proj.weight, widened.decoder.layers[0].self_attn.k_proj.weight)
+    x = torch.randint(0, blocks.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(blocks(x).logits, widened(x).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(blocks(x[:, :1]).logits, widened(x[:, :1]).logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(generate(blocks, x, max_new_tokens=20), generate(widened, x, max_new_tokens=20))
+    assert torch.equal(
+        generate(blocks, x, max_new_tokens=8, compile=True), generate(widened, x, max_new_tokens=8)
+    )  # torch.compile keeps the kernel in its graph (an operator)
+
+
+def test_the_base_layer_under_an_adapter_stays_mergeable(gguf_run: Path) -> None:
+    model = lmforge.load(gguf_run).model
+    peft.apply(model, "lora", r=2, target_modules=["q_proj", "v_proj"])
+    for_decoding(model, "fp32")
+    attn = model.decoder.layers[0].self_attn
+    assert isinstance(attn.q_proj.base, DecodeLinear)  # merging writes into it
+    assert isinstance(attn.k_proj, BlockLinear) and isinstance(model.decoder.layers[0].mlp.down_proj, BlockLinear)
