@@ -4,11 +4,15 @@ against transformers' GGUF loader on the same file.
 1. Load time: model + tokenizer from the GGUF file, each side in a fresh process (imports of
    lmforge / transformers included, torch's own import not); wall and CPU seconds, peak RSS.
    Target: lmforge ≤ 0.5× transformers.
-2. Generation: batch 1, a chat-formatted prompt, 256 new tokens, greedy, fp32, 1 thread, on the
-   weights each side dequantized from the file (identical values; lmforge decodes as ``lmforge
-   generate`` does, its linear weights stored transposed). Each side
-   in its own process (so peak RSS is its own), a warm-up, then the median of ``--rounds``
-   timed runs; the two must produce the same 256 tokens. Target: lmforge ≥ 2× transformers.
+2. Generation: batch 1, a chat-formatted prompt, 256 new tokens, greedy, fp32 arithmetic, 1
+   thread, on the file's weights. transformers widens them to fp32 tensors; lmforge decodes as
+   ``lmforge generate`` does: the layers whose values are the file's Q4_1/Q8_0 blocks keep them
+   as blocks (``lmforge.quant.BlockLinear``: the same values, a quarter of the bytes, multiplied
+   in fp32 by a native kernel), the others stored transposed. A second lmforge row widens every
+   weight to fp32 as transformers does (``for_decoding(..., blocks=False)``): the same storage on
+   both sides. Each side in its own process (so peak RSS is its own), a warm-up, then the median
+   of ``--rounds`` timed runs; the sides must produce the same 256 tokens. Target: lmforge ≥ 2×
+   transformers.
 3. With ``--dtypes bf16 int8``: lmforge decoding with bf16 weights against transformers in bf16
    (same precision), and with int8 weight-only weights (``lmforge generate --dtype int8``)
    against transformers in fp32: a cross-precision figure, labelled so, with how many of the
@@ -54,9 +58,11 @@ if side.startswith("lmforge"):
     import lmforge
     run = lmforge.load(path)
     model, tokenizer = run.model, run.tokenizer
-    if task == "generate":  # as `lmforge generate --dtype` decodes (fp32: weights laid out (in, out))
-        from lmforge.quant import for_decoding
-        for_decoding(model, side.rsplit("-", 1)[1] if side.endswith(("bf16", "int8")) else "fp32")
+    if task == "generate":  # as `lmforge generate --dtype` decodes (fp32: blocks where the file's values are)
+        from lmforge.quant import BlockLinear, for_decoding
+        dtype = side.rsplit("-", 1)[1] if side.endswith(("bf16", "int8")) else "fp32"
+        for_decoding(model, dtype, blocks=not side.endswith("widened"))
+        blocks = sum(type(m) is BlockLinear for m in model.modules())  # the layers (a fused product is its parts)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     ids = torch.tensor([tokenizer.encode(text)])
 else:
@@ -73,6 +79,8 @@ else:
     model.generation_config.pad_token_id = 2
 out = {"load_wall": time.perf_counter() - wall0, "load_cpu": time.process_time() - cpu0,
        "base_rss_mb": base_rss, "prompt_tokens": ids.shape[1]}
+if side.startswith("lmforge") and task == "generate":
+    out["block_layers"] = blocks
 if task == "generate":
     def step(n):
         if side.startswith("lmforge"):
@@ -142,7 +150,7 @@ def main() -> None:
         for side in loads:
             loads[side].append(child(args, side, "load"))
             print(side, "load", {k: round(v, 2) for k, v in loads[side][-1].items()}, flush=True)
-    sides = ["lmforge", "transformers"] + (["lmforge-compiled"] if args.compile else [])
+    sides = ["lmforge", "transformers", "lmforge-widened"] + (["lmforge-compiled"] if args.compile else [])
     sides += [f"{who}-bf16" for who in ("lmforge", "transformers") if "bf16" in args.dtypes]
     sides += ["lmforge-int8"] if "int8" in args.dtypes else []
     gen = {side: child(args, side, "generate") for side in sides}
@@ -174,15 +182,34 @@ def main() -> None:
         f"| generate, tokens per CPU s | {n / lm['cpu']:.1f} | {n / hf['cpu']:.1f} | {hf['cpu'] / lm['cpu']:.2f}× |",
         f"| generate, peak RSS MB | {lm['rss_mb']:.0f} | {hf['rss_mb']:.0f} | {lm['rss_mb'] / hf['rss_mb']:.2f}× |",
     ]
+    w = gen["lmforge-widened"]
+    same_widened = (
+        "same tokens"
+        if w["tokens"] == hf["tokens"]
+        else f"the first {agreeing(w['tokens'], hf['tokens'])} tokens agree"
+    )
+    rows += [
+        f"| generate, **lmforge with every weight widened to fp32** as transformers holds them (same storage; "
+        f"{same_widened}), tokens/s wall | {n / w['wall']:.1f} | {n / hf['wall']:.1f} | {hf['wall'] / w['wall']:.2f}× |",
+        f"| generate, widened, tokens per CPU s; peak RSS MB | {n / w['cpu']:.1f}; {w['rss_mb']:.0f} | "
+        f"{n / hf['cpu']:.1f}; {hf['rss_mb']:.0f} | {hf['cpu'] / w['cpu']:.2f}× |",
+    ]
     mb = floor["megabytes"]
-    passes = {"read": "a plain read (`sum`)", "gemv": "`F.linear` on (out, in)", "gemv_t": "`x @ Wᵀ` on (in, out)"}
+    passes = {
+        "read": "a plain read (`sum`)",
+        "gemv": "`F.linear` on (out, in)",
+        "gemv_t": "`x @ Wᵀ` on (in, out)",
+    }
     ceiling = floor["ceiling_wall"]  # tokens/s if a token cost one pass, nothing else
     rows += [
         f"| one pass over the {mb:.0f} MB of fp32 linear weights, ms wall (GB/s): "
-        + ", ".join(f"{label} {1e3 * floor[p + '_wall']:.1f} ({mb / floor[p + '_wall'] / 1e3:.1f})" for p, label in passes.items())
+        + ", ".join(
+            f"{label} {1e3 * floor[p + '_wall']:.1f} ({mb / floor[p + '_wall'] / 1e3:.1f})"
+            for p, label in passes.items()
+        )
         + " | | | |",
-        f"| **fp32 ceiling**: tokens/s if a token cost only the fastest of those passes; the most an fp32 decoder "
-        f"reading its weights no faster could reach against transformers here | {ceiling:.1f} | {n / hf['wall']:.1f} | "
+        f"| **fp32 ceiling**: tokens/s if a token cost only the fastest of those passes; the most a decoder "
+        f"reading fp32 weights no faster (transformers, lmforge widened) could reach here | {ceiling:.1f} | {n / hf['wall']:.1f} | "
         f"{ceiling / (n / hf['wall']):.2f}× |",
     ]
     if "lmforge-compiled" in gen:
@@ -217,7 +244,9 @@ def main() -> None:
             f"{q['rss_mb']:.0f} | {n / hf['cpu']:.1f}; {hf['rss_mb']:.0f} | {hf['cpu'] / q['cpu']:.2f}× |"
         )
     body = (
-        f"SmolLM2-135M-Instruct Q4_1 GGUF ({args.model.name}), dequantized to fp32 by each side; batch 1, "
+        f"SmolLM2-135M-Instruct Q4_1 GGUF ({args.model.name}). transformers widens its weights to fp32; lmforge "
+        f"keeps the {lm['block_layers']} linear layers whose values are the file's Q4_1/Q8_0 blocks as blocks "
+        f"(the same values, multiplied in fp32 arithmetic) and stores the others transposed in fp32; batch 1, "
         f"a {lm['prompt_tokens']}-token chat prompt, {n} new tokens, greedy, {args.threads} thread(s). "
         f"Same {n} tokens: {'yes' if same else f'no (first {agree} agree)'}.\n\n" + "\n".join(rows)
     )

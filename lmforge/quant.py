@@ -17,12 +17,21 @@ And two ways to read fewer of them:
 
 - **bf16**: the whole model in bfloat16 (2 bytes per weight instead of 4; the KV cache too).
 - **int8, weight-only**: every ``nn.Linear`` of the model (the LM head included) keeps its weight
-  as int8 codes q ∈ [−127, 127] and one scale per group of ``group_size`` consecutive input
-  columns of each output row (or of the widest group under that size that divides the layer's
-  columns: SmolLM2's 576 take 192), w ≈ s_g · q with s_g = max|w_g| / 127 (symmetric absmax: the layout
-  of GGUF's Q8_0, whose groups are 32 wide). Embeddings, norms and attention stay floating point.
-  The product runs in PyTorch's int8-weight matmul (``torch._weight_int8pack_mm``), one call per
-  group of columns, with the activations in bf16.
+  as int8 codes q ∈ [−127, 127] and one scale per group of consecutive input columns of each
+  output row, w ≈ s_g · q with s_g = max|w_g| / 127 (symmetric absmax). Where the native block
+  kernel is built (:mod:`lmforge.kernels`), the groups are 32 wide, GGUF's Q8_0 layout, and the
+  product is :class:`BlockLinear`'s, in fp32 arithmetic. Elsewhere they are ``group_size`` wide
+  (or the widest group under that size that divides the layer's columns: SmolLM2's 576 take
+  192) and the product runs in PyTorch's int8-weight matmul (``torch._weight_int8pack_mm``, one
+  call per group, activations in bf16: :class:`Int8Linear`). Embeddings, norms and attention
+  stay floating point.
+
+And, without changing a single value, the blocks a GGUF file keeps its weights in:
+
+- **blocks**: a linear weight whose values lie exactly on a Q8_0/Q4_0/Q5_0/Q4_1/Q5_1 grid (a
+  model read from such a file) is kept as int8 codes with the blocks' scales and offsets
+  (:class:`BlockLinear`) under ``fp32`` too: 1.13–1.25 bytes per weight instead of 4, the same
+  weight, multiplied in fp32 arithmetic.
 
 References: Dettmers et al. 2022, "LLM.int8()" (absmax int8 weights); ggml's Q8_0 block format
 (llama.cpp); gpt-fast (int8 weight-only decoding in PyTorch). The quality cost is measured, not
@@ -270,6 +279,15 @@ class BlockLinear(nn.Module):
         found = find_blocks(linear.weight)
         return None if found is None else cls(*found[1:], linear.bias, found[0])
 
+    @classmethod
+    def quantized(cls, linear: nn.Linear) -> BlockLinear:
+        """An ``nn.Linear`` quantized to int8 blocks (GGUF's Q8_0 layout: one absmax scale per 32
+        columns, kept in float32; :func:`quantize_int8`). Its input width must divide by 32."""
+        N, K = linear.weight.shape
+        codes, scales = quantize_int8(linear.weight, BLOCK)  # (G, N, 32), (G, N)
+        codes = codes.transpose(0, 1).reshape(N, K).contiguous()
+        return cls(codes, scales.t().contiguous(), None, linear.bias, "int8")
+
     @property
     def weight(self) -> Tensor:
         """The (N, K) float32 weight, dequantized: a new tensor (changing it changes nothing)."""
@@ -393,16 +411,14 @@ def fuse_for_decoding(model: nn.Module) -> int:
             if not hasattr(module, slot):
                 continue
             linears = [getattr(module, name, None) for name in names]
-            if len({type(p) for p in linears}) != 1 or len({p.in_features for p in linears}) != 1:
+            kind = {type(p) for p in linears}
+            if kind not in ({nn.Linear}, {BlockLinear}):  # wrapped by a PEFT method, absent, mixed
                 continue
-            if len({p.bias is None for p in linears}) != 1:
+            if len({p.in_features for p in linears}) != 1 or len({p.bias is None for p in linears}) != 1:
                 continue
-            if all(type(p) is nn.Linear and p.weight.device.type == "cpu" for p in linears):
+            if kind == {nn.Linear} and all(p.weight.device.type == "cpu" for p in linears):
                 fused = FusedDecodeLinear.from_linears(linears)
-            elif (
-                all(type(p) is BlockLinear for p in linears)
-                and len({p.offsets is None for p in linears}) == 1
-            ):
+            elif kind == {BlockLinear} and len({p.offsets is None for p in linears}) == 1:
                 fused = FusedBlockLinear(linears)
             else:
                 continue
@@ -438,10 +454,20 @@ def _replace_linears(
 
 
 def quantize_linears(model: nn.Module, *, group_size: int = DEFAULT_GROUP_SIZE) -> int:
-    """Replace every plain ``nn.Linear`` of ``model`` by an :class:`Int8Linear`, in place (a head
-    tied to the token embedding gets its own int8 copy; the embedding table stays as it is).
-    The base layer inside a PEFT wrapper is replaced like any other. Returns how many were replaced."""
-    return _replace_linears(model, lambda linear: Int8Linear.from_linear(linear, group_size))
+    """Replace every plain ``nn.Linear`` of ``model`` by an int8 weight-only layer, in place: on
+    a CPU with the block kernels built, a :class:`BlockLinear` with one scale per 32 columns (when
+    the columns divide by 32); else an :class:`Int8Linear` with groups of up to ``group_size``
+    columns. A head tied to the token embedding gets its own int8 copy; the embedding table stays
+    as it is. The base layer inside a PEFT wrapper is replaced like any other. Returns how many
+    were replaced."""
+    blocks = block_kernels() is not None
+
+    def make(linear: nn.Linear) -> nn.Module:
+        if blocks and linear.in_features % BLOCK == 0 and linear.weight.device.type == "cpu":
+            return BlockLinear.quantized(linear)
+        return Int8Linear.from_linear(linear, group_size)
+
+    return _replace_linears(model, make)
 
 
 def transpose_linears(model: nn.Module) -> int:
@@ -479,7 +505,8 @@ def for_decoding(
       transposed (:class:`DecodeLinear`); Q/K/V and gate/up are fused
       (:class:`FusedDecodeLinear`, :class:`FusedBlockLinear`).
     - ``bf16``: every floating-point tensor in bfloat16.
-    - ``int8``: weight-only int8 linear layers, the rest float32.
+    - ``int8``: weight-only int8 linear layers (:func:`quantize_linears`: blocks of 32 columns
+      where the kernels are built, Q/K/V and gate/up fused), the rest float32.
 
     Raises:
         ValueError: an unknown ``dtype``.
@@ -493,6 +520,7 @@ def for_decoding(
     with torch.no_grad():
         if dtype == "int8":
             quantize_linears(model, group_size=group_size)
+            fuse_for_decoding(model)
         else:
             if blocks:
                 block_linears(model)

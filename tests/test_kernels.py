@@ -179,3 +179,21 @@ def test_the_base_layer_under_an_adapter_stays_mergeable(gguf_run: Path) -> None
     attn = model.decoder.layers[0].self_attn
     assert isinstance(attn.q_proj.base, DecodeLinear)  # merging writes into it
     assert isinstance(attn.k_proj, BlockLinear) and isinstance(model.decoder.layers[0].mlp.down_proj, BlockLinear)
+
+
+def test_int8_decoding_takes_blocks_of_32_columns() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 24)
+    layer = BlockLinear.quantized(linear)
+    assert layer.kind == "int8" and layer.offsets is None and layer.scales.shape == (24, 3)
+    blocks = linear.weight.detach().reshape(24, 3, 32)
+    torch.testing.assert_close(layer.scales, blocks.abs().amax(-1) / 127)
+    assert float((layer.weight - linear.weight).abs().max()) <= float(layer.scales.max()) / 2 + 1e-7
+    model = Transformer(ModelConfig.from_name("tiny-llama", init_std=0.1)).eval()
+    x = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        reference = model(x).logits
+        for_decoding(model, "int8")
+        logits = model(x).logits
+    assert isinstance(model.decoder.layers[0].self_attn.qkv_decode, FusedBlockLinear)  # fused as in fp32
+    assert float((logits - reference).norm() / reference.norm()) < 0.03  # as int8 in groups of 256
