@@ -20,7 +20,15 @@ from lmforge import ModelConfig, Transformer, kernels, peft, quant
 from lmforge.generation import generate
 from lmforge.interop.gguf_writer import save_gguf
 from lmforge.kernels import block_dequantize, block_matmul, kernel_problem
-from lmforge.quant import BlockLinear, DecodeLinear, FusedBlockLinear, find_blocks, for_decoding
+from lmforge.model.layers import RMSNorm
+from lmforge.quant import (
+    BlockLinear,
+    DecodeLinear,
+    DecodeRMSNorm,
+    FusedBlockLinear,
+    find_blocks,
+    for_decoding,
+)
 from lmforge.tokenizers import Tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -197,3 +205,24 @@ def test_int8_decoding_takes_blocks_of_32_columns() -> None:
         logits = model(x).logits
     assert isinstance(model.decoder.layers[0].self_attn.qkv_decode, FusedBlockLinear)  # fused as in fp32
     assert float((logits - reference).norm() / reference.norm()) < 0.03  # as int8 in groups of 256
+
+
+def test_decoding_norms_are_one_native_call_with_the_same_numbers() -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-llama", init_std=0.1)).eval()
+    with torch.no_grad():
+        for norm in [m for m in model.modules() if isinstance(m, RMSNorm)]:
+            norm.weight.normal_(1.0, 0.2)
+    plain = copy.deepcopy(model)
+    for_decoding(model, "fp32")
+    norms = [m for m in model.modules() if isinstance(m, DecodeRMSNorm)]
+    assert len(norms) == 2 * model.config.num_layers + 1 and not any(isinstance(m, RMSNorm) for m in model.modules())
+    x = torch.randn(3, 5, 64) * 3
+    reference = plain.decoder.norm
+    with torch.no_grad():
+        torch.testing.assert_close(model.decoder.norm(x), reference(x), rtol=1e-6, atol=1e-6)
+        ids = torch.randint(0, 256, (1, 10))
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    y = model.decoder.norm(x.requires_grad_())  # gradients wanted: PyTorch's own operators
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape

@@ -1,5 +1,6 @@
-"""Native kernels, built on the machine that runs them: the products of weights kept in blocks
-(``blocks.c``; :class:`lmforge.quant.BlockLinear` uses them).
+"""Native kernels, built on the machine that runs them (``blocks.c``): the products of weights
+kept in blocks (:class:`lmforge.quant.BlockLinear`) and RMSNorm in one call
+(:class:`lmforge.quant.DecodeRMSNorm`), both for decoding.
 
 The C source is compiled once with the system's C compiler (``$CC``, else ``cc``) and
 ``-march=native``, into ``$LMFORGE_CACHE`` (default ``~/.cache/lmforge``)``/kernels/``, under a
@@ -31,6 +32,7 @@ __all__ = [
     "block_matmul_op",
     "check_blocks",
     "kernel_problem",
+    "rms_norm",
 ]
 
 SOURCE = Path(__file__).with_name("blocks.c")
@@ -81,7 +83,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
             built = Path(work) / library.name
             try:
                 done = subprocess.run(
-                    [compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+                    [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
                     capture_output=True,
                     text=True,
                     timeout=COMPILE_TIMEOUT_S,
@@ -114,6 +116,8 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.block_matmul.restype = ctypes.c_int
     lib.block_dequantize.argtypes = [pointer, pointer, pointer, pointer, size, size, ctypes.c_int]
     lib.block_dequantize.restype = None
+    lib.rms_norm.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float]
+    lib.rms_norm.restype = None
     return lib, None
 
 
@@ -230,3 +234,22 @@ def block_matmul_op(
 @block_matmul_op.register_fake
 def _(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, bias: Tensor | None) -> Tensor:
     return x.new_empty(x.shape[0], codes.shape[0])
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm of each row of ``x`` (…, dim) times ``weight`` (dim,), float32: one call (PyTorch's
+    ``F.rms_norm`` runs six small operators on a CPU, which a one-token step pays 61 times).
+
+    Raises:
+        ValueError: a tensor of another dtype, device or layout, or a weight of another width.
+    """
+    lib = block_kernels()
+    assert lib is not None, kernel_problem()
+    dim = x.shape[-1]
+    if weight.shape != (dim,):
+        raise ValueError(f"weight {tuple(weight.shape)} does not match rows of {dim}")
+    y = torch.empty(x.shape)
+    lib.rms_norm(
+        _pointer(x, torch.float32), _pointer(weight, torch.float32), y.data_ptr(), x.numel() // dim, dim, eps
+    )
+    return y

@@ -16,6 +16,7 @@
    the machine that runs it; AVX2 with FMA is required (lmforge falls back to float32 without).
 */
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 #include <immintrin.h>
 
@@ -153,5 +154,27 @@ void block_dequantize(const int8_t *codes, const float *scales, const float *off
             for (int j = 0; j < BLOCK; j += 8)
                 _mm256_storeu_ps(out + j, _mm256_fmadd_ps(scale, codes8(c + j), shift));
         }
+    }
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w, each of `rows` rows of `dim` (RMSNorm, as Llama's, in fp32:
+   the decoding form's norm, one call instead of PyTorch's six small operators). */
+void rms_norm(const float *x, const float *w, float *y, long rows, long dim, float eps) {
+    for (long i = 0; i < rows; i++) {
+        const float *xi = x + i * dim;
+        float *yi = y + i * dim;
+        __m256 acc = _mm256_setzero_ps();
+        long j = 0;
+        for (; j + 8 <= dim; j += 8) {
+            __m256 v = _mm256_loadu_ps(xi + j);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float squares = hsum(acc);
+        for (; j < dim; j++) squares += xi[j] * xi[j];
+        const float r = 1.0f / sqrtf(squares / (float)dim + eps);
+        const __m256 scale = _mm256_set1_ps(r);
+        for (j = 0; j + 8 <= dim; j += 8)
+            _mm256_storeu_ps(yi + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xi + j), scale), _mm256_loadu_ps(w + j)));
+        for (; j < dim; j++) yi[j] = xi[j] * r * w[j];
     }
 }
