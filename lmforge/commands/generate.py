@@ -65,10 +65,11 @@ def generate(
         system: --chat: a system message before the prompt.
         chat_template: --chat: a built-in template (chatml, llama-2, plain) or Jinja source
             instead of the model's own.
-        dtype: the weights to decode with: fp32 (on a CPU stored transposed, the layout one-row
-            products read fastest; the same numbers), bf16 (half the bytes), or int8 (weight-only,
-            per-group scales; fewer bytes read per token, at a measured quality cost: see
-            benchmarks/RESULTS.md).
+        dtype: the weights to decode with: fp32 (the same numbers: on a CPU a GGUF file's
+            Q8_0/Q4_x/Q5_x weights stay in their blocks, multiplied in fp32 by a native kernel,
+            and other weights are stored transposed, the layout one-row products read fastest),
+            bf16 (half the bytes), or int8 (weight-only, one scale per 32 columns; fewer bytes
+            read per token, at a measured quality cost: see benchmarks/RESULTS.md).
     """
     if not chat and (system is not None or chat_template is not None):
         raise LMForgeError("--system and --chat_template apply with --chat", key="chat")
