@@ -248,9 +248,9 @@ class BlockLinear(nn.Module):
     """A linear layer whose weight is kept as GGUF block formats keep it: an int8 code per weight
     and, per block of 32 columns of a row, a scale d (and an offset m), w = d·q (+ m). Found
     exactly in a float weight (:meth:`from_linear`: the values a Q8_0/Q4_0/Q5_0/Q4_1/Q5_1 file
-    was dequantized to), it is the same weight in a quarter of the bytes: the native kernel
-    (:mod:`lmforge.kernels`) multiplies in float32 without ever widening it, which makes
-    one-row products (decoding) faster. Many rows at once (a long prompt) use BLAS on the weight
+    was dequantized to), it is the same weight in 1.13–1.25 bytes per weight instead of 4: the
+    native kernel (:mod:`lmforge.kernels`) multiplies in float32 without ever widening it, which
+    makes one-row products (decoding) faster. Many rows at once (a long prompt) use BLAS on the weight
     dequantized for the call. Inference only: with gradients wanted it multiplies the
     dequantized weight with ``F.linear``.
 

@@ -123,6 +123,11 @@ def test_the_kernel_is_built_once_and_a_missing_compiler_is_a_reason(
     (built,) = (tmp_path / "kernels").glob("blocks-*.so")
     stamp = built.stat().st_mtime_ns
     assert kernels._build()[0] is not None and built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("LMFORGE_CACHE", str(blocked))  # a cache that cannot be written: a reason too
+    lib, problem = kernels._build()
+    assert lib is None and "failed" in problem and str(blocked) in problem
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     lib, problem = kernels._build()
     assert lib is None and "no-such-cc" in problem

@@ -63,6 +63,27 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+def _compile(compiler: str, library: Path) -> str | None:
+    """Build ``blocks.c`` into ``library``; None, or why it failed."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as work:
+        built = Path(work) / library.name
+        try:
+            done = subprocess.run(
+                [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=COMPILE_TIMEOUT_S,
+            )
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return f"building {SOURCE.name} failed ({err})"
+        if done.returncode != 0:
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip())
+            return f"building {SOURCE.name} failed: {first.strip()[:200]}"
+        os.replace(built, library)  # atomic: a process loading it sees all of it or none
+    return None
+
+
 def _build() -> tuple[ctypes.CDLL | None, str | None]:
     """The built library (building it if needed), or None and the reason."""
     compiler = _compiler()
@@ -78,24 +99,12 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     )
     library = cache_dir() / f"blocks-{platform.machine()}-{key.hexdigest()[:16]}.so"
     if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as work:
-            built = Path(work) / library.name
-            try:
-                done = subprocess.run(
-                    [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-                    capture_output=True,
-                    text=True,
-                    timeout=COMPILE_TIMEOUT_S,
-                )
-            except (OSError, subprocess.TimeoutExpired) as err:
-                return None, f"building {SOURCE.name} failed ({err})"
-            if done.returncode != 0:
-                first = next(
-                    (line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()
-                )
-                return None, f"building {SOURCE.name} failed: {first.strip()[:200]}"
-            os.replace(built, library)  # atomic: a process loading it sees all of it or none
+        try:
+            problem = _compile(compiler, library)
+        except OSError as err:  # the cache folder cannot be written
+            problem = f"building {SOURCE.name} into {library.parent} failed ({err})"
+        if problem is not None:
+            return None, problem
     try:
         lib = ctypes.CDLL(str(library))
     except OSError as err:
