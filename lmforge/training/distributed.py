@@ -68,9 +68,15 @@ def job(device: str = "auto", *, timeout_minutes: float = 30.0) -> Iterator[bool
     )
     try:
         yield True
-    finally:
+    except BaseException:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+        raise
+    with contextlib.suppress(Exception):
+        # Leave together: a rank that tears its connections down while a peer's gloo threads
+        # still use them has been seen to abort the peer at exit ("terminate called …", -6).
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # ---- collectives ------------------------------------------------------------------------------
