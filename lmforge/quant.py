@@ -54,6 +54,7 @@ __all__ = [
     "BlockLinear",
     "DecodeLinear",
     "DecodeRMSNorm",
+    "Fused",
     "FusedBlockLinear",
     "FusedDecodeLinear",
     "Int8Linear",
@@ -188,7 +189,20 @@ class DecodeLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, layout=(in, out)"
 
 
-class FusedDecodeLinear(DecodeLinear):
+class Fused:
+    """What a fused layer (:class:`FusedDecodeLinear`, :class:`FusedBlockLinear`) adds: the
+    parts it stands for, which the model uses it for only while they are still its parts."""
+
+    parts: tuple[nn.Module, ...]
+
+    def covers(self, *modules: nn.Module) -> bool:
+        """Whether ``modules`` are exactly the parts fused here, in order."""
+        return len(modules) == len(self.parts) and all(
+            m is p for m, p in zip(modules, self.parts, strict=True)
+        )
+
+
+class FusedDecodeLinear(Fused, DecodeLinear):
     """Several linear layers that read the same input, as one: their transposed weights side by
     side in one (K, N₁ + N₂ + …) buffer, one ``addmm`` for all (a wider product streams faster
     than several narrow ones: Q, K, V; a gated MLP's gate and up). Each part is a
@@ -223,12 +237,6 @@ class FusedDecodeLinear(DecodeLinear):
         biases = [linear.bias for linear in linears]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         return cls(weight_t, bias, parts)
-
-    def covers(self, *modules: nn.Module) -> bool:
-        """Whether ``modules`` are exactly the parts fused here, in order."""
-        return len(modules) == len(self.parts) and all(
-            m is p for m, p in zip(modules, self.parts, strict=True)
-        )
 
 
 BLOCK = 32  # columns per block in GGUF's block formats
@@ -316,7 +324,7 @@ class BlockLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.kind}"
 
 
-class FusedBlockLinear(BlockLinear):
+class FusedBlockLinear(Fused, BlockLinear):
     """:class:`BlockLinear` layers that read the same input as one (Q/K/V; gate/up): their rows
     stacked, each part a :class:`BlockLinear` over its rows (views), used while
     :meth:`covers` holds, as :class:`FusedDecodeLinear` is."""
@@ -340,12 +348,6 @@ class FusedBlockLinear(BlockLinear):
             views.append(BlockLinear(self.codes[rows], self.scales[rows], view_offsets, part.bias, part.kind))
             start += part.out_features
         self.parts = tuple(views)
-
-    def covers(self, *modules: nn.Module) -> bool:
-        """Whether ``modules`` are exactly the parts fused here, in order."""
-        return len(modules) == len(self.parts) and all(
-            m is p for m, p in zip(modules, self.parts, strict=True)
-        )
 
 
 def find_blocks(weight: Tensor, chunk: int = 2048) -> tuple[str, Tensor, Tensor, Tensor | None] | None:
