@@ -46,7 +46,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import block_dequantize, block_kernels, block_matmul, block_matmul_op, check_blocks, rms_norm
+from .kernels import (
+    block_dequantize,
+    block_find,
+    block_kernels,
+    block_matmul,
+    block_matmul_op,
+    check_blocks,
+    rms_norm,
+)
 from .model.layers import RMSNorm
 
 __all__ = [
@@ -350,53 +358,21 @@ class FusedBlockLinear(Fused, BlockLinear):
         self.parts = tuple(views)
 
 
-def find_blocks(weight: Tensor, chunk: int = 2048) -> tuple[str, Tensor, Tensor, Tensor | None] | None:
+def find_blocks(weight: Tensor) -> tuple[str, Tensor, Tensor, Tensor | None] | None:
     """``weight`` (N, K) as (format, codes, scales, offsets) when every block of 32 columns is
-    exactly d·q (+ m) on one of :data:`GRIDS` (checked by dequantizing and comparing bit for bit);
-    None when it is not (a trained float weight never is), when K is no multiple of 32 or the
-    kernels are not built here. The first row decides cheaply; rows go ``chunk`` at a time."""
+    exactly d·q (+ m) on one of :data:`GRIDS` (:func:`lmforge.kernels.block_find`: GGUF files
+    keep d and m in float16 and put a block's largest |w| on q = ±span, or its smallest on q = 0
+    and its largest on q = span); None when it is not (a trained float weight never is, and fails
+    at its first weight), when K is no multiple of 32 or the kernels are not built here."""
     N, K = weight.shape
     if K % BLOCK or weight.dtype != torch.float32 or weight.device.type != "cpu" or block_kernels() is None:
         return None
-    w = weight.detach()
+    w = weight.detach().contiguous()
     for kind, span, offset in GRIDS:
-        if _on_grid(w[:1], span, offset) is None:
-            continue
-        codes = torch.empty(N, K, dtype=torch.int8)
-        scales = torch.empty(N, K // BLOCK)
-        offsets = torch.empty(N, K // BLOCK) if offset else None
-        for start in range(0, N, chunk):
-            found = _on_grid(w[start : start + chunk], span, offset)
-            if found is None:
-                break
-            codes[start : start + chunk], scales[start : start + chunk] = found[0], found[1]
-            if offsets is not None:
-                offsets[start : start + chunk] = found[2]
-        else:
-            return kind, codes, scales, offsets
+        found = block_find(w, span, offset)
+        if found is not None:
+            return (kind, *found)
     return None
-
-
-def _on_grid(w: Tensor, span: int, offset: bool) -> tuple[Tensor, Tensor, Tensor | None] | None:
-    """Codes, scales and offsets of rows ``w`` on one grid, or None. GGUF files keep the scales
-    (and offsets) in float16 and put a block's largest |w| on q = ±span (no offset), or its
-    smallest on q = 0 and its largest on q = span (with one)."""
-    blocks = w.reshape(w.shape[0], -1, BLOCK)
-    if offset:
-        low = blocks.amin(-1)
-        scales = ((blocks.amax(-1) - low) / span).half().float()
-        codes = (blocks - low[..., None]) / scales[..., None]
-    else:
-        low = None
-        scales = blocks.abs().amax(-1) / span
-        codes = blocks / scales[..., None]
-    codes = torch.nan_to_num(codes.round_(), nan=0.0)  # 0/0: a block of equal values
-    if codes.abs().amax() > 127:
-        return None
-    codes = codes.to(torch.int8).reshape(w.shape).contiguous()
-    if not torch.equal(block_dequantize(codes, scales, low), w):
-        return None
-    return codes, scales, low
 
 
 class DecodeRMSNorm(nn.Module):

@@ -50,7 +50,7 @@ def on_grid(kind: str, rows: int = 24, columns: int = 96, seed: int = 0) -> torc
 @pytest.mark.parametrize("kind", FORMATS)
 def test_a_weight_on_a_block_grid_is_found_exactly(kind: str) -> None:
     w = on_grid(kind)
-    found = find_blocks(w, chunk=7)  # rows a few at a time: chunks join up
+    found = find_blocks(w)
     assert found is not None
     assert found[0] == kind
     codes, scales, offsets = found[1:]

@@ -6,7 +6,7 @@ The C source is compiled once with the system's C compiler (``$CC``, else ``cc``
 ``-march=native``, into ``$LMFORGE_CACHE`` (default ``~/.cache/lmforge``)``/kernels/``, under a
 name that hashes the source, the compiler and the CPU, so a change of any of them builds anew;
 later processes load the built library (a fraction of a second). Called through ``ctypes`` with
-the tensors' memory: CPU, contiguous, the dtypes stated. Where no compiler or no AVX2 is there,
+the tensors' memory: CPU, contiguous, the dtypes stated. Where no compiler or no AVX2/FMA/F16C is there,
 :func:`block_kernels` is None and :func:`kernel_problem` says why; callers then keep float32.
 """
 
@@ -27,6 +27,7 @@ from torch import Tensor
 
 __all__ = [
     "block_dequantize",
+    "block_find",
     "block_kernels",
     "block_matmul",
     "block_matmul_op",
@@ -127,6 +128,9 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.block_dequantize.restype = None
     lib.rms_norm.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float]
     lib.rms_norm.restype = None
+    integer = ctypes.c_int
+    lib.block_find.argtypes = [pointer, size, size, integer, integer, pointer, pointer, pointer]
+    lib.block_find.restype = integer
     return lib, None
 
 
@@ -201,7 +205,7 @@ def block_matmul(
     (M, K), N = x.shape, codes.shape[0]
     if codes.shape[1] != K:
         raise ValueError(f"x has {K} columns but the weight {codes.shape[1]}")
-    y = torch.empty(M, N)
+    y = torch.empty(M, N, dtype=torch.float32)  # whatever the default dtype: C writes float32
     status = lib.block_matmul(
         _pointer(x, torch.float32), M, K, codes.data_ptr(), scales.data_ptr(),
         None if offsets is None else offsets.data_ptr(), None if bias is None else bias.data_ptr(),
@@ -230,6 +234,29 @@ def block_dequantize(codes: Tensor, scales: Tensor, offsets: Tensor | None) -> T
     return w
 
 
+def block_find(weight: Tensor, span: int, offset: bool) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """Codes, scales and offsets of ``weight`` (N, K), float32, when every block of 32 columns
+    lies exactly on the grid of ``span`` (see ``block_find`` in ``blocks.c``); else None. One
+    pass, stopping at the first weight off the grid.
+
+    Raises:
+        ValueError: a weight of another dtype, device or layout, or K no multiple of 32.
+    """
+    lib = block_kernels()
+    assert lib is not None, kernel_problem()
+    N, K = weight.shape
+    if K % BLOCK:
+        raise ValueError(f"{K} columns are no whole number of blocks of {BLOCK}")
+    codes = torch.empty(N, K, dtype=torch.int8)
+    scales = torch.empty(N, K // BLOCK, dtype=torch.float32)
+    offsets = torch.empty(N, K // BLOCK, dtype=torch.float32) if offset else None
+    found = lib.block_find(
+        _pointer(weight, torch.float32), N, K, span, int(offset), codes.data_ptr(), scales.data_ptr(),
+        None if offsets is None else offsets.data_ptr(),
+    )  # fmt: skip
+    return (codes, scales, offsets) if found else None
+
+
 @torch.library.custom_op("lmforge::block_matmul", mutates_args=())
 def block_matmul_op(
     x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, bias: Tensor | None
@@ -237,7 +264,7 @@ def block_matmul_op(
     """:func:`block_matmul` as a PyTorch operator, which ``torch.compile`` keeps in its graph (a
     plain call would break the graph at every layer). Dispatching costs more than the plain call
     (about 30 against 9 µs here), so eager code calls :func:`block_matmul`."""
-    return block_matmul(x, codes, scales, offsets, bias)  # checked: the op is called rarely (compiled code)
+    return block_matmul(x, codes, scales, offsets, bias)  # every tensor checked: nothing checked them before
 
 
 @block_matmul_op.register_fake
@@ -257,7 +284,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     dim = x.shape[-1]
     if weight.shape != (dim,):
         raise ValueError(f"weight {tuple(weight.shape)} does not match rows of {dim}")
-    y = torch.empty(x.shape)
+    y = torch.empty(x.shape, dtype=torch.float32)
     lib.rms_norm(
         _pointer(x, torch.float32), _pointer(weight, torch.float32), y.data_ptr(), x.numel() // dim, dim, eps
     )

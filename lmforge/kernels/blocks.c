@@ -20,8 +20,8 @@
 #include <stdlib.h>
 #include <immintrin.h>
 
-#if !defined(__AVX2__) || !defined(__FMA__)
-#error "lmforge's block kernels need AVX2 and FMA"
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "lmforge's block kernels need AVX2, FMA and F16C"
 #endif
 
 #define BLOCK 32
@@ -177,4 +177,42 @@ void rms_norm(const float *x, const float *w, float *y, long rows, long dim, flo
             _mm256_storeu_ps(yi + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xi + j), scale), _mm256_loadu_ps(w + j)));
         for (; j < dim; j++) yi[j] = xi[j] * r * w[j];
     }
+}
+
+/* Whether every block of 32 columns of W (N, K) lies exactly on one grid of GGUF's block
+   formats, and if so its codes, scales and offsets (lmforge.quant.find_blocks). Without an offset
+   a block's largest |w| sits on q = +-span and d = max|w| / span; with one its smallest w is the
+   offset m (q = 0), its largest sits on q = span and d = (max - min) / span rounded to float16,
+   as the files keep it. Each weight must then be exactly d * q (+ m) with q an integer of int8's
+   range: the first weight that is not stops the search (a trained float weight fails at once). */
+int block_find(const float *w, long N, long K, int span, int offset, int8_t *codes, float *scales,
+               float *offsets) {
+    const long blocks = K / BLOCK;
+    for (long n = 0; n < N; n++) {
+        for (long b = 0; b < blocks; b++) {
+            const float *wb = w + n * K + b * BLOCK;
+            float low = wb[0], high = wb[0], largest = fabsf(wb[0]);
+            for (int j = 1; j < BLOCK; j++) {
+                low = wb[j] < low ? wb[j] : low;
+                high = wb[j] > high ? wb[j] : high;
+                largest = fabsf(wb[j]) > largest ? fabsf(wb[j]) : largest;
+            }
+            float d, m = 0.0f;
+            if (offset) {
+                m = low;
+                d = _cvtsh_ss(_cvtss_sh((high - low) / (float)span, _MM_FROUND_TO_NEAREST_INT));
+            } else {
+                d = largest / (float)span;
+            }
+            int8_t *c = codes + n * K + b * BLOCK;
+            for (int j = 0; j < BLOCK; j++) {
+                float q = d != 0.0f ? nearbyintf((wb[j] - m) / d) : 0.0f;
+                if (!(q >= -127.0f && q <= 127.0f) || fmaf(d, q, m) != wb[j]) return 0;
+                c[j] = (int8_t)q;
+            }
+            scales[n * blocks + b] = d;
+            if (offset) offsets[n * blocks + b] = m;
+        }
+    }
+    return 1;
 }
