@@ -271,7 +271,9 @@ def report(args: argparse.Namespace, levels: list[dict], baseline: dict) -> None
     )
     body = "\n".join(
         [
-            f"SmolLM2-135M-Instruct Q4_1 GGUF ({args.model.name}) dequantized to fp32 by each side, "
+            f"SmolLM2-135M-Instruct Q4_1 GGUF ({args.model.name}): transformers widens its weights to fp32, "
+            "lmforge serve keeps the file's Q4_1/Q8_0 values in their blocks (the same values, fp32 arithmetic; "
+            "`lmforge.quant.BlockLinear`) where its native kernel is built, "
             f"{args.threads} torch thread(s) each; {len(baseline['texts'])} chat requests of different "
             f"prompt lengths, greedy, at most {args.max_tokens} new tokens each (ending at the end of "
             "turn); lmforge answers streamed over HTTP (SSE) by one `lmforge serve` process, the clients "

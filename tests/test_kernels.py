@@ -69,7 +69,7 @@ def test_a_float_weight_is_not_on_a_grid() -> None:
     assert find_blocks(on_grid("q8_0").double()) is None
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, quant.MANY_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 17, quant.MANY_ROWS + 1])
 @pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
 def test_block_linear_computes_what_its_weight_says(kind: str, rows: int) -> None:
     torch.manual_seed(0)

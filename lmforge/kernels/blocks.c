@@ -25,7 +25,7 @@
 #endif
 
 #define BLOCK 32
-#define ROWS 4 /* rows of x per pass over a weight row */
+#define ROWS 4 /* rows of x per pass over a pair of weight rows (8 accumulators in registers; 6 spill) */
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -48,20 +48,32 @@ static inline __m256 block_dot(__m256 c0, __m256 c1, __m256 c2, __m256 c3, const
     return _mm256_add_ps(s0, s1);
 }
 
-/* y[i, n] for `count` (1..ROWS) rows of x starting at x (rows K apart), one weight row n: each
-   block's codes are converted once and used by every row. */
-static inline __attribute__((always_inline)) void weight_row(
-    const float *x, long K, int count, const int8_t *codes, const float *d, float *out) {
-    __m256 acc[ROWS];
-    for (int i = 0; i < ROWS; i++) acc[i] = _mm256_setzero_ps();
+/* Several rows of x (a batch of sequences decoding together) against two weight rows: each
+   8 weights are widened once, to their exact values w = d * q (+ m), and used by every row of x
+   (`count`, 1..ROWS); each row of x is loaded once for both weight rows. */
+static inline __attribute__((always_inline)) void weight_pair(
+    const float *x, long K, int count, const int8_t *c0, const int8_t *c1, const float *d0, const float *d1,
+    const float *m0, const float *m1, float out0[ROWS], float out1[ROWS]) {
+    __m256 acc0[ROWS], acc1[ROWS];
+    for (int i = 0; i < ROWS; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
     for (long b = 0; b < K / BLOCK; b++) {
-        const int8_t *c = codes + b * BLOCK;
-        __m256 c0 = codes8(c), c1 = codes8(c + 8), c2 = codes8(c + 16), c3 = codes8(c + 24);
-        __m256 scale = _mm256_set1_ps(d[b]);
-        for (int i = 0; i < count; i++)
-            acc[i] = _mm256_fmadd_ps(scale, block_dot(c0, c1, c2, c3, x + i * K + b * BLOCK), acc[i]);
+        const __m256 scale0 = _mm256_set1_ps(d0[b]), scale1 = _mm256_set1_ps(d1[b]);
+        const __m256 shift0 = _mm256_set1_ps(m0 != NULL ? m0[b] : 0.0f);
+        const __m256 shift1 = _mm256_set1_ps(m1 != NULL ? m1[b] : 0.0f);
+        for (int j = 0; j < BLOCK; j += 8) {
+            const __m256 w0 = _mm256_fmadd_ps(scale0, codes8(c0 + b * BLOCK + j), shift0);
+            const __m256 w1 = _mm256_fmadd_ps(scale1, codes8(c1 + b * BLOCK + j), shift1);
+            for (int i = 0; i < count; i++) {
+                const __m256 xv = _mm256_loadu_ps(x + i * K + b * BLOCK + j);
+                acc0[i] = _mm256_fmadd_ps(w0, xv, acc0[i]);
+                acc1[i] = _mm256_fmadd_ps(w1, xv, acc1[i]);
+            }
+        }
     }
-    for (int i = 0; i < count; i++) out[i] = hsum(acc[i]);
+    for (int i = 0; i < count; i++) {
+        out0[i] = hsum(acc0[i]);
+        out1[i] = hsum(acc1[i]);
+    }
 }
 
 /* sum_b m[b] * xsum[b] */
@@ -75,21 +87,23 @@ static inline float offset_term(const float *m, const float *xsum, long blocks) 
 }
 
 /* y (M, N) = x (M, K) times W transposed, W in blocks as above; offsets and bias may be NULL.
-   K is a multiple of 32. Returns 0, or -1 when memory for the block sums of x ran out. */
+   K is a multiple of 32. Returns 0, or -1 when memory for the block sums of x ran out. One row of
+   x (decoding one sequence) is bound by reading W; several rows (a batch decoding together) share
+   each widened weight. */
 int block_matmul(const float *x, long M, long K, const int8_t *codes, const float *scales,
                  const float *offsets, const float *bias, float *y, long N, int threads) {
     const long blocks = K / BLOCK;
-    float *xsum = NULL;
-    if (offsets != NULL) {
-        xsum = malloc(sizeof(float) * (size_t)(M * blocks));
-        if (xsum == NULL) return -1;
-        for (long i = 0; i < M * blocks; i++) {
-            float s = 0.0f;
-            for (int j = 0; j < BLOCK; j++) s += x[i * BLOCK + j];
-            xsum[i] = s;
+    if (M == 1) { /* decoding one sequence: sum_b d (sum_j q x) + sum_b m (sum_j x), the loop kept simple */
+        float *xsum = NULL;
+        if (offsets != NULL) {
+            xsum = malloc(sizeof(float) * (size_t)blocks);
+            if (xsum == NULL) return -1;
+            for (long b = 0; b < blocks; b++) {
+                float s = 0.0f;
+                for (int j = 0; j < BLOCK; j++) s += x[b * BLOCK + j];
+                xsum[b] = s;
+            }
         }
-    }
-    if (M == 1) { /* decoding: one row of x, the loop kept simple */
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
         for (long n = 0; n < N; n++) {
             const int8_t *c = codes + n * K;
@@ -117,26 +131,28 @@ int block_matmul(const float *x, long M, long K, const int8_t *codes, const floa
         return 0;
     }
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (long n = 0; n < N; n++) {
-        const int8_t *c = codes + n * K;
-        const float *d = scales + n * blocks;
-        float out[ROWS];
+    for (long pair = 0; pair < (N + 1) / 2; pair++) {
+        const long n0 = 2 * pair, n1 = n0 + 1 < N ? n0 + 1 : n0; /* an odd last row: computed twice */
+        const int8_t *c0 = codes + n0 * K, *c1 = codes + n1 * K;
+        const float *d0 = scales + n0 * blocks, *d1 = scales + n1 * blocks;
+        const float *m0 = offsets != NULL ? offsets + n0 * blocks : NULL;
+        const float *m1 = offsets != NULL ? offsets + n1 * blocks : NULL;
+        float out0[ROWS], out1[ROWS];
         for (long i0 = 0; i0 < M; i0 += ROWS) {
-            long count = M - i0 < ROWS ? M - i0 : ROWS;
+            const long count = M - i0 < ROWS ? M - i0 : ROWS;
+            const float *xi = x + i0 * K;
             switch (count) { /* constant counts: the loops over rows unroll */
-                case 1: weight_row(x + i0 * K, K, 1, c, d, out); break;
-                case 2: weight_row(x + i0 * K, K, 2, c, d, out); break;
-                case 3: weight_row(x + i0 * K, K, 3, c, d, out); break;
-                default: weight_row(x + i0 * K, K, 4, c, d, out); break;
+                case 1: weight_pair(xi, K, 1, c0, c1, d0, d1, m0, m1, out0, out1); break;
+                case 2: weight_pair(xi, K, 2, c0, c1, d0, d1, m0, m1, out0, out1); break;
+                case 3: weight_pair(xi, K, 3, c0, c1, d0, d1, m0, m1, out0, out1); break;
+                default: weight_pair(xi, K, 4, c0, c1, d0, d1, m0, m1, out0, out1); break;
             }
             for (long i = 0; i < count; i++) {
-                float v = out[i] + (bias != NULL ? bias[n] : 0.0f);
-                if (offsets != NULL) v += offset_term(offsets + n * blocks, xsum + (i0 + i) * blocks, blocks);
-                y[(i0 + i) * N + n] = v;
+                y[(i0 + i) * N + n0] = out0[i] + (bias != NULL ? bias[n0] : 0.0f);
+                y[(i0 + i) * N + n1] = out1[i] + (bias != NULL ? bias[n1] : 0.0f);
             }
         }
     }
-    free(xsum);
     return 0;
 }
 
