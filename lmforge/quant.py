@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels import (
+    BLOCK,
     block_dequantize,
     block_find,
     block_kernels,
@@ -56,6 +57,7 @@ from .kernels import (
     rms_norm,
 )
 from .model.layers import RMSNorm
+from .model.layers import rms_norm as torch_rms_norm
 
 __all__ = [
     "DTYPES",
@@ -247,7 +249,6 @@ class FusedDecodeLinear(Fused, DecodeLinear):
         return cls(weight_t, bias, parts)
 
 
-BLOCK = 32  # columns per block in GGUF's block formats
 # From this many rows of x on, a block layer multiplies its dequantized weight with BLAS. Measured on
 # SmolLM2's layers, one pass: the native kernel wins below (16 rows 80 ms, against 208 ms for
 # dequantizing and BLAS; 64 rows 303 against 415 ms), and loses above (96 rows: 608 against 506 ms).
@@ -382,7 +383,8 @@ class DecodeRMSNorm(nn.Module):
     """An :class:`~lmforge.model.layers.RMSNorm` computed by the native kernel in one call (the
     same formula in fp32; PyTorch runs it as six small operators on a CPU, and a one-token step of
     a 30-layer model pays for 61 norms). Inference only: with gradients wanted, or under
-    ``torch.compile`` (which fuses the operators itself), it is ``F.rms_norm``."""
+    ``torch.compile`` (which fuses the operators itself), it is RMSNorm's own
+    :func:`~lmforge.model.layers.rms_norm`."""
 
     def __init__(self, weight: Tensor, eps: float) -> None:
         super().__init__()
@@ -401,7 +403,7 @@ class DecodeRMSNorm(nn.Module):
             or (torch.is_grad_enabled() and x.requires_grad)
             or torch.compiler.is_compiling()
         ):
-            return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps=self.eps).to(x.dtype)
+            return torch_rms_norm(x, weight, self.eps)
         return rms_norm(x.contiguous(), weight, self.eps)
 
     def extra_repr(self) -> str:
@@ -443,7 +445,7 @@ def fuse_for_decoding(model: nn.Module) -> int:
     return count
 
 
-def _replace_linears(
+def _replace_children(
     model: nn.Module,
     make: Callable[[nn.Module], nn.Module],
     skip: Callable[[nn.Module, str], bool] | None = None,
@@ -482,13 +484,13 @@ def quantize_linears(model: nn.Module, *, group_size: int = DEFAULT_GROUP_SIZE) 
             return BlockLinear.quantized(linear)
         return Int8Linear.from_linear(linear, group_size)
 
-    return _replace_linears(model, make)
+    return _replace_children(model, make)
 
 
 def transpose_linears(model: nn.Module) -> int:
     """Replace every plain ``nn.Linear`` of ``model`` on the CPU by a :class:`DecodeLinear`, in
     place (a tied head gets its own transposed copy). Returns how many were replaced."""
-    return _replace_linears(
+    return _replace_children(
         model,
         lambda linear: DecodeLinear.from_linear(linear) if linear.weight.device.type == "cpu" else linear,
     )
@@ -501,7 +503,7 @@ def block_linears(model: nn.Module) -> int:
     were replaced: none where the kernels are not built (:func:`lmforge.kernels.kernel_problem`)."""
     if block_kernels() is None:
         return 0
-    return _replace_linears(
+    return _replace_children(
         model,
         lambda linear: BlockLinear.from_linear(linear) or linear,
         skip=lambda parent, name: hasattr(parent, "adapters"),
@@ -542,5 +544,5 @@ def for_decoding(
             fuse_for_decoding(model)
             transpose_linears(model)
         if block_kernels() is not None:  # the norms in one native call each
-            _replace_linears(model, DecodeRMSNorm.from_norm, kind=RMSNorm)
+            _replace_children(model, DecodeRMSNorm.from_norm, kind=RMSNorm)
     return model

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BLOCK",
     "block_dequantize",
     "block_find",
     "block_kernels",
@@ -177,8 +178,13 @@ def check_blocks(codes: Tensor, scales: Tensor, offsets: Tensor | None, bias: Te
         )
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias {tuple(bias.shape)} does not match {N} rows")
-    _pointer(codes, torch.int8), _pointer(scales, torch.float32)
-    _pointer(offsets, torch.float32), _pointer(bias, torch.float32)
+    for tensor, dtype in (
+        (codes, torch.int8),
+        (scales, torch.float32),
+        (offsets, torch.float32),
+        (bias, torch.float32),
+    ):
+        _pointer(tensor, dtype)  # raises for a dtype, device or layout C cannot read
 
 
 def block_matmul(

@@ -20,8 +20,16 @@ from .kv_cache import KVCache
 from .packing import Packing
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / rms(x) · weight over the last dimension, the normalizing in fp32 (as Llama and T5 do)."""
+    if x.dtype is torch.float32 and weight.dtype is torch.float32:  # one call: fewer ops per token
+        return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return weight * normed.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) · weight, computed in fp32 (as Llama and T5 do)."""
+    """x / rms(x) · weight, computed in fp32 (as Llama and T5 do): :func:`rms_norm`."""
 
     def __init__(self, dim: int, *, eps: float = 1e-6) -> None:
         super().__init__()
@@ -29,10 +37,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype is torch.float32 and self.weight.dtype is torch.float32:  # one call: fewer ops per token
-            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -133,7 +138,9 @@ class TransformerBlock(nn.Module):
         self.attn_norm = make_norm(config.norm, config.embed_dim, config.norm_eps, bias=config.norm_bias)
         self.self_attn = attention(causal)
         self.cross_norm = (
-            make_norm(config.norm, config.embed_dim, config.norm_eps, bias=config.norm_bias) if cross_attention else None
+            make_norm(config.norm, config.embed_dim, config.norm_eps, bias=config.norm_bias)
+            if cross_attention
+            else None
         )
         self.cross_attn = attention(False) if cross_attention else None
         self.mlp_norm = make_norm(config.norm, config.embed_dim, config.norm_eps, bias=config.norm_bias)
