@@ -7,7 +7,7 @@ against transformers' GGUF loader on the same file.
 2. Generation: batch 1, a chat-formatted prompt, 256 new tokens, greedy, fp32 arithmetic, 1
    thread, on the file's weights. transformers widens them to fp32 tensors; lmforge decodes as
    ``lmforge generate`` does: the layers whose values are the file's Q4_1/Q8_0 blocks keep them
-   as blocks (``lmforge.quant.BlockLinear``: the same values, a quarter of the bytes, multiplied
+   as blocks (``lmforge.quant.BlockLinear``: the same values, under a third of the bytes, multiplied
    in fp32 by a native kernel), the others stored transposed. A second lmforge row widens every
    weight to fp32 as transformers does (``for_decoding(..., blocks=False)``): the same storage on
    both sides. Each side in its own process (so peak RSS is its own), a warm-up, then the median
