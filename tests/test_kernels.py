@@ -19,13 +19,14 @@ import lmforge
 from lmforge import ModelConfig, Transformer, kernels, peft, quant
 from lmforge.generation import generate
 from lmforge.interop.gguf_writer import save_gguf
-from lmforge.kernels import block_dequantize, block_matmul, kernel_problem
+from lmforge.kernels import block_dequantize, block_matmul, dense_row, kernel_problem
 from lmforge.model.layers import RMSNorm
 from lmforge.quant import (
     BlockLinear,
     DecodeLinear,
     DecodeRMSNorm,
     FusedBlockLinear,
+    FusedDecodeLinear,
     find_blocks,
     for_decoding,
 )
@@ -120,7 +121,7 @@ def test_the_kernel_is_built_once_and_a_missing_compiler_is_a_reason(
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
     lib, problem = kernels._build()
     assert lib is not None and problem is None
-    (built,) = (tmp_path / "kernels").glob("blocks-*.so")
+    (built,) = (tmp_path / "kernels").glob("decode-*.so")
     stamp = built.stat().st_mtime_ns
     assert kernels._build()[0] is not None and built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
     blocked = tmp_path / "a-file"
@@ -141,6 +142,61 @@ def test_without_the_kernel_decoding_keeps_fp32(monkeypatch: pytest.MonkeyPatch)
     model = nn.Sequential(linear)
     for_decoding(model, "fp32")
     assert isinstance(model[0], DecodeLinear)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("K", "N"), [(64, 96), (77, 13), (5, 300), (768, 2304), (8, 8)])
+def test_a_dense_row_is_the_product_with_the_transposed_weight(K: int, N: int, threads: int) -> None:
+    torch.manual_seed(K + N)
+    weight_t, bias, x = torch.randn(K, N), torch.randn(N), torch.randn(K)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.testing.assert_close(dense_row(x, weight_t, bias), x @ weight_t + bias, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(dense_row(x, weight_t, None), x @ weight_t, rtol=1e-5, atol=1e-4)
+        wider = torch.randn(K, N + 40)
+        columns = wider[:, 17 : 17 + N]  # a view of some columns: rows N + 40 floats apart
+        torch.testing.assert_close(dense_row(x, columns, bias), x @ columns + bias, rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_a_dense_row_refuses_what_it_cannot_read() -> None:
+    weight_t = torch.randn(16, 8)
+    with pytest.raises(ValueError, match="one row"):
+        dense_row(torch.randn(2, 16), weight_t, None)
+    with pytest.raises(ValueError, match="float32 on the CPU"):
+        dense_row(torch.randn(16), weight_t.double(), None)
+    with pytest.raises(ValueError, match="rows contiguous"):
+        dense_row(torch.randn(8), weight_t.t(), None)
+    with pytest.raises(ValueError, match="bias"):
+        dense_row(torch.randn(16), weight_t, torch.randn(9))
+    with pytest.raises(ValueError, match="contiguous CPU tensor of torch.float32"):
+        dense_row(torch.randn(16, dtype=torch.float64), weight_t, None)
+
+
+def test_a_decode_linear_takes_one_row_through_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    linears = [nn.Linear(96, 40), nn.Linear(96, 24)]
+    fused = FusedDecodeLinear.from_linears(linears)
+    calls = []
+    real = quant.dense.dense_row
+    monkeypatch.setattr(quant.dense, "dense_row", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(1, 1, 96)
+    with torch.no_grad():
+        expected = torch.cat([linear(x) for linear in linears], dim=-1)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+        for linear, part in zip(linears, fused.parts, strict=True):  # parts: views of columns
+            torch.testing.assert_close(part(x), linear(x), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 3
+        assert fused(torch.randn(2, 3, 96)).shape == (2, 3, 64)  # several rows: addmm
+        assert len(calls) == 3
+    y = fused(x.clone().requires_grad_())  # gradients wanted: PyTorch's product, and they flow
+    y.sum().backward()
+    assert len(calls) == 3
+    with torch.no_grad():
+        fused.double()(x.double())  # another dtype: PyTorch's product
+    assert len(calls) == 3
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""Native kernels, built on the machine that runs them (``blocks.c``): the products of weights
-kept in blocks (:class:`lmforge.quant.BlockLinear`) and RMSNorm in one call
-(:class:`lmforge.quant.DecodeRMSNorm`), both for decoding.
+"""Native kernels for decoding, built on the machine that runs them (``decode.c``): the products
+of weights kept in blocks (:class:`lmforge.quant.BlockLinear`), one row times a float32 weight
+stored transposed (:class:`lmforge.quant.DecodeLinear`), and RMSNorm in one call
+(:class:`lmforge.quant.DecodeRMSNorm`).
 
 The C source is compiled once with the system's C compiler (``$CC``, else ``cc``) and
 ``-march=native``, into ``$LMFORGE_CACHE`` (default ``~/.cache/lmforge``)``/kernels/``, under a
@@ -33,12 +34,13 @@ __all__ = [
     "block_matmul",
     "block_matmul_op",
     "check_blocks",
+    "dense_row",
     "kernel_problem",
     "rms_norm",
 ]
 
-SOURCE = Path(__file__).with_name("blocks.c")
-BLOCK = 32  # columns per block (blocks.c)
+SOURCE = Path(__file__).with_name("decode.c")
+BLOCK = 32  # columns per block (decode.c)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC"]
 COMPILE_TIMEOUT_S = 120
 
@@ -66,7 +68,7 @@ def _compiler() -> str | None:
 
 
 def _compile(compiler: str, library: Path) -> str | None:
-    """Build ``blocks.c`` into ``library``; None, or why it failed."""
+    """Build ``decode.c`` into ``library``; None, or why it failed."""
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as work:
         built = Path(work) / library.name
@@ -99,7 +101,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     key = hashlib.sha256(
         b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()])
     )
-    library = cache_dir() / f"blocks-{platform.machine()}-{key.hexdigest()[:16]}.so"
+    library = cache_dir() / f"decode-{platform.machine()}-{key.hexdigest()[:16]}.so"
     if not library.exists():
         try:
             problem = _compile(compiler, library)
@@ -129,6 +131,8 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.block_dequantize.restype = None
     lib.rms_norm.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float]
     lib.rms_norm.restype = None
+    lib.dense_row.argtypes = [pointer, size, pointer, size, pointer, pointer, size, ctypes.c_int]
+    lib.dense_row.restype = None
     integer = ctypes.c_int
     lib.block_find.argtypes = [pointer, size, size, integer, integer, pointer, pointer, pointer]
     lib.block_find.restype = integer
@@ -196,7 +200,7 @@ def block_matmul(
     *,
     checked: bool = False,
 ) -> Tensor:
-    """x (M, K) times the block weight's transpose: (M, N), float32 (``blocks.c`` says the
+    """x (M, K) times the block weight's transpose: (M, N), float32 (``decode.c`` says the
     layout; :func:`check_blocks` the tensors it takes). ``checked=True``: the caller has checked
     the weight's tensors already (:class:`~lmforge.quant.BlockLinear` does once: a one-token step
     calls this for every layer, and the checks cost as much as a small product).
@@ -242,7 +246,7 @@ def block_dequantize(codes: Tensor, scales: Tensor, offsets: Tensor | None) -> T
 
 def block_find(weight: Tensor, span: int, offset: bool) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """Codes, scales and offsets of ``weight`` (N, K), float32, when every block of 32 columns
-    lies exactly on the grid of ``span`` (see ``block_find`` in ``blocks.c``); else None. One
+    lies exactly on the grid of ``span`` (see ``block_find`` in ``decode.c``); else None. One
     pass, stopping at the first weight off the grid.
 
     Raises:
@@ -294,4 +298,35 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     lib.rms_norm(
         _pointer(x, torch.float32), _pointer(weight, torch.float32), y.data_ptr(), x.numel() // dim, dim, eps
     )
+    return y
+
+
+def dense_row(x: Tensor, weight_t: Tensor, bias: Tensor | None, *, checked: bool = False) -> Tensor:
+    """One row ``x`` (K,) times a float32 weight stored transposed, ``weight_t`` (K, N) (its rows
+    may lie apart: a view of some columns of a wider weight), plus ``bias`` (N,): (N,), float32.
+    Eight rows of the weight are streamed at a time (``decode.c``): a one-row product is bound
+    by reading the weight, and this reads it faster than the BLAS's one-row kernel here.
+    ``checked=True``: the caller has checked the tensors (:class:`~lmforge.quant.DecodeLinear`
+    does, in a few attribute reads: its product is called 48 times a GPT-2 token).
+
+    Raises:
+        ValueError: a tensor of another dtype, device, layout or shape.
+    """
+    lib = block_kernels()
+    assert lib is not None, kernel_problem()
+    K, N = weight_t.shape
+    if not checked:
+        if x.shape != (K,):
+            raise ValueError(f"x {tuple(x.shape)} is not one row of the weight's {K} columns")
+        if weight_t.dtype != torch.float32 or not weight_t.is_cpu or weight_t.stride(1) != 1:
+            raise ValueError("the weight must be float32 on the CPU, its rows contiguous")
+        if bias is not None and bias.shape != (N,):
+            raise ValueError(f"bias {tuple(bias.shape)} does not match the weight's {N} outputs")
+        _pointer(x, torch.float32)
+        _pointer(bias, torch.float32)
+    y = torch.empty(N, dtype=torch.float32)
+    lib.dense_row(
+        x.data_ptr(), K, weight_t.data_ptr(), weight_t.stride(0), None if bias is None else bias.data_ptr(),
+        y.data_ptr(), N, torch.get_num_threads(),
+    )  # fmt: skip
     return y
