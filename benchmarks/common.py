@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from lmforge.kernels import block_kernels, dense_row
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 # nanoGPT (MIT), the primary training peer: never copied into this repository, read from beside it.
 NANOGPT = Path(__file__).resolve().parents[2] / "shared" / "peers" / "nanogpt"
@@ -70,7 +72,9 @@ def weight_pass(model: torch.nn.Module, *, rounds: int = 5) -> dict[str, float]:
     head once) read once. Times three passes over them all (median wall and CPU seconds of
     ``rounds``): a plain read (``sum``), matrix-vector products on the (out, in) layout
     (``F.linear``, as transformers decodes) and on the (in, out) layout (``x @ Wᵀ`` stored
-    transposed, as lmforge's fp32 decoding does). ``megabytes`` is what a token reads; the fastest
+    transposed, as lmforge's fp32 decoding does with addmm), and, where lmforge's native kernels
+    are built, ``native``: lmforge's one-row kernel on that layout (``lmforge.kernels.dense_row``,
+    what its fp32 decoding calls). ``megabytes`` is what a token reads; the fastest
     pass bounds the tokens/s of an implementation in that precision that reads the weights no
     faster (attention, norms and the rest ignored): ``ceiling_wall`` / ``ceiling_cpu``, in tokens/s."""
     import torch.nn.functional as F
@@ -80,15 +84,15 @@ def weight_pass(model: torch.nn.Module, *, rounds: int = 5) -> dict[str, float]:
     )
     transposed = [w.t().contiguous() for w in weights]
     inputs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
-    wall, cpu = interleaved_wall_cpu(
-        {
-            "read": lambda: [w.sum() for w in weights],
-            "gemv": lambda: [F.linear(x, w) for x, w in zip(inputs, weights, strict=True)],
-            "gemv_t": lambda: [x @ w for x, w in zip(inputs, transposed, strict=True)],
-        },
-        rounds=rounds,
-        warmup=1,
-    )
+    passes = {
+        "read": lambda: [w.sum() for w in weights],
+        "gemv": lambda: [F.linear(x, w) for x, w in zip(inputs, weights, strict=True)],
+        "gemv_t": lambda: [x @ w for x, w in zip(inputs, transposed, strict=True)],
+    }
+    if block_kernels() is not None and all(w.dtype == torch.float32 for w in weights):
+        rows = [x[0] for x in inputs]
+        passes["native"] = lambda: [dense_row(x, w, None) for x, w in zip(rows, transposed, strict=True)]
+    wall, cpu = interleaved_wall_cpu(passes, rounds=rounds, warmup=1)
     out = {"megabytes": sum(w.numel() * w.element_size() for w in weights) / 1e6}
     for name in wall:
         out[f"{name}_wall"], out[f"{name}_cpu"] = wall[name], cpu[name]

@@ -16,9 +16,10 @@ columns with bf16 activations) has no transformers counterpart: it is compared w
 not expected to equal the fp32 ones (random weights make near-ties common): the share of equal
 tokens is shown.
 
-The fp32 ceiling: three passes over every linear weight (the tied head once), each timed alone: a
-plain read, ``F.linear`` matrix-vector products on the (out, in) layout and ``x @ Wᵀ`` on the
-transposed (in, out) layout lmforge's fp32 decoding keeps. A token at batch 1 reads each weight
+The fp32 ceiling: passes over every linear weight (the tied head once), each timed alone: a plain
+read, ``F.linear`` matrix-vector products on the (out, in) layout, ``x @ Wᵀ`` on the transposed
+(in, out) layout lmforge's fp32 decoding keeps, and lmforge's native one-row kernel on that layout
+(``lmforge.kernels.dense_row``, what its fp32 decoding calls where it is built). A token at batch 1 reads each weight
 once, so a decoder that reads them no faster than the fastest pass does not pass ``1 / its time``;
 the ratio of that to transformers' tokens/s is the most the fp32 target could be met by.
 
@@ -330,18 +331,21 @@ def main() -> None:
         *ratios,
         "",
         "fp32 ceiling: the tokens/s of a decoder whose token cost nothing but one pass over every linear weight "
-        "(the tied head once) at the fastest of the three speeds below, the least an fp32 implementation reading "
+        "(the tied head once) at the fastest of the speeds below, the least an fp32 implementation reading "
         "them no faster must spend per token at batch 1; ceiling / transformers is the most such a decoder could "
         "reach against it on this core.",
         "",
         "| shape | fp32 weights read per token, MB | plain read (`sum`): ms, GB/s | `F.linear` on (out, in): ms, GB/s "
-        "| `x @ Wᵀ` stored (in, out), lmforge's fp32 decoding: ms, GB/s | fp32 ceiling, tok/s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| `x @ Wᵀ` stored (in, out): ms, GB/s | lmforge's native one-row kernel (`dense_row`) on (in, out), its "
+        "fp32 decoding: ms, GB/s | fp32 ceiling, tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *[
             f"| {row['name']} | {row['floor']['megabytes']:.0f} | "
             + " | ".join(
                 f"{1e3 * row['floor'][p + '_wall']:.1f}, {row['floor']['megabytes'] / row['floor'][p + '_wall'] / 1e3:.1f}"
-                for p in ("read", "gemv", "gemv_t")
+                if p + "_wall" in row["floor"]
+                else "not built"
+                for p in ("read", "gemv", "gemv_t", "native")
             )
             + f" | {row['ceiling']:.1f} |"
             for row in rows

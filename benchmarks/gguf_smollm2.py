@@ -17,9 +17,9 @@ against transformers' GGUF loader on the same file.
    (same precision), and with int8 weight-only weights (``lmforge generate --dtype int8``)
    against transformers in fp32: a cross-precision figure, labelled so, with how many of the
    fp32 tokens it reproduces.
-4. The fp32 ceiling: one pass over every linear weight, timed three ways (a plain read,
-   ``F.linear`` on the (out, in) layout, ``x @ Wᵀ`` on the transposed layout lmforge's fp32
-   decoding keeps). At batch 1 each token reads every weight once, so the fastest pass bounds the
+4. The fp32 ceiling: one pass over every linear weight, timed three or four ways (a plain
+   read, ``F.linear`` on the (out, in) layout, ``x @ Wᵀ`` on the transposed layout lmforge's
+   widened fp32 decoding keeps, and lmforge's native one-row kernel on it where it is built). At batch 1 each token reads every weight once, so the fastest pass bounds the
    tokens/s of an fp32 decoder that reads its weights no faster, and ceiling / transformers is the
    most it could reach against transformers here.
 
@@ -199,7 +199,9 @@ def main() -> None:
         "read": "a plain read (`sum`)",
         "gemv": "`F.linear` on (out, in)",
         "gemv_t": "`x @ Wᵀ` on (in, out)",
+        "native": "lmforge's one-row kernel (`dense_row`) on (in, out)",
     }
+    passes = {p: label for p, label in passes.items() if p + "_wall" in floor}
     ceiling = floor["ceiling_wall"]  # tokens/s if a token cost one pass, nothing else
     rows += [
         f"| one pass over the {mb:.0f} MB of fp32 linear weights, ms wall (GB/s): "

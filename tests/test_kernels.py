@@ -19,8 +19,11 @@ import lmforge
 from lmforge import ModelConfig, Transformer, kernels, peft, quant
 from lmforge.generation import generate
 from lmforge.interop.gguf_writer import save_gguf
-from lmforge.kernels import block_dequantize, block_matmul, dense_row, kernel_problem
+from lmforge.kernels import block_dequantize, block_matmul, decode_attention, dense_row, kernel_problem
+from lmforge.model import attention as attention_module
+from lmforge.model.kv_cache import KVCache
 from lmforge.model.layers import RMSNorm
+from lmforge.model.positions import apply_rotary
 from lmforge.quant import (
     BlockLinear,
     DecodeLinear,
@@ -287,3 +290,77 @@ def test_decoding_norms_are_one_native_call_with_the_same_numbers() -> None:
     y = model.decoder.norm(x.requires_grad_())  # gradients wanted: PyTorch's own operators
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "rotary"), [(4, 2, 16, 16), (6, 6, 64, 0), (9, 3, 64, 32), (2, 1, 8, 8)])
+def test_one_tokens_attention_over_its_cache_is_sdpas(heads: int, kv_heads: int, head_dim: int, rotary: int) -> None:
+    torch.manual_seed(heads + head_dim)
+    cache = KVCache(1, 40, kv_heads, head_dim)
+    earlier = 29  # positions cached before this token (not a multiple of 8: the exp tail runs too)
+    cache.update(torch.randn(1, kv_heads, earlier, head_dim), torch.randn(1, kv_heads, earlier, head_dim))
+    qkv = torch.randn((heads + 2 * kv_heads) * head_dim) * 2
+    angles = torch.rand(rotary) * 6 if rotary else None
+    rope = (angles.cos(), angles.sin()) if angles is not None else None
+    q, k, v = qkv.view(1, 1, -1).split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    q, k, v = (t.view(1, 1, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+    if rope is not None:
+        q, k = apply_rotary(q, rope[0][None], rope[1][None]), apply_rotary(k, rope[0][None], rope[1][None])
+    keys = torch.cat((cache.keys[:, :, :earlier], k), dim=2)
+    values = torch.cat((cache.values[:, :, :earlier], v), dim=2)
+    expected = F.scaled_dot_product_attention(q, keys, values, scale=0.3, enable_gqa=heads != kv_heads)
+    out = decode_attention(qkv.clone(), rope, cache.keys, cache.values, earlier, heads, 0.3)
+    torch.testing.assert_close(out, expected.reshape(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.keys[:, :, earlier], k[:, :, 0])  # the rotated key, cached
+    assert torch.equal(cache.values[:, :, earlier], v[:, :, 0])
+    assert not cache.keys[:, :, earlier + 1 :].any()  # nothing written past it
+
+
+def test_one_tokens_attention_refuses_what_it_cannot_read() -> None:
+    cache = KVCache(1, 8, 2, 16)
+    qkv = torch.randn(8 * 16)
+    with pytest.raises(ValueError, match="outside a cache"):
+        decode_attention(qkv, None, cache.keys, cache.values, 8, 4, 1.0)
+    with pytest.raises(ValueError, match="heads"):
+        decode_attention(torch.randn(7 * 16), None, cache.keys, cache.values, 0, 4, 1.0)
+    with pytest.raises(ValueError, match="one sequence"):
+        decode_attention(qkv, None, torch.zeros(2, 2, 8, 16), torch.zeros(2, 2, 8, 16), 0, 4, 1.0)
+    with pytest.raises(ValueError, match="rotary angles"):
+        decode_attention(qkv, (torch.ones(20), torch.ones(20)), cache.keys, cache.values, 0, 4, 1.0)
+    with pytest.raises(ValueError, match="contiguous CPU tensor of torch.float32"):
+        decode_attention(qkv.double(), None, cache.keys, cache.values, 0, 4, 1.0)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-decoder"])
+def test_decoding_one_sequence_takes_the_native_attention_with_the_same_tokens(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    plain = Transformer(ModelConfig.from_name(name, init_std=0.2)).eval()
+    model = for_decoding(copy.deepcopy(plain), "fp32")
+    calls = []
+    real = attention_module.decode_attention
+    monkeypatch.setattr(attention_module, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    prompt = torch.randint(0, 256, (1, 7))
+    tokens = generate(model, prompt, max_new_tokens=20)
+    assert len(calls) == 19 * model.config.num_layers  # every one-token step of every layer
+    assert torch.equal(tokens, generate(plain, prompt, max_new_tokens=20))
+    cache = model.new_cache(1, 12)
+    plain_cache = plain.new_cache(1, 12)
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        plain(prompt, cache=plain_cache)
+        for token in tokens[0, 7:11]:  # the logits of each step, the caches' contents
+            step = token.view(1, 1)
+            torch.testing.assert_close(model(step, cache=cache).logits, plain(step, cache=plain_cache).logits,
+                                       rtol=1e-4, atol=1e-5)  # fmt: skip
+        for mine, theirs in zip(cache.self_attention, plain_cache.self_attention, strict=True):
+            assert mine.length == theirs.length == 11
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+        calls.clear()
+        model(tokens[:, 11:12], cache=cache)  # a full cache: the general path says so
+        with pytest.raises(ValueError, match="KV cache is full"):
+            model(tokens[:, 12:13], cache=cache)
+    assert len(calls) == model.config.num_layers
+    calls.clear()
+    generate(model, torch.randint(0, 256, (2, 5)), max_new_tokens=3)  # two sequences: the general path
+    assert not calls

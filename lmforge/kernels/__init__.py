@@ -1,7 +1,8 @@
 """Native kernels for decoding, built on the machine that runs them (``decode.c``): the products
 of weights kept in blocks (:class:`lmforge.quant.BlockLinear`), one row times a float32 weight
-stored transposed (:class:`lmforge.quant.DecodeLinear`), and RMSNorm in one call
-(:class:`lmforge.quant.DecodeRMSNorm`).
+stored transposed (:class:`lmforge.quant.DecodeLinear`), RMSNorm in one call
+(:class:`lmforge.quant.DecodeRMSNorm`), and the attention of one new token over its key/value
+cache (:class:`lmforge.model.attention.SelfAttention` decoding one sequence).
 
 The C source is compiled once with the system's C compiler (``$CC``, else ``cc``) and
 ``-march=native``, into ``$LMFORGE_CACHE`` (default ``~/.cache/lmforge``)``/kernels/``, under a
@@ -34,6 +35,7 @@ __all__ = [
     "block_matmul",
     "block_matmul_op",
     "check_blocks",
+    "decode_attention",
     "dense_row",
     "kernel_problem",
     "rms_norm",
@@ -113,7 +115,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         lib = ctypes.CDLL(str(library))
     except OSError as err:
         return None, f"loading {library} failed ({err})"
-    pointer, size = ctypes.c_void_p, ctypes.c_long
+    pointer, size, integer = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.block_matmul.argtypes = [
         pointer,
         size,
@@ -133,7 +135,22 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.rms_norm.restype = None
     lib.dense_row.argtypes = [pointer, size, pointer, size, pointer, pointer, size, ctypes.c_int]
     lib.dense_row.restype = None
-    integer = ctypes.c_int
+    lib.decode_attention.argtypes = [
+        pointer,
+        size,
+        size,
+        size,
+        pointer,
+        pointer,
+        size,
+        pointer,
+        pointer,
+        size,
+        size,
+        ctypes.c_float,
+        pointer,
+    ]
+    lib.decode_attention.restype = integer
     lib.block_find.argtypes = [pointer, size, size, integer, integer, pointer, pointer, pointer]
     lib.block_find.restype = integer
     return lib, None
@@ -330,3 +347,54 @@ def dense_row(x: Tensor, weight_t: Tensor, bias: Tensor | None, *, checked: bool
         y.data_ptr(), N, torch.get_num_threads(),
     )  # fmt: skip
     return y
+
+
+def decode_attention(
+    qkv: Tensor,
+    rope: tuple[Tensor, Tensor] | None,
+    keys: Tensor,
+    values: Tensor,
+    position: int,
+    heads: int,
+    scale: float,
+) -> Tensor:
+    """Self-attention of one new token of one sequence over its key/value cache, in one call
+    (``decode.c``): ``qkv`` is the token's fused projection [q | k | v] ((H + 2·Hkv)·D floats,
+    rotated in place by ``rope``'s cos/sin of R ≤ D values, none for None); its k and v are
+    written into ``keys``/``values`` (1, Hkv, capacity, D) at ``position``, and each query head
+    attends to positions 0..position of its key/value head (GQA: H / Hkv query heads share one).
+    Returns the heads' outputs side by side, (H·D,), float32.
+
+    Raises:
+        ValueError: tensors of another dtype, device, layout or shape, D no multiple of 8, or a
+            position outside the cache.
+    """
+    lib = block_kernels()
+    assert lib is not None, kernel_problem()
+    _, kv_heads, capacity, head_dim = keys.shape
+    if values.shape != keys.shape or keys.shape[0] != 1:
+        raise ValueError(
+            f"keys {tuple(keys.shape)} and values {tuple(values.shape)}: one sequence's cache each"
+        )
+    if head_dim % 8 or heads % kv_heads or qkv.numel() != (heads + 2 * kv_heads) * head_dim:
+        raise ValueError(
+            f"qkv of {qkv.numel()} floats for {heads} heads, {kv_heads} key/value heads of width {head_dim}"
+        )
+    if not 0 <= position < capacity:
+        raise ValueError(f"position {position} is outside a cache of {capacity}")
+    cos = sin = None
+    if rope is not None:
+        cos, sin = rope
+        if cos.numel() != sin.numel() or cos.numel() > head_dim or cos.numel() % 2:
+            raise ValueError(
+                f"rotary angles of {cos.numel()} and {sin.numel()} values for heads of {head_dim}"
+            )
+    out = torch.empty(heads * head_dim, dtype=torch.float32)
+    status = lib.decode_attention(
+        _pointer(qkv, torch.float32), heads, kv_heads, head_dim, _pointer(cos, torch.float32),
+        _pointer(sin, torch.float32), 0 if cos is None else cos.numel(), _pointer(keys, torch.float32),
+        _pointer(values, torch.float32), capacity, position, scale, out.data_ptr(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("decode_attention: out of memory")
+    return out

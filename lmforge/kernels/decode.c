@@ -4,6 +4,7 @@
    1. Products with weights kept in blocks, the way GGUF files keep them (lmforge.quant.BlockLinear).
    2. One row of x times a float32 weight stored transposed (lmforge.quant.DecodeLinear).
    3. RMSNorm of rows in one call.
+   4. Attention for one new token of one sequence over its key/value cache (SelfAttention).
 
    1. Blocks. A weight matrix W (N rows, K columns) is held as one int8 code per weight and, for
    each run of 32 consecutive columns of a row (a block), a float scale d and, optionally, a float
@@ -301,4 +302,97 @@ void rms_norm(const float *x, const float *w, float *y, long rows, long dim, flo
             _mm256_storeu_ps(yi + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xi + j), scale), _mm256_loadu_ps(w + j)));
         for (; j < dim; j++) yi[j] = xi[j] * r * w[j];
     }
+}
+
+/* e^x for x <= 0 (softmax's shifted scores), to about 2 ulp: x = n ln2 + r, e^r by its Taylor
+   polynomial on |r| <= ln2 / 2 (Cephes' coefficients), 2^n in the exponent bits. Below -87 the
+   result is 0 to float precision beside the row's largest term, 1. */
+static inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* Rotate the first R dimensions of a head by its position's angles, as lmforge's apply_rotary
+   does (pairs i and i + R/2: x1 cos - x2 sin, x2 cos + x1 sin; cos and sin hold R values). */
+static void rotate(float *x, const float *cos, const float *sin, long R) {
+    const long half = R / 2;
+    for (long i = 0; i < half; i++) {
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * cos[i] - x2 * sin[i];
+        x[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+    }
+}
+
+/* 4. Attention for one new token of one sequence, with its key/value cache (lmforge's
+   SelfAttention while decoding at batch 1). qkv holds the token's fused projection, [q | k | v]:
+   H query heads, then Hkv key and value heads, D wide each (D a multiple of 8); the first R
+   dimensions of q's and k's heads rotate by cos/sin (R = 0: none). The rotated k and v go into
+   the caches (Hkv, capacity, D) at position `pos`; each query head h attends to positions
+   0..pos of key/value head h / (H / Hkv):
+
+       out_h = sum_j softmax_j(scale q_h . k_j) v_j
+
+   written to out (H * D). Returns 0, or -1 when memory for the scores ran out. */
+int decode_attention(float *qkv, long H, long Hkv, long D, const float *cos, const float *sin, long R,
+                     float *keys, float *values, long capacity, long pos, float scale, float *out) {
+    float *q = qkv, *k = qkv + H * D, *v = k + Hkv * D;
+    const long S = pos + 1, group = H / Hkv;
+    for (long h = 0; h < H && R > 0; h++) rotate(q + h * D, cos, sin, R);
+    for (long g = 0; g < Hkv; g++) {
+        if (R > 0) rotate(k + g * D, cos, sin, R);
+        memcpy(keys + (g * capacity + pos) * D, k + g * D, sizeof(float) * (size_t)D);
+        memcpy(values + (g * capacity + pos) * D, v + g * D, sizeof(float) * (size_t)D);
+    }
+    float *p = malloc(sizeof(float) * (size_t)(S + 8));
+    if (p == NULL) return -1;
+    for (long h = 0; h < H; h++) {
+        const float *qh = q + h * D, *K = keys + (h / group) * capacity * D, *V = values + (h / group) * capacity * D;
+        float largest = -INFINITY;
+        for (long j = 0; j < S; j++) { /* scores: scale q . k_j */
+            __m256 acc = _mm256_setzero_ps();
+            for (long d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(K + j * D + d), acc);
+            p[j] = hsum(acc) * scale;
+            largest = p[j] > largest ? p[j] : largest;
+        }
+        const __m256 top = _mm256_set1_ps(largest);
+        __m256 total = _mm256_setzero_ps();
+        long j = 0;
+        for (; j + 8 <= S; j += 8) {
+            const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + j), top));
+            _mm256_storeu_ps(p + j, e);
+            total = _mm256_add_ps(total, e);
+        }
+        float sum = hsum(total);
+        for (; j < S; j++) {
+            p[j] = expf(p[j] - largest);
+            sum += p[j];
+        }
+        const float inverse = 1.0f / sum;
+        for (long d0 = 0; d0 < D; d0 += 64) { /* out_h = sum_j p_j v_j / sum, 64 columns in registers */
+            const long width = D - d0 < 64 ? D - d0 : 64;
+            __m256 acc[8];
+            for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+            for (long t = 0; t < S; t++) {
+                const __m256 pt = _mm256_set1_ps(p[t]);
+                const float *vt = V + t * D + d0;
+                for (int c = 0; c < width / 8; c++) acc[c] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8 * c), acc[c]);
+            }
+            for (int c = 0; c < width / 8; c++)
+                _mm256_storeu_ps(out + h * D + d0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inverse)));
+        }
+    }
+    free(p);
+    return 0;
 }

@@ -18,7 +18,10 @@ attention proper, with two interchangeable paths behind it:
 - a fast path through ``torch.nn.functional.scaled_dot_product_attention`` (SDPA), which never
   stores α and, without a materialized mask, uses memory linear in sequence length.
 
-Both give the same numbers; a test holds them to it.
+Both give the same numbers; a test holds them to it. A third runs while a CPU decodes one
+sequence a token at a time in the decoding form (:func:`lmforge.quant.for_decoding`): the same
+formulas for the one new query, with the rotation and the cache's append, in one native call
+(:func:`lmforge.kernels.decode_attention`) instead of some thirty small operators a layer.
 
 Q, K and V stay three ``nn.Linear`` modules (``q_proj``, ``k_proj``, ``v_proj``: the names PEFT
 methods target and Hugging Face weight maps use), but while training they run as one matmul over
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import block_kernels, decode_attention
 from .kv_cache import KVCache
 from .packing import Packing
 from .positions import apply_rotary
@@ -145,6 +149,18 @@ class SelfAttention(nn.Module):
         Returns:
             Y (B, T, E), or (Y, α) when ``need_weights``.
         """
+        if (
+            kv_cache is not None
+            and memory is None
+            and packing is None
+            and attention_mask is None
+            and position_bias is None
+            and not need_weights
+            and x.shape[:2] == (1, 1)
+        ):
+            y = self._decode_one_natively(x, rope, kv_cache)
+            if y is not None:
+                return y
         if packing is not None:
             B, T = packing.batch, packing.length
         else:
@@ -214,6 +230,40 @@ class SelfAttention(nn.Module):
             out = packing.unpad(out)  # (B, T, H·D) -> (N, H·D)
         y = self.out_proj(out)  # (B, T, E), or (N, E) packed
         return (y, weights) if need_weights else y
+
+    def _decode_one_natively(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv_cache: KVCache
+    ) -> Tensor | None:
+        """One new token of one sequence (x (1, 1, E)) as decoding runs it on a CPU: Q/K/V fused
+        for decoding (:func:`lmforge.quant.for_decoding`), then rotation, the cache's append and
+        attention over it in one native call (:func:`lmforge.kernels.decode_attention`: the
+        same formulas as below, without some thirty small operators a layer). None where that
+        does not apply (then the general path runs): no native kernels, gradients, a compiled
+        graph, another dtype or device, a prefix, the explicit path asked for, a full cache."""
+        fused = self._decode_qkv()
+        keys, position = kv_cache.keys, kv_cache.length
+        if (
+            fused is None
+            or not self.causal
+            or self.prefix is not None
+            or not self.use_sdpa
+            or (self.training and self.dropout)
+            or x.dtype is not torch.float32
+            or keys.dtype is not torch.float32
+            or not x.is_cpu
+            or not keys.is_cpu
+            or self.head_dim % 8
+            or position >= keys.shape[2]
+            or (torch.is_grad_enabled() and x.requires_grad)
+            or torch.compiler.is_compiling()
+            or block_kernels() is None
+        ):
+            return None
+        if rope is not None:
+            rope = (rope[0].reshape(-1), rope[1].reshape(-1))  # one position's angles
+        out = decode_attention(fused(x).reshape(-1), rope, keys, kv_cache.values, position, self.num_heads, self.scale)
+        kv_cache.length = position + 1  # its key and value are written
+        return self.out_proj(out.view(1, 1, -1))
 
     def _decode_qkv(self) -> nn.Module | None:
         """The Q/K/V weights fused for decoding, while the projections are the ones fused."""
