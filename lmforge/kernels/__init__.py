@@ -164,12 +164,12 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
 
 
 def block_kernels() -> ctypes.CDLL | None:
-    """The block kernels of this machine, or None (:func:`kernel_problem` says why)."""
+    """The native kernels of this machine (``decode.c`` built), or None (:func:`kernel_problem` says why)."""
     return _library()[0]
 
 
 def kernel_problem() -> str | None:
-    """Why the block kernels are unavailable here, or None when they are available."""
+    """Why the native kernels are unavailable here, or None when they are available."""
     return _library()[1]
 
 

@@ -252,6 +252,8 @@ class SelfAttention(nn.Module):
             or keys.dtype is not torch.float32
             or not x.is_cpu
             or not keys.is_cpu
+            or keys.shape[0] != 1
+            or not (keys.is_contiguous() and kv_cache.values.is_contiguous())
             or self.head_dim % 8
             or position >= keys.shape[2]
             or (torch.is_grad_enabled() and x.requires_grad)
