@@ -292,46 +292,65 @@ def test_decoding_norms_are_one_native_call_with_the_same_numbers() -> None:
     assert x.grad is not None and x.grad.shape == x.shape
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "rotary"), [(4, 2, 16, 16), (6, 6, 64, 0), (9, 3, 64, 32), (2, 1, 8, 8)])
-def test_one_tokens_attention_over_its_cache_is_sdpas(heads: int, kv_heads: int, head_dim: int, rotary: int) -> None:
-    torch.manual_seed(heads + head_dim)
-    cache = KVCache(1, 40, kv_heads, head_dim)
-    earlier = 29  # positions cached before this token (not a multiple of 8: the exp tail runs too)
-    cache.update(torch.randn(1, kv_heads, earlier, head_dim), torch.randn(1, kv_heads, earlier, head_dim))
-    qkv = torch.randn((heads + 2 * kv_heads) * head_dim) * 2
-    angles = torch.rand(rotary) * 6 if rotary else None
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "rotary", "rows"),
+    [(4, 2, 16, 16, 1), (6, 6, 64, 0, 1), (9, 3, 64, 32, 1), (2, 1, 8, 8, 1), (4, 2, 16, 16, 3), (9, 3, 64, 64, 5)],
+)
+def test_one_tokens_attention_over_its_cache_is_sdpas(
+    heads: int, kv_heads: int, head_dim: int, rotary: int, rows: int
+) -> None:
+    torch.manual_seed(heads + head_dim + rows)
+    cache = KVCache(rows, 48, kv_heads, head_dim)
+    cache.update(torch.randn(rows, kv_heads, 40, head_dim), torch.randn(rows, kv_heads, 40, head_dim))
+    # each row at its own position (not multiples of 8: the exp's tail runs too); one row: 29
+    positions = torch.tensor([29, 17, 38, 0, 23][:rows]) if rows > 1 else 29
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim) * 2
+    angles = torch.rand(rows, rotary) * 6 if rotary else None  # each row its own angles
     rope = (angles.cos(), angles.sin()) if angles is not None else None
-    q, k, v = qkv.view(1, 1, -1).split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
-    q, k, v = (t.view(1, 1, -1, head_dim).transpose(1, 2) for t in (q, k, v))
-    if rope is not None:
-        q, k = apply_rotary(q, rope[0][None], rope[1][None]), apply_rotary(k, rope[0][None], rope[1][None])
-    keys = torch.cat((cache.keys[:, :, :earlier], k), dim=2)
-    values = torch.cat((cache.values[:, :, :earlier], v), dim=2)
-    expected = F.scaled_dot_product_attention(q, keys, values, scale=0.3, enable_gqa=heads != kv_heads)
-    out = decode_attention(qkv.clone(), rope, cache.keys, cache.values, earlier, heads, 0.3)
-    torch.testing.assert_close(out, expected.reshape(-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cache.keys[:, :, earlier], k[:, :, 0])  # the rotated key, cached
-    assert torch.equal(cache.values[:, :, earlier], v[:, :, 0])
-    assert not cache.keys[:, :, earlier + 1 :].any()  # nothing written past it
+    before_keys, before_values = cache.keys.clone(), cache.values.clone()
+    out = decode_attention(qkv.clone(), rope, cache.keys, cache.values, positions, heads, 0.3)
+    for b in range(rows):
+        at = positions if isinstance(positions, int) else int(positions[b])
+        q, k, v = qkv[b].view(1, 1, -1).split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+        q, k, v = (t.view(1, 1, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            cos, sin = rope[0][b : b + 1], rope[1][b : b + 1]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys = torch.cat((before_keys[b : b + 1, :, :at], k), dim=2)
+        values = torch.cat((before_values[b : b + 1, :, :at], v), dim=2)
+        expected = F.scaled_dot_product_attention(q, keys, values, scale=0.3, enable_gqa=heads != kv_heads)
+        torch.testing.assert_close(out[b], expected.reshape(-1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.keys[b, :, at], k[0, :, 0])  # the rotated key, cached at its position
+        assert torch.equal(cache.values[b, :, at], v[0, :, 0])
+        assert torch.equal(cache.keys[b, :, at + 1 :], before_keys[b, :, at + 1 :])  # nothing else written
+        assert torch.equal(cache.keys[b, :, :at], before_keys[b, :, :at])
 
 
 def test_one_tokens_attention_refuses_what_it_cannot_read() -> None:
     cache = KVCache(1, 8, 2, 16)
-    qkv = torch.randn(8 * 16)
+    qkv = torch.randn(1, 8 * 16)
     with pytest.raises(ValueError, match="outside a cache"):
         decode_attention(qkv, None, cache.keys, cache.values, 8, 4, 1.0)
+    with pytest.raises(ValueError, match="outside a cache"):
+        decode_attention(qkv, None, cache.keys, cache.values, torch.tensor([-1]), 4, 1.0)
+    with pytest.raises(ValueError, match="positions"):
+        decode_attention(qkv, None, cache.keys, cache.values, torch.tensor([1, 2]), 4, 1.0)
     with pytest.raises(ValueError, match="heads"):
-        decode_attention(torch.randn(7 * 16), None, cache.keys, cache.values, 0, 4, 1.0)
-    with pytest.raises(ValueError, match="one sequence"):
-        decode_attention(qkv, None, torch.zeros(2, 2, 8, 16), torch.zeros(2, 2, 8, 16), 0, 4, 1.0)
+        decode_attention(torch.randn(1, 7 * 16), None, cache.keys, cache.values, 0, 4, 1.0)
+    with pytest.raises(ValueError, match="differ"):
+        decode_attention(qkv, None, cache.keys, torch.zeros(1, 2, 9, 16), 0, 4, 1.0)
     with pytest.raises(ValueError, match="rotary angles"):
         decode_attention(qkv, (torch.ones(20), torch.ones(20)), cache.keys, cache.values, 0, 4, 1.0)
+    with pytest.raises(ValueError, match="rotary angles"):
+        decode_attention(qkv, (torch.ones(3, 8), torch.ones(3, 8)), cache.keys, cache.values, 0, 4, 1.0)
     with pytest.raises(ValueError, match="contiguous CPU tensor of torch.float32"):
         decode_attention(qkv.double(), None, cache.keys, cache.values, 0, 4, 1.0)
+    with pytest.raises(ValueError, match="contiguous CPU tensor of torch.int64"):
+        decode_attention(qkv, None, cache.keys, cache.values, torch.tensor([1], dtype=torch.int32), 4, 1.0)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-decoder"])
-def test_decoding_one_sequence_takes_the_native_attention_with_the_same_tokens(
+def test_decoding_takes_the_native_attention_with_the_same_tokens(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch.manual_seed(0)
@@ -362,5 +381,9 @@ def test_decoding_one_sequence_takes_the_native_attention_with_the_same_tokens(
             model(tokens[:, 12:13], cache=cache)
     assert len(calls) == model.config.num_layers
     calls.clear()
-    generate(model, torch.randint(0, 256, (2, 5)), max_new_tokens=3)  # two sequences: the general path
-    assert not calls
+    two = torch.randint(0, 256, (2, 5))
+    assert torch.equal(generate(model, two, max_new_tokens=6), generate(plain, two, max_new_tokens=6))
+    assert len(calls) == 5 * model.config.num_layers  # two sequences at one position: native too
+    calls.clear()
+    padded = generate(model, two, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), max_new_tokens=3)
+    assert not calls and padded.shape == (2, 8)  # left padding, a mask: the general path

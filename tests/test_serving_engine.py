@@ -4,6 +4,8 @@ steps, with different prompt lengths and adapters, get exactly the tokens they g
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from serving_models import add_adapter, tiny_decoder, tiny_tokenizer
@@ -11,6 +13,9 @@ from serving_models import add_adapter, tiny_decoder, tiny_tokenizer
 from lmforge import peft
 from lmforge.errors import LMForgeError
 from lmforge.generation import generate
+from lmforge.kernels import kernel_problem
+from lmforge.model import attention as attention_module
+from lmforge.quant import for_decoding
 from lmforge.serving.engine import Engine, Request, _held_back
 from lmforge.serving.slots import GROWTH
 
@@ -59,6 +64,27 @@ def test_batched_decoding_gives_the_tokens_of_single_decoding(tokenizer, positio
     stats = engine.snapshot()
     assert stats.requests_finished == len(ids) and stats.running == 0 and stats.waiting == 0
     assert stats.batch_rows / stats.steps > 2  # rows really shared decoding steps
+
+
+@pytest.mark.skipif(kernel_problem() is not None, reason=f"native kernels unavailable here: {kernel_problem()}")
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_the_decoding_form_batches_rows_at_their_own_positions_natively(
+    tokenizer, position: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `lmforge serve` runs: the decoding form, each step's rows (at different positions, a
+    mask between them) through the native attention, with the tokens of the plain model alone."""
+    plain = tiny_decoder(tokenizer.vocab_size, position=position)
+    model = for_decoding(copy.deepcopy(plain), "fp32")
+    rows = []
+    real = attention_module.decode_attention
+    monkeypatch.setattr(attention_module, "decode_attention", lambda qkv, *a: rows.append(qkv.shape[0]) or real(qkv, *a))
+    lengths, new = [3, 17, 1, 40, 9, 25], [12, 5, 20, 8, 15, 3]
+    ids = prompts(model.config.vocab_size, lengths)
+    engine = Engine(model, tokenizer, max_batch=4)
+    got = run_staggered(engine, [Request(p, n) for p, n in zip(ids, new, strict=True)])
+    for prompt, count, tokens in zip(ids, new, got, strict=True):
+        assert tokens == alone(plain, prompt, count)
+    assert max(rows) > 1  # rows of different lengths decoded together, natively
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])

@@ -136,19 +136,23 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.dense_row.argtypes = [pointer, size, pointer, size, pointer, pointer, size, ctypes.c_int]
     lib.dense_row.restype = None
     lib.decode_attention.argtypes = [
-        pointer,
-        size,
-        size,
-        size,
-        pointer,
-        pointer,
-        size,
-        pointer,
-        pointer,
-        size,
-        size,
+        pointer,  # qkv
+        size,  # B
+        size,  # H
+        size,  # Hkv
+        size,  # D
+        pointer,  # cos
+        pointer,  # sin
+        size,  # R
+        size,  # rope stride
+        pointer,  # keys
+        pointer,  # values
+        size,  # capacity
+        pointer,  # positions
+        size,  # position
         ctypes.c_float,
-        pointer,
+        pointer,  # out
+        integer,  # threads
     ]
     lib.decode_attention.restype = integer
     lib.block_find.argtypes = [pointer, size, size, integer, integer, pointer, pointer, pointer]
@@ -349,21 +353,23 @@ def dense_row(x: Tensor, weight_t: Tensor, bias: Tensor | None, *, checked: bool
     return y
 
 
+
 def decode_attention(
     qkv: Tensor,
     rope: tuple[Tensor, Tensor] | None,
     keys: Tensor,
     values: Tensor,
-    position: int,
+    positions: int | Tensor,
     heads: int,
     scale: float,
 ) -> Tensor:
-    """Self-attention of one new token of one sequence over its key/value cache, in one call
-    (``decode.c``): ``qkv`` is the token's fused projection [q | k | v] ((H + 2·Hkv)·D floats,
-    rotated in place by ``rope``'s cos/sin of R ≤ D values, none for None); its k and v are
-    written into ``keys``/``values`` (1, Hkv, capacity, D) at ``position``, and each query head
-    attends to positions 0..position of its key/value head (GQA: H / Hkv query heads share one).
-    Returns the heads' outputs side by side, (H·D,), float32.
+    """Self-attention of one new token of each of B sequences over their key/value caches, in
+    one call (``decode.c``): row b of ``qkv`` (B, (H + 2·Hkv)·D) is its token's fused projection
+    [q | k | v], rotated in place by ``rope``'s cos/sin ((R,) for every row, or (B, R); R ≤ D;
+    None: no rotation); its k and v are written into ``keys``/``values`` (B, Hkv, capacity, D) at
+    the row's position (``positions``: one int for every row, or (B,) int64), and each query head
+    attends to positions 0..that of its key/value head (GQA: H / Hkv query heads share one).
+    Returns the heads' outputs side by side, (B, H·D), float32.
 
     Raises:
         ValueError: tensors of another dtype, device, layout or shape, D no multiple of 8, or a
@@ -371,29 +377,39 @@ def decode_attention(
     """
     lib = block_kernels()
     assert lib is not None, kernel_problem()
-    _, kv_heads, capacity, head_dim = keys.shape
-    if values.shape != keys.shape or keys.shape[0] != 1:
+    rows, kv_heads, capacity, head_dim = keys.shape
+    if values.shape != keys.shape:
+        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ")
+    if head_dim % 8 or heads % kv_heads or qkv.shape != (rows, (heads + 2 * kv_heads) * head_dim):
         raise ValueError(
-            f"keys {tuple(keys.shape)} and values {tuple(values.shape)}: one sequence's cache each"
+            f"qkv {tuple(qkv.shape)} for {rows} rows of {heads} heads, {kv_heads} key/value heads of width {head_dim}"
         )
-    if head_dim % 8 or heads % kv_heads or qkv.numel() != (heads + 2 * kv_heads) * head_dim:
-        raise ValueError(
-            f"qkv of {qkv.numel()} floats for {heads} heads, {kv_heads} key/value heads of width {head_dim}"
-        )
-    if not 0 <= position < capacity:
-        raise ValueError(f"position {position} is outside a cache of {capacity}")
+    if isinstance(positions, int):
+        low = high = positions
+        position, table = positions, None
+    else:
+        if positions.shape != (rows,):
+            raise ValueError(f"positions {tuple(positions.shape)} for {rows} rows")
+        low, high = int(positions.min()), int(positions.max())
+        position, table = 0, _pointer(positions, torch.int64)
+    if not 0 <= low <= high < capacity:
+        raise ValueError(f"positions {low}..{high} are outside a cache of {capacity}")
     cos = sin = None
+    angles = stride = 0
     if rope is not None:
         cos, sin = rope
-        if cos.numel() != sin.numel() or cos.numel() > head_dim or cos.numel() % 2:
+        angles = cos.shape[-1]
+        if cos.shape != sin.shape or angles > head_dim or angles % 2 or cos.numel() not in (angles, rows * angles):
             raise ValueError(
-                f"rotary angles of {cos.numel()} and {sin.numel()} values for heads of {head_dim}"
+                f"rotary angles {tuple(cos.shape)} and {tuple(sin.shape)} for {rows} rows of heads of {head_dim}"
             )
-    out = torch.empty(heads * head_dim, dtype=torch.float32)
+        stride = 0 if cos.numel() == angles else angles
+    out = torch.empty(rows, heads * head_dim, dtype=torch.float32)
     status = lib.decode_attention(
-        _pointer(qkv, torch.float32), heads, kv_heads, head_dim, _pointer(cos, torch.float32),
-        _pointer(sin, torch.float32), 0 if cos is None else cos.numel(), _pointer(keys, torch.float32),
-        _pointer(values, torch.float32), capacity, position, scale, out.data_ptr(),
+        _pointer(qkv, torch.float32), rows, heads, kv_heads, head_dim, _pointer(cos, torch.float32),
+        _pointer(sin, torch.float32), angles, stride, _pointer(keys, torch.float32),
+        _pointer(values, torch.float32), capacity, table, position, scale, out.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("decode_attention: out of memory")

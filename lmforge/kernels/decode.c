@@ -4,7 +4,7 @@
    1. Products with weights kept in blocks, the way GGUF files keep them (lmforge.quant.BlockLinear).
    2. One row of x times a float32 weight stored transposed (lmforge.quant.DecodeLinear).
    3. RMSNorm of rows in one call.
-   4. Attention for one new token of one sequence over its key/value cache (SelfAttention).
+   4. Attention for one new token of each sequence over its key/value cache (SelfAttention).
 
    1. Blocks. A weight matrix W (N rows, K columns) is held as one int8 code per weight and, for
    each run of 32 consecutive columns of a row (a block), a float scale d and, optionally, a float
@@ -335,18 +335,9 @@ static void rotate(float *x, const float *cos, const float *sin, long R) {
     }
 }
 
-/* 4. Attention for one new token of one sequence, with its key/value cache (lmforge's
-   SelfAttention while decoding at batch 1). qkv holds the token's fused projection, [q | k | v]:
-   H query heads, then Hkv key and value heads, D wide each (D a multiple of 8); the first R
-   dimensions of q's and k's heads rotate by cos/sin (R = 0: none). The rotated k and v go into
-   the caches (Hkv, capacity, D) at position `pos`; each query head h attends to positions
-   0..pos of key/value head h / (H / Hkv):
-
-       out_h = sum_j softmax_j(scale q_h . k_j) v_j
-
-   written to out (H * D). Returns 0, or -1 when memory for the scores ran out. */
-int decode_attention(float *qkv, long H, long Hkv, long D, const float *cos, const float *sin, long R,
-                     float *keys, float *values, long capacity, long pos, float scale, float *out) {
+/* One row of decode_attention: its qkv, its angles, its caches, its position. */
+static int attend_row(float *qkv, long H, long Hkv, long D, const float *cos, const float *sin, long R,
+                      float *keys, float *values, long capacity, long pos, float scale, float *out) {
     float *q = qkv, *k = qkv + H * D, *v = k + Hkv * D;
     const long S = pos + 1, group = H / Hkv;
     for (long h = 0; h < H && R > 0; h++) rotate(q + h * D, cos, sin, R);
@@ -395,4 +386,32 @@ int decode_attention(float *qkv, long H, long Hkv, long D, const float *cos, con
     }
     free(p);
     return 0;
+}
+
+/* 4. Attention for one new token of each of B sequences, with their key/value caches (lmforge's
+   SelfAttention while decoding). Row b's qkv (B rows of (H + 2 Hkv) * D floats) holds its token's
+   fused projection, [q | k | v]: H query heads, then Hkv key and value heads, D wide each (D a
+   multiple of 8); the first R dimensions of q's and k's heads rotate by the row's cos/sin (at
+   cos + b * rope_stride: 0 when every row shares them; R = 0: no rotation). The rotated k and v
+   go into the row's caches (Hkv, capacity, D) at its position (positions[b], or `position` for
+   every row when positions is NULL); each query head h attends to positions 0..that of key/value
+   head h / (H / Hkv):
+
+       out_h = sum_j softmax_j(scale q_h . k_j) v_j
+
+   written to row b of out (B rows of H * D). Returns 0, or -1 when memory for the scores ran out. */
+int decode_attention(float *qkv, long B, long H, long Hkv, long D, const float *cos, const float *sin, long R,
+                     long rope_stride, float *keys, float *values, long capacity, const int64_t *positions,
+                     long position, float scale, float *out, int threads) {
+    const long width = (H + 2 * Hkv) * D, cache = Hkv * capacity * D;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) if (threads > 1 && B > 1) schedule(static)
+    for (long b = 0; b < B; b++) {
+        const long pos = positions != NULL ? (long)positions[b] : position;
+        if (attend_row(qkv + b * width, H, Hkv, D, cos != NULL ? cos + b * rope_stride : NULL,
+                       sin != NULL ? sin + b * rope_stride : NULL, R, keys + b * cache, values + b * cache,
+                       capacity, pos, scale, out + b * H * D) != 0)
+            failed = 1;
+    }
+    return failed ? -1 : 0;
 }

@@ -153,12 +153,12 @@ class SelfAttention(nn.Module):
             kv_cache is not None
             and memory is None
             and packing is None
-            and attention_mask is None
             and position_bias is None
             and not need_weights
-            and x.shape[:2] == (1, 1)
+            and x.dim() == 3
+            and x.shape[1] == 1
         ):
-            y = self._decode_one_natively(x, rope, kv_cache)
+            y = self._decode_natively(x, rope, kv_cache, attention_mask)
             if y is not None:
                 return y
         if packing is not None:
@@ -231,17 +231,23 @@ class SelfAttention(nn.Module):
         y = self.out_proj(out)  # (B, T, E), or (N, E) packed
         return (y, weights) if need_weights else y
 
-    def _decode_one_natively(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv_cache: KVCache
+    def _decode_natively(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv_cache: KVCache, attention_mask: Tensor | None
     ) -> Tensor | None:
-        """One new token of one sequence (x (1, 1, E)) as decoding runs it on a CPU: Q/K/V fused
+        """One new token of each sequence (x (B, 1, E)) as decoding runs it on a CPU: Q/K/V fused
         for decoding (:func:`lmforge.quant.for_decoding`), then rotation, the cache's append and
         attention over it in one native call (:func:`lmforge.kernels.decode_attention`: the
-        same formulas as below, without some thirty small operators a layer). None where that
-        does not apply (then the general path runs): no native kernels, gradients, a compiled
-        graph, another dtype or device, a prefix, the explicit path asked for, a full cache."""
+        same formulas as below, without some thirty small operators a layer).
+
+        Every row sits at the cache's ``length``, with no mask; or, for a cache that says where
+        each row is (``lengths``: serving's slots, :class:`~lmforge.serving.slots.SlotView`), at
+        its own position, the mask (B, length + 1) being the one those positions make (each row
+        sees its positions up to its own). None where this does not apply (then the general path
+        runs): no native kernels, gradients, a compiled graph, another dtype or device, a prefix,
+        the explicit path asked for, another mask, a cache that is not the rows' own, a full one."""
         fused = self._decode_qkv()
-        keys, position = kv_cache.keys, kv_cache.length
+        keys, values = kv_cache.keys, kv_cache.values
+        lengths: Tensor | None = getattr(kv_cache, "lengths", None)  # each row's position, when they differ
         if (
             fused is None
             or not self.causal
@@ -252,20 +258,29 @@ class SelfAttention(nn.Module):
             or keys.dtype is not torch.float32
             or not x.is_cpu
             or not keys.is_cpu
-            or keys.shape[0] != 1
-            or not (keys.is_contiguous() and kv_cache.values.is_contiguous())
+            or keys.shape[0] != x.shape[0]
+            or not (keys.is_contiguous() and values.is_contiguous())
             or self.head_dim % 8
-            or position >= keys.shape[2]
+            or kv_cache.length >= keys.shape[2]
             or (torch.is_grad_enabled() and x.requires_grad)
             or torch.compiler.is_compiling()
             or block_kernels() is None
         ):
             return None
-        if rope is not None:
-            rope = (rope[0].reshape(-1), rope[1].reshape(-1))  # one position's angles
-        out = decode_attention(fused(x).reshape(-1), rope, keys, kv_cache.values, position, self.num_heads, self.scale)
-        kv_cache.length = position + 1  # its key and value are written
-        return self.out_proj(out.view(1, 1, -1))
+        if lengths is None:
+            if attention_mask is not None:
+                return None
+            positions: int | Tensor = kv_cache.length
+        else:
+            if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] != kv_cache.length + 1):
+                return None
+            positions = lengths
+        if rope is not None:  # each row's angles, or one set for all: (B or 1, R)
+            rope = (rope[0].reshape(-1, rope[0].shape[-1]), rope[1].reshape(-1, rope[1].shape[-1]))
+        B = x.shape[0]
+        out = decode_attention(fused(x).view(B, -1), rope, keys, values, positions, self.num_heads, self.scale)
+        kv_cache.length += 1  # each row's key and value are written
+        return self.out_proj(out.view(B, 1, -1))
 
     def _decode_qkv(self) -> nn.Module | None:
         """The Q/K/V weights fused for decoding, while the projections are the ones fused."""
