@@ -1,8 +1,8 @@
 """Native kernels for decoding, built on the machine that runs them (``decode.c``): the products
 of weights kept in blocks (:class:`lmforge.quant.BlockLinear`), one row times a float32 weight
 stored transposed (:class:`lmforge.quant.DecodeLinear`), RMSNorm in one call
-(:class:`lmforge.quant.DecodeRMSNorm`), and the attention of one new token over its key/value
-cache (:class:`lmforge.model.attention.SelfAttention` decoding one sequence).
+(:class:`lmforge.quant.DecodeRMSNorm`), and the attention of each sequence's new token over its key/value
+cache (:class:`lmforge.model.attention.SelfAttention` decoding a token per sequence).
 
 The C source is compiled once with the system's C compiler (``$CC``, else ``cc``) and
 ``-march=native``, into ``$LMFORGE_CACHE`` (default ``~/.cache/lmforge``)``/kernels/``, under a

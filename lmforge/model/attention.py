@@ -18,9 +18,9 @@ attention proper, with two interchangeable paths behind it:
 - a fast path through ``torch.nn.functional.scaled_dot_product_attention`` (SDPA), which never
   stores α and, without a materialized mask, uses memory linear in sequence length.
 
-Both give the same numbers; a test holds them to it. A third runs while a CPU decodes one
-sequence a token at a time in the decoding form (:func:`lmforge.quant.for_decoding`): the same
-formulas for the one new query, with the rotation and the cache's append, in one native call
+Both give the same numbers; a test holds them to it. A third runs while a CPU decodes a token
+per sequence in the decoding form (:func:`lmforge.quant.for_decoding`): the same formulas for
+each new query, with the rotation and the cache's append, in one native call
 (:func:`lmforge.kernels.decode_attention`) instead of some thirty small operators a layer.
 
 Q, K and V stay three ``nn.Linear`` modules (``q_proj``, ``k_proj``, ``v_proj``: the names PEFT
