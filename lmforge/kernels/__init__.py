@@ -353,7 +353,6 @@ def dense_row(x: Tensor, weight_t: Tensor, bias: Tensor | None, *, checked: bool
     return y
 
 
-
 def decode_attention(
     qkv: Tensor,
     rope: tuple[Tensor, Tensor] | None,

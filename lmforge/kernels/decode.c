@@ -31,7 +31,7 @@
 #endif
 
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
-#error "lmforge's block kernels need AVX2, FMA and F16C"
+#error "lmforge's native kernels need AVX2, FMA and F16C"
 #endif
 
 #define BLOCK 32
@@ -58,6 +58,16 @@ static inline __m256 block_dot(__m256 c0, __m256 c1, __m256 c2, __m256 c3, const
     return _mm256_add_ps(s0, s1);
 }
 
+/* d * q + m for eight codes q: the weights' exact float values. */
+static inline __m256 widen8(const int8_t *c, __m256 scale, __m256 shift) {
+    return _mm256_fmadd_ps(scale, codes8(c), shift);
+}
+
+/* acc + d * sum_j q[j] x[j] over one block of codes q. */
+static inline __m256 add_block(__m256 acc, const int8_t *q, float d, const float *x) {
+    return _mm256_fmadd_ps(_mm256_set1_ps(d), block_dot(codes8(q), codes8(q + 8), codes8(q + 16), codes8(q + 24), x), acc);
+}
+
 /* Several rows of x (a batch of sequences decoding together) against two weight rows: each
    8 weights are widened once, to their exact values w = d * q (+ m), and used by every row of x
    (`count`, 1..ROWS); each row of x is loaded once for both weight rows. */
@@ -71,8 +81,8 @@ static inline __attribute__((always_inline)) void weight_pair(
         const __m256 shift0 = _mm256_set1_ps(m0 != NULL ? m0[b] : 0.0f);
         const __m256 shift1 = _mm256_set1_ps(m1 != NULL ? m1[b] : 0.0f);
         for (int j = 0; j < BLOCK; j += 8) {
-            const __m256 w0 = _mm256_fmadd_ps(scale0, codes8(c0 + b * BLOCK + j), shift0);
-            const __m256 w1 = _mm256_fmadd_ps(scale1, codes8(c1 + b * BLOCK + j), shift1);
+            const __m256 w0 = widen8(c0 + b * BLOCK + j, scale0, shift0);
+            const __m256 w1 = widen8(c1 + b * BLOCK + j, scale1, shift1);
             for (int i = 0; i < count; i++) {
                 const __m256 xv = _mm256_loadu_ps(x + i * K + b * BLOCK + j);
                 acc0[i] = _mm256_fmadd_ps(w0, xv, acc0[i]);
@@ -120,19 +130,11 @@ int block_matmul(const float *x, long M, long K, const int8_t *codes, const floa
             const float *d = scales + n * blocks;
             __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
             long b = 0;
-            for (; b + 1 < blocks; b += 2) {
-                const int8_t *cb = c + b * BLOCK;
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[b]),
-                                       block_dot(codes8(cb), codes8(cb + 8), codes8(cb + 16), codes8(cb + 24), x + b * BLOCK), acc0);
-                cb += BLOCK;
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d[b + 1]),
-                                       block_dot(codes8(cb), codes8(cb + 8), codes8(cb + 16), codes8(cb + 24), x + b * BLOCK + BLOCK), acc1);
+            for (; b + 1 < blocks; b += 2) { /* two chains, added at the end */
+                acc0 = add_block(acc0, c + b * BLOCK, d[b], x + b * BLOCK);
+                acc1 = add_block(acc1, c + (b + 1) * BLOCK, d[b + 1], x + (b + 1) * BLOCK);
             }
-            if (b < blocks) {
-                const int8_t *cb = c + b * BLOCK;
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[b]),
-                                       block_dot(codes8(cb), codes8(cb + 8), codes8(cb + 16), codes8(cb + 24), x + b * BLOCK), acc0);
-            }
+            if (b < blocks) acc0 = add_block(acc0, c + b * BLOCK, d[b], x + b * BLOCK);
             float v = hsum(_mm256_add_ps(acc0, acc1)) + (bias != NULL ? bias[n] : 0.0f);
             if (offsets != NULL) v += offset_term(offsets + n * blocks, xsum, blocks);
             y[n] = v;
@@ -177,8 +179,7 @@ void block_dequantize(const int8_t *codes, const float *scales, const float *off
             float *out = w + n * K + b * BLOCK;
             __m256 scale = _mm256_set1_ps(scales[n * blocks + b]);
             __m256 shift = _mm256_set1_ps(offsets != NULL ? offsets[n * blocks + b] : 0.0f);
-            for (int j = 0; j < BLOCK; j += 8)
-                _mm256_storeu_ps(out + j, _mm256_fmadd_ps(scale, codes8(c + j), shift));
+            for (int j = 0; j < BLOCK; j += 8) _mm256_storeu_ps(out + j, widen8(c + j, scale, shift));
         }
     }
 }
@@ -281,9 +282,9 @@ void dense_row(const float *x, long K, const float *wt, long ldw, const float *b
     }
 }
 
-/* 3. RMSNorm (Llama's) in one call instead of PyTorch's six small operators (a one-token step of
-   a 30-layer model pays for 61 norms): y = x / sqrt(mean(x^2) + eps) * w, each
-   of `rows` rows of `dim`, in fp32. */
+/* 3. RMSNorm (Llama's), y = x / sqrt(mean(x^2) + eps) * w for each of `rows` rows of `dim`, in
+   fp32: one call instead of PyTorch's six small operators (a one-token step of a 30-layer model
+   pays for 61 norms). */
 void rms_norm(const float *x, const float *w, float *y, long rows, long dim, float eps) {
     for (long i = 0; i < rows; i++) {
         const float *xi = x + i * dim;
