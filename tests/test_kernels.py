@@ -230,7 +230,7 @@ def test_a_model_read_from_gguf_decodes_with_its_blocks_to_the_same_tokens(gguf_
     assert isinstance(blocks.tok_embed.weight, nn.Parameter)  # the embedding table stays as it was
     attn, mlp = blocks.decoder.layers[0].self_attn, blocks.decoder.layers[0].mlp
     assert isinstance(attn.qkv_decode, FusedBlockLinear) and isinstance(mlp.gate_up_decode, FusedBlockLinear)
-    assert attn._decode_qkv() is attn.qkv_decode  # the parts are still the fused ones: used
+    assert attn.decode_qkv() is attn.qkv_decode  # the parts are still the fused ones: used
     start = attn.q_proj.out_features
     assert attn.k_proj.codes.data_ptr() == attn.qkv_decode.codes[start].data_ptr()  # views: held once
     assert torch.equal(attn.k_proj.weight, widened.decoder.layers[0].self_attn.k_proj.weight)
@@ -356,6 +356,9 @@ def test_decoding_takes_the_native_attention_with_the_same_tokens(
     torch.manual_seed(0)
     plain = Transformer(ModelConfig.from_name(name, init_std=0.2)).eval()
     model = for_decoding(copy.deepcopy(plain), "fp32")
+    for block in model.decoder.layers:  # the attention alone (the whole block's step: test_decode_step.py)
+        assert block.decode_step is not None
+        block.decode_step = None
     calls = []
     real = attention_module.decode_attention
     monkeypatch.setattr(attention_module, "decode_attention", lambda *a: calls.append(1) or real(*a))

@@ -2,7 +2,8 @@
 of weights kept in blocks (:class:`lmforge.quant.BlockLinear`), one row times a float32 weight
 stored transposed (:class:`lmforge.quant.DecodeLinear`), RMSNorm in one call
 (:class:`lmforge.quant.DecodeRMSNorm`), and the attention of each sequence's new token over its key/value
-cache (:class:`lmforge.model.attention.SelfAttention` decoding a token per sequence).
+cache (:class:`lmforge.model.attention.SelfAttention` decoding a token per sequence), and a whole
+pre-norm block's step for one new token (:mod:`lmforge.kernels.step`).
 
 The C source is compiled once with the system's C compiler (``$CC``, else ``cc``) and
 ``-march=native``, into ``$LMFORGE_CACHE`` (default ``~/.cache/lmforge``)``/kernels/``, under a
@@ -157,6 +158,20 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.decode_attention.restype = integer
     lib.block_find.argtypes = [pointer, size, size, integer, integer, pointer, pointer, pointer]
     lib.block_find.restype = integer
+    lib.decode_block.argtypes = [
+        pointer,  # the block's weights (step.py)
+        pointer,  # x
+        pointer,  # y
+        pointer,  # cos
+        pointer,  # sin
+        size,  # R
+        pointer,  # keys
+        pointer,  # values
+        size,  # capacity
+        size,  # position
+        integer,  # threads
+    ]
+    lib.decode_block.restype = integer
     return lib, None
 
 
@@ -398,7 +413,12 @@ def decode_attention(
     if rope is not None:
         cos, sin = rope
         angles = cos.shape[-1]
-        if cos.shape != sin.shape or angles > head_dim or angles % 2 or cos.numel() not in (angles, rows * angles):
+        if (
+            cos.shape != sin.shape
+            or angles > head_dim
+            or angles % 2
+            or cos.numel() not in (angles, rows * angles)
+        ):
             raise ValueError(
                 f"rotary angles {tuple(cos.shape)} and {tuple(sin.shape)} for {rows} rows of heads of {head_dim}"
             )
@@ -413,3 +433,4 @@ def decode_attention(
     if status != 0:
         raise MemoryError("decode_attention: out of memory")
     return out
+

@@ -5,6 +5,7 @@
    2. One row of x times a float32 weight stored transposed (lmforge.quant.DecodeLinear).
    3. RMSNorm of rows in one call.
    4. Attention for one new token of each sequence over its key/value cache (SelfAttention).
+   5. A whole pre-norm Transformer block's step for one new token (TransformerBlock decoding).
 
    1. Blocks. A weight matrix W (N rows, K columns) is held as one int8 code per weight and, for
    each run of 32 consecutive columns of a row (a block), a float scale d and, optionally, a float
@@ -415,4 +416,108 @@ int decode_attention(float *qkv, long B, long H, long Hkv, long D, const float *
             failed = 1;
     }
     return failed ? -1 : 0;
+}
+
+/* 5. One pre-norm Transformer block's step for one new token (lmforge's TransformerBlock while
+   decoding one sequence), in one call instead of some twenty small operators and module calls:
+
+       h = norm1(x);  [q | k | v] = h Wqkv + bqkv;  a = attention (section 4, one row)
+       x = x + a Wo + bo
+       h = norm2(x);  u = act(h Wup + bup)   (gated: act(h Wgate + bgate) * (h Wup + bup))
+       y = x + u Wdown + bdown
+
+   Every product is section 2's (weights stored transposed), a norm is LayerNorm (with or without
+   its bias) or RMSNorm, the activation GELU (erf or tanh form), ReLU or SiLU. */
+typedef struct {
+    long width, heads, kv_heads, head_dim, hidden; /* E, H, Hkv, D, F (the MLP's inner width) */
+    int norm;                                      /* 0: LayerNorm, 1: RMSNorm */
+    int activation;                                /* 0: GELU (erf), 1: GELU (tanh), 2: ReLU, 3: SiLU */
+    int gated;                                     /* up holds [gate | up], 2 F columns */
+    float eps, scale;                              /* the norms' epsilon, the attention's scale */
+    const float *norm1_w, *norm1_b, *norm2_w, *norm2_b; /* a NULL bias: none */
+    const float *qkv_w, *qkv_b, *out_w, *out_b, *up_w, *up_b, *down_w, *down_b;
+    long qkv_ld, out_ld, up_ld, down_ld; /* each weight's row stride, in floats */
+} Block;
+
+/* LayerNorm (mean and variance in two passes) or RMSNorm of one row of n. */
+static void norm_row(const Block *blk, const float *x, const float *w, const float *b, float *y, long n) {
+    if (blk->norm == 1) {
+        rms_norm(x, w, y, 1, n, blk->eps);
+        return;
+    }
+    float mean = 0.0f, var = 0.0f;
+    for (long j = 0; j < n; j++) mean += x[j];
+    mean /= (float)n;
+    for (long j = 0; j < n; j++) var += (x[j] - mean) * (x[j] - mean);
+    const float r = 1.0f / sqrtf(var / (float)n + blk->eps);
+    for (long j = 0; j < n; j++) y[j] = (x[j] - mean) * r * w[j] + (b != NULL ? b[j] : 0.0f);
+}
+
+/* 1 / (1 + e^-x) through section 4's exp of a nonpositive number: e = e^-|x|, then 1 / (1 + e)
+   or e / (1 + e) (no cancellation on either side). */
+static inline __m256 sigmoid8(__m256 x) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)));
+    const __m256 one = _mm256_set1_ps(1.0f), inverse = _mm256_div_ps(one, _mm256_add_ps(one, e));
+    return _mm256_blendv_ps(inverse, _mm256_mul_ps(e, inverse), x); /* x's sign bit picks e / (1 + e) */
+}
+
+/* The activation of n values in place (n a multiple of 8 for the vector part). GELU's tanh form is
+   x (1 + tanh u) / 2 = x sigmoid(2 u), u = sqrt(2 / pi) (x + 0.044715 x^3); its erf form
+   x Phi(x) = x erfc(-x / sqrt 2) / 2 with the C library's erfc. */
+static void activate(int activation, float *u, long n) {
+    long j = 0;
+    if (activation == 0) {
+        for (; j < n; j++) u[j] *= 0.5f * erfcf(-u[j] * 0.70710678118654752f);
+        return;
+    }
+    for (; j + 8 <= n; j += 8) {
+        const __m256 x = _mm256_loadu_ps(u + j);
+        __m256 y;
+        if (activation == 1) {
+            const __m256 inner = _mm256_mul_ps(x, _mm256_fmadd_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(0.044715f), _mm256_set1_ps(1.0f)));
+            y = _mm256_mul_ps(x, sigmoid8(_mm256_mul_ps(inner, _mm256_set1_ps(1.5957691216057308f)))); /* 2 sqrt(2 / pi) */
+        } else if (activation == 2) {
+            y = _mm256_max_ps(x, _mm256_setzero_ps());
+        } else {
+            y = _mm256_mul_ps(x, sigmoid8(x));
+        }
+        _mm256_storeu_ps(u + j, y);
+    }
+    for (; j < n; j++) {
+        const float x = u[j];
+        if (activation == 1) u[j] = x / (1.0f + expf(-1.5957691216057308f * x * (1.0f + 0.044715f * x * x)));
+        else if (activation == 2) u[j] = x > 0.0f ? x : 0.0f;
+        else u[j] = x / (1.0f + expf(-x));
+    }
+}
+
+/* y (E) = the block's step for x (E), the new token at `position` of one sequence: its key and
+   value go into keys/values (Hkv, capacity, D) there; cos/sin hold its R rotary angles (R = 0:
+   none). Returns 0, or -1 when memory for the intermediate values ran out. */
+int decode_block(const Block *blk, const float *x, float *y, const float *cos, const float *sin, long R,
+                 float *keys, float *values, long capacity, long position, int threads) {
+    const long E = blk->width, H = blk->heads, Hkv = blk->kv_heads, D = blk->head_dim;
+    const long F = blk->hidden, up_width = blk->gated ? 2 * F : F, qkv_width = (H + 2 * Hkv) * D;
+    float *h = malloc(sizeof(float) * (size_t)(E + qkv_width + H * D + E + up_width));
+    if (h == NULL) return -1;
+    float *qkv = h + E, *attended = qkv + qkv_width, *sum = attended + H * D, *u = sum + E;
+
+    norm_row(blk, x, blk->norm1_w, blk->norm1_b, h, E);
+    dense_row(h, E, blk->qkv_w, blk->qkv_ld, blk->qkv_b, qkv, qkv_width, threads);
+    if (attend_row(qkv, H, Hkv, D, cos, sin, R, keys, values, capacity, position, blk->scale, attended) != 0) {
+        free(h);
+        return -1;
+    }
+    dense_row(attended, H * D, blk->out_w, blk->out_ld, blk->out_b, sum, E, threads);
+    for (long j = 0; j < E; j++) y[j] = x[j] + sum[j];
+
+    norm_row(blk, y, blk->norm2_w, blk->norm2_b, h, E);
+    dense_row(h, E, blk->up_w, blk->up_ld, blk->up_b, u, up_width, threads);
+    activate(blk->activation, u, F);
+    if (blk->gated)
+        for (long j = 0; j < F; j++) u[j] *= u[F + j];
+    dense_row(u, F, blk->down_w, blk->down_ld, blk->down_b, sum, E, threads);
+    for (long j = 0; j < E; j++) y[j] += sum[j];
+    free(h);
+    return 0;
 }

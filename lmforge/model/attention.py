@@ -237,19 +237,31 @@ class SelfAttention(nn.Module):
         """One new token of each sequence (x (B, 1, E)) as decoding runs it on a CPU: Q/K/V fused
         for decoding (:func:`lmforge.quant.for_decoding`), then rotation, the cache's append and
         attention over it in one native call (:func:`lmforge.kernels.decode_attention`: the
-        same formulas as below, without some thirty small operators a layer).
+        same formulas as below, without some thirty small operators a layer). None where
+        :meth:`native_positions` says it does not apply (then the general path runs)."""
+        positions = self.native_positions(x, kv_cache, attention_mask)
+        if positions is None:
+            return None
+        if rope is not None:  # each row's angles, or one set for all: (B or 1, R)
+            rope = (rope[0].reshape(-1, rope[0].shape[-1]), rope[1].reshape(-1, rope[1].shape[-1]))
+        B = x.shape[0]
+        qkv = self.qkv_decode(x).view(B, -1)  # type: ignore[misc]  # native_positions found it in place
+        out = decode_attention(qkv, rope, kv_cache.keys, kv_cache.values, positions, self.num_heads, self.scale)
+        kv_cache.length += 1  # each row's key and value are written
+        return self.out_proj(out.view(B, 1, -1))
 
-        Every row sits at the cache's ``length``, with no mask; or, for a cache that says where
-        each row is (``lengths``: serving's slots, :class:`~lmforge.serving.slots.SlotView`), at
-        its own position, the mask (B, length + 1) being the one those positions make (each row
-        sees its positions up to its own). None where this does not apply (then the general path
-        runs): no native kernels, gradients, a compiled graph, another dtype or device, a prefix,
-        the explicit path asked for, another mask, a cache that is not the rows' own, a full one."""
-        fused = self._decode_qkv()
+    def native_positions(self, x: Tensor, kv_cache: KVCache, attention_mask: Tensor | None) -> int | Tensor | None:
+        """Where each row's new token (x (B, 1, E)) goes in ``kv_cache`` when the native attention
+        of decoding applies to it: the cache's ``length`` for every row, with no mask; or, for a
+        cache that says where each row is (``lengths``: serving's slots,
+        :class:`~lmforge.serving.slots.SlotView`), those positions, the mask (B, length + 1) being
+        the one they make (each row sees its positions up to its own). None where it does not
+        apply: Q/K/V not fused for decoding, no native kernels, gradients, a compiled graph,
+        another dtype or device, a prefix, the explicit path asked for, another mask, a cache that
+        is not the rows' own, a full one."""
         keys, values = kv_cache.keys, kv_cache.values
-        lengths: Tensor | None = getattr(kv_cache, "lengths", None)  # each row's position, when they differ
         if (
-            fused is None
+            self.decode_qkv() is None
             or not self.causal
             or self.prefix is not None
             or not self.use_sdpa
@@ -267,22 +279,16 @@ class SelfAttention(nn.Module):
             or block_kernels() is None
         ):
             return None
+        lengths: Tensor | None = getattr(kv_cache, "lengths", None)  # each row's position, when they differ
         if lengths is None:
-            if attention_mask is not None:
-                return None
-            positions: int | Tensor = kv_cache.length
-        else:
-            if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] != kv_cache.length + 1):
-                return None
-            positions = lengths
-        if rope is not None:  # each row's angles, or one set for all: (B or 1, R)
-            rope = (rope[0].reshape(-1, rope[0].shape[-1]), rope[1].reshape(-1, rope[1].shape[-1]))
-        B = x.shape[0]
-        out = decode_attention(fused(x).view(B, -1), rope, keys, values, positions, self.num_heads, self.scale)
-        kv_cache.length += 1  # each row's key and value are written
-        return self.out_proj(out.view(B, 1, -1))
+            return kv_cache.length if attention_mask is None else None
+        if attention_mask is not None and (
+            attention_mask.dim() != 2 or attention_mask.shape[1] != kv_cache.length + 1
+        ):
+            return None
+        return lengths
 
-    def _decode_qkv(self) -> nn.Module | None:
+    def decode_qkv(self) -> nn.Module | None:
         """The Q/K/V weights fused for decoding, while the projections are the ones fused."""
         fused = self.qkv_decode
         return fused if fused is not None and fused.covers(self.q_proj, self.k_proj, self.v_proj) else None
@@ -290,7 +296,7 @@ class SelfAttention(nn.Module):
     def _fuse_qkv_now(self) -> bool:
         """Whether Q, K, V run as one matmul now: fused for decoding, or asked for, gradients on,
         and all three plain ``nn.Linear`` (not wrapped by a PEFT method, not quantized)."""
-        if self._decode_qkv() is not None:
+        if self.decode_qkv() is not None:
             return True
         return (
             self.fuse_qkv
@@ -303,7 +309,7 @@ class SelfAttention(nn.Module):
 
     def _stacked_qkv(self, x: Tensor) -> Tensor:
         """X [W_Q | W_K | W_V] (+ [b_Q | b_K | b_V]): (…, E) -> (…, (H + 2·Hkv)·D)."""
-        fused = self._decode_qkv()
+        fused = self.decode_qkv()
         if fused is not None:
             return fused(x)
         projections = (self.q_proj, self.k_proj, self.v_proj)

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -153,6 +155,10 @@ class TransformerBlock(nn.Module):
             bias=config.bias,
         )
         self.dropout = nn.Dropout(config.dropout)
+        # The one-token step in one native call (lmforge.quant.DecodeStep, set by for_decoding):
+        # called with (self, x, rope, kv_cache, attention_mask), it returns the block's output,
+        # or None where it does not apply (then the modules below run).
+        self.decode_step: Callable[..., Tensor | None] | None = None
 
     def forward(
         self,
@@ -172,6 +178,20 @@ class TransformerBlock(nn.Module):
 
         With ``packing``, x holds the real tokens' rows (N, E) and keeps that shape.
         """
+        step = self.decode_step
+        if (
+            step is not None
+            and kv_cache is not None
+            and memory is None
+            and packing is None
+            and position_bias is None
+            and not need_weights
+            and x.dim() == 3
+            and x.shape[1] == 1
+        ):
+            y = step(self, x, rope, kv_cache, attention_mask)
+            if y is not None:
+                return y, None, None
         self_weights = cross_weights = None
 
         dropout = self.dropout if self.dropout.p else None  # no call at all when it is off

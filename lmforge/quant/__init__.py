@@ -17,7 +17,8 @@ read depends on their layout:
   copy), and an RMSNorm is one call (:class:`DecodeRMSNorm`; PyTorch's LayerNorm is one
   operator already, faster than a native call through ``ctypes``). Same numbers to fp32 rounding.
 
-The package: :mod:`.dense` (the fp32 layers and norms), :mod:`.int8` (int8 codes and
+The package: :mod:`.dense` (the fp32 layers and norms), :mod:`.step` (a pre-norm block's
+one-token step in one native call, :class:`DecodeStep`), :mod:`.int8` (int8 codes and
 :class:`Int8Linear`), :mod:`.blocks` (:class:`BlockLinear`); here, the conversions.
 
 And two ways to read fewer of them:
@@ -53,10 +54,11 @@ import torch
 from torch import nn
 
 from ..kernels import BLOCK, block_kernels
-from ..model.layers import RMSNorm
+from ..model.layers import RMSNorm, TransformerBlock
 from .blocks import GRIDS, MANY_ROWS, BlockLinear, FusedBlockLinear, find_blocks
 from .dense import DecodeLinear, DecodeRMSNorm, Fused, FusedDecodeLinear
 from .int8 import DEFAULT_GROUP_SIZE, Int8Linear, fitting_group, quantize_int8
+from .step import DecodeStep
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
@@ -66,6 +68,7 @@ __all__ = [
     "BlockLinear",
     "DecodeLinear",
     "DecodeRMSNorm",
+    "DecodeStep",
     "Fused",
     "FusedBlockLinear",
     "FusedDecodeLinear",
@@ -221,4 +224,8 @@ def for_decoding(
             transpose_linears(model)
         if block_kernels() is not None:  # the norms in one native call each
             _replace_children(model, DecodeRMSNorm.from_norm, kind=RMSNorm)
+            if dtype == "fp32":  # and each block's one-token step in one
+                for block in model.modules():
+                    if isinstance(block, TransformerBlock) and DecodeStep.parts(block) is not None:
+                        block.decode_step = DecodeStep()
     return model

@@ -1,0 +1,169 @@
+"""A pre-norm block's one-token step in one native call (lmforge.quant.DecodeStep over
+lmforge.kernels.step.decode_block): the plain model's tokens, logits and cache, every step taken
+natively where it applies, the block's modules where it does not."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lmforge import ModelConfig, Transformer, peft
+from lmforge.generation import generate
+from lmforge.kernels import kernel_problem
+from lmforge.kernels import step as step_module
+from lmforge.kernels.step import block_weights, decode_block
+from lmforge.model.kv_cache import KVCache
+from lmforge.quant import DecodeStep, for_decoding
+
+pytestmark = pytest.mark.skipif(kernel_problem() is not None, reason=f"no native kernels: {kernel_problem()}")
+
+VARIANTS = {  # each norm, activation, bias layout and position kind the step reads
+    "layernorm-gelu": dict(name="tiny-decoder"),
+    "gpt2-like": dict(name="tiny-decoder", activation="gelu_tanh"),
+    "nanogpt-like": dict(name="tiny-decoder", norm_bias=False, bias=False),
+    "relu": dict(name="tiny-decoder", activation="relu", position="none"),
+    "llama": dict(name="tiny-llama"),
+    "qwen-like": dict(name="tiny-llama", qkv_bias=True, num_kv_heads=1),
+    "gated-gelu": dict(name="tiny-llama", activation="gelu_tanh", norm="layernorm"),
+}
+
+
+def pair(variant: str) -> tuple[Transformer, Transformer]:
+    options = dict(VARIANTS[variant])
+    torch.manual_seed(0)
+    plain = Transformer(ModelConfig.from_name(options.pop("name"), init_std=0.2, **options)).eval()
+    return plain, for_decoding(copy.deepcopy(plain), "fp32")
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the native block steps taken."""
+    counted: list[int] = []
+    real = step_module.decode_block
+    monkeypatch.setattr("lmforge.quant.step.decode_block", lambda *a: counted.append(1) or real(*a))
+    return counted
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_step_is_native_with_the_plain_models_tokens_logits_and_cache(variant: str, calls: list[int]) -> None:
+    plain, model = pair(variant)
+    layers = model.config.num_layers
+    assert all(isinstance(block.decode_step, DecodeStep) for block in model.decoder.layers)
+    prompt = torch.randint(0, 256, (1, 7))
+    tokens = generate(model, prompt, max_new_tokens=20)
+    assert len(calls) == 19 * layers  # every one-token step of every block
+    assert torch.equal(tokens, generate(plain, prompt, max_new_tokens=20))
+    cache, plain_cache = model.new_cache(1, 12), plain.new_cache(1, 12)
+    calls.clear()
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        plain(prompt, cache=plain_cache)
+        for token in tokens[0, 7:11]:  # the logits of each step, the caches' contents
+            step = token.view(1, 1)
+            torch.testing.assert_close(model(step, cache=cache).logits, plain(step, cache=plain_cache).logits,
+                                       rtol=1e-4, atol=1e-5)  # fmt: skip
+        assert len(calls) == 4 * layers
+        for mine, theirs in zip(cache.self_attention, plain_cache.self_attention, strict=True):
+            assert mine.length == theirs.length == 11
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
+        model(tokens[:, 11:12], cache=cache)  # the last place in the cache
+        with pytest.raises(ValueError, match="KV cache is full"):  # then the general path says so
+            model(tokens[:, 12:13], cache=cache)
+
+
+def test_where_the_step_does_not_apply_the_modules_run(calls: list[int]) -> None:
+    plain, model = pair("llama")
+    prompt = torch.randint(0, 256, (1, 6))
+    expected = generate(plain, prompt, max_new_tokens=5)
+
+    two = torch.randint(0, 256, (2, 5))  # two sequences: the modules, with the native attention
+    assert torch.equal(generate(model, two, max_new_tokens=4), generate(plain, two, max_new_tokens=4))
+    assert not calls
+
+    hooked = copy.deepcopy(model)  # a hook on a module the step would skip
+    seen: list[int] = []
+    handle = hooked.decoder.layers[1].mlp.register_forward_hook(lambda *_: seen.append(1))
+    assert torch.equal(generate(hooked, prompt, max_new_tokens=5), expected)
+    assert len(calls) == 4 and len(seen) == 5  # block 0 native, block 1 its modules, hook called
+    handle.remove()
+    calls.clear()
+
+    wider = copy.deepcopy(model).double()  # another dtype: the step's weights are refused
+    assert generate(wider, prompt, max_new_tokens=5).shape == (1, 11) and not calls
+
+    replaced = copy.deepcopy(model)  # a product replaced since: that block runs its modules
+    down = replaced.decoder.layers[0].mlp.down_proj
+    replaced.decoder.layers[0].mlp.down_proj = torch.nn.Linear(down.in_features, down.out_features, bias=False)
+    replaced.decoder.layers[0].mlp.down_proj.weight.data.copy_(down.weight)
+    assert torch.equal(generate(replaced, prompt, max_new_tokens=5), expected)
+    assert len(calls) == 4  # block 1 only
+    calls.clear()
+
+    adapted = copy.deepcopy(plain)  # LoRA on q and v: no fused Q/K/V, no step
+    peft.apply(adapted, "lora", r=2, target_modules=["q_proj", "v_proj"])
+    for_decoding(adapted, "fp32")
+    assert all(block.decode_step is None for block in adapted.decoder.layers)
+    assert torch.equal(generate(adapted, prompt, max_new_tokens=5), expected)  # B starts at zero
+    assert not calls
+
+
+def test_a_copy_and_changed_weights_are_read_anew(calls: list[int]) -> None:
+    plain, model = pair("gpt2-like")
+    prompt = torch.randint(0, 256, (1, 6))
+    copied = copy.deepcopy(model)  # its own tensors: the step gathers their addresses itself
+    del model
+    assert torch.equal(generate(copied, prompt, max_new_tokens=6), generate(plain, prompt, max_new_tokens=6))
+    assert len(calls) == 5 * 2
+    with torch.no_grad():  # a norm's weight replaced by another tensor (not written in place)
+        for mine, theirs in zip(copied.decoder.layers, plain.decoder.layers, strict=True):
+            theirs.mlp_norm.weight.mul_(1.5)
+            mine.mlp_norm.weight = torch.nn.Parameter(mine.mlp_norm.weight * 1.5)
+    assert torch.equal(generate(copied, prompt, max_new_tokens=6), generate(plain, prompt, max_new_tokens=6))
+
+
+def test_training_with_dropout_runs_the_modules(calls: list[int]) -> None:
+    torch.manual_seed(0)
+    model = for_decoding(Transformer(ModelConfig.from_name("tiny-decoder", dropout=0.1)), "fp32")
+    cache = model.new_cache(1, 8)
+    model.train()
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 1)), cache=cache)
+    assert not calls and cache.length == 1
+
+
+def test_the_kernel_refuses_what_it_cannot_read() -> None:
+    E, H, D, F = 16, 2, 8, 32
+    dense = lambda k, n: (torch.randn(k, n), torch.randn(n))  # noqa: E731
+    norm = (torch.ones(E), torch.zeros(E))
+    parts = dict(qkv=dense(E, 3 * H * D), out=dense(H * D, E), up=dense(E, F), down=dense(F, E))
+    common = dict(heads=H, kv_heads=H, head_dim=D, norm="layernorm", eps=1e-5, activation="gelu", gated=False,
+                  scale=D**-0.5, norms=(norm, norm))  # fmt: skip
+    weights = block_weights(**common, **parts)
+    cache = KVCache(1, 4, H, D)
+    y = decode_block(weights, torch.randn(E), None, cache.keys, cache.values, 0)
+    assert y.shape == (E,) and cache.keys[0, :, 0].abs().sum() > 0
+    with pytest.raises(ValueError, match="no native form"):
+        block_weights(**{**common, "activation": "tanh"}, **parts)
+    with pytest.raises(ValueError, match="no native attention"):
+        block_weights(**{**common, "head_dim": 6}, **parts)
+    with pytest.raises(ValueError, match="up: expected a float32 CPU weight"):
+        block_weights(**common, **{**parts, "up": dense(E, F + 1)})
+    with pytest.raises(ValueError, match="down: expected a float32 CPU weight"):
+        block_weights(**common, **{**parts, "down": (parts["down"][0].double(), None)})
+    with pytest.raises(ValueError, match="out: bias"):
+        block_weights(**common, **{**parts, "out": (parts["out"][0], torch.zeros(3))})
+    with pytest.raises(ValueError, match="norm 2"):
+        block_weights(**{**common, "norms": (norm, (torch.ones(E + 1), None))}, **parts)
+    with pytest.raises(ValueError, match="one row"):
+        decode_block(weights, torch.randn(E + 1), None, cache.keys, cache.values, 1)
+    with pytest.raises(ValueError, match="outside a cache"):
+        decode_block(weights, torch.randn(E), None, cache.keys, cache.values, 4)
+    with pytest.raises(ValueError, match="caches"):
+        decode_block(weights, torch.randn(E), None, torch.zeros(2, H, 4, D), torch.zeros(2, H, 4, D), 0)
+    with pytest.raises(ValueError, match="rotary angles"):
+        decode_block(weights, torch.randn(E), (torch.ones(10), torch.ones(10)), cache.keys, cache.values, 1)
+    with pytest.raises(ValueError, match="contiguous CPU tensor of torch.float32"):
+        decode_block(weights, torch.randn(E).double(), None, cache.keys, cache.values, 1)
