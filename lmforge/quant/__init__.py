@@ -14,8 +14,10 @@ read depends on their layout:
   which streams faster still. Where the native kernels are built (:mod:`lmforge.kernels`), a
   one-row product is one call that streams eight rows of the weight at a time and adds the bias
   in the same pass (faster again than the BLAS's one-row kernel, and without its separate bias
-  copy), and an RMSNorm is one call (:class:`DecodeRMSNorm`; PyTorch's LayerNorm is one
-  operator already, faster than a native call through ``ctypes``). Same numbers to fp32 rounding.
+  copy), an RMSNorm is one call (:class:`DecodeRMSNorm`; PyTorch's LayerNorm is one
+  operator already, faster than a native call through ``ctypes``), and a pre-norm block's whole
+  step for one new token of one sequence is one call (:class:`DecodeStep`: its norms, products,
+  attention, activation and residual sums). Same numbers to fp32 rounding.
 
 The package: :mod:`.dense` (the fp32 layers and norms), :mod:`.step` (a pre-norm block's
 one-token step in one native call, :class:`DecodeStep`), :mod:`.int8` (int8 codes and
