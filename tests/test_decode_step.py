@@ -13,9 +13,9 @@ from lmforge import ModelConfig, Transformer, peft
 from lmforge.generation import generate
 from lmforge.kernels import kernel_problem
 from lmforge.kernels import step as step_module
-from lmforge.kernels.step import block_weights, decode_block
+from lmforge.kernels.step import Product, block_weights, decode_block
 from lmforge.model.kv_cache import KVCache
-from lmforge.quant import DecodeStep, for_decoding
+from lmforge.quant import BlockLinear, DecodeStep, FusedBlockLinear, for_decoding
 
 pytestmark = pytest.mark.skipif(kernel_problem() is not None, reason=f"no native kernels: {kernel_problem()}")
 
@@ -136,7 +136,7 @@ def test_training_with_dropout_runs_the_modules(calls: list[int]) -> None:
 
 def test_the_kernel_refuses_what_it_cannot_read() -> None:
     E, H, D, F = 16, 2, 8, 32
-    dense = lambda k, n: (torch.randn(k, n), torch.randn(n))  # noqa: E731
+    dense = lambda k, n: Product(torch.randn(k, n), torch.randn(n))  # noqa: E731
     norm = (torch.ones(E), torch.zeros(E))
     parts = dict(qkv=dense(E, 3 * H * D), out=dense(H * D, E), up=dense(E, F), down=dense(F, E))
     common = dict(heads=H, kv_heads=H, head_dim=D, norm="layernorm", eps=1e-5, activation="gelu", gated=False,
@@ -152,9 +152,9 @@ def test_the_kernel_refuses_what_it_cannot_read() -> None:
     with pytest.raises(ValueError, match="up: expected a float32 CPU weight"):
         block_weights(**common, **{**parts, "up": dense(E, F + 1)})
     with pytest.raises(ValueError, match="down: expected a float32 CPU weight"):
-        block_weights(**common, **{**parts, "down": (parts["down"][0].double(), None)})
+        block_weights(**common, **{**parts, "down": Product(parts["down"].weight_t.double())})
     with pytest.raises(ValueError, match="out: bias"):
-        block_weights(**common, **{**parts, "out": (parts["out"][0], torch.zeros(3))})
+        block_weights(**common, **{**parts, "out": Product(parts["out"].weight_t, torch.zeros(3))})
     with pytest.raises(ValueError, match="norm 2"):
         block_weights(**{**common, "norms": (norm, (torch.ones(E + 1), None))}, **parts)
     with pytest.raises(ValueError, match="one row"):
@@ -167,3 +167,43 @@ def test_the_kernel_refuses_what_it_cannot_read() -> None:
         decode_block(weights, torch.randn(E), (torch.ones(10), torch.ones(10)), cache.keys, cache.values, 1)
     with pytest.raises(ValueError, match="contiguous CPU tensor of torch.float32"):
         decode_block(weights, torch.randn(E).double(), None, cache.keys, cache.values, 1)
+
+
+def test_weights_kept_in_gguf_blocks_take_the_step_too(calls: list[int]) -> None:
+    gguf = pytest.importorskip("gguf")
+    torch.manual_seed(0)
+    plain = Transformer(ModelConfig.from_name("tiny-llama", init_std=0.2, mlp_hidden_dim=192)).eval()
+    with torch.no_grad():  # the values a model read from a GGUF file holds: Q8_0 attention, Q4_1 MLP
+        for name, module in plain.decoder.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                qtype = gguf.GGMLQuantizationType.Q4_1 if "mlp" in name else gguf.GGMLQuantizationType.Q8_0
+                grid = gguf.quants.dequantize(gguf.quants.quantize(module.weight.numpy(), qtype), qtype)
+                module.weight.copy_(torch.from_numpy(grid.astype("float32")))
+    model = for_decoding(copy.deepcopy(plain), "fp32")
+    block = model.decoder.layers[0]
+    assert isinstance(block.self_attn.qkv_decode, FusedBlockLinear) and block.mlp.down_proj.offsets is not None
+    prompt = torch.randint(0, 256, (1, 6))
+    tokens = generate(model, prompt, max_new_tokens=16)
+    assert len(calls) == 15 * model.config.num_layers
+    assert torch.equal(tokens, generate(plain, prompt, max_new_tokens=16))
+    calls.clear()
+    quantized = for_decoding(copy.deepcopy(plain), "int8")  # lmforge's own blocks of 32 columns
+    assert isinstance(quantized.decoder.layers[0].mlp.down_proj, BlockLinear)
+    reference = copy.deepcopy(quantized)
+    for layer in reference.decoder.layers:
+        layer.decode_step = None
+    assert torch.equal(generate(quantized, prompt, max_new_tokens=16), generate(reference, prompt, max_new_tokens=16))
+    assert len(calls) == 15 * model.config.num_layers
+
+
+def test_two_threads_split_the_products_to_the_same_tokens(calls: list[int]) -> None:
+    plain, model = pair("gpt2-like")
+    prompt = torch.randint(0, 256, (1, 6))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tokens = generate(model, prompt, max_new_tokens=10)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 9 * model.config.num_layers
+    assert torch.equal(tokens, generate(plain, prompt, max_new_tokens=10))

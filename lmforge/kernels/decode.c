@@ -426,8 +426,16 @@ int decode_attention(float *qkv, long B, long H, long Hkv, long D, const float *
        h = norm2(x);  u = act(h Wup + bup)   (gated: act(h Wgate + bgate) * (h Wup + bup))
        y = x + u Wdown + bdown
 
-   Every product is section 2's (weights stored transposed), a norm is LayerNorm (with or without
+   Every product is section 2's (weights stored transposed) or section 1's (blocks), a norm is LayerNorm (with or without
    its bias) or RMSNorm, the activation GELU (erf or tanh form), ReLU or SiLU. */
+typedef struct { /* one product: a float32 weight stored transposed, or GGUF-style blocks */
+    const float *w;                             /* dense: (K, N), rows `ld` floats apart */
+    long ld;
+    const int8_t *codes;                        /* blocks (when not NULL): (N, K), section 1 */
+    const float *scales, *offsets;
+    const float *bias;                          /* NULL: none */
+} Product;
+
 typedef struct {
     long width, heads, kv_heads, head_dim, hidden; /* E, H, Hkv, D, F (the MLP's inner width) */
     int norm;                                      /* 0: LayerNorm, 1: RMSNorm */
@@ -435,9 +443,15 @@ typedef struct {
     int gated;                                     /* up holds [gate | up], 2 F columns */
     float eps, scale;                              /* the norms' epsilon, the attention's scale */
     const float *norm1_w, *norm1_b, *norm2_w, *norm2_b; /* a NULL bias: none */
-    const float *qkv_w, *qkv_b, *out_w, *out_b, *up_w, *up_b, *down_w, *down_b;
-    long qkv_ld, out_ld, up_ld, down_ld; /* each weight's row stride, in floats */
+    Product qkv, out, up, down;
 } Block;
+
+/* y (N) = x (K) times the product's weight, plus its bias: section 2 or section 1's one row. */
+static int product(const Product *p, const float *x, long K, float *y, long N, int threads) {
+    if (p->codes != NULL) return block_matmul(x, 1, K, p->codes, p->scales, p->offsets, p->bias, y, N, threads);
+    dense_row(x, K, p->w, p->ld, p->bias, y, N, threads);
+    return 0;
+}
 
 /* LayerNorm (mean and variance in two passes) or RMSNorm of one row of n. */
 static void norm_row(const Block *blk, const float *x, const float *w, const float *b, float *y, long n) {
@@ -502,22 +516,20 @@ int decode_block(const Block *blk, const float *x, float *y, const float *cos, c
     if (h == NULL) return -1;
     float *qkv = h + E, *attended = qkv + qkv_width, *sum = attended + H * D, *u = sum + E;
 
+    int failed = 0;
     norm_row(blk, x, blk->norm1_w, blk->norm1_b, h, E);
-    dense_row(h, E, blk->qkv_w, blk->qkv_ld, blk->qkv_b, qkv, qkv_width, threads);
-    if (attend_row(qkv, H, Hkv, D, cos, sin, R, keys, values, capacity, position, blk->scale, attended) != 0) {
-        free(h);
-        return -1;
-    }
-    dense_row(attended, H * D, blk->out_w, blk->out_ld, blk->out_b, sum, E, threads);
+    failed |= product(&blk->qkv, h, E, qkv, qkv_width, threads);
+    failed |= attend_row(qkv, H, Hkv, D, cos, sin, R, keys, values, capacity, position, blk->scale, attended);
+    failed |= product(&blk->out, attended, H * D, sum, E, threads);
     for (long j = 0; j < E; j++) y[j] = x[j] + sum[j];
 
     norm_row(blk, y, blk->norm2_w, blk->norm2_b, h, E);
-    dense_row(h, E, blk->up_w, blk->up_ld, blk->up_b, u, up_width, threads);
+    failed |= product(&blk->up, h, E, u, up_width, threads);
     activate(blk->activation, u, F);
     if (blk->gated)
         for (long j = 0; j < F; j++) u[j] *= u[F + j];
-    dense_row(u, F, blk->down_w, blk->down_ld, blk->down_b, sum, E, threads);
+    failed |= product(&blk->down, u, F, sum, E, threads);
     for (long j = 0; j < E; j++) y[j] += sum[j];
     free(h);
-    return 0;
+    return failed ? -1 : 0;
 }

@@ -6,14 +6,25 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import _pointer, block_kernels, kernel_problem
+from . import _pointer, block_kernels, check_blocks, kernel_problem
 
 NORMS = {"layernorm": 0, "rmsnorm": 1}  # decode.c's codes (section 5)
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
+
+
+class _Product(ctypes.Structure):
+    """``Product`` of ``decode.c`` (section 5), field for field."""
+
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("ld", ctypes.c_long),
+        *[(name, ctypes.c_void_p) for name in ("codes", "scales", "offsets", "bias")],
+    ]
 
 
 class _Block(ctypes.Structure):
@@ -24,13 +35,50 @@ class _Block(ctypes.Structure):
         *[(name, ctypes.c_int) for name in ("norm", "activation", "gated")],
         *[(name, ctypes.c_float) for name in ("eps", "scale")],
         *[(name, ctypes.c_void_p) for name in ("norm1_w", "norm1_b", "norm2_w", "norm2_b")],
-        *[
-            (f"{name}_{part}", ctypes.c_void_p)
-            for name in ("qkv", "out", "up", "down")
-            for part in ("w", "b")
-        ],
-        *[(f"{name}_ld", ctypes.c_long) for name in ("qkv", "out", "up", "down")],
+        *[(name, _Product) for name in ("qkv", "out", "up", "down")],
     ]
+
+
+class Product(NamedTuple):
+    """One product of a block: a float32 weight stored transposed, ``weight_t`` (K, N) with
+    its rows contiguous (:class:`~lmforge.quant.DecodeLinear`), or a weight kept in blocks,
+    ``codes`` (N, K) with its ``scales`` and ``offsets`` (:class:`~lmforge.quant.BlockLinear`;
+    :func:`lmforge.kernels.check_blocks` says the layout); and its ``bias`` (N,) or None."""
+
+    weight_t: Tensor | None = None
+    bias: Tensor | None = None
+    codes: Tensor | None = None
+    scales: Tensor | None = None
+    offsets: Tensor | None = None
+
+    def native(self, name: str, shape: tuple[int, int]) -> _Product:
+        """The C struct, once the tensors are checked to be a (K, N) product C can read."""
+        K, N = shape
+        if self.codes is not None:
+            if self.scales is None or tuple(self.codes.shape) != (N, K):
+                raise ValueError(
+                    f"{name}: expected codes {(N, K)} with scales, got {tuple(self.codes.shape)}"
+                )
+            check_blocks(self.codes, self.scales, self.offsets, self.bias)
+            return _Product(
+                codes=self.codes.data_ptr(),
+                scales=self.scales.data_ptr(),
+                offsets=_pointer(self.offsets, torch.float32),
+                bias=_pointer(self.bias, torch.float32),
+            )
+        weight = self.weight_t
+        if (
+            weight is None
+            or tuple(weight.shape) != shape
+            or weight.dtype is not torch.float32
+            or not weight.is_cpu
+            or weight.stride(1) != 1
+        ):
+            got = "nothing" if weight is None else f"{weight.dtype} {tuple(weight.shape)}"
+            raise ValueError(f"{name}: expected a float32 CPU weight {shape}, rows contiguous, got {got}")
+        if self.bias is not None and self.bias.shape != (N,):
+            raise ValueError(f"{name}: bias {tuple(self.bias.shape)} for {N} outputs")
+        return _Product(w=weight.data_ptr(), ld=weight.stride(0), bias=_pointer(self.bias, torch.float32))
 
 
 @dataclass(frozen=True)
@@ -39,13 +87,13 @@ class BlockWeights:
     addresses, ``tensors`` keeps them alive. Made by :func:`block_weights`."""
 
     struct: _Block
-    tensors: tuple[Tensor, ...]
+    tensors: tuple[Tensor | None, ...]
     width: int
     kv_heads: int
     head_dim: int
 
 
-Pair = tuple[Tensor, Tensor | None]  # a weight and its bias (None: none)
+Norm = tuple[Tensor, Tensor | None]  # a norm's weight and bias (None: none)
 
 
 def block_weights(
@@ -58,17 +106,16 @@ def block_weights(
     activation: str,
     gated: bool,
     scale: float,
-    norms: tuple[Pair, Pair],
-    qkv: Pair,
-    out: Pair,
-    up: Pair,
-    down: Pair,
+    norms: tuple[Norm, Norm],
+    qkv: Product,
+    out: Product,
+    up: Product,
+    down: Product,
 ) -> BlockWeights:
     """The weights of a pre-norm block for :func:`decode_block`: the two norms' (weight, bias)
-    ((E,), the bias None for RMSNorm or a LayerNorm without one), and each product's transposed
-    weight (K, N), rows contiguous, with its bias (N,) or None: ``qkv`` (E, (H + 2·Hkv)·D) fused
-    [Q | K | V], ``out`` (H·D, E), ``up`` (E, F), or (E, 2F) [gate | up] when ``gated``, ``down``
-    (F, E). All float32 on the CPU.
+    ((E,), the bias None for RMSNorm or a LayerNorm without one) and the four products (K, N):
+    ``qkv`` (E, (H + 2·Hkv)·D) fused [Q | K | V], ``out`` (H·D, E), ``up`` (E, F), or (E, 2F)
+    [gate | up] when ``gated``, ``down`` (F, E). Float32 on the CPU, but for block codes.
 
     Raises:
         ValueError: an unknown norm or activation, or a tensor of another dtype, layout or shape.
@@ -80,30 +127,18 @@ def block_weights(
             f"{heads} heads, {kv_heads} key/value heads of width {head_dim}: no native attention"
         )
     width = norms[0][0].shape[0]
-    hidden = down[0].shape[0]
+    hidden = (down.weight_t if down.codes is None else down.codes.t()).shape[0]
     shapes = {
         "qkv": (qkv, (width, (heads + 2 * kv_heads) * head_dim)),
         "out": (out, (heads * head_dim, width)),
         "up": (up, (width, 2 * hidden if gated else hidden)),
         "down": (down, (hidden, width)),
     }
-    fields: dict[str, int | None] = {}
-    tensors: list[Tensor] = []
-    for name, ((weight, bias), shape) in shapes.items():
-        if (
-            tuple(weight.shape) != shape
-            or weight.dtype is not torch.float32
-            or not weight.is_cpu
-            or weight.stride(1) != 1
-        ):
-            raise ValueError(
-                f"{name}: expected a float32 CPU weight {shape}, rows contiguous, got {weight.dtype} {tuple(weight.shape)}"
-            )
-        if bias is not None and bias.shape != (shape[1],):
-            raise ValueError(f"{name}: bias {tuple(bias.shape)} for {shape[1]} outputs")
-        fields[f"{name}_w"], fields[f"{name}_b"] = weight.data_ptr(), _pointer(bias, torch.float32)
-        fields[f"{name}_ld"] = weight.stride(0)
-        tensors += [weight] if bias is None else [weight, bias]
+    fields: dict[str, int | None | _Product] = {}
+    tensors: list[Tensor | None] = []
+    for name, (product, shape) in shapes.items():
+        fields[name] = product.native(name, shape)
+        tensors += product
     for i, (weight, bias) in enumerate(norms, start=1):
         for tensor in (weight, bias):
             if tensor is not None and tensor.shape != (width,):
@@ -112,7 +147,7 @@ def block_weights(
             _pointer(weight, torch.float32),
             _pointer(bias, torch.float32),
         )
-        tensors += [weight] if bias is None else [weight, bias]
+        tensors += [weight, bias]
     struct = _Block(
         width=width, heads=heads, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden, norm=NORMS[norm],
         activation=ACTIVATIONS[activation], gated=int(gated), eps=eps, scale=scale, **fields,

@@ -204,7 +204,9 @@ def for_decoding(
       where the kernels are built, Q/K/V and gate/up fused), the rest float32.
 
     In ``fp32`` and ``int8``, where the native kernels are built, RMSNorm layers become
-    :class:`DecodeRMSNorm` (one call each).
+    :class:`DecodeRMSNorm` (one call each), and each pre-norm block whose products are all
+    :class:`DecodeLinear` or :class:`BlockLinear` gets its one-token step in one call
+    (:class:`DecodeStep`, its ``decode_step``).
 
     Raises:
         ValueError: an unknown ``dtype``.
@@ -226,8 +228,7 @@ def for_decoding(
             transpose_linears(model)
         if block_kernels() is not None:  # the norms in one native call each
             _replace_children(model, DecodeRMSNorm.from_norm, kind=RMSNorm)
-            if dtype == "fp32":  # and each block's one-token step in one
-                for block in model.modules():
-                    if isinstance(block, TransformerBlock) and DecodeStep.parts(block) is not None:
-                        block.decode_step = DecodeStep()
+            for block in model.modules():  # and each block's one-token step in one
+                if isinstance(block, TransformerBlock) and DecodeStep.parts(block) is not None:
+                    block.decode_step = DecodeStep()
     return model

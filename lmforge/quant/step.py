@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..kernels.step import BlockWeights, block_weights, decode_block
+from ..kernels.step import BlockWeights, Product, block_weights, decode_block
 from ..model.kv_cache import KVCache
 from ..model.layers import RMSNorm, TransformerBlock
+from .blocks import BlockLinear, FusedBlockLinear
 from .dense import DecodeLinear, DecodeRMSNorm, FusedDecodeLinear
 
-PRODUCTS = (DecodeLinear, FusedDecodeLinear)
+PRODUCTS = (DecodeLinear, FusedDecodeLinear, BlockLinear, FusedBlockLinear)
 ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu"}  # and nn.GELU, by its approximate
 
 
@@ -32,13 +33,13 @@ class DecodeStep:
     :func:`~lmforge.quant.for_decoding` gives one to every block it can serve (``decode_step``);
     the block calls it for a single new token and runs its modules where it answers None. It reads
     the block's modules at each call, so it applies only while they are those of the decoding
-    form: float32 weights stored transposed (:class:`~lmforge.quant.DecodeLinear`), Q/K/V (and a
-    gated MLP's gate and up) fused, LayerNorm or RMSNorm, no forward hooks; a module wrapped or
+    form: float32 weights stored transposed (:class:`~lmforge.quant.DecodeLinear`) or kept in
+    GGUF's blocks (:class:`~lmforge.quant.BlockLinear`), Q/K/V (and a gated MLP's gate and up) fused, LayerNorm or RMSNorm, no forward hooks; a module wrapped or
     replaced since (by a PEFT method), or another dtype, turns it off. The weights' addresses are
     gathered once and again only when a weight is another tensor."""
 
     def __init__(self) -> None:
-        self._key: tuple[int, ...] | None = None
+        self._key: tuple | None = None
         self._weights: BlockWeights | None = None
 
     def __getstate__(self) -> dict:
@@ -48,51 +49,88 @@ class DecodeStep:
         self.__init__()
 
     @staticmethod
-    def parts(block: TransformerBlock) -> tuple[nn.Module, ...] | None:
+    def _find(block: TransformerBlock) -> tuple[nn.Module, ...] | None:
+        """The block's attention, MLP and the modules the step reads (attention norm, Q/K/V fused,
+        output product, MLP norm, up or [gate | up] fused, down, activation), read from the
+        modules' own dictionaries (an attribute read of a submodule costs about a microsecond,
+        and this runs for every block at every token); None where Q/K/V or gate/up are not fused
+        or no longer stand for the projections."""
+        children = block._modules
+        attn, mlp = children["self_attn"], children["mlp"]
+        a, m = attn._modules, mlp._modules
+        qkv = a.get("qkv_decode")
+        if qkv is None or qkv.parts != (a["q_proj"], a["k_proj"], a["v_proj"]):
+            return None
+        up = m["up_proj"]
+        if m.get("gate_proj") is not None:
+            up = m.get("gate_up_decode")
+            if up is None or up.parts != (m["gate_proj"], m["up_proj"]):
+                return None
+        norm1, norm2 = children["attn_norm"], children["mlp_norm"]
+        return attn, mlp, norm1, qkv, a["out_proj"], norm2, up, m["down_proj"], m["act"]
+
+    @classmethod
+    def parts(cls, block: TransformerBlock) -> tuple[nn.Module, ...] | None:
         """The modules the step reads (attention norm, Q/K/V, output product, MLP norm, up or
         [gate | up], down), or None where the block is not in a form it serves."""
-        attn, mlp = block.self_attn, block.mlp
-        qkv = attn.decode_qkv()
-        if mlp.gate_proj is not None:
-            up = mlp.gate_up_decode
-            if up is None or not up.covers(mlp.gate_proj, mlp.up_proj):
-                return None
-        else:
-            up = mlp.up_proj
-        parts = (block.attn_norm, qkv, attn.out_proj, block.mlp_norm, up, mlp.down_proj)
+        found = cls._find(block)
+        if found is None:
+            return None
+        attn, mlp, *parts = found
+        norm1, _, _, norm2, _, _, act = parts
         if (
             not block.prenorm
             or block.cross_attn is not None
-            or type(parts[0]) is not type(parts[3])
-            or type(parts[0]) not in (nn.LayerNorm, RMSNorm, DecodeRMSNorm)
-            or parts[0].weight is None  # a LayerNorm without its affine weights
-            or parts[3].weight is None
-            or any(type(p) not in PRODUCTS for p in parts[1:3] + parts[4:])
-            or activation_name(mlp.act) is None
+            or type(norm1) is not type(norm2)
+            or type(norm1) not in (nn.LayerNorm, RMSNorm, DecodeRMSNorm)
+            or norm1.weight is None  # a LayerNorm without its affine weights
+            or norm2.weight is None
+            or norm1.eps != norm2.eps
+            or any(type(p) not in PRODUCTS for p in parts[1:3] + parts[4:6])
+            or activation_name(act) is None
             or any(m._forward_hooks or m._forward_pre_hooks for m in (block, attn, mlp, *parts))
         ):
             return None
-        return parts
+        return tuple(parts[:6])
 
     def weights(self, block: TransformerBlock) -> BlockWeights | None:
-        """The block's weights for the native call, or None where the step does not apply now."""
+        """The block's weights for the native call, or None where the step does not apply now.
+        Gathered (and checked) again only when a module the step reads, or one of their
+        tensors, is another one than last time."""
+        found = self._find(block)
+        if found is None:
+            return None
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (block, *found))
+        key = (
+            found,
+            tuple(
+                0 if t is None else t.data_ptr()
+                for m in found
+                for t in (*m._parameters.values(), *m._buffers.values())
+            ),
+        )
+        if key != self._key:
+            self._key, self._weights = key, self._gather(block)
+        return None if hooked else self._weights
+
+    def _gather(self, block: TransformerBlock) -> BlockWeights | None:
         parts = self.parts(block)
         if parts is None:
             return None
         norm1, qkv, out, norm2, up, down = parts
-        tensors = (
-            norm1.weight, norm1.bias if isinstance(norm1, nn.LayerNorm) else None,
-            norm2.weight, norm2.bias if isinstance(norm2, nn.LayerNorm) else None,
-            qkv.weight_t, qkv.bias, out.weight_t, out.bias, up.weight_t, up.bias, down.weight_t, down.bias,
-        )  # fmt: skip
-        key = tuple(0 if t is None else t.data_ptr() for t in tensors)
-        if key == self._key:
-            return self._weights
-        attn, mlp = block.self_attn, block.mlp
-        if norm1.eps != norm2.eps or any(t is not None and t.dtype is not torch.float32 for t in tensors):
+        norms = tuple((n.weight, n.bias if isinstance(n, nn.LayerNorm) else None) for n in (norm1, norm2))
+        products = [
+            Product(p.weight_t, p.bias)
+            if isinstance(p, DecodeLinear)
+            else Product(None, p.bias, p.codes, p.scales, p.offsets)
+            for p in (qkv, out, up, down)
+        ]
+        floats = [t for t in (*norms[0], *norms[1], *(t for p in products for t in p if t is not p.codes))]
+        if any(t is not None and t.dtype is not torch.float32 for t in floats):
             return None
+        attn, mlp = block.self_attn, block.mlp
         try:
-            weights = block_weights(
+            return block_weights(
                 heads=attn.num_heads,
                 kv_heads=attn.num_kv_heads,
                 head_dim=attn.head_dim,
@@ -101,16 +139,14 @@ class DecodeStep:
                 activation=activation_name(mlp.act),  # type: ignore[arg-type]  # parts() checked it
                 gated=mlp.gate_proj is not None,
                 scale=attn.scale,
-                norms=((tensors[0], tensors[1]), (tensors[2], tensors[3])),
-                qkv=(tensors[4], tensors[5]),
-                out=(tensors[6], tensors[7]),
-                up=(tensors[8], tensors[9]),
-                down=(tensors[10], tensors[11]),
+                norms=norms,  # type: ignore[arg-type]  # two pairs
+                qkv=products[0],
+                out=products[1],
+                up=products[2],
+                down=products[3],
             )
         except ValueError:  # a layout the kernel does not read (a weight's rows apart, say)
             return None
-        self._key, self._weights = key, weights
-        return weights
 
     def __call__(
         self,
