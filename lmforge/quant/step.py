@@ -34,9 +34,10 @@ class DecodeStep:
     the block calls it for a single new token and runs its modules where it answers None. It reads
     the block's modules at each call, so it applies only while they are those of the decoding
     form: float32 weights stored transposed (:class:`~lmforge.quant.DecodeLinear`) or kept in
-    GGUF's blocks (:class:`~lmforge.quant.BlockLinear`), Q/K/V (and a gated MLP's gate and up) fused, LayerNorm or RMSNorm, no forward hooks; a module wrapped or
-    replaced since (by a PEFT method), or another dtype, turns it off. The weights' addresses are
-    gathered once and again only when a weight is another tensor."""
+    GGUF's blocks (:class:`~lmforge.quant.BlockLinear`), Q/K/V (and a gated MLP's gate and up)
+    fused, LayerNorm or RMSNorm, no forward hooks; a module wrapped or replaced since (by a PEFT
+    method), or another dtype, turns it off. The weights' addresses are gathered once, and again
+    only when a module or tensor it reads (or the attention's scale) is another one."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
@@ -103,6 +104,7 @@ class DecodeStep:
         hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (block, *found))
         key = (
             found,
+            found[0].scale,
             tuple(
                 0 if t is None else t.data_ptr()
                 for m in found
