@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from decoding import decode_alongside
 
 from lmforge import ModelConfig, Transformer, peft
 from lmforge.generation import generate
@@ -55,23 +56,9 @@ def test_every_step_is_native_with_the_plain_models_tokens_logits_and_cache(vari
     tokens = generate(model, prompt, max_new_tokens=20)
     assert len(calls) == 19 * layers  # every one-token step of every block
     assert torch.equal(tokens, generate(plain, prompt, max_new_tokens=20))
-    cache, plain_cache = model.new_cache(1, 12), plain.new_cache(1, 12)
     calls.clear()
-    with torch.no_grad():
-        model(prompt, cache=cache)
-        plain(prompt, cache=plain_cache)
-        for token in tokens[0, 7:11]:  # the logits of each step, the caches' contents
-            step = token.view(1, 1)
-            torch.testing.assert_close(model(step, cache=cache).logits, plain(step, cache=plain_cache).logits,
-                                       rtol=1e-4, atol=1e-5)  # fmt: skip
-        assert len(calls) == 4 * layers
-        for mine, theirs in zip(cache.self_attention, plain_cache.self_attention, strict=True):
-            assert mine.length == theirs.length == 11
-            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
-        model(tokens[:, 11:12], cache=cache)  # the last place in the cache
-        with pytest.raises(ValueError, match="KV cache is full"):  # then the general path says so
-            model(tokens[:, 12:13], cache=cache)
+    steps = decode_alongside(model, plain, prompt, tokens)  # the same logits and cache, a full cache refused
+    assert len(calls) == steps * layers
 
 
 def test_where_the_step_does_not_apply_the_modules_run(calls: list[int]) -> None:

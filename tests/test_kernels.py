@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from decoding import decode_alongside
 from torch import nn
 
 import lmforge
@@ -366,23 +367,9 @@ def test_decoding_takes_the_native_attention_with_the_same_tokens(
     tokens = generate(model, prompt, max_new_tokens=20)
     assert len(calls) == 19 * model.config.num_layers  # every one-token step of every layer
     assert torch.equal(tokens, generate(plain, prompt, max_new_tokens=20))
-    cache = model.new_cache(1, 12)
-    plain_cache = plain.new_cache(1, 12)
-    with torch.no_grad():
-        model(prompt, cache=cache)
-        plain(prompt, cache=plain_cache)
-        for token in tokens[0, 7:11]:  # the logits of each step, the caches' contents
-            step = token.view(1, 1)
-            torch.testing.assert_close(model(step, cache=cache).logits, plain(step, cache=plain_cache).logits,
-                                       rtol=1e-4, atol=1e-5)  # fmt: skip
-        for mine, theirs in zip(cache.self_attention, plain_cache.self_attention, strict=True):
-            assert mine.length == theirs.length == 11
-            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
-        calls.clear()
-        model(tokens[:, 11:12], cache=cache)  # a full cache: the general path says so
-        with pytest.raises(ValueError, match="KV cache is full"):
-            model(tokens[:, 12:13], cache=cache)
-    assert len(calls) == model.config.num_layers
+    calls.clear()
+    steps = decode_alongside(model, plain, prompt, tokens)  # the same logits and cache, a full cache refused
+    assert len(calls) == steps * model.config.num_layers
     calls.clear()
     two = torch.randint(0, 256, (2, 5))
     assert torch.equal(generate(model, two, max_new_tokens=6), generate(plain, two, max_new_tokens=6))

@@ -44,6 +44,26 @@ from .packing import Packing
 from .positions import apply_rotary
 
 
+def one_new_token(
+    x: Tensor,
+    memory: Tensor | None,
+    packing: Packing | None,
+    position_bias: Tensor | None,
+    need_weights: bool,
+) -> bool:
+    """Whether a call with a self-attention cache decodes one new token per row, x (B, 1, E),
+    with nothing the native decoding paths leave out (cross-attention memory, packed rows, a
+    position bias, the attention weights asked for)."""
+    return (
+        memory is None
+        and packing is None
+        and position_bias is None
+        and not need_weights
+        and x.dim() == 3
+        and x.shape[1] == 1
+    )
+
+
 class SelfAttention(nn.Module):
     """Multi-head (grouped-query, multi-query) attention over the input or a memory.
 
@@ -149,15 +169,7 @@ class SelfAttention(nn.Module):
         Returns:
             Y (B, T, E), or (Y, α) when ``need_weights``.
         """
-        if (
-            kv_cache is not None
-            and memory is None
-            and packing is None
-            and position_bias is None
-            and not need_weights
-            and x.dim() == 3
-            and x.shape[1] == 1
-        ):
+        if kv_cache is not None and one_new_token(x, memory, packing, position_bias, need_weights):
             y = self._decode_natively(x, rope, kv_cache, attention_mask)
             if y is not None:
                 return y
@@ -246,11 +258,15 @@ class SelfAttention(nn.Module):
             rope = (rope[0].reshape(-1, rope[0].shape[-1]), rope[1].reshape(-1, rope[1].shape[-1]))
         B = x.shape[0]
         qkv = self.qkv_decode(x).view(B, -1)  # type: ignore[misc]  # native_positions found it in place
-        out = decode_attention(qkv, rope, kv_cache.keys, kv_cache.values, positions, self.num_heads, self.scale)
+        out = decode_attention(
+            qkv, rope, kv_cache.keys, kv_cache.values, positions, self.num_heads, self.scale
+        )
         kv_cache.length += 1  # each row's key and value are written
         return self.out_proj(out.view(B, 1, -1))
 
-    def native_positions(self, x: Tensor, kv_cache: KVCache, attention_mask: Tensor | None) -> int | Tensor | None:
+    def native_positions(
+        self, x: Tensor, kv_cache: KVCache, attention_mask: Tensor | None
+    ) -> int | Tensor | None:
         """Where each row's new token (x (B, 1, E)) goes in ``kv_cache`` when the native attention
         of decoding applies to it: the cache's ``length`` for every row, with no mask; or, for a
         cache that says where each row is (``lengths``: serving's slots,

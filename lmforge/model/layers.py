@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .attention import SelfAttention
+from .attention import SelfAttention, one_new_token
 from .kv_cache import KVCache
 from .packing import Packing
 
@@ -182,12 +182,7 @@ class TransformerBlock(nn.Module):
         if (
             step is not None
             and kv_cache is not None
-            and memory is None
-            and packing is None
-            and position_bias is None
-            and not need_weights
-            and x.dim() == 3
-            and x.shape[1] == 1
+            and one_new_token(x, memory, packing, position_bias, need_weights)
         ):
             y = step(self, x, rope, kv_cache, attention_mask)
             if y is not None:
