@@ -142,6 +142,10 @@ def test_the_kernel_refuses_what_it_cannot_read() -> None:
         block_weights(**common, **{**parts, "down": Product(parts["down"].weight_t.double())})
     with pytest.raises(ValueError, match="out: bias"):
         block_weights(**common, **{**parts, "out": Product(parts["out"].weight_t, torch.zeros(3))})
+    with pytest.raises(ValueError, match="down: no weight"):
+        block_weights(**common, **{**parts, "down": Product()})
+    with pytest.raises(ValueError, match="qkv: expected codes"):
+        block_weights(**common, **{**parts, "qkv": Product(codes=torch.zeros(3 * H * D, E + 32, dtype=torch.int8))})
     with pytest.raises(ValueError, match="norm 2"):
         block_weights(**{**common, "norms": (norm, (torch.ones(E + 1), None))}, **parts)
     with pytest.raises(ValueError, match="one row"):

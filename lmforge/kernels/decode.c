@@ -426,8 +426,9 @@ int decode_attention(float *qkv, long B, long H, long Hkv, long D, const float *
        h = norm2(x);  u = act(h Wup + bup)   (gated: act(h Wgate + bgate) * (h Wup + bup))
        y = x + u Wdown + bdown
 
-   Every product is section 2's (weights stored transposed) or section 1's (blocks), a norm is LayerNorm (with or without
-   its bias) or RMSNorm, the activation GELU (erf or tanh form), ReLU or SiLU. */
+   Every product is section 2's (weights stored transposed) or section 1's (blocks); a norm is
+   LayerNorm (with or without its bias) or RMSNorm; the activation GELU (erf or tanh form), ReLU
+   or SiLU. */
 typedef struct { /* one product: a float32 weight stored transposed, or GGUF-style blocks */
     const float *w;                             /* dense: (K, N), rows `ld` floats apart */
     long ld;

@@ -1,6 +1,6 @@
 """A pre-norm Transformer block's step for one new token of one sequence in one native call
 (``decode.c``, section 5: the norms, the products, the attention over the cache, the activation
-and both residual sums), for :class:`lmforge.quant.DecodeBlock`."""
+and both residual sums), for :class:`lmforge.quant.DecodeStep`."""
 
 from __future__ import annotations
 
@@ -127,7 +127,12 @@ def block_weights(
             f"{heads} heads, {kv_heads} key/value heads of width {head_dim}: no native attention"
         )
     width = norms[0][0].shape[0]
-    hidden = (down.weight_t if down.codes is None else down.codes.t()).shape[0]
+    if down.codes is not None:
+        hidden = down.codes.shape[1]
+    elif down.weight_t is not None:
+        hidden = down.weight_t.shape[0]
+    else:
+        raise ValueError("down: no weight")
     shapes = {
         "qkv": (qkv, (width, (heads + 2 * kv_heads) * head_dim)),
         "out": (out, (heads * head_dim, width)),
