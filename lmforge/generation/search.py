@@ -84,7 +84,10 @@ def generate(
         compile: run the one-token steps through ``torch.compile`` (dynamic shapes: compiled
             once per model, reused as the cache grows). Pays off for long outputs: compiling
             takes seconds to a minute on a CPU, then each step skips most of PyTorch's per-op
-            overhead.
+            overhead. A model in the decoding form (:func:`lmforge.quant.for_decoding`) decodes
+            one sequence faster eagerly where lmforge's native kernels are built (each block's
+            step is one native call, which a compiled graph does not take): GPT-2 small 23.6–28.4
+            compiled against 28.7–32.8 tokens/s eager on one core here.
 
     Returns:
         (B, P + N) long: a decoder's prompts followed by the new tokens; for an encoder-decoder,
