@@ -310,7 +310,7 @@ class SelfAttention(nn.Module):
         and decoding asks this of every layer at every token.)"""
         modules = self._modules
         fused = modules.get("qkv_decode")
-        if fused is None or fused.parts != (modules["q_proj"], modules["k_proj"], modules["v_proj"]):
+        if fused is None or not fused.covers(modules["q_proj"], modules["k_proj"], modules["v_proj"]):
             return None
         return fused
 

@@ -82,10 +82,9 @@ class Fused:
     parts: tuple[nn.Module, ...]
 
     def covers(self, *modules: nn.Module) -> bool:
-        """Whether ``modules`` are exactly the parts fused here, in order."""
-        return len(modules) == len(self.parts) and all(
-            m is p for m, p in zip(modules, self.parts, strict=True)
-        )
+        """Whether ``modules`` are exactly the parts fused here, in order (modules compare by
+        identity)."""
+        return modules == self.parts
 
 
 class FusedDecodeLinear(Fused, DecodeLinear):

@@ -60,12 +60,12 @@ class DecodeStep:
         attn, mlp = children["self_attn"], children["mlp"]
         a, m = attn._modules, mlp._modules
         qkv = a.get("qkv_decode")
-        if qkv is None or qkv.parts != (a["q_proj"], a["k_proj"], a["v_proj"]):
+        if qkv is None or not qkv.covers(a["q_proj"], a["k_proj"], a["v_proj"]):
             return None
         up = m["up_proj"]
         if m.get("gate_proj") is not None:
             up = m.get("gate_up_decode")
-            if up is None or up.parts != (m["gate_proj"], m["up_proj"]):
+            if up is None or not up.covers(m["gate_proj"], m["up_proj"]):
                 return None
         norm1, norm2 = children["attn_norm"], children["mlp_norm"]
         return attn, mlp, norm1, qkv, a["out_proj"], norm2, up, m["down_proj"], m["act"]
@@ -73,11 +73,12 @@ class DecodeStep:
     @classmethod
     def parts(cls, block: TransformerBlock) -> tuple[nn.Module, ...] | None:
         """The modules the step reads (attention norm, Q/K/V, output product, MLP norm, up or
-        [gate | up], down), or None where the block is not in a form it serves."""
+        [gate | up], down), or None where the block is not in a form it serves. (Forward hooks,
+        which may come and go, are looked for at each call: :meth:`weights`.)"""
         found = cls._find(block)
         if found is None:
             return None
-        attn, mlp, *parts = found
+        _, _, *parts = found
         norm1, _, _, norm2, _, _, act = parts
         if (
             not block.prenorm
@@ -89,7 +90,6 @@ class DecodeStep:
             or norm1.eps != norm2.eps
             or any(type(p) not in PRODUCTS for p in parts[1:3] + parts[4:6])
             or activation_name(act) is None
-            or any(m._forward_hooks or m._forward_pre_hooks for m in (block, attn, mlp, *parts))
         ):
             return None
         return tuple(parts[:6])
