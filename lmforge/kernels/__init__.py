@@ -3,7 +3,8 @@ of weights kept in blocks (:class:`lmforge.quant.BlockLinear`), one row times a 
 stored transposed (:class:`lmforge.quant.DecodeLinear`), RMSNorm in one call
 (:class:`lmforge.quant.DecodeRMSNorm`), and the attention of each sequence's new token over its key/value
 cache (:class:`lmforge.model.attention.SelfAttention` decoding a token per sequence), and a whole
-pre-norm block's step for one new token (:mod:`lmforge.kernels.step`).
+pre-norm block's step for one new token (:mod:`lmforge.kernels.step`); and, for training, GELU's
+tanh form forward and backward (:mod:`lmforge.kernels.activation`).
 
 The C source is compiled once with the system's C compiler (``$CC``, else ``cc``) and
 ``-march=native``, into ``$LMFORGE_CACHE`` (default ``~/.cache/lmforge``)``/kernels/``, under a
@@ -172,6 +173,10 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         integer,  # threads
     ]
     lib.decode_block.restype = integer
+    lib.gelu_tanh_forward.argtypes = [pointer, pointer, size, integer]
+    lib.gelu_tanh_forward.restype = None
+    lib.gelu_tanh_backward.argtypes = [pointer, pointer, pointer, size, integer]
+    lib.gelu_tanh_backward.restype = None
     return lib, None
 
 

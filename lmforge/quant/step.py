@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..kernels.step import BlockWeights, Product, block_weights, decode_block
 from ..model.kv_cache import KVCache
-from ..model.layers import RMSNorm, TransformerBlock
+from ..model.layers import GELU, RMSNorm, TransformerBlock
 from .blocks import BlockLinear, FusedBlockLinear
 from .dense import DecodeLinear, DecodeRMSNorm, FusedDecodeLinear
 
@@ -18,7 +18,7 @@ ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu"}  # and nn.GELU, by its approxim
 
 def activation_name(act: nn.Module) -> str | None:
     """The native kernels' name of an MLP's activation module (None: none)."""
-    if type(act) is nn.GELU:
+    if type(act) in (nn.GELU, GELU):
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"
     return ACTIVATIONS.get(type(act))
 

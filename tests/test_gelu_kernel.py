@@ -1,0 +1,151 @@
+"""GELU's tanh form through the native kernel (lmforge.kernels.activation, decode.c section 6):
+forward and backward against float64, every length and layout, threads, the cases that keep
+PyTorch's operators, and a GPT-2-wired model's training step against the same model with
+``nn.GELU``. Skipped where the kernels cannot be built here, with the reason."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge import ModelConfig, Transformer
+from lmforge.kernels import activation, kernel_problem
+from lmforge.kernels.activation import gelu_tanh, native_gelu_tanh
+from lmforge.model.layers import GELU
+
+pytestmark = pytest.mark.skipif(
+    kernel_problem() is not None, reason=f"native kernels unavailable here: {kernel_problem()}"
+)
+
+
+def reference(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GELU (tanh form) and its input gradient in float64 by PyTorch."""
+    x64 = x.detach().double().requires_grad_()
+    y = F.gelu(x64, approximate="tanh")
+    y.backward(dy.double())
+    return y.detach(), x64.grad
+
+
+def native(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().clone().requires_grad_()
+    y = gelu_tanh(x)
+    assert type(y.grad_fn).__name__ == "_GeluTanhBackward"  # the native path, not PyTorch's
+    y.backward(dy)
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
+def test_matches_float64_at_every_length(n: int) -> None:
+    torch.manual_seed(n)
+    x = torch.randn(n) * 4
+    x[0] = 0.0
+    dy = torch.randn(n)
+    y, dx = native(x, dy)
+    y64, dx64 = reference(x, dy)
+    assert torch.allclose(y.double(), y64, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(dx.double(), dx64, rtol=1e-5, atol=1e-6)
+
+
+def test_whole_range_including_both_tails() -> None:
+    """From -30 to 30: the far negative side (GELU and slope near 0, no cancellation) and the far
+    positive side (GELU = x, slope 1); at least as close to float64 as PyTorch's own float32."""
+    x = torch.linspace(-30, 30, 60_001)
+    dy = torch.ones_like(x)
+    y, dx = native(x, dy)
+    y64, dx64 = reference(x, dy)
+    torch_y = F.gelu(x, approximate="tanh").double()
+    torch_dx = torch.ops.aten.gelu_backward(dy, x, approximate="tanh").double()
+    ours_y, ours_dx = (y.double() - y64).abs().max(), (dx.double() - dx64).abs().max()
+    assert ours_y < 1e-6 and ours_dx < 1e-6
+    assert ours_y <= 2 * (torch_y - y64).abs().max() and ours_dx <= 2 * (torch_dx - dx64).abs().max()
+    assert torch.equal(y[x > 10], x[x > 10]) and torch.all(y[x < -10].abs() < 1e-20)
+    assert torch.all((dx[x > 10] - 1).abs() < 1e-6) and torch.all(dx[x < -10].abs() < 1e-20)
+
+
+def test_layouts_and_shapes() -> None:
+    x = torch.randn(6, 40, 24) * 3
+    dy = torch.randn(6, 24, 40)
+    strided = x.transpose(1, 2)  # not contiguous: the kernel reads a contiguous copy
+    y, dx = native(strided, dy)
+    y64, dx64 = reference(strided, dy)
+    assert y.shape == dx.shape == strided.shape
+    assert torch.allclose(y.double(), y64, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(dx.double(), dx64, rtol=1e-5, atol=1e-6)
+
+
+def test_threads_give_the_same_values() -> None:
+    x = torch.randn(3, activation.PARALLEL_FROM) * 3
+    dy = torch.randn_like(x)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native(x, dy)
+        torch.set_num_threads(2)
+        two = native(x, dy)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_cases_that_keep_pytorchs_operators(monkeypatch: pytest.MonkeyPatch) -> None:
+    x64 = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert not native_gelu_tanh(x64) and type(gelu_tanh(x64).grad_fn).__name__ == "GeluBackward0"
+    assert torch.autograd.gradcheck(gelu_tanh, (x64,))
+    bf16 = torch.randn(16).bfloat16()
+    assert not native_gelu_tanh(bf16)
+    assert torch.equal(gelu_tanh(bf16), F.gelu(bf16, approximate="tanh"))
+    monkeypatch.setattr(activation, "block_kernels", lambda: None)  # no kernels built here
+    x = torch.randn(16, requires_grad=True)
+    assert not native_gelu_tanh(x) and type(gelu_tanh(x).grad_fn).__name__ == "GeluBackward0"
+
+
+def test_second_derivative_is_pytorchs() -> None:
+    """A gradient of the gradient (create_graph) goes through PyTorch's differentiable formula."""
+    x = (torch.randn(50) * 2).requires_grad_()
+    (g,) = torch.autograd.grad(gelu_tanh(x).sum(), x, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    (g2,) = torch.autograd.grad(F.gelu(x2, approximate="tanh").sum(), x2, create_graph=True)
+    (h2,) = torch.autograd.grad(g2.sum(), x2)
+    assert torch.allclose(g, g2, atol=1e-6) and torch.allclose(h, h2, atol=1e-5)
+
+
+def test_module_runs_native_only_for_the_tanh_form() -> None:
+    x = torch.randn(4, 32, requires_grad=True)
+    assert type(GELU(approximate="tanh")(x).grad_fn).__name__ == "_GeluTanhBackward"
+    assert type(GELU()(x).grad_fn).__name__ == "GeluBackward0"
+    assert torch.equal(GELU()(x), F.gelu(x))
+    assert isinstance(GELU(), nn.GELU) and "approximate='tanh'" in repr(GELU(approximate="tanh"))
+
+
+def test_gpt2_wired_training_matches_nn_gelu() -> None:
+    """Three AdamW steps of a GPT-2-wired model (tanh GELU) with the native GELU and with
+    ``nn.GELU``: the same losses and weights to float32 rounding."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("tiny-decoder", activation="gelu_tanh", dropout=0.0)
+    ours = Transformer(config).train()
+    theirs = copy.deepcopy(ours)
+    acts = [name for name, module in ours.named_modules() if isinstance(module, GELU)]
+    assert len(acts) == config.num_layers
+    for name in acts:
+        theirs.set_submodule(name, nn.GELU(approximate="tanh"))
+    assert not any(isinstance(module, GELU) for module in theirs.modules())
+    ids = torch.randint(0, config.vocab_size, (3, 24))
+    losses = {}
+    for name, model in (("ours", ours), ("theirs", theirs)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[name] = []
+        for _ in range(3):
+            logits = model(ids[:, :-1]).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+    assert losses["ours"] == pytest.approx(losses["theirs"], rel=1e-5)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
