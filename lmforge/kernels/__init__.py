@@ -4,7 +4,8 @@ stored transposed (:class:`lmforge.quant.DecodeLinear`), RMSNorm in one call
 (:class:`lmforge.quant.DecodeRMSNorm`), and the attention of each sequence's new token over its key/value
 cache (:class:`lmforge.model.attention.SelfAttention` decoding a token per sequence), and a whole
 pre-norm block's step for one new token (:mod:`lmforge.kernels.step`); and, for training, GELU's
-tanh form forward and backward (:mod:`lmforge.kernels.activation`).
+tanh form forward and backward (:mod:`lmforge.kernels.activation`) and causal self-attention from
+the fused Q/K/V projection forward and backward (:mod:`lmforge.kernels.causal`).
 
 The C source is compiled once with the system's C compiler (``$CC``, else ``cc``) and
 ``-march=native``, into ``$LMFORGE_CACHE`` (default ``~/.cache/lmforge``)``/kernels/``, under a
@@ -177,6 +178,24 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.gelu_tanh_forward.restype = None
     lib.gelu_tanh_backward.argtypes = [pointer, pointer, pointer, size, integer]
     lib.gelu_tanh_backward.restype = None
+    real = ctypes.c_float
+    lib.causal_attention_forward.argtypes = [pointer, size, size, size, size, size, real, pointer, pointer, integer]
+    lib.causal_attention_forward.restype = integer
+    lib.causal_attention_backward.argtypes = [
+        pointer,  # qkv
+        pointer,  # out
+        pointer,  # dout
+        pointer,  # lse
+        size,  # B
+        size,  # T
+        size,  # H
+        size,  # Hkv
+        size,  # D
+        real,  # scale
+        pointer,  # dqkv
+        integer,  # threads
+    ]
+    lib.causal_attention_backward.restype = integer
     return lib, None
 
 

@@ -1,0 +1,101 @@
+"""Causal self-attention over whole sequences, read straight from the fused Q/K/V projection,
+forward and backward in native passes (``decode.c``, section 7), for
+:class:`lmforge.model.attention.SelfAttention` while training: the output comes out with the heads
+already joined for the output projection, and the gradient in the fused projection's own layout,
+so neither the heads' transposes nor the split's concatenation run."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import block_kernels
+
+MAX_LENGTH = 1024  # longer sequences keep PyTorch's tiled kernel (the scores of a head stay in cache here)
+
+
+def native_causal_attention(qkv: Tensor, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether :func:`causal_attention` runs natively for ``qkv`` (B, T, (H + 2·Hkv)·D): float32
+    on the CPU, laid out as such, D a multiple of 8, the query heads a multiple of the key/value
+    heads, T up to :data:`MAX_LENGTH`, the kernels built, and not traced by ``torch.compile``."""
+    return (
+        qkv.dtype is torch.float32
+        and qkv.device.type == "cpu"
+        and qkv.dim() == 3
+        and qkv.shape[-1] == (heads + 2 * kv_heads) * head_dim
+        and 0 < qkv.shape[1] <= MAX_LENGTH
+        and head_dim % 8 == 0
+        and heads % kv_heads == 0
+        and not torch.compiler.is_compiling()
+        and block_kernels() is not None
+    )
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: Tensor, heads: int, kv_heads: int, head_dim: int, scale: float) -> Tensor:  # noqa: ANN001
+        qkv = qkv.contiguous()
+        B, T, _ = qkv.shape
+        out = qkv.new_empty(B, T, heads * head_dim)
+        lse = qkv.new_empty(B, heads, T)
+        failed = block_kernels().causal_attention_forward(
+            qkv.data_ptr(), B, T, heads, kv_heads, head_dim, scale, out.data_ptr(), lse.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if failed:
+            raise MemoryError(f"causal attention: no memory for the scores of {T} positions")
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.shape = (heads, kv_heads, head_dim, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> tuple[Tensor, None, None, None, None]:  # noqa: ANN001
+        qkv, out, lse = ctx.saved_tensors
+        heads, kv_heads, head_dim, scale = ctx.shape
+        if torch.is_grad_enabled():  # a gradient to differentiate again (create_graph): PyTorch's operators
+            with torch.enable_grad():
+                again = explicit_causal_attention(qkv, heads, kv_heads, head_dim, scale)
+                (dqkv,) = torch.autograd.grad(again, qkv, dout, create_graph=True)
+            return dqkv, None, None, None, None
+        dout = dout.contiguous().float()
+        B, T, _ = qkv.shape
+        dqkv = torch.empty_like(qkv)
+        failed = block_kernels().causal_attention_backward(
+            qkv.data_ptr(), out.data_ptr(), dout.data_ptr(), lse.data_ptr(), B, T, heads, kv_heads, head_dim,
+            scale, dqkv.data_ptr(), torch.get_num_threads(),
+        )
+        if failed:
+            raise MemoryError(f"causal attention backward: no memory for the scores of {T} positions")
+        return dqkv, None, None, None, None
+
+
+def explicit_causal_attention(qkv: Tensor, heads: int, kv_heads: int, head_dim: int, scale: float) -> Tensor:
+    """What :func:`causal_attention` computes, by PyTorch's differentiable operators (the scores
+    written out, as :class:`~lmforge.model.attention.SelfAttention`'s explicit path does)."""
+    B, T, _ = qkv.shape
+    q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    q = q.reshape(B, T, heads, head_dim).transpose(1, 2)  # (B, H, T, D)
+    k = k.reshape(B, T, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    v = v.reshape(B, T, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    later = torch.ones(T, T, dtype=torch.bool, device=qkv.device).triu(1)
+    out = scores.masked_fill(later, float("-inf")).softmax(dim=-1) @ v  # (B, H, T, D)
+    return out.transpose(1, 2).reshape(B, T, heads * head_dim)
+
+
+def causal_attention(qkv: Tensor, heads: int, kv_heads: int, head_dim: int, scale: float) -> Tensor:
+    """softmax(Q Kᵀ·scale, causal) V with every head joined: (B, T, H·D), for the fused projection
+    ``qkv`` (B, T, (H + 2·Hkv)·D) holding each position's H query heads, then its Hkv key heads,
+    then its Hkv value heads (query head h reads key/value head h // (H / Hkv)). Differentiable;
+    a gradient taken with ``create_graph`` comes from :func:`explicit_causal_attention`, so it can be
+    differentiated again. Only where :func:`native_causal_attention` says so.
+
+    Raises:
+        ValueError: where it does not apply.
+    """
+    if not native_causal_attention(qkv, heads, kv_heads, head_dim):
+        raise ValueError(
+            f"native causal attention does not apply to {qkv.dtype} {tuple(qkv.shape)} on {qkv.device} "
+            f"with {heads} heads, {kv_heads} key/value heads of {head_dim}"
+        )
+    return _CausalAttention.apply(qkv, heads, kv_heads, head_dim, float(scale))

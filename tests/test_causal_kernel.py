@@ -1,0 +1,208 @@
+"""Causal self-attention from the fused Q/K/V projection through the native kernel
+(lmforge.kernels.causal, decode.c section 7): forward and backward against float64 SDPA at every
+shape it takes (odd lengths, head widths with a tail of 8, GQA and MQA), threads, refusals, and a
+decoder's training against the same model on PyTorch's SDPA, with the cases the layer keeps on
+SDPA. Skipped where the kernels cannot be built here, with the reason."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge import ModelConfig, Transformer
+from lmforge.kernels import causal, kernel_problem
+from lmforge.kernels.causal import causal_attention, native_causal_attention
+from lmforge.model import attention as attention_module
+
+pytestmark = pytest.mark.skipif(
+    kernel_problem() is not None, reason=f"native kernels unavailable here: {kernel_problem()}"
+)
+
+SHAPES = [  # B, T, H, Hkv, D
+    (1, 1, 1, 1, 8),
+    (2, 5, 2, 1, 8),
+    (1, 6, 1, 1, 16),
+    (2, 7, 3, 3, 24),
+    (2, 17, 2, 2, 40),
+    (1, 33, 4, 1, 64),
+    (3, 64, 4, 2, 32),
+    (1, 130, 2, 2, 16),
+]
+
+
+def reference(qkv: torch.Tensor, H: int, Hkv: int, D: int, scale: float) -> torch.Tensor:
+    """SDPA over the split heads, joined again: (B, T, H·D)."""
+    B, T, _ = qkv.shape
+    q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+    q = q.reshape(B, T, H, D).transpose(1, 2)
+    k = k.reshape(B, T, Hkv, D).transpose(1, 2)
+    v = v.reshape(B, T, Hkv, D).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hkv != H)
+    return out.transpose(1, 2).reshape(B, T, H * D)
+
+
+def both(shape: tuple[int, ...], seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(output, qkv gradient) natively in float32 and by SDPA in float64."""
+    B, T, H, Hkv, D = shape
+    generator = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, generator=generator) * 2
+    dout = torch.randn(B, T, H * D, generator=generator)
+    scale = 1 / math.sqrt(D)
+    ours = qkv.clone().requires_grad_()
+    out = causal_attention(ours, H, Hkv, D, scale)
+    assert type(out.grad_fn).__name__ == "_CausalAttentionBackward"
+    out.backward(dout)
+    theirs = qkv.double().requires_grad_()
+    expected = reference(theirs, H, Hkv, D, scale)
+    expected.backward(dout.double())
+    return (out.detach(), ours.grad), (expected.detach(), theirs.grad)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-H{}-Hkv{}-D{}".format(*s))
+def test_matches_float64_sdpa(shape: tuple[int, ...]) -> None:
+    (out, grad), (expected, expected_grad) = both(shape)
+    assert out.shape == expected.shape and grad.shape == expected_grad.shape
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(grad.double(), expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_each_position_sees_only_itself_and_before() -> None:
+    """Changing a later position's key and value leaves every earlier output as it was."""
+    B, T, H, Hkv, D = 2, 20, 2, 1, 16
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D)
+    changed = qkv.clone()
+    changed[:, 12:, H * D :] = torch.randn(B, T - 12, 2 * Hkv * D)
+    a = causal_attention(qkv, H, Hkv, D, 0.25)
+    b = causal_attention(changed, H, Hkv, D, 0.25)
+    assert torch.equal(a[:, :12], b[:, :12]) and not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_threads_give_the_same_values() -> None:
+    shape = (4, 40, 4, 2, 32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = both(shape)[0]
+        torch.set_num_threads(2)
+        two = both(shape)[0]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_refusals() -> None:
+    qkv = torch.randn(2, 8, 3 * 2 * 16)
+    assert native_causal_attention(qkv, 2, 2, 16)
+    cases = {
+        "float64": (qkv.double(), 2, 2, 16),
+        "head width not a multiple of 8": (torch.randn(2, 8, 3 * 2 * 12), 2, 2, 12),
+        "widths that do not add up": (qkv, 2, 1, 16),
+        "heads not a multiple of the key/value heads": (torch.randn(2, 8, 7 * 16), 3, 2, 16),
+        "too long": (torch.randn(1, causal.MAX_LENGTH + 1, 3 * 8), 1, 1, 8),
+        "no batch axis": (qkv[0], 2, 2, 16),
+    }
+    for why, (tensor, H, Hkv, D) in cases.items():
+        assert not native_causal_attention(tensor, H, Hkv, D), why
+        with pytest.raises(ValueError, match="does not apply"):
+            causal_attention(tensor, H, Hkv, D, 0.25)
+
+
+def test_second_derivatives_match_the_explicit_formula() -> None:
+    """A gradient taken with ``create_graph`` (a gradient penalty) differentiates again, as the
+    written-out formula does."""
+    torch.manual_seed(0)
+    H, Hkv, D = 2, 1, 8
+    qkv = torch.randn(2, 6, (H + 2 * Hkv) * D, dtype=torch.float32)
+    results = []
+    for attend in (causal_attention, causal.explicit_causal_attention):
+        x = qkv.clone().requires_grad_()
+        out = attend(x, H, Hkv, D, 0.3)
+        (grad,) = torch.autograd.grad((out**2).sum(), x, create_graph=True)
+        (second,) = torch.autograd.grad((grad**2).sum(), x)
+        results.append((out.detach(), grad.detach(), second))
+    for ours, theirs in zip(*results, strict=True):
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the layer's calls of the native attention."""
+    calls: list[int] = []
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return causal_attention(*args)
+
+    monkeypatch.setattr(attention_module, "causal_attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(num_kv_heads=1, bias=False, norm_bias=False), dict(activation="gelu_tanh")],
+    ids=["tiny-decoder", "mqa-nanogpt-like", "gpt2-like"],
+)
+def test_training_matches_sdpa(monkeypatch: pytest.MonkeyPatch, overrides: dict) -> None:
+    """A decoder's loss, gradients and three SGD steps natively and on SDPA (the layer told the
+    kernel does not apply): the same to float32 rounding, every layer native."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("tiny-decoder", dropout=0.0, **overrides)
+    ours = Transformer(config).train()
+    theirs = copy.deepcopy(ours)
+    ids = torch.randint(0, config.vocab_size, (3, 24))
+    calls = counting(monkeypatch)
+    results = {}
+    for name, model in (("ours", ours), ("theirs", theirs)):
+        if name == "theirs":
+            monkeypatch.setattr(attention_module, "native_causal_attention", lambda *args: False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for step in range(3):
+            logits = model(ids[:, :-1]).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            loss.backward()
+            if step == 0:
+                results[name + " gradients"] = [p.grad.clone() for p in model.parameters()]
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        results[name] = losses
+        if name == "ours":
+            assert len(calls) == 3 * config.num_layers
+    assert len(calls) == 3 * config.num_layers  # none on SDPA's side
+    assert results["ours"] == pytest.approx(results["theirs"], rel=1e-5)
+    for a, b in zip(results["ours gradients"], results["theirs gradients"], strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_cases_the_layer_keeps_on_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A padding mask, attention dropout while training, rotary positions, attention weights asked for,
+    SDPA turned off, no gradients (Q/K/V not fused): the layer's own path, same outputs."""
+    torch.manual_seed(0)
+    calls = counting(monkeypatch)
+    ids = torch.randint(0, 100, (2, 12))
+    model = Transformer(ModelConfig.from_name("tiny-decoder", dropout=0.0)).train()
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0
+    model(ids, attention_mask=mask)
+    with torch.no_grad():
+        model(ids)
+    model(ids)
+    assert len(calls) == model.config.num_layers  # only the last, plain call
+    calls.clear()
+    Transformer(ModelConfig.from_name("tiny-decoder", attn_dropout=0.1)).train()(ids)
+    Transformer(ModelConfig.from_name("tiny-llama")).train()(ids)
+    assert not calls
+    layer = attention_module.SelfAttention(32, 4, causal=True)
+    x = torch.randn(2, 12, 32, requires_grad=True)
+    out, weights = layer(x, need_weights=True)
+    assert weights.shape == (2, 4, 12, 12) and not calls
+    layer.use_sdpa = False
+    explicit = layer(x)
+    assert not calls
+    layer.use_sdpa = True
+    native = layer(x)
+    assert len(calls) == 1 and torch.allclose(native, explicit, atol=1e-5) and torch.allclose(native, out, atol=1e-5)
