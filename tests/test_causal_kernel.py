@@ -1,5 +1,5 @@
 """Causal self-attention from the fused Q/K/V projection through the native kernel
-(lmforge.kernels.causal, decode.c section 7): forward and backward against float64 SDPA at every
+(lmforge.kernels.causal, native.c section 7): forward and backward against float64 SDPA at every
 shape it takes (odd lengths, head widths with a tail of 8, GQA and MQA), threads, refusals, and a
 decoder's training against the same model on PyTorch's SDPA, with the cases the layer keeps on
 SDPA. Skipped where the kernels cannot be built here, with the reason."""

@@ -1,4 +1,4 @@
-"""GELU's tanh form through the native kernel (lmforge.kernels.activation, decode.c section 6):
+"""GELU's tanh form through the native kernel (lmforge.kernels.activation, native.c section 6):
 forward and backward against float64, every length and layout, threads, the cases that keep
 PyTorch's operators, and a GPT-2-wired model's training step against the same model with
 ``nn.GELU``. Skipped where the kernels cannot be built here, with the reason."""

@@ -125,7 +125,7 @@ def test_the_kernel_is_built_once_and_a_missing_compiler_is_a_reason(
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
     lib, problem = kernels._build()
     assert lib is not None and problem is None
-    (built,) = (tmp_path / "kernels").glob("decode-*.so")
+    (built,) = (tmp_path / "kernels").glob("native-*.so")
     stamp = built.stat().st_mtime_ns
     assert kernels._build()[0] is not None and built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
     blocked = tmp_path / "a-file"

@@ -1,4 +1,4 @@
-"""Native kernels for decoding, built on the machine that runs them (``decode.c``): the products
+"""Native kernels, built on the machine that runs them (``native.c``). For decoding: the products
 of weights kept in blocks (:class:`lmforge.quant.BlockLinear`), one row times a float32 weight
 stored transposed (:class:`lmforge.quant.DecodeLinear`), RMSNorm in one call
 (:class:`lmforge.quant.DecodeRMSNorm`), and the attention of each sequence's new token over its key/value
@@ -44,8 +44,8 @@ __all__ = [
     "rms_norm",
 ]
 
-SOURCE = Path(__file__).with_name("decode.c")
-BLOCK = 32  # columns per block (decode.c)
+SOURCE = Path(__file__).with_name("native.c")
+BLOCK = 32  # columns per block (native.c)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC"]
 COMPILE_TIMEOUT_S = 120
 
@@ -73,7 +73,7 @@ def _compiler() -> str | None:
 
 
 def _compile(compiler: str, library: Path) -> str | None:
-    """Build ``decode.c`` into ``library``; None, or why it failed."""
+    """Build ``native.c`` into ``library``; None, or why it failed."""
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as work:
         built = Path(work) / library.name
@@ -106,7 +106,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     key = hashlib.sha256(
         b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()])
     )
-    library = cache_dir() / f"decode-{platform.machine()}-{key.hexdigest()[:16]}.so"
+    library = cache_dir() / f"native-{platform.machine()}-{key.hexdigest()[:16]}.so"
     if not library.exists():
         try:
             problem = _compile(compiler, library)
@@ -207,7 +207,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
 
 
 def block_kernels() -> ctypes.CDLL | None:
-    """The native kernels of this machine (``decode.c`` built), or None (:func:`kernel_problem` says why)."""
+    """The native kernels of this machine (``native.c`` built), or None (:func:`kernel_problem` says why)."""
     return _library()[0]
 
 
@@ -260,7 +260,7 @@ def block_matmul(
     *,
     checked: bool = False,
 ) -> Tensor:
-    """x (M, K) times the block weight's transpose: (M, N), float32 (``decode.c`` says the
+    """x (M, K) times the block weight's transpose: (M, N), float32 (``native.c`` says the
     layout; :func:`check_blocks` the tensors it takes). ``checked=True``: the caller has checked
     the weight's tensors already (:class:`~lmforge.quant.BlockLinear` does once: a one-token step
     calls this for every layer, and the checks cost as much as a small product).
@@ -306,7 +306,7 @@ def block_dequantize(codes: Tensor, scales: Tensor, offsets: Tensor | None) -> T
 
 def block_find(weight: Tensor, span: int, offset: bool) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """Codes, scales and offsets of ``weight`` (N, K), float32, when every block of 32 columns
-    lies exactly on the grid of ``span`` (see ``block_find`` in ``decode.c``); else None. One
+    lies exactly on the grid of ``span`` (see ``block_find`` in ``native.c``); else None. One
     pass, stopping at the first weight off the grid.
 
     Raises:
@@ -364,7 +364,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def dense_row(x: Tensor, weight_t: Tensor, bias: Tensor | None, *, checked: bool = False) -> Tensor:
     """One row ``x`` (K,) times a float32 weight stored transposed, ``weight_t`` (K, N) (its rows
     may lie apart: a view of some columns of a wider weight), plus ``bias`` (N,): (N,), float32.
-    Eight rows of the weight are streamed at a time (``decode.c``): a one-row product is bound
+    Eight rows of the weight are streamed at a time (``native.c``): a one-row product is bound
     by reading the weight, and this reads it faster than the BLAS's one-row kernel here.
     ``checked=True``: the caller has checked the tensors (:class:`~lmforge.quant.DecodeLinear`
     does, in a few attribute reads: its product is called 48 times a GPT-2 token).
@@ -402,7 +402,7 @@ def decode_attention(
     scale: float,
 ) -> Tensor:
     """Self-attention of one new token of each of B sequences over their key/value caches, in
-    one call (``decode.c``): row b of ``qkv`` (B, (H + 2·Hkv)·D) is its token's fused projection
+    one call (``native.c``): row b of ``qkv`` (B, (H + 2·Hkv)·D) is its token's fused projection
     [q | k | v], rotated in place by ``rope``'s cos/sin ((R,) for every row, or (B, R); R ≤ D;
     None: no rotation); its k and v are written into ``keys``/``values`` (B, Hkv, capacity, D) at
     the row's position (``positions``: one int for every row, or (B,) int64), and each query head

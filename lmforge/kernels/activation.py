@@ -1,4 +1,4 @@
-"""GELU's tanh form in one native pass forward and one backward (``decode.c``, section 6), for
+"""GELU's tanh form in one native pass forward and one backward (``native.c``, section 6), for
 :class:`lmforge.model.layers.GELU`: PyTorch's ``tanh`` is its slowest elementwise kernel on an
 AVX2 build, and GPT-2's wiring calls GELU on every MLP row of every step."""
 

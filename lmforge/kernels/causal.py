@@ -1,5 +1,5 @@
 """Causal self-attention over whole sequences, read straight from the fused Q/K/V projection,
-forward and backward in native passes (``decode.c``, section 7), for
+forward and backward in native passes (``native.c``, section 7), for
 :class:`lmforge.model.attention.SelfAttention` while training: the output comes out with the heads
 already joined for the output projection, and the gradient in the fused projection's own layout,
 so neither the heads' transposes nor the split's concatenation run."""

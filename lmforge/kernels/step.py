@@ -1,5 +1,5 @@
 """A pre-norm Transformer block's step for one new token of one sequence in one native call
-(``decode.c``, section 5: the norms, the products, the attention over the cache, the activation
+(``native.c``, section 5: the norms, the products, the attention over the cache, the activation
 and both residual sums), for :class:`lmforge.quant.DecodeStep`."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from torch import Tensor
 
 from . import _pointer, block_kernels, check_blocks, kernel_problem
 
-NORMS = {"layernorm": 0, "rmsnorm": 1}  # decode.c's codes (section 5)
+NORMS = {"layernorm": 0, "rmsnorm": 1}  # native.c's codes (section 5)
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 
 
 class _Product(ctypes.Structure):
-    """``Product`` of ``decode.c`` (section 5), field for field."""
+    """``Product`` of ``native.c`` (section 5), field for field."""
 
     _fields_ = [
         ("w", ctypes.c_void_p),
@@ -28,7 +28,7 @@ class _Product(ctypes.Structure):
 
 
 class _Block(ctypes.Structure):
-    """``Block`` of ``decode.c`` (section 5), field for field."""
+    """``Block`` of ``native.c`` (section 5), field for field."""
 
     _fields_ = [
         *[(name, ctypes.c_long) for name in ("width", "heads", "kv_heads", "head_dim", "hidden")],
@@ -168,7 +168,7 @@ def decode_block(
     values: Tensor,
     position: int,
 ) -> Tensor:
-    """A pre-norm block's step for one new token of one sequence, in one call (``decode.c``,
+    """A pre-norm block's step for one new token of one sequence, in one call (``native.c``,
     section 5): ``x`` (E,) -> (E,), float32. Its key and value are written into ``keys``/``values``
     (1, Hkv, capacity, D) at ``position``, rotated first by ``rope``'s cos/sin ((R,) each, R ≤ D;
     None: no rotation), and it attends to positions 0..``position``.

@@ -1,5 +1,6 @@
-/* lmforge's native kernels, mostly for decoding, built by lmforge.kernels with -march=native on the machine
-   that runs them; AVX2 with FMA and F16C is required (lmforge keeps PyTorch's kernels without).
+/* lmforge's native kernels, for decoding (1-5) and training (6-7), built by lmforge.kernels with
+   -march=native on the machine that runs them; AVX2 with FMA and F16C is required (lmforge keeps
+   PyTorch's kernels without).
 
    1. Products with weights kept in blocks, the way GGUF files keep them (lmforge.quant.BlockLinear).
    2. One row of x times a float32 weight stored transposed (lmforge.quant.DecodeLinear).
