@@ -17,6 +17,7 @@ from lmforge import ModelConfig, Transformer
 from lmforge.kernels import causal, kernel_problem
 from lmforge.kernels.causal import causal_attention, native_causal_attention
 from lmforge.model import attention as attention_module
+from lmforge.model.positions import RotaryEmbedding, apply_rotary
 
 pytestmark = pytest.mark.skipif(
     kernel_problem() is not None, reason=f"native kernels unavailable here: {kernel_problem()}"
@@ -34,18 +35,28 @@ SHAPES = [  # B, T, H, Hkv, D
 ]
 
 
-def reference(qkv: torch.Tensor, H: int, Hkv: int, D: int, scale: float) -> torch.Tensor:
-    """SDPA over the split heads, joined again: (B, T, H·D)."""
+def reference(qkv: torch.Tensor, H: int, Hkv: int, D: int, scale: float, rope=None) -> torch.Tensor:  # noqa: ANN001
+    """SDPA over the split heads (rotated by lmforge's apply_rotary), joined again: (B, T, H·D)."""
     B, T, _ = qkv.shape
     q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
     q = q.reshape(B, T, H, D).transpose(1, 2)
     k = k.reshape(B, T, Hkv, D).transpose(1, 2)
     v = v.reshape(B, T, Hkv, D).transpose(1, 2)
+    if rope is not None:
+        q, k = apply_rotary(q, *(t.to(q.dtype) for t in rope)), apply_rotary(k, *(t.to(k.dtype) for t in rope))
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hkv != H)
     return out.transpose(1, 2).reshape(B, T, H * D)
 
 
-def both(shape: tuple[int, ...], seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def angles(B: int, T: int, R: int, *, per_sequence: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's cos, sin for positions 0..T-1 (T, R), or (B, T, R) with each sequence shifted."""
+    positions = torch.arange(T)
+    if per_sequence:
+        positions = positions + 3 * torch.arange(B)[:, None]
+    return RotaryEmbedding(R, base=500.0)(positions)
+
+
+def both(shape: tuple[int, ...], seed: int = 0, rope=None):  # noqa: ANN001, ANN201
     """(output, qkv gradient) natively in float32 and by SDPA in float64."""
     B, T, H, Hkv, D = shape
     generator = torch.Generator().manual_seed(seed)
@@ -53,11 +64,11 @@ def both(shape: tuple[int, ...], seed: int = 0) -> tuple[tuple[torch.Tensor, tor
     dout = torch.randn(B, T, H * D, generator=generator)
     scale = 1 / math.sqrt(D)
     ours = qkv.clone().requires_grad_()
-    out = causal_attention(ours, H, Hkv, D, scale)
+    out = causal_attention(ours, H, Hkv, D, scale, rope)
     assert type(out.grad_fn).__name__ == "_CausalAttentionBackward"
     out.backward(dout)
     theirs = qkv.double().requires_grad_()
-    expected = reference(theirs, H, Hkv, D, scale)
+    expected = reference(theirs, H, Hkv, D, scale, rope)
     expected.backward(dout.double())
     return (out.detach(), ours.grad), (expected.detach(), theirs.grad)
 
@@ -68,6 +79,22 @@ def test_matches_float64_sdpa(shape: tuple[int, ...]) -> None:
     assert out.shape == expected.shape and grad.shape == expected_grad.shape
     assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5)
     assert torch.allclose(grad.double(), expected_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, R, per_sequence",
+    [((2, 9, 2, 1, 16), 16, False), ((3, 40, 4, 2, 32), 32, True), ((1, 25, 3, 3, 24), 8, False), ((2, 70, 2, 2, 64), 64, True)],
+    ids=["whole-heads", "per-sequence-angles", "partial-rotary", "long-heads"],
+)
+def test_rotary_positions_match_float64_sdpa(shape: tuple[int, ...], R: int, per_sequence: bool) -> None:
+    """Queries and keys rotated by RoPE angles (all of each head, or its first R dimensions;
+    one table for all sequences or one each) as lmforge's apply_rotary rotates them."""
+    rope = angles(shape[0], shape[1], R, per_sequence=per_sequence)
+    (out, grad), (expected, expected_grad) = both(shape, rope=rope)
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(grad.double(), expected_grad, rtol=1e-4, atol=1e-5)
+    (plain, _), _ = both(shape)
+    assert not torch.allclose(out, plain, atol=1e-3)  # the angles did something
 
 
 def test_each_position_sees_only_itself_and_before() -> None:
@@ -109,6 +136,18 @@ def test_refusals() -> None:
         assert not native_causal_attention(tensor, H, Hkv, D), why
         with pytest.raises(ValueError, match="does not apply"):
             causal_attention(tensor, H, Hkv, D, 0.25)
+    cos, sin = angles(2, 8, 16)
+    bad_angles = {
+        "angles for another length": angles(2, 9, 16),
+        "odd rotary width": (cos[:, :15], sin[:, :15]),
+        "wider than a head": angles(2, 8, 24),
+        "float64 angles": (cos.double(), sin.double()),
+        "angles for another batch": angles(3, 8, 16, per_sequence=True),
+    }
+    for why, rope in bad_angles.items():
+        assert not native_causal_attention(qkv, 2, 2, 16, rope), why
+        with pytest.raises(ValueError, match="angles"):
+            causal_attention(qkv, 2, 2, 16, 0.25, rope)
 
 
 def test_second_derivatives_match_the_explicit_formula() -> None:
@@ -117,10 +156,11 @@ def test_second_derivatives_match_the_explicit_formula() -> None:
     torch.manual_seed(0)
     H, Hkv, D = 2, 1, 8
     qkv = torch.randn(2, 6, (H + 2 * Hkv) * D, dtype=torch.float32)
+    rope = angles(2, 6, 8)
     results = []
     for attend in (causal_attention, causal.explicit_causal_attention):
         x = qkv.clone().requires_grad_()
-        out = attend(x, H, Hkv, D, 0.3)
+        out = attend(x, H, Hkv, D, 0.3, rope)
         (grad,) = torch.autograd.grad((out**2).sum(), x, create_graph=True)
         (second,) = torch.autograd.grad((grad**2).sum(), x)
         results.append((out.detach(), grad.detach(), second))
@@ -142,14 +182,20 @@ def counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(), dict(num_kv_heads=1, bias=False, norm_bias=False), dict(activation="gelu_tanh")],
-    ids=["tiny-decoder", "mqa-nanogpt-like", "gpt2-like"],
+    [
+        dict(),
+        dict(num_kv_heads=1, bias=False, norm_bias=False),
+        dict(activation="gelu_tanh"),
+        dict(name="tiny-llama"),
+    ],
+    ids=["tiny-decoder", "mqa-nanogpt-like", "gpt2-like", "llama-rope-gqa"],
 )
 def test_training_matches_sdpa(monkeypatch: pytest.MonkeyPatch, overrides: dict) -> None:
     """A decoder's loss, gradients and three SGD steps natively and on SDPA (the layer told the
     kernel does not apply): the same to float32 rounding, every layer native."""
     torch.manual_seed(0)
-    config = ModelConfig.from_name("tiny-decoder", dropout=0.0, **overrides)
+    overrides = {"name": "tiny-decoder", **overrides}
+    config = ModelConfig.from_name(overrides.pop("name"), dropout=0.0, **overrides)
     ours = Transformer(config).train()
     theirs = copy.deepcopy(ours)
     ids = torch.randint(0, config.vocab_size, (3, 24))
@@ -179,8 +225,8 @@ def test_training_matches_sdpa(monkeypatch: pytest.MonkeyPatch, overrides: dict)
 
 
 def test_cases_the_layer_keeps_on_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A padding mask, attention dropout while training, rotary positions, attention weights asked for,
-    SDPA turned off, no gradients (Q/K/V not fused): the layer's own path, same outputs."""
+    """A padding mask, attention dropout while training, ALiBi, attention weights asked for, SDPA
+    turned off, no gradients (Q/K/V not fused): the layer's own path, same outputs."""
     torch.manual_seed(0)
     calls = counting(monkeypatch)
     ids = torch.randint(0, 100, (2, 12))
@@ -194,7 +240,7 @@ def test_cases_the_layer_keeps_on_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(calls) == model.config.num_layers  # only the last, plain call
     calls.clear()
     Transformer(ModelConfig.from_name("tiny-decoder", attn_dropout=0.1)).train()(ids)
-    Transformer(ModelConfig.from_name("tiny-llama")).train()(ids)
+    Transformer(ModelConfig.from_name("tiny-decoder", position="alibi")).train()(ids)
     assert not calls
     layer = attention_module.SelfAttention(32, 4, causal=True)
     x = torch.randn(2, 12, 32, requires_grad=True)

@@ -179,7 +179,20 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.gelu_tanh_backward.argtypes = [pointer, pointer, pointer, size, integer]
     lib.gelu_tanh_backward.restype = None
     real = ctypes.c_float
-    lib.causal_attention_forward.argtypes = [pointer, size, size, size, size, size, real, pointer, pointer, integer]
+    angles = [pointer, pointer, size, size]  # cos, sin, R, the stride between sequences' tables
+    lib.causal_attention_forward.argtypes = [
+        pointer,  # qkv
+        size,  # B
+        size,  # T
+        size,  # H
+        size,  # Hkv
+        size,  # D
+        real,  # scale
+        *angles,
+        pointer,  # out
+        pointer,  # lse
+        integer,  # threads
+    ]
     lib.causal_attention_forward.restype = integer
     lib.causal_attention_backward.argtypes = [
         pointer,  # qkv
@@ -192,6 +205,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         size,  # Hkv
         size,  # D
         real,  # scale
+        *angles,
         pointer,  # dqkv
         integer,  # threads
     ]

@@ -1,8 +1,9 @@
 """Causal self-attention over whole sequences, read straight from the fused Q/K/V projection,
 forward and backward in native passes (``native.c``, section 7), for
-:class:`lmforge.model.attention.SelfAttention` while training: the output comes out with the heads
-already joined for the output projection, and the gradient in the fused projection's own layout,
-so neither the heads' transposes nor the split's concatenation run."""
+:class:`lmforge.model.attention.SelfAttention` while training: queries and keys rotated by RoPE
+angles as they are read, the output with the heads already joined for the output projection, and
+the gradient in the fused projection's own layout, so neither the rotation's operators, the
+heads' transposes nor the split's concatenation run."""
 
 from __future__ import annotations
 
@@ -13,11 +14,31 @@ from . import block_kernels
 
 MAX_LENGTH = 1024  # longer sequences keep PyTorch's tiled kernel (the scores of a head stay in cache here)
 
+Angles = tuple[Tensor, Tensor]  # RoPE's cos, sin: (T, R) or (B, T, R), R even, R <= D
 
-def native_causal_attention(qkv: Tensor, heads: int, kv_heads: int, head_dim: int) -> bool:
+
+def _angles_fit(rope: Angles | None, B: int, T: int, head_dim: int) -> bool:
+    if rope is None:
+        return True
+    cos, sin = rope
+    R = cos.shape[-1]
+    return (
+        cos.shape == sin.shape
+        and cos.shape[-2:] == (T, R)
+        and (cos.dim() == 2 or (cos.dim() == 3 and cos.shape[0] == B))
+        and 0 < R <= head_dim
+        and R % 2 == 0
+        and all(t.dtype is torch.float32 and t.device.type == "cpu" for t in rope)
+    )
+
+
+def native_causal_attention(
+    qkv: Tensor, heads: int, kv_heads: int, head_dim: int, rope: Angles | None = None
+) -> bool:
     """Whether :func:`causal_attention` runs natively for ``qkv`` (B, T, (H + 2·Hkv)·D): float32
     on the CPU, laid out as such, D a multiple of 8, the query heads a multiple of the key/value
-    heads, T up to :data:`MAX_LENGTH`, the kernels built, and not traced by ``torch.compile``."""
+    heads, T up to :data:`MAX_LENGTH`, RoPE angles (if any) float32 of shape (T, R) or (B, T, R),
+    the kernels built, and not traced by ``torch.compile``."""
     return (
         qkv.dtype is torch.float32
         and qkv.device.type == "cpu"
@@ -26,56 +47,92 @@ def native_causal_attention(qkv: Tensor, heads: int, kv_heads: int, head_dim: in
         and 0 < qkv.shape[1] <= MAX_LENGTH
         and head_dim % 8 == 0
         and heads % kv_heads == 0
+        and _angles_fit(rope, qkv.shape[0], qkv.shape[1], head_dim)
         and not torch.compiler.is_compiling()
         and block_kernels() is not None
     )
 
 
+def _angle_args(cos: Tensor, sin: Tensor) -> tuple[int, int, int, int]:
+    """cos, sin, R and the stride between sequences' tables, as the kernel takes them."""
+    if not cos.numel():
+        return 0, 0, 0, 0
+    R = cos.shape[-1]
+    stride = cos.shape[-2] * R if cos.dim() == 3 else 0
+    return cos.data_ptr(), sin.data_ptr(), R, stride
+
+
 class _CausalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv: Tensor, heads: int, kv_heads: int, head_dim: int, scale: float) -> Tensor:  # noqa: ANN001
+    def forward(  # noqa: ANN205
+        ctx,  # noqa: ANN001
+        qkv: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        scale: float,
+    ):
         qkv = qkv.contiguous()
         B, T, _ = qkv.shape
         out = qkv.new_empty(B, T, heads * head_dim)
         lse = qkv.new_empty(B, heads, T)
         failed = block_kernels().causal_attention_forward(
-            qkv.data_ptr(), B, T, heads, kv_heads, head_dim, scale, out.data_ptr(), lse.data_ptr(),
-            torch.get_num_threads(),
+            qkv.data_ptr(), B, T, heads, kv_heads, head_dim, scale, *_angle_args(cos, sin),
+            out.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
         )
         if failed:
             raise MemoryError(f"causal attention: no memory for the scores of {T} positions")
-        ctx.save_for_backward(qkv, out, lse)
+        ctx.save_for_backward(qkv, cos, sin, out, lse)
         ctx.shape = (heads, kv_heads, head_dim, scale)
         return out
 
     @staticmethod
-    def backward(ctx, dout: Tensor) -> tuple[Tensor, None, None, None, None]:  # noqa: ANN001
-        qkv, out, lse = ctx.saved_tensors
+    def backward(ctx, dout: Tensor):  # noqa: ANN001, ANN205
+        qkv, cos, sin, out, lse = ctx.saved_tensors
         heads, kv_heads, head_dim, scale = ctx.shape
+        nothing = (None,) * 6
         if torch.is_grad_enabled():  # a gradient to differentiate again (create_graph): PyTorch's operators
+            rope = (cos, sin) if cos.numel() else None
             with torch.enable_grad():
-                again = explicit_causal_attention(qkv, heads, kv_heads, head_dim, scale)
+                again = explicit_causal_attention(qkv, heads, kv_heads, head_dim, scale, rope)
                 (dqkv,) = torch.autograd.grad(again, qkv, dout, create_graph=True)
-            return dqkv, None, None, None, None
+            return (dqkv, *nothing)
         dout = dout.contiguous().float()
         B, T, _ = qkv.shape
         dqkv = torch.empty_like(qkv)
         failed = block_kernels().causal_attention_backward(
             qkv.data_ptr(), out.data_ptr(), dout.data_ptr(), lse.data_ptr(), B, T, heads, kv_heads, head_dim,
-            scale, dqkv.data_ptr(), torch.get_num_threads(),
+            scale, *_angle_args(cos, sin), dqkv.data_ptr(), torch.get_num_threads(),
         )
         if failed:
             raise MemoryError(f"causal attention backward: no memory for the scores of {T} positions")
-        return dqkv, None, None, None, None
+        return (dqkv, *nothing)
 
 
-def explicit_causal_attention(qkv: Tensor, heads: int, kv_heads: int, head_dim: int, scale: float) -> Tensor:
+def _rotated(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, T, D) with its first R dimensions rotated, pairs (i, i + R/2), as RoPE does."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    R = cos.shape[-1]
+    x1, x2, rest = x[..., : R // 2], x[..., R // 2 : R], x[..., R:]
+    turned = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x[..., :R] * cos + turned * sin, rest), dim=-1)
+
+
+def explicit_causal_attention(
+    qkv: Tensor, heads: int, kv_heads: int, head_dim: int, scale: float, rope: Angles | None = None
+) -> Tensor:
     """What :func:`causal_attention` computes, by PyTorch's differentiable operators (the scores
     written out, as :class:`~lmforge.model.attention.SelfAttention`'s explicit path does)."""
     B, T, _ = qkv.shape
     q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
     q = q.reshape(B, T, heads, head_dim).transpose(1, 2)  # (B, H, T, D)
-    k = k.reshape(B, T, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    k = k.reshape(B, T, kv_heads, head_dim).transpose(1, 2)
+    if rope is not None:
+        q, k = _rotated(q, *rope), _rotated(k, *rope)
+    k = k.repeat_interleave(heads // kv_heads, dim=1)
     v = v.reshape(B, T, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
     scores = (q @ k.transpose(-2, -1)) * scale
     later = torch.ones(T, T, dtype=torch.bool, device=qkv.device).triu(1)
@@ -83,19 +140,28 @@ def explicit_causal_attention(qkv: Tensor, heads: int, kv_heads: int, head_dim: 
     return out.transpose(1, 2).reshape(B, T, heads * head_dim)
 
 
-def causal_attention(qkv: Tensor, heads: int, kv_heads: int, head_dim: int, scale: float) -> Tensor:
+def causal_attention(
+    qkv: Tensor, heads: int, kv_heads: int, head_dim: int, scale: float, rope: Angles | None = None
+) -> Tensor:
     """softmax(Q Kᵀ·scale, causal) V with every head joined: (B, T, H·D), for the fused projection
     ``qkv`` (B, T, (H + 2·Hkv)·D) holding each position's H query heads, then its Hkv key heads,
-    then its Hkv value heads (query head h reads key/value head h // (H / Hkv)). Differentiable;
-    a gradient taken with ``create_graph`` comes from :func:`explicit_causal_attention`, so it can be
-    differentiated again. Only where :func:`native_causal_attention` says so.
+    then its Hkv value heads (query head h reads key/value head h // (H / Hkv)); with ``rope``
+    (cos, sin), queries and keys rotated first. Differentiable with respect to ``qkv`` (the angles
+    are constants); a gradient taken with ``create_graph`` comes from
+    :func:`explicit_causal_attention`, so it can be differentiated again. Only where
+    :func:`native_causal_attention` says so.
 
     Raises:
         ValueError: where it does not apply.
     """
-    if not native_causal_attention(qkv, heads, kv_heads, head_dim):
+    if not native_causal_attention(qkv, heads, kv_heads, head_dim, rope):
+        shapes = "" if rope is None else f", angles {tuple(rope[0].shape)}"
         raise ValueError(
             f"native causal attention does not apply to {qkv.dtype} {tuple(qkv.shape)} on {qkv.device} "
-            f"with {heads} heads, {kv_heads} key/value heads of {head_dim}"
+            f"with {heads} heads, {kv_heads} key/value heads of {head_dim}{shapes}"
         )
-    return _CausalAttention.apply(qkv, heads, kv_heads, head_dim, float(scale))
+    if rope is None:
+        cos = sin = qkv.new_empty(0)
+    else:
+        cos, sin = (t.detach().contiguous() for t in rope)
+    return _CausalAttention.apply(qkv, cos, sin, heads, kv_heads, head_dim, float(scale))

@@ -598,7 +598,8 @@ void gelu_tanh_backward(const float *dy, const float *x, float *dx, long n, int 
    Backward, with P recomputed from the scores and the kept log-sum-exp (s = scale q . k):
        dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
        dQ = scale dS K,  dK = dS^T (scale Q),  dV = P^T dO
-   dK and dV summed over the query heads that share a key/value head. */
+   dK and dV summed over the query heads that share a key/value head. With rotary positions, Q and
+   K are rotated as they are read, and dQ and dK turned back by the rotation's transpose. */
 #define KEYS 16 /* keys per score tile */
 #define QROWS 6 /* query rows per block */
 
@@ -724,30 +725,54 @@ static void copy_rows(const float *src, long lds, long T, long rows, long D, flo
     memset(dst + T * D, 0, sizeof(float) * (size_t)((rows - T) * D));
 }
 
+/* Rotate rows t < T of x (row stride D) by their positions' angles (section 4's rotate; angles
+   R values a position). */
+static void rotate_rows(float *x, long T, long D, const float *cos, const float *sin, long R) {
+    for (long t = 0; t < T; t++) rotate(x + t * D, cos + t * R, sin + t * R, R);
+}
+
+/* g, a gradient with respect to a rotated head, brought back to the head before rotate (rotate's
+   transpose). */
+static void rotate_back(float *g, const float *cos, const float *sin, long R) {
+    const long half = R / 2;
+    for (long i = 0; i < half; i++) {
+        const float g1 = g[i], g2 = g[i + half];
+        g[i] = g1 * cos[i] + g2 * sin[i + half];
+        g[i + half] = g2 * cos[i + half] - g1 * sin[i];
+    }
+}
+
 /* The scores of query rows i0 .. i0+5 against keys 0 .. hi (tiles of 16 keys; s row stride ldt). */
 static void score_block(const float *x, long D, const float *keys, long i0, long hi, float *s, long ldt) {
     for (long j0 = 0; j0 < hi; j0 += KEYS) scores_6x16(x + i0 * D, D, keys + j0 * D, s + i0 * ldt + j0, ldt);
 }
 
-/* out (B, T, H D) and lse (B, H, T) of causal attention over qkv; returns -1 when memory ran out. */
+/* out (B, T, H D) and lse (B, H, T) of causal attention over qkv, queries and keys rotated first
+   when R > 0 (the angles of sequence b, position t at cos/sin + b rope_stride + t R: a stride of 0
+   shares one table); returns -1 when memory ran out. */
 int causal_attention_forward(const float *qkv, long B, long T, long H, long Hkv, long D, float scale,
+                             const float *cos, const float *sin, long R, long rope_stride,
                              float *out, float *lse, int threads) {
     const long W = (H + 2 * Hkv) * D, group = H / Hkv, rows = round_up(T, QROWS), ldt = score_stride(T);
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    float *buffer = malloc(sizeof(float) * (size_t)(2 * rows * D + D * round_up(T, KEYS) + rows * ldt)); /* each thread's */
+    float *buffer = malloc(sizeof(float) * (size_t)(3 * rows * D + D * round_up(T, KEYS) + rows * ldt)); /* each thread's */
     if (buffer == NULL) failed = 1;
 #pragma omp for schedule(dynamic)
     for (long task = 0; task < B * Hkv; task++) {
         if (buffer == NULL) continue;
         const long b = task / Hkv, g = task % Hkv;
-        float *qs = buffer, *values = qs + rows * D, *kt = values + rows * D, *s = kt + D * round_up(T, KEYS);
-        const float *base = qkv + b * T * W;
-        panels(base + (H + g) * D, W, T, D, kt);
+        float *qs = buffer, *values = qs + rows * D, *keys = values + rows * D, *kt = keys + rows * D;
+        float *s = kt + D * round_up(T, KEYS);
+        const float *base = qkv + b * T * W, *c = cos + b * rope_stride, *n = sin + b * rope_stride;
+        copy_rows(base + (H + g) * D, W, T, rows, D, 1.0f, keys);
+        if (R > 0) rotate_rows(keys, T, D, c, n, R);
+        panels(keys, D, T, D, kt);
         copy_rows(base + (H + Hkv + g) * D, W, T, rows, D, 1.0f, values);
         for (long h = g * group; h < (g + 1) * group; h++) {
             copy_rows(base + h * D, W, T, rows, D, scale, qs);
+            if (R > 0) rotate_rows(qs, T, D, c, n, R);
             float *head_lse = lse + (b * H + h) * T;
             for (long i0 = 0; i0 < T; i0 += QROWS) {
                 const long hi = i0 + QROWS < T ? i0 + QROWS : T;
@@ -787,30 +812,34 @@ int causal_attention_forward(const float *qkv, long B, long T, long H, long Hkv,
     return failed ? -1 : 0;
 }
 
-/* dqkv (B, T, (H + 2 Hkv) D), every element written, from the forward pass's qkv, out and lse and
-   the output's gradient dout (B, T, H D); returns -1 when memory ran out. */
+/* dqkv (B, T, (H + 2 Hkv) D), every element written, from the forward pass's qkv, angles, out and
+   lse and the output's gradient dout (B, T, H D); returns -1 when memory ran out. */
 int causal_attention_backward(const float *qkv, const float *out, const float *dout, const float *lse, long B,
-                              long T, long H, long Hkv, long D, float scale, float *dqkv, int threads) {
+                              long T, long H, long Hkv, long D, float scale, const float *cos, const float *sin,
+                              long R, long rope_stride, float *dqkv, int threads) {
     const long W = (H + 2 * Hkv) * D, group = H / Hkv, rows = round_up(T, QROWS), ldt = score_stride(T);
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    float *buffer = malloc(sizeof(float) * (size_t)(5 * rows * D + 2 * D * round_up(T, KEYS) + 2 * rows * ldt + rows)); /* each thread's */
+    float *buffer = malloc(sizeof(float) * (size_t)(6 * rows * D + 2 * D * round_up(T, KEYS) + 2 * rows * ldt + rows)); /* each thread's */
     if (buffer == NULL) failed = 1;
 #pragma omp for schedule(dynamic)
     for (long task = 0; task < B * Hkv; task++) {
         if (buffer == NULL) continue;
         const long b = task / Hkv, g = task % Hkv;
         float *qs = buffer, *gs = qs + rows * D, *keys = gs + rows * D, *dk = keys + rows * D, *dv = dk + rows * D;
-        float *kt = dv + rows * D, *vt = kt + D * round_up(T, KEYS), *p = vt + D * round_up(T, KEYS), *ds = p + rows * ldt, *dot = ds + rows * ldt;
-        const float *base = qkv + b * T * W;
+        float *dq = dv + rows * D, *kt = dq + rows * D, *vt = kt + D * round_up(T, KEYS), *p = vt + D * round_up(T, KEYS);
+        float *ds = p + rows * ldt, *dot = ds + rows * ldt;
+        const float *base = qkv + b * T * W, *c = cos + b * rope_stride, *n = sin + b * rope_stride;
         float *dbase = dqkv + b * T * W;
         copy_rows(base + (H + g) * D, W, T, rows, D, 1.0f, keys);
-        panels(base + (H + g) * D, W, T, D, kt);
+        if (R > 0) rotate_rows(keys, T, D, c, n, R);
+        panels(keys, D, T, D, kt);
         panels(base + (H + Hkv + g) * D, W, T, D, vt);
         for (long h = g * group; h < (g + 1) * group; h++) {
             const float *head_lse = lse + (b * H + h) * T, *o = out + b * T * H * D + h * D;
             copy_rows(base + h * D, W, T, rows, D, scale, qs);
+            if (R > 0) rotate_rows(qs, T, D, c, n, R);
             copy_rows(dout + b * T * H * D + h * D, H * D, T, rows, D, 1.0f, gs);
             for (long i = 0; i < T; i++) {
                 __m256 sum = _mm256_setzero_ps();
@@ -841,7 +870,11 @@ int causal_attention_backward(const float *qkv, const float *out, const float *d
                     }
                     for (; j < hi; j++) prow[j] = drow[j] = 0.0f;
                 }
-                weighted_rows(ds + i0 * ldt, ldt, 1, keys, D, 0, hi, D, scale, dbase + i0 * W + h * D, W, hi - i0, 0);
+                weighted_rows(ds + i0 * ldt, ldt, 1, keys, D, 0, hi, D, scale, dq + i0 * D, D, hi - i0, 0);
+                for (long i = i0; i < hi; i++) {
+                    if (R > 0) rotate_back(dq + i * D, c + i * R, n + i * R, R);
+                    memcpy(dbase + i * W + h * D, dq + i * D, sizeof(float) * (size_t)D);
+                }
             }
             for (long j0 = 0; j0 < T; j0 += QROWS) {
                 const long count = j0 + QROWS < T ? QROWS : T - j0;
@@ -850,6 +883,7 @@ int causal_attention_backward(const float *qkv, const float *out, const float *d
             }
         }
         for (long t = 0; t < T; t++) {
+            if (R > 0) rotate_back(dk + t * D, c + t * R, n + t * R, R);
             memcpy(dbase + t * W + (H + g) * D, dk + t * D, sizeof(float) * (size_t)D);
             memcpy(dbase + t * W + (H + Hkv + g) * D, dv + t * D, sizeof(float) * (size_t)D);
         }

@@ -188,8 +188,8 @@ class SelfAttention(nn.Module):
             # [Q | K | V] = X [W_Q | W_K | W_V]: one matmul, then each one's D-wide slice per head.
             qkv = padded(self._stacked_qkv(x))  # (B, T, (H + 2·Hkv)·D)
             if self._causal_natively(qkv, packing, attention_mask, rope, position_bias, kv_cache, need_weights):
-                # the whole attention in one native pass each way, heads joined: (B, T, H·D)
-                return self.out_proj(causal_attention(qkv, H, Hkv, D, self.scale))
+                # rotation and attention in one native pass each way, heads joined: (B, T, H·D)
+                return self.out_proj(causal_attention(qkv, H, Hkv, D, self.scale, rope))
             q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
             q = q.view(B, T, H, D).transpose(1, 2)  # (B, T, H·D) -> (B, H, T, D)
             k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
@@ -259,20 +259,19 @@ class SelfAttention(nn.Module):
     ) -> bool:
         """Whether this self-attention over the fused projection ``qkv`` is plain causal attention
         that :func:`lmforge.kernels.causal.causal_attention` computes (training a decoder, mostly):
-        no mask, padding, rotation, position bias, cache, prefix or dropout, weights not asked
-        for, SDPA not turned off, and the kernel taking ``qkv``."""
+        no mask, padding, position bias, cache, prefix or dropout, weights not asked for, SDPA not
+        turned off, and the kernel taking ``qkv`` and the rotary angles, if any."""
         return (
             self.causal
             and packing is None
             and attention_mask is None
-            and rope is None
             and position_bias is None
             and kv_cache is None
             and not need_weights
             and self.prefix is None
             and self.use_sdpa
             and (self.dropout == 0.0 or not self.training)
-            and native_causal_attention(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
+            and native_causal_attention(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope)
         )
 
     def _decode_natively(
