@@ -21,7 +21,11 @@ attention proper, with two interchangeable paths behind it:
 Both give the same numbers; a test holds them to it. A third runs while a CPU decodes a token
 per sequence in the decoding form (:func:`lmforge.quant.for_decoding`): the same formulas for
 each new query, with the rotation and the cache's append, in one native call
-(:func:`lmforge.kernels.decode_attention`) instead of some thirty small operators a layer.
+(:func:`lmforge.kernels.decode_attention`) instead of some thirty small operators a layer. A
+fourth while a CPU trains in float32 on plain causal self-attention (no mask, bias, cache, prefix
+or attention dropout; RoPE allowed): :func:`lmforge.kernels.causal.causal_attention` reads the
+stacked projection below, rotates, attends and joins the heads in one native pass forward and one
+backward, about twice as fast as SDPA's CPU kernel at the lengths it takes.
 
 Q, K and V stay three ``nn.Linear`` modules (``q_proj``, ``k_proj``, ``v_proj``: the names PEFT
 methods target and Hugging Face weight maps use), but while training they run as one matmul over
