@@ -179,36 +179,13 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.gelu_tanh_backward.argtypes = [pointer, pointer, pointer, size, integer]
     lib.gelu_tanh_backward.restype = None
     real = ctypes.c_float
+    shape = [size] * 5  # B, T, H, Hkv, D
     angles = [pointer, pointer, size, size]  # cos, sin, R, the stride between sequences' tables
-    lib.causal_attention_forward.argtypes = [
-        pointer,  # qkv
-        size,  # B
-        size,  # T
-        size,  # H
-        size,  # Hkv
-        size,  # D
-        real,  # scale
-        *angles,
-        pointer,  # out
-        pointer,  # lse
-        integer,  # threads
-    ]
+    # qkv, shape, scale, angles, out, lse, threads
+    lib.causal_attention_forward.argtypes = [pointer, *shape, real, *angles, pointer, pointer, integer]
     lib.causal_attention_forward.restype = integer
-    lib.causal_attention_backward.argtypes = [
-        pointer,  # qkv
-        pointer,  # out
-        pointer,  # dout
-        pointer,  # lse
-        size,  # B
-        size,  # T
-        size,  # H
-        size,  # Hkv
-        size,  # D
-        real,  # scale
-        *angles,
-        pointer,  # dqkv
-        integer,  # threads
-    ]
+    # qkv, out, dout, lse, shape, scale, angles, dqkv, threads
+    lib.causal_attention_backward.argtypes = [*[pointer] * 4, *shape, real, *angles, pointer, integer]
     lib.causal_attention_backward.restype = integer
     return lib, None
 
