@@ -541,7 +541,8 @@ int decode_block(const Block *blk, const float *x, float *y, const float *cos, c
 
 /* 6. GELU's tanh form over many values, forward and backward, for training and whole-prompt
    passes (lmforge.kernels.activation): PyTorch's tanh is its slowest elementwise kernel on this
-   build (about 5x this one). With threads, each takes a contiguous range. Section 5's identity:
+   build (its GELU 4-5 times as slow as this one). With threads, each takes a contiguous range.
+   Section 5's identity:
 
        y = x s,  s = sigmoid(2u),  2u = a x (1 + 0.044715 x^2),  a = 2 sqrt(2 / pi)
        dy/dx = s + x s (1 - s) a (1 + 3 * 0.044715 x^2)
@@ -611,9 +612,9 @@ static inline float hmax(__m256 v) {
 
 static inline long round_up(long n, long m) { return (n + m - 1) / m * m; }
 
-/* Row stride of the score buffers: T rounded up to a tile, plus one tile so
-   that a column walked down the rows does not fall into a handful of cache sets (a stride of a
-   power of two, 1 KB at T = 256, spreads 64 rows over 4 of L1's 64 sets). */
+/* Row stride of the score buffers: T rounded up to a tile, plus one tile so that a column walked
+   down the rows does not fall into a handful of cache sets (a stride of a power of two, 1 KB at
+   T = 256, spreads 64 rows over 4 of L1's 64 sets). */
 static inline long score_stride(long T) { return round_up(T, KEYS) + KEYS; }
 
 /* s[r][0 .. 16) = sum_d x[r][d] panel[d][0 .. 16) for the 6 rows r of x (row stride D): one tile
