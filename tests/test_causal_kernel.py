@@ -172,9 +172,9 @@ def counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the layer's calls of the native attention."""
     calls: list[int] = []
 
-    def counted(*args: object) -> torch.Tensor:
+    def counted(*args: object, **options: object) -> torch.Tensor:
         calls.append(1)
-        return causal_attention(*args)
+        return causal_attention(*args, **options)
 
     monkeypatch.setattr(attention_module, "causal_attention", counted)
     return calls

@@ -53,9 +53,9 @@ def native_causal_attention(
     )
 
 
-def _angle_args(cos: Tensor, sin: Tensor) -> tuple[int, int, int, int]:
+def _angle_args(cos: Tensor | None, sin: Tensor | None) -> tuple[int, int, int, int]:
     """cos, sin, R and the stride between sequences' tables, as the kernel takes them."""
-    if not cos.numel():
+    if cos is None or sin is None:
         return 0, 0, 0, 0
     R = cos.shape[-1]
     stride = cos.shape[-2] * R if cos.dim() == 3 else 0
@@ -67,8 +67,8 @@ class _CausalAttention(torch.autograd.Function):
     def forward(  # noqa: ANN205
         ctx,  # noqa: ANN001
         qkv: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        cos: Tensor | None,
+        sin: Tensor | None,
         heads: int,
         kv_heads: int,
         head_dim: int,
@@ -94,7 +94,7 @@ class _CausalAttention(torch.autograd.Function):
         heads, kv_heads, head_dim, scale = ctx.shape
         nothing = (None,) * 6
         if torch.is_grad_enabled():  # a gradient to differentiate again (create_graph): PyTorch's operators
-            rope = (cos, sin) if cos.numel() else None
+            rope = None if cos is None else (cos, sin)
             with torch.enable_grad():
                 again = explicit_causal_attention(qkv, heads, kv_heads, head_dim, scale, rope)
                 (dqkv,) = torch.autograd.grad(again, qkv, dout, create_graph=True)
@@ -141,7 +141,14 @@ def explicit_causal_attention(
 
 
 def causal_attention(
-    qkv: Tensor, heads: int, kv_heads: int, head_dim: int, scale: float, rope: Angles | None = None
+    qkv: Tensor,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    scale: float,
+    rope: Angles | None = None,
+    *,
+    checked: bool = False,
 ) -> Tensor:
     """softmax(Q Kᵀ·scale, causal) V with every head joined: (B, T, H·D), for the fused projection
     ``qkv`` (B, T, (H + 2·Hkv)·D) holding each position's H query heads, then its Hkv key heads,
@@ -149,19 +156,16 @@ def causal_attention(
     (cos, sin), queries and keys rotated first. Differentiable with respect to ``qkv`` (the angles
     are constants); a gradient taken with ``create_graph`` comes from
     :func:`explicit_causal_attention`, so it can be differentiated again. Only where
-    :func:`native_causal_attention` says so.
+    :func:`native_causal_attention` says so (``checked=True``: the caller has just asked it).
 
     Raises:
         ValueError: where it does not apply.
     """
-    if not native_causal_attention(qkv, heads, kv_heads, head_dim, rope):
+    if not checked and not native_causal_attention(qkv, heads, kv_heads, head_dim, rope):
         shapes = "" if rope is None else f", angles {tuple(rope[0].shape)}"
         raise ValueError(
             f"native causal attention does not apply to {qkv.dtype} {tuple(qkv.shape)} on {qkv.device} "
             f"with {heads} heads, {kv_heads} key/value heads of {head_dim}{shapes}"
         )
-    if rope is None:
-        cos = sin = qkv.new_empty(0)
-    else:
-        cos, sin = (t.detach().contiguous() for t in rope)
+    cos, sin = (None, None) if rope is None else (t.detach().contiguous() for t in rope)
     return _CausalAttention.apply(qkv, cos, sin, heads, kv_heads, head_dim, float(scale))

@@ -766,10 +766,14 @@ int causal_attention_forward(const float *qkv, long B, long T, long H, long Hkv,
         const long b = task / Hkv, g = task % Hkv;
         float *qs = buffer, *values = qs + rows * D, *keys = values + rows * D, *kt = keys + rows * D;
         float *s = kt + D * round_up(T, KEYS);
-        const float *base = qkv + b * T * W, *c = cos + b * rope_stride, *n = sin + b * rope_stride;
-        copy_rows(base + (H + g) * D, W, T, rows, D, 1.0f, keys);
-        if (R > 0) rotate_rows(keys, T, D, c, n, R);
-        panels(keys, D, T, D, kt);
+        const float *base = qkv + b * T * W, *c = R > 0 ? cos + b * rope_stride : NULL, *n = R > 0 ? sin + b * rope_stride : NULL;
+        if (R > 0) { /* rotated keys, then their panels */
+            copy_rows(base + (H + g) * D, W, T, rows, D, 1.0f, keys);
+            rotate_rows(keys, T, D, c, n, R);
+            panels(keys, D, T, D, kt);
+        } else {
+            panels(base + (H + g) * D, W, T, D, kt);
+        }
         copy_rows(base + (H + Hkv + g) * D, W, T, rows, D, 1.0f, values);
         for (long h = g * group; h < (g + 1) * group; h++) {
             copy_rows(base + h * D, W, T, rows, D, scale, qs);
@@ -831,7 +835,7 @@ int causal_attention_backward(const float *qkv, const float *out, const float *d
         float *qs = buffer, *gs = qs + rows * D, *keys = gs + rows * D, *dk = keys + rows * D, *dv = dk + rows * D;
         float *dq = dv + rows * D, *kt = dq + rows * D, *vt = kt + D * round_up(T, KEYS), *p = vt + D * round_up(T, KEYS);
         float *ds = p + rows * ldt, *dot = ds + rows * ldt;
-        const float *base = qkv + b * T * W, *c = cos + b * rope_stride, *n = sin + b * rope_stride;
+        const float *base = qkv + b * T * W, *c = R > 0 ? cos + b * rope_stride : NULL, *n = R > 0 ? sin + b * rope_stride : NULL;
         float *dbase = dqkv + b * T * W;
         copy_rows(base + (H + g) * D, W, T, rows, D, 1.0f, keys);
         if (R > 0) rotate_rows(keys, T, D, c, n, R);

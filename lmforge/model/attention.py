@@ -193,7 +193,7 @@ class SelfAttention(nn.Module):
             qkv = padded(self._stacked_qkv(x))  # (B, T, (H + 2·Hkv)·D)
             if self._causal_natively(qkv, packing, attention_mask, rope, position_bias, kv_cache, need_weights):
                 # rotation and attention in one native pass each way, heads joined: (B, T, H·D)
-                return self.out_proj(causal_attention(qkv, H, Hkv, D, self.scale, rope))
+                return self.out_proj(causal_attention(qkv, H, Hkv, D, self.scale, rope, checked=True))
             q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
             q = q.view(B, T, H, D).transpose(1, 2)  # (B, T, H·D) -> (B, H, T, D)
             k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
