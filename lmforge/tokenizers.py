@@ -30,20 +30,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, processors
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .chat_template import encode_chat, render_chat
 from .corpus import as_corpus
 from .errors import LMForgeError
+from .tokenizer_training import train_backend
 
 if TYPE_CHECKING:
     from .chat_template import ChatEncoding, ChatTemplate
@@ -129,7 +129,8 @@ class Tokenizer:
         field: str = "text",
         show_progress: bool = True,
     ) -> Tokenizer:
-        """Train a tokenizer on files (text, JSONL, directories) or on an iterator of texts.
+        """Train a tokenizer on files (text, JSONL, directories) or on an iterator of texts; the
+        same corpus gives the same vocabulary in every run (see :mod:`lmforge.tokenizer_training`).
 
         Args:
             sources: a path, a list of paths, a :class:`~lmforge.data.Corpus`, or an iterator of
@@ -169,12 +170,9 @@ class Tokenizer:
         if min_frequency is None:
             min_frequency = 1 if kind == "char" else 2
 
-        backend, trainer = _new_backend(kind, specials, vocab_size, min_frequency, lowercase, names)
-        corpus = as_corpus(sources, field=field)
-        read = [0]  # characters the trainer saw
-        backend.train_from_iterator(_training_texts(corpus, show_progress, read), trainer=trainer)
-        if read[0] == 0:
-            raise LMForgeError(f"empty corpus: no text to train on in {corpus.name}")
+        backend = train_backend(
+            kind, as_corpus(sources, field=field), specials, names, vocab_size, min_frequency, lowercase, show_progress
+        )
         first, last = (names["cls"], names["sep"]) if kind == "wordpiece" else (names["bos"], names["eos"])
         backend.post_processor = processors.TemplateProcessing(
             single=f"{first} $A {last}",
@@ -451,71 +449,6 @@ class Tokenizer:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-
-def _new_backend(
-    kind: str,
-    specials: list[str],
-    vocab_size: int,
-    min_frequency: int,
-    lowercase: bool,
-    names: dict[str, str],
-) -> tuple[Backend, Any]:
-    """An untrained backend and its trainer for ``kind``."""
-    if kind == "char":
-        backend = Backend(models.WordLevel(unk_token=names["unk"]))
-        # (?m) makes "." match a newline too (Oniguruma's Ruby syntax): one piece per character.
-        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?m)."), behavior="isolated")
-        backend.decoder = decoders.Fuse()
-        trainer = trainers.WordLevelTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=False
-        )
-    elif kind == "bpe":
-        backend = Backend(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-    else:
-        backend = Backend(models.WordPiece(unk_token=names["unk"]))
-        backend.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
-        )
-        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        backend.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=False
-        )
-    return backend, trainer
-
-
-def _training_texts(corpus: Corpus, show_progress: bool, read: list[int]) -> Iterator[list[str]]:
-    """Pieces of the corpus in groups (the Rust trainer takes batches), with a progress bar;
-    counts the characters into ``read[0]``."""
-
-    total = corpus.num_bytes
-    with tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        desc=f"training tokenizer on {corpus.name}",
-        disable=not show_progress,
-    ) as bar:
-        group: list[str] = []
-        for text, _ in corpus.pieces(chunk_chars=1 << 16):
-            group.append(text)
-            read[0] += len(text)
-            bar.update(len(text.encode("utf-8")))
-            if len(group) == 256:
-                yield group
-                group = []
-        if group:
-            yield group
 
 
 def _infer_role(backend: Backend, role: str) -> str | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from lmforge import LMForgeError
 from lmforge.data import Corpus
+from lmforge.tokenizer_training import _continuing_characters, new_backend
 from lmforge.tokenizers import DEFAULT_SPECIAL_TOKENS, ROLES, Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -229,6 +232,48 @@ def test_train_from_jsonl_field_and_corpus(tmp_path: Path) -> None:
     assert tok.decode(tok.encode(TEXTS[1])) == TEXTS[1]
     same = Tokenizer.train(Corpus.from_texts(TEXTS), kind="char", vocab_size=1000, show_progress=False)
     assert same.fingerprint == tok.fingerprint
+
+
+def test_every_kind_trains_the_same_vocabulary_in_every_process() -> None:
+    # Hugging Face's WordPiece trainer numbered its ## pieces in a hash map's order, new in every
+    # process, and broke ties between merges by those numbers: this corpus (many equal counts)
+    # gave a different vocabulary almost every run before train_backend pinned them.
+    script = (
+        "import hashlib, sys\n"
+        "from lmforge.tokenizers import Tokenizer\n"
+        "words = 'the a it was very and so then apple banana cat dog red blue'.split()\n"
+        "texts = [' '.join(words)] * 10 + [' '.join(reversed(words))] * 10\n"
+        "for kind, size in (('char', 40), ('bpe', 300), ('wordpiece', 60)):\n"
+        "    tok = Tokenizer.train(iter(texts), kind=kind, vocab_size=size, show_progress=False)\n"
+        "    print(kind, hashlib.sha256(tok.backend.to_str().encode()).hexdigest())\n"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+        for _ in range(3)
+    ]
+    assert len(runs[0].splitlines()) == 3
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_wordpiece_pins_exactly_the_characters_that_continue_a_word(lowercase: bool) -> None:
+    backend, _ = new_backend("wordpiece", ["[UNK]"], 100, 2, lowercase, {"unk": "[UNK]"})
+    texts = [*TEXTS, UNSEEN, "x\u00a0y a\u2003b e\u0301t z\u200bw tab\tthen ÉCOLE"]
+    expected: set[str] = set()
+    for text in texts:  # the words as the trainer cuts them, the slow way
+        words = backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))
+        expected.update("".join(word[1:] for word, _ in words))
+    assert _continuing_characters(backend, Corpus.from_texts(texts), False) == expected
+    assert {"p", "e", "a"} <= expected and not expected & {" ", ",", "好", "#"}
+    assert ("\u0301" in expected) != lowercase  # uncased BERT strips accents
+
+
+def test_pinned_pieces_stay_plain_vocabulary(trained: dict[str, Tokenizer]) -> None:
+    tok = trained["wordpiece"]
+    added = {token.content for token in tok.backend.get_added_tokens_decoder().values()}
+    assert added == set(DEFAULT_SPECIAL_TOKENS.values())
+    assert tok.backend.token_to_id("##p") is not None  # a piece, not a special token:
+    assert tok.backend.encode("##p", add_special_tokens=False).tokens == ["#", "#", "p"]  # "##p" in a text is not matched whole
 
 
 # ---- the command ----------------------------------------------------------------------------------
