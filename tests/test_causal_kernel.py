@@ -224,9 +224,44 @@ def test_training_matches_sdpa(monkeypatch: pytest.MonkeyPatch, overrides: dict)
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["tiny-decoder", "tiny-llama"])
+def test_right_padding_skipped_by_packing_runs_natively(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """A right-padded batch (the real tokens first, the padding rows dropped by packing): every
+    layer native, and the loss and gradients those of SDPA with the padding mask."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_name(name, dropout=0.0)
+    ours = Transformer(config).train()
+    theirs = copy.deepcopy(ours)
+    lengths = (24, 17, 9)
+    ids = torch.randint(0, config.vocab_size, (3, 24))
+    mask = torch.zeros(3, 24, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    calls = counting(monkeypatch)
+    results = {}
+    for label, model in (("ours", ours), ("theirs", theirs)):
+        if label == "theirs":
+            monkeypatch.setattr(attention_module, "native_causal_attention", lambda *args: False)
+        logits = model(ids[:, :-1], attention_mask=mask[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        loss.backward()
+        results[label] = (logits.detach(), loss.item(), [p.grad for p in model.parameters()])
+        if label == "ours":
+            assert len(calls) == config.num_layers
+    assert len(calls) == config.num_layers  # none on SDPA's side
+    (ours_logits, ours_loss, ours_grads), (theirs_logits, theirs_loss, theirs_grads) = results.values()
+    assert ours_loss == pytest.approx(theirs_loss, rel=1e-5)
+    assert torch.allclose(ours_logits, theirs_logits, atol=1e-5)  # padding positions: zeros on both
+    for a, b in zip(ours_grads, theirs_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    alone = ours(ids[2:, : lengths[2]]).logits  # the shortest row on its own, no padding at all
+    assert torch.allclose(alone[0], ours_logits[2, : lengths[2]], atol=1e-5)
+
+
 def test_cases_the_layer_keeps_on_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A padding mask, attention dropout while training, ALiBi, attention weights asked for, SDPA
-    turned off, no gradients (Q/K/V not fused): the layer's own path, same outputs."""
+    """A left-padding mask, attention dropout while training, ALiBi, attention weights asked for,
+    SDPA turned off, no gradients (Q/K/V not fused): the layer's own path, same outputs."""
     torch.manual_seed(0)
     calls = counting(monkeypatch)
     ids = torch.randint(0, 100, (2, 12))

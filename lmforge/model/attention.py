@@ -193,7 +193,8 @@ class SelfAttention(nn.Module):
             qkv = padded(self._stacked_qkv(x))  # (B, T, (H + 2·Hkv)·D)
             if self._causal_natively(qkv, packing, attention_mask, rope, position_bias, kv_cache, need_weights):
                 # rotation and attention in one native pass each way, heads joined: (B, T, H·D)
-                return self.out_proj(causal_attention(qkv, H, Hkv, D, self.scale, rope, checked=True))
+                out = causal_attention(qkv, H, Hkv, D, self.scale, rope, checked=True)
+                return self.out_proj(packing.unpad(out) if packing is not None else out)
             q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
             q = q.view(B, T, H, D).transpose(1, 2)  # (B, T, H·D) -> (B, H, T, D)
             k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
@@ -263,12 +264,12 @@ class SelfAttention(nn.Module):
     ) -> bool:
         """Whether this self-attention over the fused projection ``qkv`` is plain causal attention
         that :func:`lmforge.kernels.causal.causal_attention` computes (training a decoder, mostly):
-        no mask, padding, position bias, cache, prefix or dropout, weights not asked for, SDPA not
-        turned off, and the kernel taking ``qkv`` and the rotary angles, if any."""
+        no mask (or only right padding that ``packing`` drops again: see :mod:`~lmforge.model.packing`),
+        no position bias, cache, prefix or dropout, weights not asked for, SDPA not turned off, and
+        the kernel taking ``qkv`` and the rotary angles, if any."""
         return (
             self.causal
-            and packing is None
-            and attention_mask is None
+            and (attention_mask is None or (packing is not None and packing.tokens_first))
             and position_bias is None
             and kv_cache is None
             and not need_weights

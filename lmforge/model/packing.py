@@ -11,8 +11,12 @@ inside attention, where queries and keys need their (B, T) places.
                                        └─pad─► attention over (B, H, T, D) ─unpad─┘
 
 The idea is the one behind "padding-free" training (e.g. FlashAttention's varlen kernels and
-PyTorch's nested tensors); here attention itself still runs padded, which keeps it plain SDPA.
-Outputs at padding positions come back as zeros.
+PyTorch's nested tensors); here attention itself still runs padded, on SDPA with the padding mask.
+When every row's real tokens come first (right padding), a causal layer needs no mask at all: a
+real query sees only keys at or before it, all real; the rows at padding positions are dropped
+again by ``unpad``. Training then takes lmforge's native causal attention (see
+:mod:`lmforge.kernels.causal`) as it does on an unpadded batch. Outputs at padding positions come
+back as zeros.
 """
 
 from __future__ import annotations
@@ -28,17 +32,21 @@ class Packing:
 
     index: (N,) flat positions b·T + t of the real tokens, in order.
     batch, length: B and T of the padded layout.
+    tokens_first: every row's real tokens come before its padding (right padding).
     """
 
     index: Tensor
     batch: int
     length: int
+    tokens_first: bool = False
 
     @classmethod
     def from_mask(cls, mask: Tensor) -> Packing:
         """From a (B, T) padding mask, True/1 = a real token."""
         B, T = mask.shape
-        return cls(mask.reshape(-1).nonzero().squeeze(1), B, T)
+        mask = mask.bool()
+        tokens_first = bool((mask[:, :-1] | ~mask[:, 1:]).all())  # no padding before a real token
+        return cls(mask.reshape(-1).nonzero().squeeze(1), B, T, tokens_first)
 
     def unpad(self, x: Tensor) -> Tensor:
         """(B, T, ...) -> (N, ...): the real tokens' rows."""
