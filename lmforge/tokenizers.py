@@ -170,8 +170,9 @@ class Tokenizer:
         if min_frequency is None:
             min_frequency = 1 if kind == "char" else 2
 
+        corpus = as_corpus(sources, field=field)
         backend = train_backend(
-            kind, as_corpus(sources, field=field), specials, names, vocab_size, min_frequency, lowercase, show_progress
+            kind, corpus, specials, names, vocab_size, min_frequency, lowercase, show_progress
         )
         first, last = (names["cls"], names["sep"]) if kind == "wordpiece" else (names["bos"], names["eos"])
         backend.post_processor = processors.TemplateProcessing(

@@ -272,8 +272,8 @@ def test_pinned_pieces_stay_plain_vocabulary(trained: dict[str, Tokenizer]) -> N
     tok = trained["wordpiece"]
     added = {token.content for token in tok.backend.get_added_tokens_decoder().values()}
     assert added == set(DEFAULT_SPECIAL_TOKENS.values())
-    assert tok.backend.token_to_id("##p") is not None  # a piece, not a special token:
-    assert tok.backend.encode("##p", add_special_tokens=False).tokens == ["#", "#", "p"]  # "##p" in a text is not matched whole
+    assert tok.backend.token_to_id("##p") is not None  # a piece, not a special token: in a text
+    assert tok.backend.encode("##p", add_special_tokens=False).tokens == ["#", "#", "p"]  # not matched whole
 
 
 # ---- the command ----------------------------------------------------------------------------------
