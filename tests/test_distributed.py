@@ -409,8 +409,7 @@ def test_finetuning_a_job_gives_the_numbers_of_one_process(
     ok(lmforge_cli(finetune_args(base, data, one, batch=8, method=method)))
     ok(
         lmforge_cli(
-            [*finetune_args(base, data, job, batch=4, method=method), "--train.strategy", strategy],
-            nproc=2,
+            [*finetune_args(base, data, job, batch=4, method=method), "--train.strategy", strategy], nproc=2
         )
     )
     same_losses(one, job, padded=True)

@@ -22,6 +22,7 @@ back as zeros.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from torch import Tensor
 
@@ -30,23 +31,28 @@ from torch import Tensor
 class Packing:
     """Where the real tokens of a padded batch are.
 
+    mask: (B, T) boolean, True = a real token.
     index: (N,) flat positions b·T + t of the real tokens, in order.
     batch, length: B and T of the padded layout.
-    tokens_first: every row's real tokens come before its padding (right padding).
     """
 
+    mask: Tensor
     index: Tensor
     batch: int
     length: int
-    tokens_first: bool = False
 
     @classmethod
     def from_mask(cls, mask: Tensor) -> Packing:
         """From a (B, T) padding mask, True/1 = a real token."""
         B, T = mask.shape
         mask = mask.bool()
-        tokens_first = bool((mask[:, :-1] | ~mask[:, 1:]).all())  # no padding before a real token
-        return cls(mask.reshape(-1).nonzero().squeeze(1), B, T, tokens_first)
+        return cls(mask, mask.reshape(-1).nonzero().squeeze(1), B, T)
+
+    @cached_property
+    def tokens_first(self) -> bool:
+        """Whether every row's real tokens come before its padding (right padding); asked only
+        by causal layers, once per batch."""
+        return bool((self.mask[:, :-1] | ~self.mask[:, 1:]).all())  # no padding before a real token
 
     def unpad(self, x: Tensor) -> Tensor:
         """(B, T, ...) -> (N, ...): the real tokens' rows."""
