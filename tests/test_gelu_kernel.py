@@ -1,7 +1,7 @@
-"""GELU's tanh form through the native kernel (lmforge.kernels.activation, native.c section 6):
-forward and backward against float64, every length and layout, threads, the cases that keep
-PyTorch's operators, and a GPT-2-wired model's training step against the same model with
-``nn.GELU``. Skipped where the kernels cannot be built here, with the reason."""
+"""GELU, its tanh and erf forms, through the native kernel (lmforge.kernels.activation, native.c
+section 6): forward and backward against float64, every length and layout, threads, the cases that
+keep PyTorch's operators, and GPT-2- and nanoGPT-wired models' training steps against the same
+models with ``nn.GELU``. Skipped where the kernels cannot be built here, with the reason."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from lmforge import ModelConfig, Transformer
 from lmforge.kernels import activation, kernel_problem
-from lmforge.kernels.activation import gelu_tanh, native_gelu_tanh
+from lmforge.kernels.activation import FORMS, gelu, native_gelu
 from lmforge.model.layers import GELU
 
 pytestmark = pytest.mark.skipif(
@@ -22,43 +22,45 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def reference(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GELU (tanh form) and its input gradient in float64 by PyTorch."""
+def reference(x: torch.Tensor, dy: torch.Tensor, form: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """GELU and its input gradient in float64 by PyTorch."""
     x64 = x.detach().double().requires_grad_()
-    y = F.gelu(x64, approximate="tanh")
+    y = F.gelu(x64, approximate=form)
     y.backward(dy.double())
     return y.detach(), x64.grad
 
 
-def native(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def native(x: torch.Tensor, dy: torch.Tensor, form: str) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.detach().clone().requires_grad_()
-    y = gelu_tanh(x)
-    assert type(y.grad_fn).__name__ == "_GeluTanhBackward"  # the native path, not PyTorch's
+    y = gelu(x, form)
+    assert type(y.grad_fn).__name__ == "_GeluBackward"  # the native path, not PyTorch's
     y.backward(dy)
     return y.detach(), x.grad
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
-def test_matches_float64_at_every_length(n: int) -> None:
+def test_matches_float64_at_every_length(n: int, form: str) -> None:
     torch.manual_seed(n)
     x = torch.randn(n) * 4
     x[0] = 0.0
     dy = torch.randn(n)
-    y, dx = native(x, dy)
-    y64, dx64 = reference(x, dy)
+    y, dx = native(x, dy, form)
+    y64, dx64 = reference(x, dy, form)
     assert torch.allclose(y.double(), y64, rtol=1e-6, atol=1e-6)
     assert torch.allclose(dx.double(), dx64, rtol=1e-5, atol=1e-6)
 
 
-def test_whole_range_including_both_tails() -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_whole_range_including_both_tails(form: str) -> None:
     """From -30 to 30: the far negative side (GELU and slope near 0, no cancellation) and the far
     positive side (GELU = x, slope 1); at least as close to float64 as PyTorch's own float32."""
     x = torch.linspace(-30, 30, 60_001)
     dy = torch.ones_like(x)
-    y, dx = native(x, dy)
-    y64, dx64 = reference(x, dy)
-    torch_y = F.gelu(x, approximate="tanh").double()
-    torch_dx = torch.ops.aten.gelu_backward(dy, x, approximate="tanh").double()
+    y, dx = native(x, dy, form)
+    y64, dx64 = reference(x, dy, form)
+    torch_y = F.gelu(x, approximate=form).double()
+    torch_dx = torch.ops.aten.gelu_backward(dy, x, approximate=form).double()
     ours_y, ours_dx = (y.double() - y64).abs().max(), (dx.double() - dx64).abs().max()
     assert ours_y < 1e-6 and ours_dx < 1e-6
     assert ours_y <= 2 * (torch_y - y64).abs().max() and ours_dx <= 2 * (torch_dx - dx64).abs().max()
@@ -66,73 +68,85 @@ def test_whole_range_including_both_tails() -> None:
     assert torch.all((dx[x > 10] - 1).abs() < 1e-6) and torch.all(dx[x < -10].abs() < 1e-20)
 
 
-def test_layouts_and_shapes() -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_layouts_and_shapes(form: str) -> None:
     x = torch.randn(6, 40, 24) * 3
     dy = torch.randn(6, 24, 40)
     strided = x.transpose(1, 2)  # not contiguous: the kernel reads a contiguous copy
-    y, dx = native(strided, dy)
-    y64, dx64 = reference(strided, dy)
+    y, dx = native(strided, dy, form)
+    y64, dx64 = reference(strided, dy, form)
     assert y.shape == dx.shape == strided.shape
     assert torch.allclose(y.double(), y64, rtol=1e-6, atol=1e-6)
     assert torch.allclose(dx.double(), dx64, rtol=1e-5, atol=1e-6)
 
 
-def test_threads_give_the_same_values() -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_threads_give_the_same_values(form: str) -> None:
     x = torch.randn(3, activation.PARALLEL_FROM) * 3
     dy = torch.randn_like(x)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native(x, dy)
+        one = native(x, dy, form)
         torch.set_num_threads(2)
-        two = native(x, dy)
+        two = native(x, dy, form)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
-def test_cases_that_keep_pytorchs_operators(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_cases_that_keep_pytorchs_operators(monkeypatch: pytest.MonkeyPatch, form: str) -> None:
     x64 = torch.randn(16, dtype=torch.float64, requires_grad=True)
-    assert not native_gelu_tanh(x64) and type(gelu_tanh(x64).grad_fn).__name__ == "GeluBackward0"
-    assert torch.autograd.gradcheck(gelu_tanh, (x64,))
+    assert not native_gelu(x64) and type(gelu(x64, form).grad_fn).__name__ == "GeluBackward0"
+    assert torch.autograd.gradcheck(lambda t: gelu(t, form), (x64,))
     bf16 = torch.randn(16).bfloat16()
-    assert not native_gelu_tanh(bf16)
-    assert torch.equal(gelu_tanh(bf16), F.gelu(bf16, approximate="tanh"))
+    assert not native_gelu(bf16)
+    assert torch.equal(gelu(bf16, form), F.gelu(bf16, approximate=form))
     monkeypatch.setattr(activation, "block_kernels", lambda: None)  # no kernels built here
     x = torch.randn(16, requires_grad=True)
-    assert not native_gelu_tanh(x) and type(gelu_tanh(x).grad_fn).__name__ == "GeluBackward0"
+    assert not native_gelu(x) and type(gelu(x, form).grad_fn).__name__ == "GeluBackward0"
 
 
-def test_second_derivative_is_pytorchs() -> None:
+def test_unknown_form_is_refused() -> None:
+    with pytest.raises(ValueError, match="GELU approximate must be one of"):
+        gelu(torch.randn(4), "sigmoid")
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_second_derivative_is_pytorchs(form: str) -> None:
     """A gradient of the gradient (create_graph) goes through PyTorch's differentiable formula."""
     x = (torch.randn(50) * 2).requires_grad_()
-    (g,) = torch.autograd.grad(gelu_tanh(x).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(gelu(x, form).sum(), x, create_graph=True)
     (h,) = torch.autograd.grad(g.sum(), x)
     x2 = x.detach().clone().requires_grad_()
-    (g2,) = torch.autograd.grad(F.gelu(x2, approximate="tanh").sum(), x2, create_graph=True)
+    (g2,) = torch.autograd.grad(F.gelu(x2, approximate=form).sum(), x2, create_graph=True)
     (h2,) = torch.autograd.grad(g2.sum(), x2)
     assert torch.allclose(g, g2, atol=1e-6) and torch.allclose(h, h2, atol=1e-5)
 
 
-def test_module_runs_native_only_for_the_tanh_form() -> None:
+def test_module_runs_native_for_both_forms() -> None:
     x = torch.randn(4, 32, requires_grad=True)
-    assert type(GELU(approximate="tanh")(x).grad_fn).__name__ == "_GeluTanhBackward"
-    assert type(GELU()(x).grad_fn).__name__ == "GeluBackward0"
-    assert torch.equal(GELU()(x), F.gelu(x))
+    for module in (GELU(), GELU(approximate="tanh")):
+        y = module(x)
+        assert type(y.grad_fn).__name__ == "_GeluBackward"
+        assert torch.allclose(y, F.gelu(x, approximate=module.approximate), rtol=1e-6, atol=1e-6)
     assert isinstance(GELU(), nn.GELU) and "approximate='tanh'" in repr(GELU(approximate="tanh"))
 
 
-def test_gpt2_wired_training_matches_nn_gelu() -> None:
-    """A GPT-2-wired model (tanh GELU) with the native GELU and with ``nn.GELU``: the same loss
-    and gradients to float32 rounding, and the same losses over three SGD steps."""
+@pytest.mark.parametrize("activation_name", ["gelu_tanh", "gelu"])
+def test_wired_training_matches_nn_gelu(activation_name: str) -> None:
+    """A GPT-2-wired model (tanh GELU) and a nanoGPT/BERT-style one (erf GELU) with the native
+    GELU and with ``nn.GELU``: the same loss and gradients to float32 rounding, and the same
+    losses over three SGD steps."""
     torch.manual_seed(0)
-    config = ModelConfig.from_name("tiny-decoder", activation="gelu_tanh", dropout=0.0)
+    config = ModelConfig.from_name("tiny-decoder", activation=activation_name, dropout=0.0)
     ours = Transformer(config).train()
     theirs = copy.deepcopy(ours)
     acts = [name for name, module in ours.named_modules() if isinstance(module, GELU)]
     assert len(acts) == config.num_layers
     for name in acts:
-        theirs.set_submodule(name, nn.GELU(approximate="tanh"))
+        theirs.set_submodule(name, nn.GELU(approximate=ours.get_submodule(name).approximate))
     assert not any(isinstance(module, GELU) for module in theirs.modules())
     ids = torch.randint(0, config.vocab_size, (3, 24))
     losses = {}

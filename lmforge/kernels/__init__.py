@@ -178,6 +178,10 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.gelu_tanh_forward.restype = None
     lib.gelu_tanh_backward.argtypes = [pointer, pointer, pointer, size, integer]
     lib.gelu_tanh_backward.restype = None
+    lib.gelu_erf_forward.argtypes = [pointer, pointer, size, integer]
+    lib.gelu_erf_forward.restype = None
+    lib.gelu_erf_backward.argtypes = [pointer, pointer, pointer, size, integer]
+    lib.gelu_erf_backward.restype = None
     real = ctypes.c_float
     shape = [size] * 5  # B, T, H, Hkv, D
     angles = [pointer, pointer, size, size]  # cos, sin, R, the stride between sequences' tables

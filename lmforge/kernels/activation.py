@@ -1,6 +1,8 @@
-"""GELU's tanh form in one native pass forward and one backward (``native.c``, section 6), for
-:class:`lmforge.model.layers.GELU`: PyTorch's ``tanh`` is its slowest elementwise kernel on an
-AVX2 build, and GPT-2's wiring calls GELU on every MLP row of every step."""
+"""GELU in one native pass forward and one backward (``native.c``, section 6), both forms, for
+:class:`lmforge.model.layers.GELU`. The tanh form (GPT-2's): PyTorch's ``tanh`` is its slowest
+elementwise kernel on an AVX2 build. The erf form (BERT's, nanoGPT's, lmforge's default): PyTorch's
+backward pass takes two exponentials per value where one gives both the normal CDF and density.
+Every decoder and encoder MLP calls GELU on each of its rows in every step."""
 
 from __future__ import annotations
 
@@ -10,14 +12,15 @@ from torch import Tensor
 from . import block_kernels
 
 PARALLEL_FROM = 1 << 16  # values below which one thread does the whole pass
+FORMS = ("none", "tanh")  # nn.GELU's ``approximate``: the erf form, the tanh form
 
 
 def _threads(n: int) -> int:
     return torch.get_num_threads() if n >= PARALLEL_FROM else 1
 
 
-def native_gelu_tanh(x: Tensor) -> bool:
-    """Whether :func:`gelu_tanh` runs natively for ``x``: float32 on the CPU, the kernels built, and
+def native_gelu(x: Tensor) -> bool:
+    """Whether :func:`gelu` runs natively for ``x``: float32 on the CPU, the kernels built, and
     not being traced by ``torch.compile`` (which keeps PyTorch's own operators)."""
     return (
         x.dtype is torch.float32
@@ -27,33 +30,40 @@ def native_gelu_tanh(x: Tensor) -> bool:
     )
 
 
-class _GeluTanh(torch.autograd.Function):
+class _Gelu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001
+    def forward(ctx, x: Tensor, approximate: str) -> Tensor:  # noqa: ANN001
         x = x.contiguous()
         y = torch.empty_like(x)
-        block_kernels().gelu_tanh_forward(x.data_ptr(), y.data_ptr(), x.numel(), _threads(x.numel()))
+        lib = block_kernels()
+        kernel = lib.gelu_tanh_forward if approximate == "tanh" else lib.gelu_erf_forward
+        kernel(x.data_ptr(), y.data_ptr(), x.numel(), _threads(x.numel()))
         ctx.save_for_backward(x)
+        ctx.approximate = approximate
         return y
 
     @staticmethod
-    def backward(ctx, dy: Tensor) -> Tensor:  # noqa: ANN001
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
         (x,) = ctx.saved_tensors
         if torch.is_grad_enabled() or dy.dtype is not torch.float32:
             # a gradient of the gradient (create_graph), or an unusual dtype: PyTorch's own formula
-            return torch.ops.aten.gelu_backward(dy, x, approximate="tanh")
+            return torch.ops.aten.gelu_backward(dy, x, approximate=ctx.approximate), None
         dy = dy.contiguous()
         dx = torch.empty_like(x)
-        block_kernels().gelu_tanh_backward(
-            dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), _threads(x.numel())
-        )
-        return dx
+        lib = block_kernels()
+        kernel = lib.gelu_tanh_backward if ctx.approximate == "tanh" else lib.gelu_erf_backward
+        kernel(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), _threads(x.numel()))
+        return dx, None
 
 
-def gelu_tanh(x: Tensor) -> Tensor:
-    """GELU's tanh form, ``x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³))) / 2``, differentiable, as
-    ``F.gelu(x, approximate="tanh")`` to float32 rounding; natively where
-    :func:`native_gelu_tanh` says so, else PyTorch's."""
-    if not native_gelu_tanh(x):
-        return torch.nn.functional.gelu(x, approximate="tanh")
-    return _GeluTanh.apply(x)
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU, differentiable, as ``F.gelu(x, approximate=approximate)``: the erf form
+    ``x Φ(x)`` (``"none"``) or the tanh form ``x (1 + tanh(sqrt(2/π) (x + 0.044715 x³))) / 2``
+    (``"tanh"``); natively where :func:`native_gelu` says so, else PyTorch's. The native erf form
+    evaluates Φ with the approximation PyTorch's vectorized ``erf`` uses (|error| ≤ 1.5e-7), so
+    both agree with float64 to the same few 1e-7; the tanh form to float32 rounding."""
+    if approximate not in FORMS:
+        raise ValueError(f"GELU approximate must be one of {FORMS}, not {approximate!r}")
+    if not native_gelu(x):
+        return torch.nn.functional.gelu(x, approximate=approximate)
+    return _Gelu.apply(x, approximate)

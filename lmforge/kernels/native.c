@@ -7,7 +7,7 @@
    3. RMSNorm of rows in one call.
    4. Attention for one new token of each sequence over its key/value cache (SelfAttention).
    5. A whole pre-norm Transformer block's step for one new token (TransformerBlock decoding).
-   6. GELU's tanh form, forward and backward, over many values (training).
+   6. GELU, its tanh and erf forms, forward and backward, over many values (training).
    7. Causal self-attention over whole sequences from the fused Q/K/V projection, forward and
       backward (training).
 
@@ -539,16 +539,17 @@ int decode_block(const Block *blk, const float *x, float *y, const float *cos, c
     return failed ? -1 : 0;
 }
 
-/* 6. GELU's tanh form over many values, forward and backward, for training and whole-prompt
+/* 6. GELU over many values, both forms, forward and backward, for training and whole-prompt
    passes (lmforge.kernels.activation): PyTorch's tanh is its slowest elementwise kernel on this
-   build (its GELU 4-5 times as slow as this one). With threads, each takes a contiguous range.
-   Section 5's identity:
+   build (its GELU 4-5 times as slow as this one), and its erf form's backward pass takes two
+   exponentials a value where one will do. With threads, each takes a contiguous range. The tanh
+   form by section 5's identity:
 
        y = x s,  s = sigmoid(2u),  2u = a x (1 + 0.044715 x^2),  a = 2 sqrt(2 / pi)
        dy/dx = s + x s (1 - s) a (1 + 3 * 0.044715 x^2)
 
-   with s (1 - s) = e / (1 + e)^2, e = exp(-|2u|), so neither side cancels. (The erf form stays
-   PyTorch's: its vectorized erf is faster than anything here.) */
+   with s (1 - s) = e / (1 + e)^2, e = exp(-|2u|), so neither side cancels. The erf form follows
+   the tanh form's two passes. */
 void gelu_tanh_forward(const float *x, float *y, long n, int threads) {
     const long vectors = n / 8;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
@@ -581,6 +582,58 @@ void gelu_tanh_backward(const float *dy, const float *x, float *dx, long n, int 
     for (long j = 8 * vectors; j < n; j++) {
         const float u = x[j], s = 1.0f / (1.0f + expf(-1.5957691216057308f * u * (1.0f + 0.044715f * u * u)));
         dx[j] = dy[j] * (s + u * s * (1.0f - s) * 1.5957691216057308f * (1.0f + 0.134145f * u * u));
+    }
+}
+
+/* GELU's erf form, x Phi(x), with Phi(x) = erfc(-x / sqrt 2) / 2. Abramowitz and Stegun's 7.1.26
+   (the formula PyTorch's own vectorized erf uses; |error| <= 1.5e-7), written for Phi directly:
+   with z = |x| / sqrt 2, t = 1 / (1 + p z) and e = exp(-z^2) = exp(-x^2 / 2),
+
+       Phi(-|x|) = tail = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) e / 2,  Phi(|x|) = 1 - tail
+
+   so the negative side is never 1 minus almost 1. The slope Phi(x) + x phi(x) needs the normal
+   density phi(x) = e / sqrt(2 pi), the same e: the backward pass takes one exp where PyTorch's
+   takes two. Returns Phi(x); *gauss gets e. */
+static inline __m256 normal_cdf8(__m256 x, __m256 *gauss) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 z = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
+    const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), z, one));
+    __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(1.421413741f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
+    const __m256 e = exp_nonpositive(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.5f)));
+    *gauss = e;
+    const __m256 tail = _mm256_mul_ps(_mm256_mul_ps(poly, t), _mm256_mul_ps(e, _mm256_set1_ps(0.5f)));
+    return _mm256_blendv_ps(_mm256_sub_ps(one, tail), tail, x); /* x's sign bit picks the tail */
+}
+
+void gelu_erf_forward(const float *x, float *y, long n, int threads) {
+    const long vectors = n / 8;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (long v = 0; v < vectors; v++) {
+        const __m256 xv = _mm256_loadu_ps(x + 8 * v);
+        __m256 e;
+        _mm256_storeu_ps(y + 8 * v, _mm256_mul_ps(xv, normal_cdf8(xv, &e)));
+    }
+    for (long j = 8 * vectors; j < n; j++) y[j] = 0.5f * x[j] * erfcf(-0.70710678118654752f * x[j]);
+}
+
+/* dx = dy * (Phi(x) + x phi(x)) over n values (the erf form). */
+void gelu_erf_backward(const float *dy, const float *x, float *dx, long n, int threads) {
+    const long vectors = n / 8;
+    const __m256 density = _mm256_set1_ps(0.39894228040143268f); /* 1 / sqrt(2 pi) */
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (long v = 0; v < vectors; v++) {
+        const __m256 xv = _mm256_loadu_ps(x + 8 * v);
+        __m256 e;
+        const __m256 cdf = normal_cdf8(xv, &e);
+        const __m256 slope = _mm256_fmadd_ps(_mm256_mul_ps(xv, density), e, cdf);
+        _mm256_storeu_ps(dx + 8 * v, _mm256_mul_ps(_mm256_loadu_ps(dy + 8 * v), slope));
+    }
+    for (long j = 8 * vectors; j < n; j++) {
+        const float u = x[j];
+        dx[j] = dy[j] * (0.5f * erfcf(-0.70710678118654752f * u) + u * 0.39894228040143268f * expf(-0.5f * u * u));
     }
 }
 

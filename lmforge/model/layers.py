@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..kernels.activation import gelu_tanh
+from ..kernels.activation import gelu
 from .attention import SelfAttention, one_new_token
 from .kv_cache import KVCache
 from .packing import Packing
@@ -56,14 +56,13 @@ def make_norm(kind: str, dim: int, eps: float, *, bias: bool = True) -> nn.Modul
 
 
 class GELU(nn.GELU):
-    """``nn.GELU`` whose tanh form runs lmforge's native kernel forward and backward
-    (:func:`lmforge.kernels.activation.gelu_tanh`: float32 on a CPU with the kernels built, about
-    four times PyTorch's there); the erf form, and every other case, is ``nn.GELU``'s own."""
+    """``nn.GELU`` that runs lmforge's native kernel forward and backward, both forms
+    (:func:`lmforge.kernels.activation.gelu`: float32 on a CPU with the kernels built; the tanh
+    form about four times PyTorch's speed there, the erf form's backward pass about three times);
+    every other case is ``nn.GELU``'s own."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.approximate == "tanh":
-            return gelu_tanh(x)
-        return super().forward(x)
+        return gelu(x, self.approximate)
 
 
 ACTIVATIONS = {
