@@ -480,19 +480,41 @@ static inline __m256 sigmoid8(__m256 x) {
     return _mm256_blendv_ps(inverse, _mm256_mul_ps(e, inverse), x); /* x's sign bit picks e / (1 + e) */
 }
 
+/* GELU's erf form, x Phi(x), with Phi(x) = erfc(-x / sqrt 2) / 2. Abramowitz and Stegun's 7.1.26
+   (the formula PyTorch's own vectorized erf uses; |error| <= 1.5e-7), written for Phi directly:
+   with z = |x| / sqrt 2, t = 1 / (1 + p z) and e = exp(-z^2) = exp(-x^2 / 2),
+
+       Phi(-|x|) = tail = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) e / 2,  Phi(|x|) = 1 - tail
+
+   so the negative side is never 1 minus almost 1. The slope Phi(x) + x phi(x) needs the normal
+   density phi(x) = e / sqrt(2 pi), the same e: the backward pass takes one exp where PyTorch's
+   takes two. Returns Phi(x); *gauss gets e. */
+static inline __m256 normal_cdf8(__m256 x, __m256 *gauss) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 z = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
+    const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), z, one));
+    __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(1.421413741f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
+    const __m256 e = exp_nonpositive(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.5f)));
+    *gauss = e;
+    const __m256 tail = _mm256_mul_ps(_mm256_mul_ps(poly, t), _mm256_mul_ps(e, _mm256_set1_ps(0.5f)));
+    return _mm256_blendv_ps(_mm256_sub_ps(one, tail), tail, x); /* x's sign bit picks the tail */
+}
+
 /* The activation of n values in place (n a multiple of 8 for the vector part). GELU's tanh form is
    x (1 + tanh u) / 2 = x sigmoid(2 u), u = sqrt(2 / pi) (x + 0.044715 x^3); its erf form
-   x Phi(x) = x erfc(-x / sqrt 2) / 2 with the C library's erfc. */
+   x Phi(x) by normal_cdf8 (the C library's erfc for the last n % 8 values). */
 static void activate(int activation, float *u, long n) {
     long j = 0;
-    if (activation == 0) {
-        for (; j < n; j++) u[j] *= 0.5f * erfcf(-u[j] * 0.70710678118654752f);
-        return;
-    }
     for (; j + 8 <= n; j += 8) {
         const __m256 x = _mm256_loadu_ps(u + j);
         __m256 y;
-        if (activation == 1) {
+        if (activation == 0) {
+            __m256 e;
+            y = _mm256_mul_ps(x, normal_cdf8(x, &e));
+        } else if (activation == 1) {
             const __m256 inner = _mm256_mul_ps(x, _mm256_fmadd_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(0.044715f), _mm256_set1_ps(1.0f)));
             y = _mm256_mul_ps(x, sigmoid8(_mm256_mul_ps(inner, _mm256_set1_ps(1.5957691216057308f)))); /* 2 sqrt(2 / pi) */
         } else if (activation == 2) {
@@ -504,7 +526,8 @@ static void activate(int activation, float *u, long n) {
     }
     for (; j < n; j++) {
         const float x = u[j];
-        if (activation == 1) u[j] = x / (1.0f + expf(-1.5957691216057308f * x * (1.0f + 0.044715f * x * x)));
+        if (activation == 0) u[j] = 0.5f * x * erfcf(-0.70710678118654752f * x);
+        else if (activation == 1) u[j] = x / (1.0f + expf(-1.5957691216057308f * x * (1.0f + 0.044715f * x * x)));
         else if (activation == 2) u[j] = x > 0.0f ? x : 0.0f;
         else u[j] = x / (1.0f + expf(-x));
     }
@@ -548,8 +571,8 @@ int decode_block(const Block *blk, const float *x, float *y, const float *cos, c
        y = x s,  s = sigmoid(2u),  2u = a x (1 + 0.044715 x^2),  a = 2 sqrt(2 / pi)
        dy/dx = s + x s (1 - s) a (1 + 3 * 0.044715 x^2)
 
-   with s (1 - s) = e / (1 + e)^2, e = exp(-|2u|), so neither side cancels. The erf form follows
-   the tanh form's two passes. */
+   with s (1 - s) = e / (1 + e)^2, e = exp(-|2u|), so neither side cancels. The erf form by
+   section 5's normal_cdf8, the backward pass with the density from the same exponential. */
 void gelu_tanh_forward(const float *x, float *y, long n, int threads) {
     const long vectors = n / 8;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
@@ -583,29 +606,6 @@ void gelu_tanh_backward(const float *dy, const float *x, float *dx, long n, int 
         const float u = x[j], s = 1.0f / (1.0f + expf(-1.5957691216057308f * u * (1.0f + 0.044715f * u * u)));
         dx[j] = dy[j] * (s + u * s * (1.0f - s) * 1.5957691216057308f * (1.0f + 0.134145f * u * u));
     }
-}
-
-/* GELU's erf form, x Phi(x), with Phi(x) = erfc(-x / sqrt 2) / 2. Abramowitz and Stegun's 7.1.26
-   (the formula PyTorch's own vectorized erf uses; |error| <= 1.5e-7), written for Phi directly:
-   with z = |x| / sqrt 2, t = 1 / (1 + p z) and e = exp(-z^2) = exp(-x^2 / 2),
-
-       Phi(-|x|) = tail = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) e / 2,  Phi(|x|) = 1 - tail
-
-   so the negative side is never 1 minus almost 1. The slope Phi(x) + x phi(x) needs the normal
-   density phi(x) = e / sqrt(2 pi), the same e: the backward pass takes one exp where PyTorch's
-   takes two. Returns Phi(x); *gauss gets e. */
-static inline __m256 normal_cdf8(__m256 x, __m256 *gauss) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    const __m256 z = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
-    const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), z, one));
-    __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
-    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(1.421413741f));
-    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
-    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
-    const __m256 e = exp_nonpositive(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.5f)));
-    *gauss = e;
-    const __m256 tail = _mm256_mul_ps(_mm256_mul_ps(poly, t), _mm256_mul_ps(e, _mm256_set1_ps(0.5f)));
-    return _mm256_blendv_ps(_mm256_sub_ps(one, tail), tail, x); /* x's sign bit picks the tail */
 }
 
 void gelu_erf_forward(const float *x, float *y, long n, int threads) {
