@@ -138,10 +138,10 @@ def interleaved(
     return interleaved_wall_cpu(fns, rounds=rounds, warmup=warmup)[0]
 
 
-def interleaved_wall_cpu(
+def interleaved_rounds(
     fns: dict[str, Callable[[], object]], *, rounds: int = 5, warmup: int = 2, calls: int = 1
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Median wall and process-CPU seconds per call of each function, over ``rounds`` rounds in
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds per call of each function in each of ``rounds`` rounds, in
     which every function runs ``calls`` times in turn (machine noise hits all alike; CPU time
     does not count time spent waiting for a core)."""
     for fn in fns.values():
@@ -156,10 +156,25 @@ def interleaved_wall_cpu(
                 fn()
             wall[name].append((time.perf_counter() - start) / calls)
             cpu[name].append((time.process_time() - cpu_start) / calls)
+    return wall, cpu
+
+
+def interleaved_wall_cpu(
+    fns: dict[str, Callable[[], object]], *, rounds: int = 5, warmup: int = 2, calls: int = 1
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and process-CPU seconds per call of each function (:func:`interleaved_rounds`)."""
+    wall, cpu = interleaved_rounds(fns, rounds=rounds, warmup=warmup, calls=calls)
     return (
         {name: statistics.median(v) for name, v in wall.items()},
         {name: statistics.median(v) for name, v in cpu.items()},
     )
+
+
+def ratio_spread(slow: list[float], fast: list[float]) -> str:
+    """The quartiles of the per-round ratios slow / fast, "a–b": how far the shared machine's noise
+    moved one round's ratio (the headline stays the ratio of the medians)."""
+    ratios = sorted(s / f for s, f in zip(slow, fast, strict=True))
+    return f"{ratios[len(ratios) // 4]:.2f}–{ratios[(3 * len(ratios)) // 4]:.2f}"
 
 
 def append_results(title: str, body: str) -> None:

@@ -23,7 +23,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, load_average, set_threads  # noqa: E402
+from common import append_results, interleaved_rounds, load_average, ratio_spread, set_threads  # noqa: E402
 
 from lmforge import ModelConfig, Transformer  # noqa: E402
 from lmforge.kernels import kernel_problem  # noqa: E402
@@ -49,25 +48,8 @@ WIRINGS = {  # name: (activation, bias)
 }
 
 
-def alternate(fns: dict[str, Callable[[], object]], *, rounds: int, calls: int) -> dict[str, list[float]]:
-    """Process-CPU seconds per call of each function in each round (rounds in alternation)."""
-    for fn in fns.values():
-        for _ in range(2):
-            fn()
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.process_time()
-            for _ in range(calls):
-                fn()
-            cpu[name].append((time.process_time() - start) / calls)
-    return cpu
-
-
 def speedup(slow: list[float], fast: list[float]) -> str:
-    ratios = sorted(s / f for s, f in zip(slow, fast, strict=True))
-    middle = statistics.median(slow) / statistics.median(fast)
-    return f"**{middle:.2f}×** ({ratios[len(ratios) // 4]:.2f}–{ratios[3 * len(ratios) // 4]:.2f})"
+    return f"**{statistics.median(slow) / statistics.median(fast):.2f}×** ({ratio_spread(slow, fast)})"
 
 
 def operators(x: torch.Tensor, dy: torch.Tensor, form: str) -> dict[str, Callable[[], object]]:
@@ -90,7 +72,7 @@ def operator_rows(shapes: list[str]) -> list[str]:
         torch.manual_seed(0)
         x, dy = torch.randn(batch * context, 4 * width) * 2, torch.randn(batch * context, 4 * width)
         for form in ("none", "tanh"):
-            cpu = alternate(operators(x, dy, form), rounds=15, calls=20 if name == "small" else 3)
+            _, cpu = interleaved_rounds(operators(x, dy, form), rounds=15, calls=20 if name == "small" else 3)
             ms = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
             rows.append(
                 f"| {'erf' if form == 'none' else 'tanh'} | {batch * context} × {4 * width} "
@@ -124,7 +106,7 @@ def step_rows(shapes: list[str], vocab: int) -> list[str]:
             for kind, model in (("native", native), ("pytorch", pytorch)):
                 fns[f"{wiring} {kind}"] = _train_step(model, ids, vocab)
             steps_of[wiring] = (f"{wiring} pytorch", f"{wiring} native")
-        cpu = alternate(fns, rounds=rounds, calls=calls)
+        _, cpu = interleaved_rounds(fns, rounds=rounds, calls=calls)
         for wiring, (slow, fast) in steps_of.items():
             rows.append(
                 f"| {wiring} | {name}: {layers} layers / {width}, B {batch}, T {context} "

@@ -15,6 +15,7 @@ fixed batch whose row lengths are drawn between T/4 and T.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, interleaved_wall_cpu, load_average, set_threads  # noqa: E402
+from common import append_results, interleaved_rounds, load_average, ratio_spread, set_threads  # noqa: E402
 
 import lmforge.model.attention as attention_module  # noqa: E402
 from lmforge import ModelConfig, Transformer  # noqa: E402
@@ -83,16 +84,18 @@ def main() -> None:
         overrides, batch, context = SHAPES[name]
         step, real = padded_step(overrides, batch, context, args.vocab)
         calls = 4 if context <= 128 else 1
-        wall, cpu = interleaved_wall_cpu(
+        wall_rounds, cpu_rounds = interleaved_rounds(
             {"native": with_kernel(step, True), "sdpa": with_kernel(step, False)},
             rounds=args.rounds,
             calls=calls,
         )
+        wall = {name: statistics.median(v) for name, v in wall_rounds.items()}
+        cpu = {name: statistics.median(v) for name, v in cpu_rounds.items()}
         attention_module.native_causal_attention = native
         rows.append(
             f"| {name} (B {batch}, T {context}, {real} of {batch * context} tokens real) "
             f"| {cpu['native'] * 1e3:.1f} | {cpu['sdpa'] * 1e3:.1f} | {wall['sdpa'] / wall['native']:.2f}× "
-            f"| **{cpu['sdpa'] / cpu['native']:.2f}×** |"
+            f"| **{cpu['sdpa'] / cpu['native']:.2f}×** | {ratio_spread(cpu_rounds['sdpa'], cpu_rounds['native'])} |"
         )
         print(rows[-1], flush=True)
     body = (
@@ -100,8 +103,8 @@ def main() -> None:
         f"vocab {args.vocab}: lmforge's native causal attention (the padding skipped by packing) against "
         f"the same model on SDPA with the padding mask. An ablation inside lmforge, not a peer ratio. "
         f"Load average before {before}, after {load_average()}.\n\n"
-        "| shape | native CPU ms/step | SDPA CPU ms/step | speed-up (wall) | speed-up (CPU) |\n"
-        "|---|---:|---:|---:|---:|\n" + "\n".join(rows)
+        "| shape | native CPU ms/step | SDPA CPU ms/step | speed-up (wall) | speed-up (CPU) | CPU, per-round quartiles |\n"
+        "|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows)
     )
     if args.no_record:
         print(body)

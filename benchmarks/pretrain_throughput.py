@@ -35,6 +35,7 @@ Targets (issue 16): lmforge ≥ 1.3× nanoGPT in bf16 at both shapes, ≥ 1.3× 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import warnings
 from collections.abc import Callable
@@ -47,10 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     NANOGPT,
     append_results,
-    interleaved_wall_cpu,
+    interleaved_rounds,
     load_average,
     matmul_peak,
     nanogpt_model,
+    ratio_spread,
     set_threads,
 )
 
@@ -242,8 +244,10 @@ def main() -> None:
         rows, results = [], {}
         for precision in args.precisions:
             steps, params = build_variants(shape, args.vocab, precision, args.peers, nano)
-            wall, cpu = interleaved_wall_cpu(steps, rounds=args.rounds, warmup=3, calls=calls)
-            results[precision] = (wall, cpu, params)
+            wall_rounds, cpu_rounds = interleaved_rounds(steps, rounds=args.rounds, warmup=3, calls=calls)
+            wall = {name: statistics.median(v) for name, v in wall_rounds.items()}
+            cpu = {name: statistics.median(v) for name, v in cpu_rounds.items()}
+            results[precision] = (wall, cpu, params, cpu_rounds)
             for name in steps:
                 mfu = per_token * tokens / cpu[name] / peaks[precision]
                 rows.append(
@@ -253,10 +257,11 @@ def main() -> None:
             print("\n".join(rows[-len(steps) :]), flush=True)
         ratio_rows = []
         for ours, peer in PAIRS:
-            for precision, (wall, cpu, _) in results.items():
+            for precision, (wall, cpu, _, cpu_rounds) in results.items():
                 if ours in wall and peer in wall:
                     ratio_rows.append(
-                        f"| {ours} / {peer} | {precision} | {wall[peer] / wall[ours]:.2f}× | **{cpu[peer] / cpu[ours]:.2f}×** |"
+                        f"| {ours} / {peer} | {precision} | {wall[peer] / wall[ours]:.2f}× | **{cpu[peer] / cpu[ours]:.2f}×** "
+                        f"| {ratio_spread(cpu_rounds[peer], cpu_rounds[ours])} |"
                     )
                     headline.append(f"{shape_name} {precision} vs {peer}: {cpu[peer] / cpu[ours]:.2f}× (CPU)")
             if (
@@ -268,14 +273,15 @@ def main() -> None:
                 cross = results["fp32"][0][peer] / results["bf16"][0][ours]
                 cross_cpu = results["fp32"][1][peer] / results["bf16"][1][ours]
                 ratio_rows.append(
-                    f"| {ours} bf16 / {peer} fp32 (*cross-precision*) | — | {cross:.2f}× | {cross_cpu:.2f}× |"
+                    f"| {ours} bf16 / {peer} fp32 (*cross-precision*) | — | {cross:.2f}× | {cross_cpu:.2f}× | — |"
                 )
         sections.append(
             f"**{layers} layers / {width} wide / {heads} heads / context {context} / batch {batch}, vocab {args.vocab}** "
             f"({tokens:,} tokens per step, {per_token * tokens / 1e9:.1f} GFLOP per step by nanoGPT's count)\n\n"
             "| precision | variant | parameters | tokens/s | wall ms/step | CPU ms/step | MFU |\n"
             "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n"
-            "| speed, lmforge / peer (peer step time / lmforge step time) | precision | wall | CPU (headline) |\n|---|---|---:|---:|\n"
+            "| speed, lmforge / peer (peer step time / lmforge step time) | precision | wall | CPU (headline) "
+            "| CPU, per-round quartiles |\n|---|---|---:|---:|---:|\n"
             + "\n".join(ratio_rows)
         )
         print(sections[-1], flush=True)
@@ -283,7 +289,8 @@ def main() -> None:
     body = (
         f"Train step (forward + loss + backward + fused AdamW), {args.threads} thread(s), medians of {args.rounds} "
         "interleaved rounds; wall and process-CPU time per step. The headline ratios are of CPU time: on a shared "
-        "machine the wall time of one thread also counts the time other jobs held its core. MFU: nanoGPT's FLOP count (6·N + 12·L·H·D·T per "
+        "machine the wall time of one thread also counts the time other jobs held its core; beside them, the "
+        "quartiles of the per-round ratios (how far the machine's noise moved one round). MFU: nanoGPT's FLOP count (6·N + 12·L·H·D·T per "
         "token, N = non-embedding parameters with the tied head) per CPU second / this CPU's measured matmul peak per "
         f"CPU second in the same precision ({peak_text}, {args.threads} thread(s)). "
         f"Load average (1/5/15 min) {load_before} before, {load_average()} after.\n\n"
