@@ -69,6 +69,24 @@ def test_whole_range_including_both_tails(form: str) -> None:
 
 
 @pytest.mark.parametrize("form", FORMS)
+def test_far_values_nan_and_infinities(form: str) -> None:
+    """Huge finite inputs give the limits (GELU x or 0, slope 1 or 0), not e^-87 times x or zero
+    times an overflowed term, in the vector part and the scalar tail alike (18 values: 16 + 2);
+    NaN stays NaN both ways; the infinities go forward as PyTorch's."""
+    far = torch.tensor([1e20, 3.4e38, -1e20, -3.4e38, 60.0, -60.0]).repeat(3)
+    y, dx = native(far, torch.ones_like(far), form)
+    positive = far > 0
+    assert torch.equal(y[positive], far[positive]) and torch.all(y[~positive] == 0)
+    assert torch.equal(dx, positive.float())
+    nan = torch.full((18,), float("nan"))
+    y, dx = native(nan, torch.ones_like(nan), form)
+    assert y.isnan().all() and dx.isnan().all()
+    inf = torch.tensor([float("inf"), -float("inf")]).repeat(9)
+    ours, theirs = gelu(inf, form), F.gelu(inf, approximate=form)
+    assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours[~ours.isnan()], theirs[~theirs.isnan()])
+
+
+@pytest.mark.parametrize("form", FORMS)
 def test_layouts_and_shapes(form: str) -> None:
     x = torch.randn(6, 40, 24) * 3
     dy = torch.randn(6, 24, 40)

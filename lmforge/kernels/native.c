@@ -330,6 +330,12 @@ static inline __m256 exp_nonpositive(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+/* exp_nonpositive, but 0 where x < -87 (or is NaN) rather than e^-87: for the activations, where
+   the exponential multiplies x itself and e^-87 times a huge x would not vanish. */
+static inline __m256 exp_or_zero(__m256 x) {
+    return _mm256_and_ps(exp_nonpositive(x), _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ));
+}
+
 /* Rotate the first R dimensions of a head by its position's angles, as lmforge's apply_rotary
    does (pairs i and i + R/2: x1 cos - x2 sin, x2 cos + x1 sin; cos and sin hold R values). */
 static void rotate(float *x, const float *cos, const float *sin, long R) {
@@ -475,7 +481,7 @@ static void norm_row(const Block *blk, const float *x, const float *w, const flo
 /* 1 / (1 + e^-x) through section 4's exp of a nonpositive number: e = e^-|x|, then 1 / (1 + e)
    or e / (1 + e) (no cancellation on either side). */
 static inline __m256 sigmoid8(__m256 x) {
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)));
+    const __m256 e = exp_or_zero(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)));
     const __m256 one = _mm256_set1_ps(1.0f), inverse = _mm256_div_ps(one, _mm256_add_ps(one, e));
     return _mm256_blendv_ps(inverse, _mm256_mul_ps(e, inverse), x); /* x's sign bit picks e / (1 + e) */
 }
@@ -497,7 +503,7 @@ static inline __m256 normal_cdf8(__m256 x, __m256 *gauss) {
     poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(1.421413741f));
     poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
     poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
-    const __m256 e = exp_nonpositive(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.5f)));
+    const __m256 e = exp_or_zero(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.5f)));
     *gauss = e;
     const __m256 tail = _mm256_mul_ps(_mm256_mul_ps(poly, t), _mm256_mul_ps(e, _mm256_set1_ps(0.5f)));
     return _mm256_blendv_ps(_mm256_sub_ps(one, tail), tail, x); /* x's sign bit picks the tail */
@@ -594,17 +600,21 @@ void gelu_tanh_backward(const float *dy, const float *x, float *dx, long n, int 
     for (long v = 0; v < vectors; v++) {
         const __m256 xv = _mm256_loadu_ps(x + 8 * v), x2 = _mm256_mul_ps(xv, xv);
         const __m256 u2 = _mm256_mul_ps(_mm256_mul_ps(xv, a), _mm256_fmadd_ps(x2, _mm256_set1_ps(0.044715f), one));
-        const __m256 e = exp_nonpositive(_mm256_or_ps(u2, _mm256_set1_ps(-0.0f))); /* exp(-|2u|) */
+        const __m256 minus = _mm256_or_ps(u2, _mm256_set1_ps(-0.0f)); /* -|2u| */
+        const __m256 e = exp_or_zero(minus);
         const __m256 inverse = _mm256_div_ps(one, _mm256_add_ps(one, e));
         const __m256 s = _mm256_blendv_ps(inverse, _mm256_mul_ps(e, inverse), u2); /* 2u's sign bit: e / (1 + e) */
         const __m256 spread = _mm256_mul_ps(_mm256_mul_ps(e, inverse), inverse);  /* s (1 - s) */
         const __m256 du = _mm256_mul_ps(a, _mm256_fmadd_ps(x2, _mm256_set1_ps(0.134145f), one));
-        const __m256 slope = _mm256_fmadd_ps(_mm256_mul_ps(xv, spread), du, s);
+        __m256 slope = _mm256_fmadd_ps(_mm256_mul_ps(xv, spread), du, s);
+        /* far out (e = 0) the slope is s, 1 or 0: not 0 times an overflowed du (a NaN stays NaN) */
+        slope = _mm256_blendv_ps(slope, s, _mm256_cmp_ps(minus, _mm256_set1_ps(-87.0f), _CMP_LT_OQ));
         _mm256_storeu_ps(dx + 8 * v, _mm256_mul_ps(_mm256_loadu_ps(dy + 8 * v), slope));
     }
     for (long j = 8 * vectors; j < n; j++) {
         const float u = x[j], s = 1.0f / (1.0f + expf(-1.5957691216057308f * u * (1.0f + 0.044715f * u * u)));
-        dx[j] = dy[j] * (s + u * s * (1.0f - s) * 1.5957691216057308f * (1.0f + 0.134145f * u * u));
+        const float spread = s * (1.0f - s);
+        dx[j] = dy[j] * (spread == 0.0f ? s : s + u * spread * 1.5957691216057308f * (1.0f + 0.134145f * u * u));
     }
 }
 
