@@ -275,9 +275,14 @@ def test_fused_qkv_equals_three_projections(layout: str, bias: bool, packed: boo
     names = {n.split(".")[0] for n, _ in layer.named_parameters()}
     assert names == {"q_proj", "k_proj", "v_proj", "out_proj"}
     layer.fuse_qkv = True
-    assert layer._fuse_qkv_now()
+    plain = (None, None, None, None, False)  # no mask, packing, position bias, cache; no weights
+    assert layer._fuse_qkv_now(x, *plain)
     with torch.no_grad():
-        assert not layer._fuse_qkv_now()  # decoding: three plain projections
+        assert not layer._fuse_qkv_now(x, *plain)  # 14 tokens, 32 wide: three plain projections
+        long = torch.randn(2, 16, 32)  # an evaluation pass: fused for the native causal attention
+        assert layer._fuse_qkv_now(long, *plain)
+        assert not layer._fuse_qkv_now(long, None, None, None, KVCache(2, 16, 4, 8), False)  # generation
+        assert not layer._fuse_qkv_now(long, None, None, None, None, True)  # weights asked for
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
@@ -293,9 +298,9 @@ def test_peft_on_the_projections_takes_the_separate_path_and_matches_the_merged_
         if ".adapters." in name:
             nn.init.normal_(parameter, 1.0 if method == "ia3" else 0.0, 0.3)  # away from the no-op start
     attn = model.decoder.layers[0].self_attn
-    assert not attn._fuse_qkv_now()
     x = torch.randint(0, 256, (2, 9))
+    assert not attn._fuse_qkv_now(x, None, None, None, None, False)
     adapted = model(x).logits
     merged = peft.merge_and_unload(model)
-    assert merged.decoder.layers[0].self_attn._fuse_qkv_now()
+    assert merged.decoder.layers[0].self_attn._fuse_qkv_now(x, None, None, None, None, False)
     torch.testing.assert_close(merged(x).logits, adapted, rtol=1e-4, atol=1e-4)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge import ModelConfig, Transformer
+from lmforge.generation import generate
 from lmforge.kernels import causal, kernel_problem
 from lmforge.kernels.causal import causal_attention, native_causal_attention
 from lmforge.model import attention as attention_module
@@ -259,9 +260,34 @@ def test_right_padding_skipped_by_packing_runs_natively(monkeypatch: pytest.Monk
     assert torch.allclose(alone[0], ours_logits[2, : lengths[2]], atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["tiny-decoder", "tiny-llama"])
+def test_evaluation_passes_run_natively(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Without gradients, a pass over at least as many tokens as the model is wide (an evaluation
+    batch), plain or right-padded, fuses Q/K/V and takes the native kernel: the logits of SDPA's
+    path to float rounding. Generation (a cache) keeps its own path."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_name(name, dropout=0.0)
+    model = Transformer(config).eval()
+    ids = torch.randint(0, config.vocab_size, (4, 40))  # 160 tokens, 64 wide
+    mask = torch.ones(4, 40, dtype=torch.long)
+    mask[1, 25:] = 0
+    calls = counting(monkeypatch)
+    with torch.no_grad():
+        native = [model(ids).logits, model(ids, attention_mask=mask).logits]
+        assert len(calls) == 2 * config.num_layers
+        generate(model, ids[:1, :8], max_new_tokens=4)
+        assert len(calls) == 2 * config.num_layers
+        monkeypatch.setattr(attention_module, "native_causal_attention", lambda *args: False)
+        sdpa = [model(ids).logits, model(ids, attention_mask=mask).logits]
+    assert len(calls) == 2 * config.num_layers  # none on SDPA's side
+    for ours, theirs in zip(native, sdpa, strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+
+
 def test_cases_the_layer_keeps_on_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
     """A left-padding mask, attention dropout while training, ALiBi, attention weights asked for,
-    SDPA turned off, no gradients (Q/K/V not fused): the layer's own path, same outputs."""
+    SDPA turned off, a short pass without gradients (fewer tokens than the model is wide: Q/K/V
+    not fused): the layer's own path, same outputs."""
     torch.manual_seed(0)
     calls = counting(monkeypatch)
     ids = torch.randint(0, 100, (2, 12))

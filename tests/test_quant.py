@@ -119,7 +119,7 @@ def test_fp32_decoding_layout_gives_the_same_numbers_and_tokens() -> None:
                            attn.k_proj.weight_t)  # fmt: skip
         attn.k_proj.weight -= 1.0
         attn.q_proj = DecodeLinear(attn.q_proj.weight_t.clone() * 0, None)  # a part replaced: fusion off
-        assert not attn._fuse_qkv_now()
+        assert not attn._fuse_qkv_now(x, None, None, None, None, False)
         changed = model(x).logits
         attn_plain = plain.decoder.layers[0].self_attn
         attn_plain.q_proj.weight.zero_()

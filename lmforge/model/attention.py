@@ -188,7 +188,7 @@ class SelfAttention(nn.Module):
         if memory is not None and self.causal:
             raise ValueError("a causal attention layer cannot attend to a memory; build it with causal=False")
 
-        if memory is None and self._fuse_qkv_now():
+        if memory is None and self._fuse_qkv_now(x, attention_mask, packing, position_bias, kv_cache, need_weights):
             # [Q | K | V] = X [W_Q | W_K | W_V]: one matmul, then each one's D-wide slice per head.
             qkv = padded(self._stacked_qkv(x))  # (B, T, (H + 2·Hkv)·D)
             if self._causal_natively(qkv, packing, attention_mask, rope, position_bias, kv_cache, need_weights):
@@ -350,18 +350,43 @@ class SelfAttention(nn.Module):
             return None
         return fused
 
-    def _fuse_qkv_now(self) -> bool:
-        """Whether Q, K, V run as one matmul now: fused for decoding, or asked for, gradients on,
-        and all three plain ``nn.Linear`` (not wrapped by a PEFT method, not quantized)."""
+    def _fuse_qkv_now(
+        self,
+        x: Tensor,
+        attention_mask: Tensor | None,
+        packing: Packing | None,
+        position_bias: Tensor | None,
+        kv_cache: KVCache | None,
+        need_weights: bool,
+    ) -> bool:
+        """Whether Q, K, V run as one matmul now: fused for decoding; or asked for, all three plain
+        ``nn.Linear`` (not wrapped by a PEFT method, not quantized), and either gradients on
+        (training) or, without them, an uncached causal pass over at least as many tokens as the
+        layer is wide that the native causal attention can take (an evaluation pass: stacking the
+        weights copies 3·E² values, little beside the tokens' products and what the native kernel
+        saves over SDPA; a short or cached pass keeps the three projections)."""
         if self.decode_qkv() is not None:
             return True
-        return (
+        plain = (
             self.fuse_qkv
-            and torch.is_grad_enabled()
             and type(self.q_proj) is nn.Linear
             and type(self.k_proj) is nn.Linear
             and type(self.v_proj) is nn.Linear
             and (self.q_proj.bias is None) == (self.k_proj.bias is None) == (self.v_proj.bias is None)
+        )
+        if not plain or torch.is_grad_enabled():
+            return plain
+        return (
+            self.causal
+            and (attention_mask is None or packing is not None)
+            and position_bias is None
+            and kv_cache is None
+            and not need_weights
+            and self.prefix is None
+            and self.use_sdpa
+            and x.dtype is torch.float32
+            and x.device.type == "cpu"
+            and x.shape[:-1].numel() >= x.shape[-1]
         )
 
     def _stacked_qkv(self, x: Tensor) -> Tensor:
