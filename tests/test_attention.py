@@ -283,6 +283,10 @@ def test_fused_qkv_equals_three_projections(layout: str, bias: bool, packed: boo
         assert layer._fuse_qkv_now(long, *plain)
         assert not layer._fuse_qkv_now(long, None, None, None, KVCache(2, 16, 4, 8), False)  # generation
         assert not layer._fuse_qkv_now(long, None, None, None, None, True)  # weights asked for
+        left = torch.tensor([[True] * 16, [False] * 3 + [True] * 13])  # left padding: SDPA with the mask
+        assert not layer._fuse_qkv_now(long, left, Packing.from_mask(left), None, None, False)
+        right = left.flip(-1)  # right padding, which packing drops: native
+        assert layer._fuse_qkv_now(long, right, Packing.from_mask(right), None, None, False)
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])

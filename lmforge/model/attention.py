@@ -378,7 +378,7 @@ class SelfAttention(nn.Module):
             return plain
         return (
             self.causal
-            and (attention_mask is None or packing is not None)
+            and (attention_mask is None or (packing is not None and packing.tokens_first))
             and position_bias is None
             and kv_cache is None
             and not need_weights
