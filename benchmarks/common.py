@@ -21,6 +21,19 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 NANOGPT = Path(__file__).resolve().parents[2] / "shared" / "peers" / "nanogpt"
 
 
+# Decoder shapes of the ablations inside lmforge (padded_training.py, eval_forward.py):
+# name: (model overrides, batch, context)
+DECODER_SHAPES = {
+    "small": (dict(embed_dim=128, num_layers=4, num_heads=4), 12, 64),
+    "medium": (dict(embed_dim=384, num_layers=6, num_heads=6), 8, 256),
+    "rope-gqa": (
+        dict(embed_dim=256, num_layers=4, num_heads=8, num_kv_heads=2, position="rope", norm="rmsnorm", bias=False),
+        16,
+        128,
+    ),
+}
+
+
 def set_threads(threads: int | None) -> None:
     """Pin torch's intra-op threads (1 on a shared machine: a descheduled thread stalls every
     parallel region); also exported for child processes."""

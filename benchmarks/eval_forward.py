@@ -23,22 +23,20 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, interleaved_rounds, load_average, ratio_spread, set_threads  # noqa: E402
+from common import (  # noqa: E402
+    DECODER_SHAPES,
+    append_results,
+    interleaved_rounds,
+    load_average,
+    ratio_spread,
+    set_threads,
+)
 
 from lmforge import ModelConfig, Transformer  # noqa: E402
 from lmforge.model.attention import SelfAttention  # noqa: E402
 
-SHAPES = {  # name: (model overrides, batch, context, rounds, calls a round)
-    "small": (dict(embed_dim=128, num_layers=4, num_heads=4), 12, 64, 21, 8),
-    "medium": (dict(embed_dim=384, num_layers=6, num_heads=6), 8, 256, 11, 1),
-    "rope-gqa": (
-        dict(embed_dim=256, num_layers=4, num_heads=8, num_kv_heads=2, position="rope", norm="rmsnorm", bias=False),
-        16,
-        128,
-        11,
-        2,
-    ),
-}
+SHAPES = DECODER_SHAPES
+ROUNDS = {"small": (21, 8), "medium": (11, 1), "rope-gqa": (11, 2)}  # rounds, calls a round
 
 
 def eval_pass(overrides: dict, batch: int, context: int, vocab: int) -> tuple[Callable[[], None], Transformer]:
@@ -78,7 +76,8 @@ def main() -> None:
     before = load_average()
     rows = []
     for name in args.shapes:
-        overrides, batch, context, rounds, calls = SHAPES[name]
+        overrides, batch, context = SHAPES[name]
+        rounds, calls = ROUNDS[name]
         run, model = eval_pass(overrides, batch, context, args.vocab)
         _, cpu = interleaved_rounds(
             {"native": with_fusion(run, model, True), "sdpa": with_fusion(run, model, False)},

@@ -24,20 +24,19 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, interleaved_rounds, load_average, ratio_spread, set_threads  # noqa: E402
+from common import (  # noqa: E402
+    DECODER_SHAPES,
+    append_results,
+    interleaved_rounds,
+    load_average,
+    ratio_spread,
+    set_threads,
+)
 
 import lmforge.model.attention as attention_module  # noqa: E402
 from lmforge import ModelConfig, Transformer  # noqa: E402
 
-SHAPES = {  # name: (model overrides, batch, context)
-    "small": (dict(embed_dim=128, num_layers=4, num_heads=4), 12, 64),
-    "medium": (dict(embed_dim=384, num_layers=6, num_heads=6), 8, 256),
-    "rope-gqa": (
-        dict(embed_dim=256, num_layers=4, num_heads=8, num_kv_heads=2, position="rope", norm="rmsnorm", bias=False),
-        16,
-        128,
-    ),
-}
+SHAPES = DECODER_SHAPES
 
 
 def padded_step(overrides: dict, batch: int, context: int, vocab: int) -> tuple[Callable[[], None], int]:

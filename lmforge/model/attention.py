@@ -267,6 +267,19 @@ class SelfAttention(nn.Module):
         no mask (or only right padding that ``packing`` drops again: see :mod:`~lmforge.model.packing`),
         no position bias, cache, prefix or dropout, weights not asked for, SDPA not turned off, and
         the kernel taking ``qkv`` and the rotary angles, if any."""
+        return self._plain_causal(attention_mask, packing, position_bias, kv_cache, need_weights) and (
+            native_causal_attention(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope)
+        )
+
+    def _plain_causal(
+        self,
+        attention_mask: Tensor | None,
+        packing: Packing | None,
+        position_bias: Tensor | None,
+        kv_cache: KVCache | None,
+        need_weights: bool,
+    ) -> bool:
+        """The layer's and the call's side of :meth:`_causal_natively` (before any projection)."""
         return (
             self.causal
             and (attention_mask is None or (packing is not None and packing.tokens_first))
@@ -276,7 +289,6 @@ class SelfAttention(nn.Module):
             and self.prefix is None
             and self.use_sdpa
             and (self.dropout == 0.0 or not self.training)
-            and native_causal_attention(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope)
         )
 
     def _decode_natively(
@@ -377,13 +389,7 @@ class SelfAttention(nn.Module):
         if not plain or torch.is_grad_enabled():
             return plain
         return (
-            self.causal
-            and (attention_mask is None or (packing is not None and packing.tokens_first))
-            and position_bias is None
-            and kv_cache is None
-            and not need_weights
-            and self.prefix is None
-            and self.use_sdpa
+            self._plain_causal(attention_mask, packing, position_bias, kv_cache, need_weights)
             and x.dtype is torch.float32
             and x.device.type == "cpu"
             and x.shape[:-1].numel() >= x.shape[-1]
