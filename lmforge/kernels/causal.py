@@ -1,6 +1,6 @@
 """Causal self-attention over whole sequences, read straight from the fused Q/K/V projection,
 forward and backward in native passes (``native.c``, section 7), for
-:class:`lmforge.model.attention.SelfAttention` while training: queries and keys rotated by RoPE
+:class:`lmforge.model.attention.SelfAttention` while training (and in long evaluation passes): queries and keys rotated by RoPE
 angles as they are read, the output with the heads already joined for the output projection, and
 the gradient in the fused projection's own layout, so neither the rotation's operators, the
 heads' transposes nor the split's concatenation run."""
