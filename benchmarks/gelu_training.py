@@ -4,7 +4,8 @@
 1. The operators alone on one MLP activation of each shape (rows × hidden width, float32):
    forward, and backward (the input gradient), PyTorch's ``F.gelu``/``gelu_backward`` against
    ``lmforge.kernels.activation.gelu``'s native passes, called in alternation.
-2. Train steps (forward, cross-entropy, backward, fused AdamW on one fixed batch) of a decoder with
+2. Train steps (pretrain_throughput.py's: forward, cross-entropy, backward, fused AdamW on one fixed
+   batch) of a decoder with
    the erf form (nanoGPT's wiring: no biases) and one with the tanh form (GPT-2's wiring: biases),
    each against a copy of itself, same weights, whose GELU modules are ``nn.GELU`` (PyTorch's
    kernels). Everything else, the native causal attention included, is the same in both.
@@ -32,6 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results, interleaved_rounds, load_average, ratio_spread, set_threads  # noqa: E402
+from pretrain_throughput import make_step  # noqa: E402  (the train step of the peer comparison)
 
 from lmforge import ModelConfig, Transformer  # noqa: E402
 from lmforge.kernels import kernel_problem  # noqa: E402
@@ -85,6 +87,12 @@ def operator_rows(shapes: list[str]) -> list[str]:
     return rows
 
 
+def _loss(model: nn.Module, ids: torch.Tensor, vocab: int) -> Callable[[], torch.Tensor]:
+    """The next-token cross-entropy of one fixed batch."""
+    inputs, labels = ids[:, :-1], ids[:, 1:].reshape(-1)
+    return lambda: F.cross_entropy(model(inputs).logits.reshape(-1, vocab), labels)
+
+
 def step_rows(shapes: list[str], vocab: int) -> list[str]:
     rows = []
     for name in shapes:
@@ -104,7 +112,7 @@ def step_rows(shapes: list[str], vocab: int) -> list[str]:
                 if isinstance(module, GELU):
                     pytorch.set_submodule(module_name, nn.GELU(approximate=module.approximate))
             for kind, model in (("native", native), ("pytorch", pytorch)):
-                fns[f"{wiring} {kind}"] = _train_step(model, ids, vocab)
+                fns[f"{wiring} {kind}"] = make_step(_loss(model, ids, vocab), model, bf16=False)
             steps_of[wiring] = (f"{wiring} pytorch", f"{wiring} native")
         _, cpu = interleaved_rounds(fns, rounds=rounds, calls=calls)
         for wiring, (slow, fast) in steps_of.items():
@@ -115,19 +123,6 @@ def step_rows(shapes: list[str], vocab: int) -> list[str]:
             )
             print(rows[-1], flush=True)
     return rows
-
-
-def _train_step(model: nn.Module, ids: torch.Tensor, vocab: int) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    inputs, labels = ids[:, :-1], ids[:, 1:].reshape(-1)
-
-    def step() -> None:
-        logits = model(inputs).logits
-        F.cross_entropy(logits.reshape(-1, vocab), labels).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def main() -> None:
