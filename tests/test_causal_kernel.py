@@ -131,6 +131,12 @@ def test_refusals() -> None:
         "widths that do not add up": (qkv, 2, 1, 16),
         "heads not a multiple of the key/value heads": (torch.randn(2, 8, 7 * 16), 3, 2, 16),
         "too long": (torch.randn(1, causal.MAX_LENGTH + 1, 3 * 8), 1, 1, 8),
+        "bfloat16 past the low-precision work": (
+            torch.randn(1, causal.LOW_PRECISION_WORK // 16 + 1, 3 * 16, dtype=torch.bfloat16),
+            1,
+            1,
+            16,
+        ),
         "no batch axis": (qkv[0], 2, 2, 16),
     }
     for why, (tensor, H, Hkv, D) in cases.items():
@@ -149,6 +155,31 @@ def test_refusals() -> None:
         assert not native_causal_attention(qkv, 2, 2, 16, rope), why
         with pytest.raises(ValueError, match="angles"):
             causal_attention(qkv, 2, 2, 16, 0.25, rope)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_input_is_computed_in_float32(dtype: torch.dtype) -> None:
+    """A bfloat16/float16 projection (autocast's) runs natively up to T·D = LOW_PRECISION_WORK:
+    the output and gradient in its dtype, equal to the float32 kernel's on the same (rounded)
+    values, rounded once."""
+    torch.manual_seed(0)
+    H, Hkv, D = 4, 2, 16
+    qkv = torch.randn(2, 12, (H + 2 * Hkv) * D).to(dtype)
+    dout = torch.randn(2, 12, H * D).to(dtype)
+    assert native_causal_attention(qkv, H, Hkv, D)
+    longest = causal.LOW_PRECISION_WORK // D
+    assert native_causal_attention(torch.zeros(1, longest, (H + 2 * Hkv) * D, dtype=dtype), H, Hkv, D)
+    assert not native_causal_attention(torch.zeros(1, longest + 1, (H + 2 * Hkv) * D, dtype=dtype), H, Hkv, D)
+    assert native_causal_attention(torch.zeros(1, longest + 1, (H + 2 * Hkv) * D), H, Hkv, D)  # float32: any
+    low = qkv.clone().requires_grad_()
+    out = causal_attention(low, H, Hkv, D, 0.25, angles(2, 12, 8))
+    out.backward(dout)
+    full = qkv.float().requires_grad_()
+    expected = causal_attention(full, H, Hkv, D, 0.25, angles(2, 12, 8))
+    expected.backward(dout.float())
+    assert out.dtype is dtype and low.grad.dtype is dtype
+    assert torch.equal(out, expected.detach().to(dtype))
+    assert torch.equal(low.grad, full.grad.to(dtype))
 
 
 def test_second_derivatives_match_the_explicit_formula() -> None:
@@ -223,6 +254,32 @@ def test_training_matches_sdpa(monkeypatch: pytest.MonkeyPatch, overrides: dict)
     assert results["ours"] == pytest.approx(results["theirs"], rel=1e-5)
     for a, b in zip(results["ours gradients"], results["theirs gradients"], strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny-decoder", "tiny-llama"])
+def test_bf16_autocast_training_runs_natively(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Training under bfloat16 autocast (``precision: bf16``): every layer on the native kernel
+    (from the bf16 projection), loss and gradients those of bf16 SDPA to bf16's precision."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_name(name, dropout=0.0)
+    ours = Transformer(config).train()
+    theirs = copy.deepcopy(ours)
+    ids = torch.randint(0, config.vocab_size, (3, 24))
+    calls = counting(monkeypatch)
+    results = {}
+    for label, model in (("ours", ours), ("theirs", theirs)):
+        if label == "theirs":
+            monkeypatch.setattr(attention_module, "native_causal_attention", lambda *args: False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids[:, :-1]).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        results[label] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+        if label == "ours":
+            assert len(calls) == config.num_layers
+    assert len(calls) == config.num_layers
+    assert results["ours"][0] == pytest.approx(results["theirs"][0], rel=1e-2)
+    assert F.cosine_similarity(results["ours"][1], results["theirs"][1], dim=0) > 0.99
 
 
 @pytest.mark.parametrize("name", ["tiny-decoder", "tiny-llama"])
