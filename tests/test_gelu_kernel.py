@@ -101,6 +101,39 @@ def test_layouts_and_shapes(form: str) -> None:
 
 
 @pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
+def test_bfloat16_is_the_float32_result_rounded(n: int, form: str) -> None:
+    """bfloat16 in and out (autocast's MLP): the float32 kernel's values on the same inputs,
+    rounded to the nearest bfloat16 as PyTorch rounds (ties to even), at every length (the last
+    n % 8 values through the same formulas); so within half a bfloat16 step of float64."""
+    torch.manual_seed(n)
+    x, dy = (torch.randn(n) * 4).bfloat16(), torch.randn(n).bfloat16()
+    y, dx = native(x, dy, form)
+    assert y.dtype is torch.bfloat16 and dx.dtype is torch.bfloat16
+    padded = -(-n // 16) * 16  # float32's last n % 16 (or % 8) values take the C library's erfc: pad them away
+    y32, dx32 = native(F.pad(x.float(), (0, padded - n)), F.pad(dy.float(), (0, padded - n)), form)
+    assert torch.equal(y, y32[:n].bfloat16()) and torch.equal(dx, dx32[:n].bfloat16())
+    y64, dx64 = reference(x, dy, form)
+    step = 2.0**-8  # half a bfloat16 step (8 significant bits), plus float32's own error
+    assert torch.all((y.double() - y64).abs() <= step * y64.abs() + 1e-6)
+    assert torch.all((dx.double() - dx64).abs() <= step * dx64.abs() + 1e-6)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_bfloat16_special_values(form: str) -> None:
+    """NaN stays NaN both ways; the infinities as in float32; the largest bfloat16 stays finite."""
+    big = torch.finfo(torch.bfloat16).max
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), big, -big, 0.0, -0.0, 1e-30] * 3).bfloat16()
+    dy = torch.ones_like(x)
+    y, dx = native(x, dy, form)
+    y32, dx32 = native(x.float(), dy.float(), form)
+    for ours, full in ((y, y32.bfloat16()), (dx, dx32.bfloat16())):
+        assert torch.equal(ours.isnan(), full.isnan())
+        assert torch.equal(ours[~ours.isnan()], full[~full.isnan()])
+    assert y.isnan()[0] and dx.isnan()[0] and y[1] == float("inf") and y[3] == big and y[4] == 0
+
+
+@pytest.mark.parametrize("form", FORMS)
 def test_threads_give_the_same_values(form: str) -> None:
     x = torch.randn(3, activation.PARALLEL_FROM) * 3
     dy = torch.randn_like(x)
@@ -120,9 +153,9 @@ def test_cases_that_keep_pytorchs_operators(monkeypatch: pytest.MonkeyPatch, for
     x64 = torch.randn(16, dtype=torch.float64, requires_grad=True)
     assert not native_gelu(x64) and type(gelu(x64, form).grad_fn).__name__ == "GeluBackward0"
     assert torch.autograd.gradcheck(lambda t: gelu(t, form), (x64,))
-    bf16 = torch.randn(16).bfloat16()
-    assert not native_gelu(bf16)
-    assert torch.equal(gelu(bf16, form), F.gelu(bf16, approximate=form))
+    half = torch.randn(16).half()
+    assert not native_gelu(half)
+    assert torch.equal(gelu(half, form), F.gelu(half, approximate=form))
     monkeypatch.setattr(activation, "block_kernels", lambda: None)  # no kernels built here
     x = torch.randn(16, requires_grad=True)
     assert not native_gelu(x) and type(gelu(x, form).grad_fn).__name__ == "GeluBackward0"

@@ -4,7 +4,7 @@ stored transposed (:class:`lmforge.quant.DecodeLinear`), RMSNorm in one call
 (:class:`lmforge.quant.DecodeRMSNorm`), and the attention of each sequence's new token over its key/value
 cache (:class:`lmforge.model.attention.SelfAttention` decoding a token per sequence), and a whole
 pre-norm block's step for one new token (:mod:`lmforge.kernels.step`); and, for training, GELU's
-tanh form forward and backward (:mod:`lmforge.kernels.activation`) and causal self-attention from
+tanh and erf forms forward and backward, float32 or bfloat16 (:mod:`lmforge.kernels.activation`) and causal self-attention from
 the fused Q/K/V projection forward and backward (:mod:`lmforge.kernels.causal`).
 
 The C source is compiled once with the system's C compiler (``$CC``, else ``cc``) and
@@ -182,6 +182,10 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.gelu_erf_forward.restype = None
     lib.gelu_erf_backward.argtypes = [pointer, pointer, pointer, size, integer]
     lib.gelu_erf_backward.restype = None
+    lib.gelu_bf16_forward.argtypes = [pointer, pointer, size, integer, integer]  # x, y, n, tanh form, threads
+    lib.gelu_bf16_forward.restype = None
+    lib.gelu_bf16_backward.argtypes = [pointer, pointer, pointer, size, integer, integer]
+    lib.gelu_bf16_backward.restype = None
     real = ctypes.c_float
     shape = [size] * 5  # B, T, H, Hkv, D
     angles = [pointer, pointer, size, size]  # cos, sin, R, the stride between sequences' tables

@@ -7,7 +7,8 @@
    3. RMSNorm of rows in one call.
    4. Attention for one new token of each sequence over its key/value cache (SelfAttention).
    5. A whole pre-norm Transformer block's step for one new token (TransformerBlock decoding).
-   6. GELU, its tanh and erf forms, forward and backward, over many values (training).
+   6. GELU, its tanh and erf forms, forward and backward, over many float32 or bfloat16 values
+      (training).
    7. Causal self-attention over whole sequences from the fused Q/K/V projection, forward and
       backward (training).
 
@@ -330,12 +331,6 @@ static inline __m256 exp_nonpositive(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* exp_nonpositive, but 0 where x < -87 (or is NaN) rather than e^-87: for the activations, where
-   the exponential multiplies x itself and e^-87 times a huge x would not vanish. */
-static inline __m256 exp_or_zero(__m256 x) {
-    return _mm256_and_ps(exp_nonpositive(x), _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ));
-}
-
 /* Rotate the first R dimensions of a head by its position's angles, as lmforge's apply_rotary
    does (pairs i and i + R/2: x1 cos - x2 sin, x2 cos + x1 sin; cos and sin hold R values). */
 static void rotate(float *x, const float *cos, const float *sin, long R) {
@@ -478,12 +473,110 @@ static void norm_row(const Block *blk, const float *x, const float *w, const flo
     for (long j = 0; j < n; j++) y[j] = (x[j] - mean) * r * w[j] + (b != NULL ? b[j] : 0.0f);
 }
 
+/* Vectors for the activations (sections 5 and 6): 16 floats with AVX-512 (F, DQ, BW), else 8
+   with AVX2. The same operations in either width: the values do not depend on it (the float32
+   kernels' last n % LANES values take scalar formulas). */
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+#define LANES 16
+typedef __m512 vec;
+typedef __mmask16 vmask;
+#define vset _mm512_set1_ps
+#define vload _mm512_loadu_ps
+#define vstore _mm512_storeu_ps
+#define vadd _mm512_add_ps
+#define vsub _mm512_sub_ps
+#define vmul _mm512_mul_ps
+#define vfmadd _mm512_fmadd_ps
+#define vmax _mm512_max_ps
+#define vdiv _mm512_div_ps
+#define vor _mm512_or_ps
+#define vandnot _mm512_andnot_ps
+#define vsign(x) _mm512_movepi32_mask(_mm512_castps_si512(x)) /* the lanes whose sign bit is set */
+#define vless(a, b) _mm512_cmp_ps_mask((a), (b), _CMP_LT_OQ)
+#define vat_least(a, b) _mm512_cmp_ps_mask((a), (b), _CMP_GE_OQ)
+#define vpick(m, a, b) _mm512_mask_blend_ps((m), (a), (b)) /* b in the lanes of m, else a */
+#define vzero_unless(x, m) _mm512_maskz_mov_ps((m), (x))
+
+/* section 4's exp_nonpositive, 16 at a time */
+static inline vec vexp_nonpositive(vec x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vec r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    vec p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+/* LANES bfloat16 values (the upper halves of float32s) widened to float32, exactly. */
+static inline vec load_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* LANES float32 values rounded to the nearest bfloat16, ties to even (a NaN to the quiet NaN 0x7fc0). */
+static inline void store_bf16(uint16_t *p, vec v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                          _mm512_set1_epi32(0x7fff));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+}
+#else
+#define LANES 8
+typedef __m256 vec;
+typedef __m256 vmask;
+#define vset _mm256_set1_ps
+#define vload _mm256_loadu_ps
+#define vstore _mm256_storeu_ps
+#define vadd _mm256_add_ps
+#define vsub _mm256_sub_ps
+#define vmul _mm256_mul_ps
+#define vfmadd _mm256_fmadd_ps
+#define vmax _mm256_max_ps
+#define vdiv _mm256_div_ps
+#define vor _mm256_or_ps
+#define vandnot _mm256_andnot_ps
+#define vsign(x) (x) /* blendv reads the sign bits */
+#define vless(a, b) _mm256_cmp_ps((a), (b), _CMP_LT_OQ)
+#define vat_least(a, b) _mm256_cmp_ps((a), (b), _CMP_GE_OQ)
+#define vpick(m, a, b) _mm256_blendv_ps((a), (b), (m))
+#define vzero_unless(x, m) _mm256_and_ps((x), (m))
+#define vexp_nonpositive exp_nonpositive
+
+static inline vec load_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline void store_bf16(uint16_t *p, vec v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                          _mm256_set1_epi32(0x7fff));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+#endif
+
+/* exp_nonpositive, but 0 where x < -87 (or is NaN) rather than e^-87: for the activations, where
+   the exponential multiplies x itself and e^-87 times a huge x would not vanish. */
+static inline vec exp_or_zero(vec x) {
+    return vzero_unless(vexp_nonpositive(x), vat_least(x, vset(-87.0f)));
+}
+
 /* 1 / (1 + e^-x) through section 4's exp of a nonpositive number: e = e^-|x|, then 1 / (1 + e)
    or e / (1 + e) (no cancellation on either side). */
-static inline __m256 sigmoid8(__m256 x) {
-    const __m256 e = exp_or_zero(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)));
-    const __m256 one = _mm256_set1_ps(1.0f), inverse = _mm256_div_ps(one, _mm256_add_ps(one, e));
-    return _mm256_blendv_ps(inverse, _mm256_mul_ps(e, inverse), x); /* x's sign bit picks e / (1 + e) */
+static inline vec sigmoid(vec x) {
+    const vec e = exp_or_zero(vor(x, vset(-0.0f))); /* e^-|x| */
+    const vec one = vset(1.0f), inverse = vdiv(one, vadd(one, e));
+    return vpick(vsign(x), inverse, vmul(e, inverse)); /* x's sign bit picks e / (1 + e) */
 }
 
 /* GELU's erf form, x Phi(x), with Phi(x) = erfc(-x / sqrt 2) / 2. Abramowitz and Stegun's 7.1.26
@@ -495,40 +588,49 @@ static inline __m256 sigmoid8(__m256 x) {
    so the negative side is never 1 minus almost 1. The slope Phi(x) + x phi(x) needs the normal
    density phi(x) = e / sqrt(2 pi), the same e: the backward pass takes one exp where PyTorch's
    takes two. Returns Phi(x); *gauss gets e. */
-static inline __m256 normal_cdf8(__m256 x, __m256 *gauss) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    const __m256 z = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
-    const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), z, one));
-    __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
-    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(1.421413741f));
-    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
-    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
-    const __m256 e = exp_or_zero(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.5f)));
+static inline vec normal_cdf(vec x, vec *gauss) {
+    const vec one = vset(1.0f);
+    const vec z = vandnot(vset(-0.0f), vmul(x, vset(0.70710678118654752f)));
+    const vec t = vdiv(one, vfmadd(vset(0.3275911f), z, one));
+    vec poly = vfmadd(vset(1.061405429f), t, vset(-1.453152027f));
+    poly = vfmadd(poly, t, vset(1.421413741f));
+    poly = vfmadd(poly, t, vset(-0.284496736f));
+    poly = vfmadd(poly, t, vset(0.254829592f));
+    const vec e = exp_or_zero(vmul(vmul(x, x), vset(-0.5f)));
     *gauss = e;
-    const __m256 tail = _mm256_mul_ps(_mm256_mul_ps(poly, t), _mm256_mul_ps(e, _mm256_set1_ps(0.5f)));
-    return _mm256_blendv_ps(_mm256_sub_ps(one, tail), tail, x); /* x's sign bit picks the tail */
+    const vec tail = vmul(vmul(poly, t), vmul(e, vset(0.5f)));
+    return vpick(vsign(x), vsub(one, tail), tail); /* x's sign bit picks the tail */
 }
 
-/* The activation of n values in place (n a multiple of 8 for the vector part). GELU's tanh form is
+/* GELU, the tanh form x sigmoid(2u) (section 6) and the erf form x Phi(x). */
+static inline vec gelu_tanh(vec x) {
+    const vec inner = vfmadd(vmul(x, x), vset(0.044715f), vset(1.0f));
+    return vmul(x, sigmoid(vmul(vmul(x, vset(1.5957691216057308f)), inner)));
+}
+
+static inline vec gelu_erf(vec x) {
+    vec e;
+    return vmul(x, normal_cdf(x, &e));
+}
+
+/* The activation of n values in place (LANES at a time, then one by one). GELU's tanh form is
    x (1 + tanh u) / 2 = x sigmoid(2 u), u = sqrt(2 / pi) (x + 0.044715 x^3); its erf form
-   x Phi(x) by normal_cdf8 (the C library's erfc for the last n % 8 values). */
+   x Phi(x) by normal_cdf (the C library's erfc for the last n % LANES values). */
 static void activate(int activation, float *u, long n) {
     long j = 0;
-    for (; j + 8 <= n; j += 8) {
-        const __m256 x = _mm256_loadu_ps(u + j);
-        __m256 y;
+    for (; j + LANES <= n; j += LANES) {
+        const vec x = vload(u + j);
+        vec y;
         if (activation == 0) {
-            __m256 e;
-            y = _mm256_mul_ps(x, normal_cdf8(x, &e));
+            y = gelu_erf(x);
         } else if (activation == 1) {
-            const __m256 inner = _mm256_mul_ps(x, _mm256_fmadd_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(0.044715f), _mm256_set1_ps(1.0f)));
-            y = _mm256_mul_ps(x, sigmoid8(_mm256_mul_ps(inner, _mm256_set1_ps(1.5957691216057308f)))); /* 2 sqrt(2 / pi) */
+            y = gelu_tanh(x);
         } else if (activation == 2) {
-            y = _mm256_max_ps(x, _mm256_setzero_ps());
+            y = vmax(x, vset(0.0f));
         } else {
-            y = _mm256_mul_ps(x, sigmoid8(x));
+            y = vmul(x, sigmoid(x));
         }
-        _mm256_storeu_ps(u + j, y);
+        vstore(u + j, y);
     }
     for (; j < n; j++) {
         const float x = u[j];
@@ -569,49 +671,54 @@ int decode_block(const Block *blk, const float *x, float *y, const float *cos, c
 }
 
 /* 6. GELU over many values, both forms, forward and backward, for training and whole-prompt
-   passes (lmforge.kernels.activation): PyTorch's tanh is its slowest elementwise kernel on this
-   build (its GELU 4-5 times as slow as this one), and its erf form's backward pass takes two
-   exponentials a value where one will do. With threads, each takes a contiguous range. The tanh
-   form by section 5's identity:
+   passes (lmforge.kernels.activation): PyTorch's tanh is its slowest elementwise kernel on an
+   AVX2 build (its GELU 3-5 times as slow as this one), its erf form's backward pass takes two
+   exponentials a value where one will do, and its bfloat16 GELU (autocast's) converts in and out
+   around the float32 formula. LANES values a step (16 with AVX-512); with threads, each takes a
+   contiguous range. The tanh form by section 5's identity:
 
        y = x s,  s = sigmoid(2u),  2u = a x (1 + 0.044715 x^2),  a = 2 sqrt(2 / pi)
        dy/dx = s + x s (1 - s) a (1 + 3 * 0.044715 x^2)
 
    with s (1 - s) = e / (1 + e)^2, e = exp(-|2u|), so neither side cancels. The erf form by
-   section 5's normal_cdf8, the backward pass with the density from the same exponential. */
+   section 5's normal_cdf, the slope Phi(x) + x phi(x) with the density from the same exponential.
+   bfloat16 values are widened to float32 (exactly), the formulas run in float32, and the results
+   are rounded to the nearest bfloat16, ties to even, as PyTorch rounds. */
+static inline vec gelu_tanh_slope(vec x) {
+    const vec one = vset(1.0f), a = vset(1.5957691216057308f), x2 = vmul(x, x);
+    const vec u2 = vmul(vmul(x, a), vfmadd(x2, vset(0.044715f), one));
+    const vec minus = vor(u2, vset(-0.0f)); /* -|2u| */
+    const vec e = exp_or_zero(minus);
+    const vec inverse = vdiv(one, vadd(one, e));
+    const vec s = vpick(vsign(u2), inverse, vmul(e, inverse)); /* 2u's sign bit: e / (1 + e) */
+    const vec spread = vmul(vmul(e, inverse), inverse);         /* s (1 - s) */
+    const vec du = vmul(a, vfmadd(x2, vset(0.134145f), one));
+    const vec slope = vfmadd(vmul(x, spread), du, s);
+    /* far out (e = 0) the slope is s, 1 or 0: not 0 times an overflowed du (a NaN stays NaN) */
+    return vpick(vless(minus, vset(-87.0f)), slope, s);
+}
+
+static inline vec gelu_erf_slope(vec x) {
+    vec e;
+    const vec cdf = normal_cdf(x, &e);
+    return vfmadd(vmul(x, vset(0.39894228040143268f)), e, cdf); /* phi = e / sqrt(2 pi) */
+}
+
 void gelu_tanh_forward(const float *x, float *y, long n, int threads) {
-    const long vectors = n / 8;
+    const long vectors = n / LANES;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (long v = 0; v < vectors; v++) {
-        const __m256 xv = _mm256_loadu_ps(x + 8 * v);
-        const __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(xv, xv), _mm256_set1_ps(0.044715f), _mm256_set1_ps(1.0f));
-        const __m256 s = sigmoid8(_mm256_mul_ps(_mm256_mul_ps(xv, _mm256_set1_ps(1.5957691216057308f)), inner));
-        _mm256_storeu_ps(y + 8 * v, _mm256_mul_ps(xv, s));
-    }
-    for (long j = 8 * vectors; j < n; j++)
+    for (long v = 0; v < vectors; v++) vstore(y + LANES * v, gelu_tanh(vload(x + LANES * v)));
+    for (long j = LANES * vectors; j < n; j++)
         y[j] = x[j] / (1.0f + expf(-1.5957691216057308f * x[j] * (1.0f + 0.044715f * x[j] * x[j])));
 }
 
 /* dx = dy * GELU'(x) over n values (the tanh form). */
 void gelu_tanh_backward(const float *dy, const float *x, float *dx, long n, int threads) {
-    const long vectors = n / 8;
-    const __m256 one = _mm256_set1_ps(1.0f), a = _mm256_set1_ps(1.5957691216057308f);
+    const long vectors = n / LANES;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (long v = 0; v < vectors; v++) {
-        const __m256 xv = _mm256_loadu_ps(x + 8 * v), x2 = _mm256_mul_ps(xv, xv);
-        const __m256 u2 = _mm256_mul_ps(_mm256_mul_ps(xv, a), _mm256_fmadd_ps(x2, _mm256_set1_ps(0.044715f), one));
-        const __m256 minus = _mm256_or_ps(u2, _mm256_set1_ps(-0.0f)); /* -|2u| */
-        const __m256 e = exp_or_zero(minus);
-        const __m256 inverse = _mm256_div_ps(one, _mm256_add_ps(one, e));
-        const __m256 s = _mm256_blendv_ps(inverse, _mm256_mul_ps(e, inverse), u2); /* 2u's sign bit: e / (1 + e) */
-        const __m256 spread = _mm256_mul_ps(_mm256_mul_ps(e, inverse), inverse);  /* s (1 - s) */
-        const __m256 du = _mm256_mul_ps(a, _mm256_fmadd_ps(x2, _mm256_set1_ps(0.134145f), one));
-        __m256 slope = _mm256_fmadd_ps(_mm256_mul_ps(xv, spread), du, s);
-        /* far out (e = 0) the slope is s, 1 or 0: not 0 times an overflowed du (a NaN stays NaN) */
-        slope = _mm256_blendv_ps(slope, s, _mm256_cmp_ps(minus, _mm256_set1_ps(-87.0f), _CMP_LT_OQ));
-        _mm256_storeu_ps(dx + 8 * v, _mm256_mul_ps(_mm256_loadu_ps(dy + 8 * v), slope));
-    }
-    for (long j = 8 * vectors; j < n; j++) {
+    for (long v = 0; v < vectors; v++)
+        vstore(dx + LANES * v, vmul(vload(dy + LANES * v), gelu_tanh_slope(vload(x + LANES * v))));
+    for (long j = LANES * vectors; j < n; j++) {
         const float u = x[j], s = 1.0f / (1.0f + expf(-1.5957691216057308f * u * (1.0f + 0.044715f * u * u)));
         const float spread = s * (1.0f - s);
         dx[j] = dy[j] * (spread == 0.0f ? s : s + u * spread * 1.5957691216057308f * (1.0f + 0.134145f * u * u));
@@ -619,31 +726,58 @@ void gelu_tanh_backward(const float *dy, const float *x, float *dx, long n, int 
 }
 
 void gelu_erf_forward(const float *x, float *y, long n, int threads) {
-    const long vectors = n / 8;
+    const long vectors = n / LANES;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (long v = 0; v < vectors; v++) {
-        const __m256 xv = _mm256_loadu_ps(x + 8 * v);
-        __m256 e;
-        _mm256_storeu_ps(y + 8 * v, _mm256_mul_ps(xv, normal_cdf8(xv, &e)));
-    }
-    for (long j = 8 * vectors; j < n; j++) y[j] = 0.5f * x[j] * erfcf(-0.70710678118654752f * x[j]);
+    for (long v = 0; v < vectors; v++) vstore(y + LANES * v, gelu_erf(vload(x + LANES * v)));
+    for (long j = LANES * vectors; j < n; j++) y[j] = 0.5f * x[j] * erfcf(-0.70710678118654752f * x[j]);
 }
 
 /* dx = dy * (Phi(x) + x phi(x)) over n values (the erf form). */
 void gelu_erf_backward(const float *dy, const float *x, float *dx, long n, int threads) {
-    const long vectors = n / 8;
-    const __m256 density = _mm256_set1_ps(0.39894228040143268f); /* 1 / sqrt(2 pi) */
+    const long vectors = n / LANES;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (long v = 0; v < vectors; v++) {
-        const __m256 xv = _mm256_loadu_ps(x + 8 * v);
-        __m256 e;
-        const __m256 cdf = normal_cdf8(xv, &e);
-        const __m256 slope = _mm256_fmadd_ps(_mm256_mul_ps(xv, density), e, cdf);
-        _mm256_storeu_ps(dx + 8 * v, _mm256_mul_ps(_mm256_loadu_ps(dy + 8 * v), slope));
-    }
-    for (long j = 8 * vectors; j < n; j++) {
+    for (long v = 0; v < vectors; v++)
+        vstore(dx + LANES * v, vmul(vload(dy + LANES * v), gelu_erf_slope(vload(x + LANES * v))));
+    for (long j = LANES * vectors; j < n; j++) {
         const float u = x[j];
         dx[j] = dy[j] * (0.5f * erfcf(-0.70710678118654752f * u) + u * 0.39894228040143268f * expf(-0.5f * u * u));
+    }
+}
+
+static inline vec gelu_bf16(const uint16_t *x, int tanh_form) {
+    const vec xv = load_bf16(x);
+    return tanh_form ? gelu_tanh(xv) : gelu_erf(xv);
+}
+
+static inline vec gelu_bf16_grad(const uint16_t *dy, const uint16_t *x, int tanh_form) {
+    const vec xv = load_bf16(x);
+    return vmul(load_bf16(dy), tanh_form ? gelu_tanh_slope(xv) : gelu_erf_slope(xv));
+}
+
+/* y = GELU(x) over n bfloat16 values, the tanh form if tanh_form, else the erf form. */
+void gelu_bf16_forward(const uint16_t *x, uint16_t *y, long n, int tanh_form, int threads) {
+    const long vectors = n / LANES, rest = n % LANES;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (long v = 0; v < vectors; v++) store_bf16(y + LANES * v, gelu_bf16(x + LANES * v, tanh_form));
+    if (rest) { /* the last n % LANES values through the same formulas, from a zero-padded copy */
+        uint16_t in[LANES] = {0}, out[LANES];
+        memcpy(in, x + LANES * vectors, rest * sizeof *in);
+        store_bf16(out, gelu_bf16(in, tanh_form));
+        memcpy(y + LANES * vectors, out, rest * sizeof *out);
+    }
+}
+
+/* dx = dy * GELU'(x) over n bfloat16 values. */
+void gelu_bf16_backward(const uint16_t *dy, const uint16_t *x, uint16_t *dx, long n, int tanh_form, int threads) {
+    const long vectors = n / LANES, rest = n % LANES;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (long v = 0; v < vectors; v++) store_bf16(dx + LANES * v, gelu_bf16_grad(dy + LANES * v, x + LANES * v, tanh_form));
+    if (rest) {
+        uint16_t g[LANES] = {0}, in[LANES] = {0}, out[LANES];
+        memcpy(g, dy + LANES * vectors, rest * sizeof *g);
+        memcpy(in, x + LANES * vectors, rest * sizeof *in);
+        store_bf16(out, gelu_bf16_grad(g, in, tanh_form));
+        memcpy(dx + LANES * vectors, out, rest * sizeof *out);
     }
 }
 
