@@ -849,14 +849,51 @@ static inline void put8(float *o, __m256 v, __m256 alpha, int add) {
     _mm256_storeu_ps(o, add ? _mm256_add_ps(v, _mm256_loadu_ps(o)) : v);
 }
 
+#if LANES == 16
+static inline void put16(float *o, __m512 v, __m512 alpha, int add) {
+    v = _mm512_mul_ps(v, alpha);
+    _mm512_storeu_ps(o, add ? _mm512_add_ps(v, _mm512_loadu_ps(o)) : v);
+}
+#endif
+
 /* For the 6 rows r of a (element (r, j) at a[r ar + j aj]) and every d < D (a multiple of 8):
    out[r][d] (+)= alpha sum_{lo <= j < hi} a(r, j) b[j][d]  (b row stride ldb, out row stride ldo),
-   added to out when add, else stored; only the first `rows` rows are written. 16 columns of d at a
-   time (12 accumulators), then 8 for what is left. */
+   added to out when add, else stored; only the first `rows` rows are written. 32 columns of d at a
+   time with AVX-512, then 16 (12 accumulators either way), then 8 for what is left. */
 static void weighted_rows(const float *a, long ar, long aj, const float *b, long ldb, long lo, long hi, long D,
                           float alpha, float *out, long ldo, long rows, int add) {
     const __m256 scale = _mm256_set1_ps(alpha);
     long d0 = 0;
+#if LANES == 16
+    const __m512 wide = _mm512_set1_ps(alpha);
+    for (; d0 + 32 <= D; d0 += 32) { /* AVX-512: 32 columns (twelve accumulators) */
+        __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+        __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+        for (long j = lo; j < hi; j++) {
+            const float *bj = b + j * ldb + d0, *w = a + j * aj;
+            const __m512 b0 = _mm512_loadu_ps(bj), b1 = _mm512_loadu_ps(bj + 16);
+            __m512 v = _mm512_set1_ps(w[0]);
+            c00 = _mm512_fmadd_ps(v, b0, c00), c01 = _mm512_fmadd_ps(v, b1, c01);
+            v = _mm512_set1_ps(w[ar]);
+            c10 = _mm512_fmadd_ps(v, b0, c10), c11 = _mm512_fmadd_ps(v, b1, c11);
+            v = _mm512_set1_ps(w[2 * ar]);
+            c20 = _mm512_fmadd_ps(v, b0, c20), c21 = _mm512_fmadd_ps(v, b1, c21);
+            v = _mm512_set1_ps(w[3 * ar]);
+            c30 = _mm512_fmadd_ps(v, b0, c30), c31 = _mm512_fmadd_ps(v, b1, c31);
+            v = _mm512_set1_ps(w[4 * ar]);
+            c40 = _mm512_fmadd_ps(v, b0, c40), c41 = _mm512_fmadd_ps(v, b1, c41);
+            v = _mm512_set1_ps(w[5 * ar]);
+            c50 = _mm512_fmadd_ps(v, b0, c50), c51 = _mm512_fmadd_ps(v, b1, c51);
+        }
+        float *o = out + d0;
+        put16(o, c00, wide, add), put16(o + 16, c01, wide, add);
+        if (rows > 1) put16(o + ldo, c10, wide, add), put16(o + ldo + 16, c11, wide, add);
+        if (rows > 2) put16(o + 2 * ldo, c20, wide, add), put16(o + 2 * ldo + 16, c21, wide, add);
+        if (rows > 3) put16(o + 3 * ldo, c30, wide, add), put16(o + 3 * ldo + 16, c31, wide, add);
+        if (rows > 4) put16(o + 4 * ldo, c40, wide, add), put16(o + 4 * ldo + 16, c41, wide, add);
+        if (rows > 5) put16(o + 5 * ldo, c50, wide, add), put16(o + 5 * ldo + 16, c51, wide, add);
+    }
+#endif
     for (; d0 + 16 <= D; d0 += 16) {
         __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
         __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -940,9 +977,45 @@ static void rotate_back(float *g, const float *cos, const float *sin, long R) {
     }
 }
 
-/* The scores of query rows i0 .. i0+5 against keys 0 .. hi (tiles of 16 keys; s row stride ldt). */
+#if LANES == 16
+/* scores_6x16 for two adjacent panels (32 keys) with AVX-512: a row's 16 keys in one register,
+   twelve accumulators as above. */
+static inline void scores_6x32(const float *x, long D, const float *panel, float *s, long lds) {
+    const float *next = panel + KEYS * D;
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
+    __m512 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+    for (long d = 0; d < D; d++) {
+        const __m512 y0 = _mm512_loadu_ps(panel + d * KEYS), y1 = _mm512_loadu_ps(next + d * KEYS);
+        __m512 w = _mm512_set1_ps(x[d]);
+        a00 = _mm512_fmadd_ps(w, y0, a00), a01 = _mm512_fmadd_ps(w, y1, a01);
+        w = _mm512_set1_ps(x[D + d]);
+        a10 = _mm512_fmadd_ps(w, y0, a10), a11 = _mm512_fmadd_ps(w, y1, a11);
+        w = _mm512_set1_ps(x[2 * D + d]);
+        a20 = _mm512_fmadd_ps(w, y0, a20), a21 = _mm512_fmadd_ps(w, y1, a21);
+        w = _mm512_set1_ps(x[3 * D + d]);
+        a30 = _mm512_fmadd_ps(w, y0, a30), a31 = _mm512_fmadd_ps(w, y1, a31);
+        w = _mm512_set1_ps(x[4 * D + d]);
+        a40 = _mm512_fmadd_ps(w, y0, a40), a41 = _mm512_fmadd_ps(w, y1, a41);
+        w = _mm512_set1_ps(x[5 * D + d]);
+        a50 = _mm512_fmadd_ps(w, y0, a50), a51 = _mm512_fmadd_ps(w, y1, a51);
+    }
+    _mm512_storeu_ps(s, a00), _mm512_storeu_ps(s + 16, a01);
+    _mm512_storeu_ps(s + lds, a10), _mm512_storeu_ps(s + lds + 16, a11);
+    _mm512_storeu_ps(s + 2 * lds, a20), _mm512_storeu_ps(s + 2 * lds + 16, a21);
+    _mm512_storeu_ps(s + 3 * lds, a30), _mm512_storeu_ps(s + 3 * lds + 16, a31);
+    _mm512_storeu_ps(s + 4 * lds, a40), _mm512_storeu_ps(s + 4 * lds + 16, a41);
+    _mm512_storeu_ps(s + 5 * lds, a50), _mm512_storeu_ps(s + 5 * lds + 16, a51);
+}
+#endif
+
+/* The scores of query rows i0 .. i0+5 against keys 0 .. hi (tiles of 16 keys, two at a time with
+   AVX-512 while the second holds a key needed; s row stride ldt, which has room for it). */
 static void score_block(const float *x, long D, const float *keys, long i0, long hi, float *s, long ldt) {
-    for (long j0 = 0; j0 < hi; j0 += KEYS) scores_6x16(x + i0 * D, D, keys + j0 * D, s + i0 * ldt + j0, ldt);
+    long j0 = 0;
+#if LANES == 16
+    for (; j0 + KEYS < hi; j0 += 2 * KEYS) scores_6x32(x + i0 * D, D, keys + j0 * D, s + i0 * ldt + j0, ldt);
+#endif
+    for (; j0 < hi; j0 += KEYS) scores_6x16(x + i0 * D, D, keys + j0 * D, s + i0 * ldt + j0, ldt);
 }
 
 /* out (B, T, H D) and lse (B, H, T) of causal attention over qkv, queries and keys rotated first
