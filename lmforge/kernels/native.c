@@ -51,6 +51,12 @@ static inline float hsum(__m256 v) {
 }
 
 /* Eight int8 codes as eight floats. */
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 static inline __m256 codes8(const int8_t *c) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)c)));
 }
@@ -496,6 +502,11 @@ typedef __mmask16 vmask;
 #define vat_least(a, b) _mm512_cmp_ps_mask((a), (b), _CMP_GE_OQ)
 #define vpick(m, a, b) _mm512_mask_blend_ps((m), (a), (b)) /* b in the lanes of m, else a */
 #define vzero_unless(x, m) _mm512_maskz_mov_ps((m), (x))
+#define vhmax _mm512_reduce_max_ps
+#define vhsum _mm512_reduce_add_ps
+static inline vmask vbelow(long k) { /* the lanes whose index is below k */
+    return k >= LANES ? (vmask)0xffff : (vmask)((1u << (k > 0 ? k : 0)) - 1);
+}
 
 /* section 4's exp_nonpositive, 16 at a time */
 static inline vec vexp_nonpositive(vec x) {
@@ -550,6 +561,11 @@ typedef __m256 vmask;
 #define vpick(m, a, b) _mm256_blendv_ps((a), (b), (m))
 #define vzero_unless(x, m) _mm256_and_ps((x), (m))
 #define vexp_nonpositive exp_nonpositive
+#define vhmax hmax
+#define vhsum hsum
+static inline vmask vbelow(long k) { /* the lanes whose index is below k */
+    return _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps((float)k), _CMP_LT_OQ);
+}
 
 static inline vec load_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
@@ -801,12 +817,6 @@ void gelu_bf16_backward(const uint16_t *dy, const uint16_t *x, uint16_t *dx, lon
 #define KEYS 16 /* keys per score tile */
 #define QROWS 6 /* query rows per block */
 
-static inline float hmax(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
 static inline long round_up(long n, long m) { return (n + m - 1) / m * m; }
 
 /* Row stride of the score buffers: T rounded up to a tile, plus one tile so that a column walked
@@ -1028,13 +1038,13 @@ int causal_attention_forward(const float *qkv, long B, long T, long H, long Hkv,
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    float *buffer = malloc(sizeof(float) * (size_t)(3 * rows * D + D * round_up(T, KEYS) + rows * ldt)); /* each thread's */
+    float *buffer = malloc(sizeof(float) * (size_t)(2 * rows * D + D * round_up(T, KEYS) + rows * ldt)); /* each thread's */
     if (buffer == NULL) failed = 1;
 #pragma omp for schedule(dynamic)
     for (long task = 0; task < B * Hkv; task++) {
         if (buffer == NULL) continue;
         const long b = task / Hkv, g = task % Hkv;
-        float *qs = buffer, *values = qs + rows * D, *keys = values + rows * D, *kt = keys + rows * D;
+        float *qs = buffer, *keys = qs + rows * D, *kt = keys + rows * D;
         float *s = kt + D * round_up(T, KEYS);
         const float *base = qkv + b * T * W, *c = R > 0 ? cos + b * rope_stride : NULL, *n = R > 0 ? sin + b * rope_stride : NULL;
         if (R > 0) { /* rotated keys, then their panels */
@@ -1044,7 +1054,7 @@ int causal_attention_forward(const float *qkv, long B, long T, long H, long Hkv,
         } else {
             panels(base + (H + g) * D, W, T, D, kt);
         }
-        copy_rows(base + (H + Hkv + g) * D, W, T, rows, D, 1.0f, values);
+        const float *values = base + (H + Hkv + g) * D; /* read in place, row stride W */
         for (long h = g * group; h < (g + 1) * group; h++) {
             copy_rows(base + h * D, W, T, rows, D, scale, qs);
             if (R > 0) rotate_rows(qs, T, D, c, n, R);
@@ -1058,26 +1068,35 @@ int causal_attention_forward(const float *qkv, long B, long T, long H, long Hkv,
                         memset(row, 0, sizeof(float) * (size_t)hi);
                         continue;
                     }
+                    /* whole vectors over keys 0 .. i; in the last one the lanes past i (scores
+                       the tiles computed for later keys) are left out, then zeroed */
                     long j = 0;
-                    __m256 tops = _mm256_set1_ps(row[0]);
-                    for (; j + 8 <= i + 1; j += 8) tops = _mm256_max_ps(tops, _mm256_loadu_ps(row + j));
-                    float top = hmax(tops), sum = 0.0f;
-                    for (; j <= i; j++) top = row[j] > top ? row[j] : top;
-                    j = 0;
-                    __m256 sums = _mm256_setzero_ps();
-                    for (; j + 8 <= i + 1; j += 8) {
-                        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(top)));
-                        _mm256_storeu_ps(row + j, e);
-                        sums = _mm256_add_ps(sums, e);
+                    const long full = (i + 1) / LANES * LANES;
+                    const vmask last = vbelow(i + 1 - full);
+                    vec tops = vset(row[0]);
+                    for (; j < full; j += LANES) tops = vmax(tops, vload(row + j));
+                    if (full <= i) tops = vmax(tops, vpick(last, tops, vload(row + full)));
+                    const float top = vhmax(tops);
+                    const vec shift = vset(top);
+                    vec sums = vset(0.0f);
+                    for (j = 0; j < full; j += LANES) {
+                        const vec e = vexp_nonpositive(vsub(vload(row + j), shift));
+                        vstore(row + j, e);
+                        sums = vadd(sums, e);
                     }
-                    sum = hsum(sums);
-                    for (; j <= i; j++) sum += row[j] = expf(row[j] - top);
-                    const float inverse = 1.0f / sum;
-                    for (j = 0; j <= i; j++) row[j] *= inverse;
+                    if (full <= i) {
+                        const vec e = vzero_unless(vexp_nonpositive(vsub(vload(row + full), shift)), last);
+                        vstore(row + full, e);
+                        sums = vadd(sums, e);
+                        j += LANES;
+                    }
+                    const float sum = vhsum(sums);
+                    const vec inverse = vset(1.0f / sum);
+                    for (long k = 0; k < j; k += LANES) vstore(row + k, vmul(vload(row + k), inverse));
                     for (; j < hi; j++) row[j] = 0.0f;
                     head_lse[i] = top + logf(sum);
                 }
-                weighted_rows(s + i0 * ldt, ldt, 1, values, D, 0, hi, D, 1.0f, out + (b * T + i0) * H * D + h * D,
+                weighted_rows(s + i0 * ldt, ldt, 1, values, W, 0, hi, D, 1.0f, out + (b * T + i0) * H * D + h * D,
                               H * D, hi - i0, 0);
             }
         }
@@ -1096,17 +1115,19 @@ int causal_attention_backward(const float *qkv, const float *out, const float *d
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    float *buffer = malloc(sizeof(float) * (size_t)(6 * rows * D + 2 * D * round_up(T, KEYS) + 2 * rows * ldt + rows)); /* each thread's */
+    float *buffer = malloc(sizeof(float) * (size_t)(3 * rows * D + 2 * D * round_up(T, KEYS) + 2 * rows * ldt + rows)); /* each thread's */
     if (buffer == NULL) failed = 1;
 #pragma omp for schedule(dynamic)
     for (long task = 0; task < B * Hkv; task++) {
         if (buffer == NULL) continue;
         const long b = task / Hkv, g = task % Hkv;
-        float *qs = buffer, *gs = qs + rows * D, *keys = gs + rows * D, *dk = keys + rows * D, *dv = dk + rows * D;
-        float *dq = dv + rows * D, *kt = dq + rows * D, *vt = kt + D * round_up(T, KEYS), *p = vt + D * round_up(T, KEYS);
+        float *qs = buffer, *gs = qs + rows * D, *keys = gs + rows * D;
+        float *kt = keys + rows * D, *vt = kt + D * round_up(T, KEYS), *p = vt + D * round_up(T, KEYS);
         float *ds = p + rows * ldt, *dot = ds + rows * ldt;
         const float *base = qkv + b * T * W, *c = R > 0 ? cos + b * rope_stride : NULL, *n = R > 0 ? sin + b * rope_stride : NULL;
-        float *dbase = dqkv + b * T * W;
+        /* the gradients go straight into dqkv's rows (stride W): dq per query head, dk and dv
+           summed over the group's query heads */
+        float *dbase = dqkv + b * T * W, *dk = dbase + (H + g) * D, *dv = dbase + (H + Hkv + g) * D;
         copy_rows(base + (H + g) * D, W, T, rows, D, 1.0f, keys);
         if (R > 0) rotate_rows(keys, T, D, c, n, R);
         panels(keys, D, T, D, kt);
@@ -1132,36 +1153,36 @@ int causal_attention_backward(const float *qkv, const float *out, const float *d
                         memset(prow, 0, sizeof(float) * (size_t)hi), memset(drow, 0, sizeof(float) * (size_t)hi);
                         continue;
                     }
-                    const __m256 shift = _mm256_set1_ps(head_lse[i]), di = _mm256_set1_ps(dot[i]);
+                    const vec shift = vset(head_lse[i]), di = vset(dot[i]);
+                    const long full = (i + 1) / LANES * LANES;
                     long j = 0;
-                    for (; j + 8 <= i + 1; j += 8) {
-                        const __m256 pv = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(prow + j), shift));
-                        _mm256_storeu_ps(prow + j, pv);
-                        _mm256_storeu_ps(drow + j, _mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(drow + j), di)));
+                    for (; j < full; j += LANES) {
+                        const vec pv = vexp_nonpositive(vsub(vload(prow + j), shift));
+                        vstore(prow + j, pv);
+                        vstore(drow + j, vmul(pv, vsub(vload(drow + j), di)));
                     }
-                    for (; j <= i; j++) {
-                        prow[j] = expf(prow[j] - head_lse[i]);
-                        drow[j] = prow[j] * (drow[j] - dot[i]);
+                    if (full <= i) { /* the last vector's lanes past i zeroed, as in the forward pass */
+                        const vmask last = vbelow(i + 1 - full);
+                        const vec pv = vzero_unless(vexp_nonpositive(vsub(vload(prow + j), shift)), last);
+                        vstore(prow + j, pv);
+                        vstore(drow + j, vzero_unless(vmul(pv, vsub(vload(drow + j), di)), last));
+                        j += LANES;
                     }
                     for (; j < hi; j++) prow[j] = drow[j] = 0.0f;
                 }
-                weighted_rows(ds + i0 * ldt, ldt, 1, keys, D, 0, hi, D, scale, dq + i0 * D, D, hi - i0, 0);
-                for (long i = i0; i < hi; i++) {
-                    if (R > 0) rotate_back(dq + i * D, c + i * R, n + i * R, R);
-                    memcpy(dbase + i * W + h * D, dq + i * D, sizeof(float) * (size_t)D);
-                }
+                float *dq = dbase + h * D;
+                weighted_rows(ds + i0 * ldt, ldt, 1, keys, D, 0, hi, D, scale, dq + i0 * W, W, hi - i0, 0);
+                if (R > 0)
+                    for (long i = i0; i < hi; i++) rotate_back(dq + i * W, c + i * R, n + i * R, R);
             }
             for (long j0 = 0; j0 < T; j0 += QROWS) {
                 const long count = j0 + QROWS < T ? QROWS : T - j0;
-                weighted_rows(ds + j0, 1, ldt, qs, D, j0, T, D, 1.0f, dk + j0 * D, D, count, h > g * group);
-                weighted_rows(p + j0, 1, ldt, gs, D, j0, T, D, 1.0f, dv + j0 * D, D, count, h > g * group);
+                weighted_rows(ds + j0, 1, ldt, qs, D, j0, T, D, 1.0f, dk + j0 * W, W, count, h > g * group);
+                weighted_rows(p + j0, 1, ldt, gs, D, j0, T, D, 1.0f, dv + j0 * W, W, count, h > g * group);
             }
         }
-        for (long t = 0; t < T; t++) {
-            if (R > 0) rotate_back(dk + t * D, c + t * R, n + t * R, R);
-            memcpy(dbase + t * W + (H + g) * D, dk + t * D, sizeof(float) * (size_t)D);
-            memcpy(dbase + t * W + (H + Hkv + g) * D, dv + t * D, sizeof(float) * (size_t)D);
-        }
+        if (R > 0)
+            for (long t = 0; t < T; t++) rotate_back(dk + t * W, c + t * R, n + t * R, R);
     }
     free(buffer);
   }
