@@ -163,7 +163,7 @@ def test_low_precision_input_is_computed_in_float32(dtype: torch.dtype) -> None:
     the output and gradient in its dtype, equal to the float32 kernel's on the same (rounded)
     values, rounded once."""
     torch.manual_seed(0)
-    H, Hkv, D = 4, 2, 16
+    H, Hkv, D = 4, 2, 32
     qkv = torch.randn(2, 12, (H + 2 * Hkv) * D).to(dtype)
     dout = torch.randn(2, 12, H * D).to(dtype)
     assert native_causal_attention(qkv, H, Hkv, D)
