@@ -57,9 +57,9 @@ def make_norm(kind: str, dim: int, eps: float, *, bias: bool = True) -> nn.Modul
 
 class GELU(nn.GELU):
     """``nn.GELU`` that runs lmforge's native kernel forward and backward, both forms
-    (:func:`lmforge.kernels.activation.gelu`: float32 on a CPU with the kernels built; the tanh
-    form three to four times PyTorch's speed there, the erf form's backward pass 1.2-2.5 times);
-    every other case is ``nn.GELU``'s own."""
+    (:func:`lmforge.kernels.activation.gelu`: float32 or bfloat16 on a CPU with the kernels
+    built; the tanh form three to five times PyTorch's speed there, the erf form's backward pass
+    1.2-2.5 times); every other case is ``nn.GELU``'s own."""
 
     def forward(self, x: Tensor) -> Tensor:
         return gelu(x, self.approximate)
