@@ -116,15 +116,20 @@ def weight_pass(model: torch.nn.Module, *, rounds: int = 5) -> dict[str, float]:
 def machine() -> str:
     """CPU model, cores, and library versions: enough to tell runs apart."""
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    cpu += f" ({torch.backends.cpu.get_cpu_capability()})"  # the vector unit torch's kernels use
+    # the vector unit torch's kernels use, and bf16 matrix hardware (what bf16 autocast runs on)
+    bf16 = ", AMX bf16" if "amx_bf16" in flags else ", AVX512-BF16" if "avx512_bf16" in flags else ""
+    cpu += f" ({torch.backends.cpu.get_cpu_capability()}{bf16})"
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}, "
         f"Python {platform.python_version()}"
