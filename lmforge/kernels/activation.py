@@ -3,7 +3,8 @@
 elementwise kernel on an AVX2 build. The erf form (BERT's, nanoGPT's, lmforge's default): PyTorch's
 backward pass takes two exponentials per value where one gives both the normal CDF and density.
 Under bfloat16 autocast (the MLP's first projection gives bfloat16) both forms read and write
-bfloat16 natively, the formulas in float32, where PyTorch's bfloat16 GELU runs about half as fast.
+bfloat16 natively, the formulas in float32: the tanh form three times PyTorch's bfloat16 speed on
+an AVX-512 CPU, the erf form about its speed there.
 Every decoder and encoder MLP calls GELU on each of its rows in every step."""
 
 from __future__ import annotations

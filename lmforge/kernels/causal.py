@@ -163,8 +163,9 @@ def causal_attention(
     then its Hkv value heads (query head h reads key/value head h // (H / Hkv)); with ``rope``
     (cos, sin), queries and keys rotated first. A bfloat16 or float16 ``qkv`` (autocast's
     projection) is read as float32 and the output comes back in its dtype: the scores, softmax and
-    sums in float32. Differentiable with respect to ``qkv`` (the angles are constants); a gradient taken with ``create_graph`` comes from
-    :func:`explicit_causal_attention`, so it can be differentiated again. Only where
+    sums in float32. Differentiable with respect to ``qkv`` (the angles are constants); a gradient
+    taken with ``create_graph`` comes from :func:`explicit_causal_attention`, so it can be
+    differentiated again. Only where
     :func:`native_causal_attention` says so (``checked=True``: the caller has just asked it).
 
     Raises:

@@ -50,7 +50,6 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Eight int8 codes as eight floats. */
 /* Denormal operands and results read and written as zero while a training kernel runs, each
    thread's mode restored after (MXCSR's DAZ and FTZ bits). Softmax weights of far-off keys times
    small gradients fall below float32's normal range (1.2e-38) once attention sharpens, and each
@@ -68,6 +67,7 @@ static inline float hmax(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
+/* Eight int8 codes as eight floats. */
 static inline __m256 codes8(const int8_t *c) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)c)));
 }
