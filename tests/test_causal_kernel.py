@@ -212,6 +212,21 @@ def counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def native_and_sdpa(monkeypatch: pytest.MonkeyPatch, config: ModelConfig, step):  # noqa: ANN201
+    """``step(model)`` for a new decoder in training mode and for its copy with the native kernel
+    refused (SDPA's path): both results and how many native calls the first made (the second
+    makes none)."""
+    ours = Transformer(config).train()
+    theirs = copy.deepcopy(ours)
+    calls = counting(monkeypatch)
+    mine = step(ours)
+    native = len(calls)
+    monkeypatch.setattr(attention_module, "native_causal_attention", lambda *args: False)
+    other = step(theirs)
+    assert len(calls) == native  # none on SDPA's side
+    return mine, other, native
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -228,31 +243,26 @@ def test_training_matches_sdpa(monkeypatch: pytest.MonkeyPatch, overrides: dict)
     torch.manual_seed(0)
     overrides = {"name": "tiny-decoder", **overrides}
     config = ModelConfig.from_name(overrides.pop("name"), dropout=0.0, **overrides)
-    ours = Transformer(config).train()
-    theirs = copy.deepcopy(ours)
     ids = torch.randint(0, config.vocab_size, (3, 24))
-    calls = counting(monkeypatch)
-    results = {}
-    for name, model in (("ours", ours), ("theirs", theirs)):
-        if name == "theirs":
-            monkeypatch.setattr(attention_module, "native_causal_attention", lambda *args: False)
+
+    def three_steps(model: Transformer) -> tuple[list[float], list[torch.Tensor]]:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        losses = []
+        losses, gradients = [], []
         for step in range(3):
             logits = model(ids[:, :-1]).logits
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
             loss.backward()
             if step == 0:
-                results[name + " gradients"] = [p.grad.clone() for p in model.parameters()]
+                gradients = [p.grad.clone() for p in model.parameters()]
             optimizer.step()
             optimizer.zero_grad()
             losses.append(loss.item())
-        results[name] = losses
-        if name == "ours":
-            assert len(calls) == 3 * config.num_layers
-    assert len(calls) == 3 * config.num_layers  # none on SDPA's side
-    assert results["ours"] == pytest.approx(results["theirs"], rel=1e-5)
-    for a, b in zip(results["ours gradients"], results["theirs gradients"], strict=True):
+        return losses, gradients
+
+    (ours, ours_grads), (theirs, theirs_grads), native = native_and_sdpa(monkeypatch, config, three_steps)
+    assert native == 3 * config.num_layers
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    for a, b in zip(ours_grads, theirs_grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -262,24 +272,19 @@ def test_bf16_autocast_training_runs_natively(monkeypatch: pytest.MonkeyPatch, n
     (from the bf16 projection), loss and gradients those of bf16 SDPA to bf16's precision."""
     torch.manual_seed(0)
     config = ModelConfig.from_name(name, dropout=0.0)
-    ours = Transformer(config).train()
-    theirs = copy.deepcopy(ours)
     ids = torch.randint(0, config.vocab_size, (3, 24))
-    calls = counting(monkeypatch)
-    results = {}
-    for label, model in (("ours", ours), ("theirs", theirs)):
-        if label == "theirs":
-            monkeypatch.setattr(attention_module, "native_causal_attention", lambda *args: False)
+
+    def autocast_step(model: Transformer) -> tuple[float, torch.Tensor]:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(ids[:, :-1]).logits
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         loss.backward()
-        results[label] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
-        if label == "ours":
-            assert len(calls) == config.num_layers
-    assert len(calls) == config.num_layers
-    assert results["ours"][0] == pytest.approx(results["theirs"][0], rel=1e-2)
-    assert F.cosine_similarity(results["ours"][1], results["theirs"][1], dim=0) > 0.99
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    (ours, ours_grads), (theirs, theirs_grads), native = native_and_sdpa(monkeypatch, config, autocast_step)
+    assert native == config.num_layers
+    assert ours == pytest.approx(theirs, rel=1e-2)
+    assert F.cosine_similarity(ours_grads, theirs_grads, dim=0) > 0.99
 
 
 @pytest.mark.parametrize("name", ["tiny-decoder", "tiny-llama"])
@@ -288,32 +293,29 @@ def test_right_padding_skipped_by_packing_runs_natively(monkeypatch: pytest.Monk
     layer native, and the loss and gradients those of SDPA with the padding mask."""
     torch.manual_seed(0)
     config = ModelConfig.from_name(name, dropout=0.0)
-    ours = Transformer(config).train()
-    theirs = copy.deepcopy(ours)
     lengths = (24, 17, 9)
     ids = torch.randint(0, config.vocab_size, (3, 24))
     mask = torch.zeros(3, 24, dtype=torch.long)
     for row, length in enumerate(lengths):
         mask[row, :length] = 1
     labels = ids.masked_fill(mask == 0, -100)
-    calls = counting(monkeypatch)
-    results = {}
-    for label, model in (("ours", ours), ("theirs", theirs)):
-        if label == "theirs":
-            monkeypatch.setattr(attention_module, "native_causal_attention", lambda *args: False)
+    models = []
+
+    def padded_step(model: Transformer) -> tuple[torch.Tensor, float, list[torch.Tensor]]:
+        models.append(model)
         logits = model(ids[:, :-1], attention_mask=mask[:, :-1]).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
         loss.backward()
-        results[label] = (logits.detach(), loss.item(), [p.grad for p in model.parameters()])
-        if label == "ours":
-            assert len(calls) == config.num_layers
-    assert len(calls) == config.num_layers  # none on SDPA's side
-    (ours_logits, ours_loss, ours_grads), (theirs_logits, theirs_loss, theirs_grads) = results.values()
+        return logits.detach(), loss.item(), [p.grad for p in model.parameters()]
+
+    ours, theirs, native = native_and_sdpa(monkeypatch, config, padded_step)
+    (ours_logits, ours_loss, ours_grads), (theirs_logits, theirs_loss, theirs_grads) = ours, theirs
+    assert native == config.num_layers
     assert ours_loss == pytest.approx(theirs_loss, rel=1e-5)
     assert torch.allclose(ours_logits, theirs_logits, atol=1e-5)  # padding positions: zeros on both
     for a, b in zip(ours_grads, theirs_grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
-    alone = ours(ids[2:, : lengths[2]]).logits  # the shortest row on its own, no padding at all
+    alone = models[0](ids[2:, : lengths[2]]).logits  # the shortest row on its own, no padding at all
     assert torch.allclose(alone[0], ours_logits[2, : lengths[2]], atol=1e-5)
 
 

@@ -328,24 +328,113 @@ void rms_norm(const float *x, const float *w, float *y, long rows, long dim, flo
     }
 }
 
+/* Vectors for the exponential and what uses it (sections 4 to 7): 16 floats with AVX-512 (F, DQ,
+   BW), else 8 with AVX2. The same operations in either width: the values do not depend on it (the float32
+   kernels' last n % LANES values take scalar formulas). */
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+#define LANES 16
+typedef __m512 vec;
+typedef __mmask16 vmask;
+#define vset _mm512_set1_ps
+#define vload _mm512_loadu_ps
+#define vstore _mm512_storeu_ps
+#define vadd _mm512_add_ps
+#define vsub _mm512_sub_ps
+#define vmul _mm512_mul_ps
+#define vfmadd _mm512_fmadd_ps
+#define vfnmadd _mm512_fnmadd_ps
+#define vround(x) _mm512_roundscale_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vpow2(n) /* 2^n for whole n in float form, through the exponent bits */ \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
+#define vmax _mm512_max_ps
+#define vdiv _mm512_div_ps
+#define vor _mm512_or_ps
+#define vandnot _mm512_andnot_ps
+#define vsign(x) _mm512_movepi32_mask(_mm512_castps_si512(x)) /* the lanes whose sign bit is set */
+#define vless(a, b) _mm512_cmp_ps_mask((a), (b), _CMP_LT_OQ)
+#define vat_least(a, b) _mm512_cmp_ps_mask((a), (b), _CMP_GE_OQ)
+#define vpick(m, a, b) _mm512_mask_blend_ps((m), (a), (b)) /* b in the lanes of m, else a */
+#define vzero_unless(x, m) _mm512_maskz_mov_ps((m), (x))
+#define vhmax _mm512_reduce_max_ps
+#define vhsum _mm512_reduce_add_ps
+static inline vmask vbelow(long k) { /* the lanes whose index is below k */
+    return k >= LANES ? (vmask)0xffff : (vmask)((1u << (k > 0 ? k : 0)) - 1);
+}
+
+/* LANES bfloat16 values (the upper halves of float32s) widened to float32, exactly. */
+static inline vec load_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* LANES float32 values rounded to the nearest bfloat16, ties to even (a NaN to the quiet NaN 0x7fc0). */
+static inline void store_bf16(uint16_t *p, vec v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                          _mm512_set1_epi32(0x7fff));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+}
+#else
+#define LANES 8
+typedef __m256 vec;
+typedef __m256 vmask;
+#define vset _mm256_set1_ps
+#define vload _mm256_loadu_ps
+#define vstore _mm256_storeu_ps
+#define vadd _mm256_add_ps
+#define vsub _mm256_sub_ps
+#define vmul _mm256_mul_ps
+#define vfmadd _mm256_fmadd_ps
+#define vfnmadd _mm256_fnmadd_ps
+#define vround(x) _mm256_round_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vpow2(n) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#define vmax _mm256_max_ps
+#define vdiv _mm256_div_ps
+#define vor _mm256_or_ps
+#define vandnot _mm256_andnot_ps
+#define vsign(x) (x) /* blendv reads the sign bits */
+#define vless(a, b) _mm256_cmp_ps((a), (b), _CMP_LT_OQ)
+#define vat_least(a, b) _mm256_cmp_ps((a), (b), _CMP_GE_OQ)
+#define vpick(m, a, b) _mm256_blendv_ps((a), (b), (m))
+#define vzero_unless(x, m) _mm256_and_ps((x), (m))
+#define vhmax hmax
+#define vhsum hsum
+static inline vmask vbelow(long k) { /* the lanes whose index is below k */
+    return _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps((float)k), _CMP_LT_OQ);
+}
+
+static inline vec load_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline void store_bf16(uint16_t *p, vec v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                          _mm256_set1_epi32(0x7fff));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+#endif
+
 /* e^x for x <= 0 (softmax's shifted scores), to about 2 ulp: x = n ln2 + r, e^r by its Taylor
    polynomial on |r| <= ln2 / 2 (Cephes' coefficients), 2^n in the exponent bits. Below -87 the
    result is 0 to float precision beside the row's largest term, 1. */
-static inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+static inline vec exp_nonpositive(vec x) {
+    x = vmax(x, vset(-87.0f));
+    const vec n = vround(vmul(x, vset(1.44269504088896341f)));
+    vec r = vfnmadd(n, vset(0.693359375f), x);
+    r = vfnmadd(n, vset(-2.12194440e-4f), r);
+    vec p = vset(1.9875691500e-4f);
+    p = vfmadd(p, r, vset(1.3981999507e-3f));
+    p = vfmadd(p, r, vset(8.3334519073e-3f));
+    p = vfmadd(p, r, vset(4.1665795894e-2f));
+    p = vfmadd(p, r, vset(1.6666665459e-1f));
+    p = vfmadd(p, r, vset(5.0000001201e-1f));
+    p = vfmadd(p, vmul(r, r), vadd(r, vset(1.0f)));
+    return vmul(p, vpow2(n));
 }
 
 /* Rotate the first R dimensions of a head by its position's angles, as lmforge's apply_rotary
@@ -381,15 +470,15 @@ static int attend_row(float *qkv, long H, long Hkv, long D, const float *cos, co
             p[j] = hsum(acc) * scale;
             largest = p[j] > largest ? p[j] : largest;
         }
-        const __m256 top = _mm256_set1_ps(largest);
-        __m256 total = _mm256_setzero_ps();
+        const vec top = vset(largest);
+        vec total = vset(0.0f);
         long j = 0;
-        for (; j + 8 <= S; j += 8) {
-            const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + j), top));
-            _mm256_storeu_ps(p + j, e);
-            total = _mm256_add_ps(total, e);
+        for (; j + LANES <= S; j += LANES) {
+            const vec e = exp_nonpositive(vsub(vload(p + j), top));
+            vstore(p + j, e);
+            total = vadd(total, e);
         }
-        float sum = hsum(total);
+        float sum = vhsum(total);
         for (; j < S; j++) {
             p[j] = expf(p[j] - largest);
             sum += p[j];
@@ -490,112 +579,10 @@ static void norm_row(const Block *blk, const float *x, const float *w, const flo
     for (long j = 0; j < n; j++) y[j] = (x[j] - mean) * r * w[j] + (b != NULL ? b[j] : 0.0f);
 }
 
-/* Vectors for the activations (sections 5 and 6): 16 floats with AVX-512 (F, DQ, BW), else 8
-   with AVX2. The same operations in either width: the values do not depend on it (the float32
-   kernels' last n % LANES values take scalar formulas). */
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
-#define LANES 16
-typedef __m512 vec;
-typedef __mmask16 vmask;
-#define vset _mm512_set1_ps
-#define vload _mm512_loadu_ps
-#define vstore _mm512_storeu_ps
-#define vadd _mm512_add_ps
-#define vsub _mm512_sub_ps
-#define vmul _mm512_mul_ps
-#define vfmadd _mm512_fmadd_ps
-#define vmax _mm512_max_ps
-#define vdiv _mm512_div_ps
-#define vor _mm512_or_ps
-#define vandnot _mm512_andnot_ps
-#define vsign(x) _mm512_movepi32_mask(_mm512_castps_si512(x)) /* the lanes whose sign bit is set */
-#define vless(a, b) _mm512_cmp_ps_mask((a), (b), _CMP_LT_OQ)
-#define vat_least(a, b) _mm512_cmp_ps_mask((a), (b), _CMP_GE_OQ)
-#define vpick(m, a, b) _mm512_mask_blend_ps((m), (a), (b)) /* b in the lanes of m, else a */
-#define vzero_unless(x, m) _mm512_maskz_mov_ps((m), (x))
-#define vhmax _mm512_reduce_max_ps
-#define vhsum _mm512_reduce_add_ps
-static inline vmask vbelow(long k) { /* the lanes whose index is below k */
-    return k >= LANES ? (vmask)0xffff : (vmask)((1u << (k > 0 ? k : 0)) - 1);
-}
-
-/* section 4's exp_nonpositive, 16 at a time */
-static inline vec vexp_nonpositive(vec x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vec r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    vec p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
-/* LANES bfloat16 values (the upper halves of float32s) widened to float32, exactly. */
-static inline vec load_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* LANES float32 values rounded to the nearest bfloat16, ties to even (a NaN to the quiet NaN 0x7fc0). */
-static inline void store_bf16(uint16_t *p, vec v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
-                                          _mm512_set1_epi32(0x7fff));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
-}
-#else
-#define LANES 8
-typedef __m256 vec;
-typedef __m256 vmask;
-#define vset _mm256_set1_ps
-#define vload _mm256_loadu_ps
-#define vstore _mm256_storeu_ps
-#define vadd _mm256_add_ps
-#define vsub _mm256_sub_ps
-#define vmul _mm256_mul_ps
-#define vfmadd _mm256_fmadd_ps
-#define vmax _mm256_max_ps
-#define vdiv _mm256_div_ps
-#define vor _mm256_or_ps
-#define vandnot _mm256_andnot_ps
-#define vsign(x) (x) /* blendv reads the sign bits */
-#define vless(a, b) _mm256_cmp_ps((a), (b), _CMP_LT_OQ)
-#define vat_least(a, b) _mm256_cmp_ps((a), (b), _CMP_GE_OQ)
-#define vpick(m, a, b) _mm256_blendv_ps((a), (b), (m))
-#define vzero_unless(x, m) _mm256_and_ps((x), (m))
-#define vexp_nonpositive exp_nonpositive
-#define vhmax hmax
-#define vhsum hsum
-static inline vmask vbelow(long k) { /* the lanes whose index is below k */
-    return _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps((float)k), _CMP_LT_OQ);
-}
-
-static inline vec load_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-static inline void store_bf16(uint16_t *p, vec v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
-                                          _mm256_set1_epi32(0x7fff));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
-}
-#endif
-
 /* exp_nonpositive, but 0 where x < -87 (or is NaN) rather than e^-87: for the activations, where
    the exponential multiplies x itself and e^-87 times a huge x would not vanish. */
 static inline vec exp_or_zero(vec x) {
-    return vzero_unless(vexp_nonpositive(x), vat_least(x, vset(-87.0f)));
+    return vzero_unless(exp_nonpositive(x), vat_least(x, vset(-87.0f)));
 }
 
 /* 1 / (1 + e^-x) through section 4's exp of a nonpositive number: e = e^-|x|, then 1 / (1 + e)
@@ -1092,12 +1079,12 @@ int causal_attention_forward(const float *qkv, long B, long T, long H, long Hkv,
                     const vec shift = vset(top);
                     vec sums = vset(0.0f);
                     for (j = 0; j < full; j += LANES) {
-                        const vec e = vexp_nonpositive(vsub(vload(row + j), shift));
+                        const vec e = exp_nonpositive(vsub(vload(row + j), shift));
                         vstore(row + j, e);
                         sums = vadd(sums, e);
                     }
                     if (full <= i) {
-                        const vec e = vzero_unless(vexp_nonpositive(vsub(vload(row + full), shift)), last);
+                        const vec e = vzero_unless(exp_nonpositive(vsub(vload(row + full), shift)), last);
                         vstore(row + full, e);
                         sums = vadd(sums, e);
                         j += LANES;
@@ -1171,13 +1158,13 @@ int causal_attention_backward(const float *qkv, const float *out, const float *d
                     const long full = (i + 1) / LANES * LANES;
                     long j = 0;
                     for (; j < full; j += LANES) {
-                        const vec pv = vexp_nonpositive(vsub(vload(prow + j), shift));
+                        const vec pv = exp_nonpositive(vsub(vload(prow + j), shift));
                         vstore(prow + j, pv);
                         vstore(drow + j, vmul(pv, vsub(vload(drow + j), di)));
                     }
                     if (full <= i) { /* the last vector's lanes past i zeroed, as in the forward pass */
                         const vmask last = vbelow(i + 1 - full);
-                        const vec pv = vzero_unless(vexp_nonpositive(vsub(vload(prow + j), shift)), last);
+                        const vec pv = vzero_unless(exp_nonpositive(vsub(vload(prow + j), shift)), last);
                         vstore(prow + j, pv);
                         vstore(drow + j, vzero_unless(vmul(pv, vsub(vload(drow + j), di)), last));
                         j += LANES;
