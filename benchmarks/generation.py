@@ -9,7 +9,8 @@ fp32 the two must produce the same 256 greedy tokens before anything is timed. V
 alternation (medians of interleaved rounds) on ``--threads`` threads; with one thread the time is
 this process's CPU time (steadier on a shared machine), and the wall time is reported beside it.
 Every headline ratio compares the same precision: lmforge fp32 / transformers fp32 (target ≥ 1.5×)
-and lmforge bf16 / transformers bf16. int8 (``lmforge.quant``: int8 codes, one scale per 32 input
+and lmforge bf16 / transformers bf16 (both read bfloat16 weights; lmforge's arithmetic and
+activations stay float32, transformers' are bfloat16 too). int8 (``lmforge.quant``: int8 codes, one scale per 32 input
 columns multiplied in fp32 by the native block kernel where it is built, else per ``--group_size``
 columns with bf16 activations) has no transformers counterpart: it is compared with lmforge fp32
 (its speed-up) and, labelled as cross-precision, with transformers fp32. bf16 and int8 tokens are

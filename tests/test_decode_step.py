@@ -16,7 +16,7 @@ from lmforge.kernels import kernel_problem
 from lmforge.kernels import step as step_module
 from lmforge.kernels.step import Product, block_weights, decode_block
 from lmforge.model.kv_cache import KVCache
-from lmforge.quant import BlockLinear, DecodeStep, FusedBlockLinear, for_decoding
+from lmforge.quant import BlockLinear, DecodeLinear, DecodeStep, FusedBlockLinear, for_decoding
 
 pytestmark = pytest.mark.skipif(kernel_problem() is not None, reason=f"no native kernels: {kernel_problem()}")
 
@@ -59,6 +59,22 @@ def test_every_step_is_native_with_the_plain_models_tokens_logits_and_cache(vari
     calls.clear()
     steps = decode_alongside(model, plain, prompt, tokens)  # the same logits and cache, a full cache refused
     assert len(calls) == steps * layers
+
+
+@pytest.mark.parametrize("variant", ["gpt2-like", "llama"])
+def test_bfloat16_weights_take_the_step_too(variant: str, calls: list[int]) -> None:
+    """bf16 decoding (every linear weight stored in bfloat16, widened as read): every one-token
+    step native, with the tokens of the fp32 form whose weights were rounded to bfloat16."""
+    plain, rounded = pair(variant)
+    with torch.no_grad():
+        for layer in rounded.modules():
+            if isinstance(layer, DecodeLinear):
+                layer.weight_t.copy_(layer.weight_t.bfloat16().float())
+    model = for_decoding(copy.deepcopy(plain), "bf16")
+    prompt = torch.randint(0, 256, (1, 7))
+    tokens = generate(model, prompt, max_new_tokens=20)
+    assert len(calls) == 19 * model.config.num_layers
+    assert torch.equal(tokens, generate(rounded, prompt, max_new_tokens=20))
 
 
 def test_where_the_step_does_not_apply_the_modules_run(calls: list[int]) -> None:
@@ -136,9 +152,9 @@ def test_the_kernel_refuses_what_it_cannot_read() -> None:
         block_weights(**{**common, "activation": "tanh"}, **parts)
     with pytest.raises(ValueError, match="no native attention"):
         block_weights(**{**common, "head_dim": 6}, **parts)
-    with pytest.raises(ValueError, match="up: expected a float32 CPU weight"):
+    with pytest.raises(ValueError, match="up: expected a float32 or bfloat16 CPU weight"):
         block_weights(**common, **{**parts, "up": dense(E, F + 1)})
-    with pytest.raises(ValueError, match="down: expected a float32 CPU weight"):
+    with pytest.raises(ValueError, match="down: expected a float32 or bfloat16 CPU weight"):
         block_weights(**common, **{**parts, "down": Product(parts["down"].weight_t.double())})
     with pytest.raises(ValueError, match="out: bias"):
         block_weights(**common, **{**parts, "out": Product(parts["out"].weight_t, torch.zeros(3))})

@@ -161,6 +161,10 @@ def test_a_dense_row_is_the_product_with_the_transposed_weight(K: int, N: int, t
         wider = torch.randn(K, N + 40)
         columns = wider[:, 17 : 17 + N]  # a view of some columns: rows N + 40 floats apart
         torch.testing.assert_close(dense_row(x, columns, bias), x @ columns + bias, rtol=1e-5, atol=1e-4)
+        # bfloat16 weights: widened exactly, the same float32 arithmetic (the same order: equal)
+        half = columns.bfloat16()
+        assert torch.equal(dense_row(x, half, bias), dense_row(x, half.float(), bias))
+        torch.testing.assert_close(dense_row(x, half, None), x @ half.float(), rtol=1e-5, atol=1e-4)
     finally:
         torch.set_num_threads(previous)
 
@@ -169,7 +173,7 @@ def test_a_dense_row_refuses_what_it_cannot_read() -> None:
     weight_t = torch.randn(16, 8)
     with pytest.raises(ValueError, match="one row"):
         dense_row(torch.randn(2, 16), weight_t, None)
-    with pytest.raises(ValueError, match="float32 on the CPU"):
+    with pytest.raises(ValueError, match="float32 or bfloat16 on the CPU"):
         dense_row(torch.randn(16), weight_t.double(), None)
     with pytest.raises(ValueError, match="rows contiguous"):
         dense_row(torch.randn(8), weight_t.t(), None)

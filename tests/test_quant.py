@@ -135,12 +135,39 @@ def test_fp32_decoding_layout_gives_the_same_numbers_and_tokens() -> None:
         assert torch.equal(layer.weight, before)
 
 
+@pytest.mark.parametrize("name", ["tiny-decoder", "tiny-llama"])
+def test_bf16_decoding_is_fp32_decoding_with_bfloat16_weights(name: str) -> None:
+    """``bf16``: the fp32 decoding form with every linear weight stored in bfloat16 (a fused
+    layer's parts views of its one buffer), everything else float32: the logits of that form with
+    the weights rounded to bfloat16 and kept in float32, and the same greedy tokens (each block's
+    one-token step native: tests/test_decode_step.py)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name(name)).eval()
+    ours = for_decoding(copy.deepcopy(model), "bf16")
+    reference = for_decoding(copy.deepcopy(model), "fp32")
+    with torch.no_grad():
+        for layer in reference.modules():
+            if isinstance(layer, DecodeLinear):
+                layer.weight_t.copy_(layer.weight_t.bfloat16().float())
+    linears = [m for m in ours.modules() if isinstance(m, DecodeLinear)]
+    assert linears and all(m.weight_t.dtype is torch.bfloat16 for m in linears)
+    for fused in (m for m in ours.modules() if isinstance(m, FusedDecodeLinear)):
+        assert all(part.weight_t.untyped_storage().data_ptr() == fused.weight_t.untyped_storage().data_ptr() for part in fused.parts)
+    others = [p for m in ours.modules() if not isinstance(m, DecodeLinear) for p in m.parameters(recurse=False)]
+    assert others and all(p.dtype is torch.float32 for p in others)
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    prompt = ids[:1]
+    assert torch.equal(generate(ours, prompt, max_new_tokens=8), generate(reference, prompt, max_new_tokens=8))
+
+
 def test_bf16_model_generates_and_hands_out_float32_logits() -> None:
     torch.manual_seed(0)
     model = for_decoding(Transformer(ModelConfig.from_name("tiny-llama")), "bf16")
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     out = generate(model, torch.randint(0, 256, (1, 5)), max_new_tokens=6, num_beams=2)
     assert out.shape[1] <= 11
+    assert model(torch.randint(0, 256, (1, 5))).logits.dtype is torch.float32
     with pytest.raises(ValueError, match="unknown dtype 'int4'"):
         for_decoding(model, "int4")
 

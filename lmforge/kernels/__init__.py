@@ -1,6 +1,6 @@
 """Native kernels, built on the machine that runs them (``native.c``). For decoding: the products
-of weights kept in blocks (:class:`lmforge.quant.BlockLinear`), one row times a float32 weight
-stored transposed (:class:`lmforge.quant.DecodeLinear`), RMSNorm in one call
+of weights kept in blocks (:class:`lmforge.quant.BlockLinear`), one row times a float32 or
+bfloat16 weight stored transposed (:class:`lmforge.quant.DecodeLinear`), RMSNorm in one call
 (:class:`lmforge.quant.DecodeRMSNorm`), and the attention of each sequence's new token over its key/value
 cache (:class:`lmforge.model.attention.SelfAttention` decoding a token per sequence), and a whole
 pre-norm block's step for one new token (:mod:`lmforge.kernels.step`); and, for training, GELU's
@@ -138,6 +138,8 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.rms_norm.restype = None
     lib.dense_row.argtypes = [pointer, size, pointer, size, pointer, pointer, size, ctypes.c_int]
     lib.dense_row.restype = None
+    lib.dense_row_bf16.argtypes = lib.dense_row.argtypes
+    lib.dense_row_bf16.restype = None
     lib.decode_attention.argtypes = [
         pointer,  # qkv
         size,  # B
@@ -361,10 +363,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def dense_row(x: Tensor, weight_t: Tensor, bias: Tensor | None, *, checked: bool = False) -> Tensor:
-    """One row ``x`` (K,) times a float32 weight stored transposed, ``weight_t`` (K, N) (its rows
-    may lie apart: a view of some columns of a wider weight), plus ``bias`` (N,): (N,), float32.
-    Eight rows of the weight are streamed at a time (``native.c``): a one-row product is bound
-    by reading the weight, and this reads it faster than the BLAS's one-row kernel here.
+    """One row ``x`` (K,) times a float32 or bfloat16 weight stored transposed, ``weight_t``
+    (K, N) (its rows may lie apart: a view of some columns of a wider weight), plus ``bias``
+    (N,): (N,), float32 (a bfloat16 weight widened as it is read: half the bytes, the same
+    arithmetic). Eight rows of the weight are streamed at a time (``native.c``): a one-row
+    product is bound by reading the weight, and this reads it faster than the BLAS's one-row
+    kernel here.
     ``checked=True``: the caller has checked the tensors (:class:`~lmforge.quant.DecodeLinear`
     does, in a few attribute reads: its product is called 48 times a GPT-2 token).
 
@@ -377,14 +381,15 @@ def dense_row(x: Tensor, weight_t: Tensor, bias: Tensor | None, *, checked: bool
     if not checked:
         if x.shape != (K,):
             raise ValueError(f"x {tuple(x.shape)} is not one row of the weight's {K} columns")
-        if weight_t.dtype != torch.float32 or not weight_t.is_cpu or weight_t.stride(1) != 1:
-            raise ValueError("the weight must be float32 on the CPU, its rows contiguous")
+        if weight_t.dtype not in (torch.float32, torch.bfloat16) or not weight_t.is_cpu or weight_t.stride(1) != 1:
+            raise ValueError("the weight must be float32 or bfloat16 on the CPU, its rows contiguous")
         if bias is not None and bias.shape != (N,):
             raise ValueError(f"bias {tuple(bias.shape)} does not match the weight's {N} outputs")
         _pointer(x, torch.float32)
         _pointer(bias, torch.float32)
     y = torch.empty(N, dtype=torch.float32)
-    lib.dense_row(
+    product = lib.dense_row_bf16 if weight_t.dtype is torch.bfloat16 else lib.dense_row
+    product(
         x.data_ptr(), K, weight_t.data_ptr(), weight_t.stride(0), None if bias is None else bias.data_ptr(),
         y.data_ptr(), N, torch.get_num_threads(),
     )  # fmt: skip

@@ -3,7 +3,7 @@
    PyTorch's kernels without).
 
    1. Products with weights kept in blocks, the way GGUF files keep them (lmforge.quant.BlockLinear).
-   2. One row of x times a float32 weight stored transposed (lmforge.quant.DecodeLinear).
+   2. One row of x times a float32 or bfloat16 weight stored transposed (lmforge.quant.DecodeLinear).
    3. RMSNorm of rows in one call.
    4. Attention for one new token of each sequence over its key/value cache (SelfAttention).
    5. A whole pre-norm Transformer block's step for one new token (TransformerBlock decoding).
@@ -246,52 +246,68 @@ int block_find(const float *w, long N, long K, int span, int offset, int8_t *cod
 }
 
 /* 2. Dense rows. y (N) = x (K) Wt + bias over the columns [n0, n1), Wt (K, N) with rows `ldw`
-   floats apart (a view of some columns of a wider weight is one too). Eight rows of Wt are
-   streamed at a time, each from n0 to n1, while y stays in cache: a one-row product is bound by
-   reading Wt, and eight long streams read it faster than the BLAS's one-row kernel here. */
-static void dense_columns(const float *x, long K, const float *wt, long ldw, const float *bias, float *y,
-                          long n0, long n1) {
+   values apart (a view of some columns of a wider weight is one too), float32 or, `half`,
+   bfloat16 (widened to float32 as read: the same arithmetic on half the bytes). Eight rows of Wt
+   are streamed at a time, each from n0 to n1, while y stays in cache: a one-row product is bound
+   by reading Wt, and eight long streams read it faster than the BLAS's one-row kernel here. */
+static inline __m256 weights8(const void *w, long i, int half) {
+    if (half)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i))), 16));
+    return _mm256_loadu_ps((const float *)w + i);
+}
+
+static inline float weight1(const void *w, long i, int half) {
+    if (!half) return ((const float *)w)[i];
+    const uint32_t bits = (uint32_t)((const uint16_t *)w)[i] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+static inline void dense_columns(const float *x, long K, const void *wt, long ldw, const float *bias, float *y,
+                                 long n0, long n1, int half) {
     if (bias != NULL)
         memcpy(y + n0, bias + n0, sizeof(float) * (size_t)(n1 - n0));
     else
         memset(y + n0, 0, sizeof(float) * (size_t)(n1 - n0));
     long k = 0;
     for (; k + 8 <= K; k += 8) {
-        const float *w = wt + k * ldw;
+        const long r = k * ldw; /* row k of Wt */
         __m256 xk[8];
         for (int j = 0; j < 8; j++) xk[j] = _mm256_set1_ps(x[k + j]);
         long n = n0;
         for (; n + 8 <= n1; n += 8) { /* two chains of four, added at the end */
-            __m256 a = _mm256_fmadd_ps(_mm256_loadu_ps(w + n), xk[0], _mm256_loadu_ps(y + n));
-            __m256 b = _mm256_mul_ps(_mm256_loadu_ps(w + 4 * ldw + n), xk[4]);
-            a = _mm256_fmadd_ps(_mm256_loadu_ps(w + ldw + n), xk[1], a);
-            b = _mm256_fmadd_ps(_mm256_loadu_ps(w + 5 * ldw + n), xk[5], b);
-            a = _mm256_fmadd_ps(_mm256_loadu_ps(w + 2 * ldw + n), xk[2], a);
-            b = _mm256_fmadd_ps(_mm256_loadu_ps(w + 6 * ldw + n), xk[6], b);
-            a = _mm256_fmadd_ps(_mm256_loadu_ps(w + 3 * ldw + n), xk[3], a);
-            b = _mm256_fmadd_ps(_mm256_loadu_ps(w + 7 * ldw + n), xk[7], b);
+            __m256 a = _mm256_fmadd_ps(weights8(wt, r + n, half), xk[0], _mm256_loadu_ps(y + n));
+            __m256 b = _mm256_mul_ps(weights8(wt, r + 4 * ldw + n, half), xk[4]);
+            a = _mm256_fmadd_ps(weights8(wt, r + ldw + n, half), xk[1], a);
+            b = _mm256_fmadd_ps(weights8(wt, r + 5 * ldw + n, half), xk[5], b);
+            a = _mm256_fmadd_ps(weights8(wt, r + 2 * ldw + n, half), xk[2], a);
+            b = _mm256_fmadd_ps(weights8(wt, r + 6 * ldw + n, half), xk[6], b);
+            a = _mm256_fmadd_ps(weights8(wt, r + 3 * ldw + n, half), xk[3], a);
+            b = _mm256_fmadd_ps(weights8(wt, r + 7 * ldw + n, half), xk[7], b);
             _mm256_storeu_ps(y + n, _mm256_add_ps(a, b));
         }
         for (; n < n1; n++) {
             float a = y[n], b = 0.0f;
             for (int j = 0; j < 4; j++) {
-                a += w[j * ldw + n] * x[k + j];
-                b += w[(j + 4) * ldw + n] * x[k + j + 4];
+                a += weight1(wt, r + j * ldw + n, half) * x[k + j];
+                b += weight1(wt, r + (j + 4) * ldw + n, half) * x[k + j + 4];
             }
             y[n] = a + b;
         }
     }
     for (; k < K; k++) {
-        const float *w = wt + k * ldw;
+        const long r = k * ldw;
         const __m256 xk = _mm256_set1_ps(x[k]);
         long n = n0;
-        for (; n + 8 <= n1; n += 8) _mm256_storeu_ps(y + n, _mm256_fmadd_ps(_mm256_loadu_ps(w + n), xk, _mm256_loadu_ps(y + n)));
-        for (; n < n1; n++) y[n] += w[n] * x[k];
+        for (; n + 8 <= n1; n += 8) _mm256_storeu_ps(y + n, _mm256_fmadd_ps(weights8(wt, r + n, half), xk, _mm256_loadu_ps(y + n)));
+        for (; n < n1; n++) y[n] += weight1(wt, r + n, half) * x[k];
     }
 }
 
-/* y (N) = x (K) Wt (K, N) + bias (bias may be NULL); with threads, each takes a range of columns. */
-void dense_row(const float *x, long K, const float *wt, long ldw, const float *bias, float *y, long N, int threads) {
+static inline void dense_rows(const float *x, long K, const void *wt, long ldw, const float *bias, float *y, long N,
+                              int threads, int half) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int t = 0, count = 1;
@@ -301,8 +317,19 @@ void dense_row(const float *x, long K, const float *wt, long ldw, const float *b
 #endif
         const long share = ((N + count - 1) / count + 15) / 16 * 16; /* whole cache lines each */
         const long n0 = t * share, n1 = n0 + share < N ? n0 + share : N;
-        if (n0 < n1) dense_columns(x, K, wt, ldw, bias, y, n0, n1);
+        if (n0 < n1) dense_columns(x, K, wt, ldw, bias, y, n0, n1, half);
     }
+}
+
+/* y (N) = x (K) Wt (K, N) + bias (bias may be NULL); with threads, each takes a range of columns. */
+void dense_row(const float *x, long K, const float *wt, long ldw, const float *bias, float *y, long N, int threads) {
+    dense_rows(x, K, wt, ldw, bias, y, N, threads, 0);
+}
+
+/* The same with Wt in bfloat16. */
+void dense_row_bf16(const float *x, long K, const uint16_t *wt, long ldw, const float *bias, float *y, long N,
+                    int threads) {
+    dense_rows(x, K, wt, ldw, bias, y, N, threads, 1);
 }
 
 /* 3. RMSNorm (Llama's), y = x / sqrt(mean(x^2) + eps) * w for each of `rows` rows of `dim`, in
@@ -537,15 +564,16 @@ int decode_attention(float *qkv, long B, long H, long Hkv, long D, const float *
        h = norm2(x);  u = act(h Wup + bup)   (gated: act(h Wgate + bgate) * (h Wup + bup))
        y = x + u Wdown + bdown
 
-   Every product is section 2's (weights stored transposed) or section 1's (blocks); a norm is
-   LayerNorm (with or without its bias) or RMSNorm; the activation GELU (erf or tanh form), ReLU
-   or SiLU. */
-typedef struct { /* one product: a float32 weight stored transposed, or GGUF-style blocks */
-    const float *w;                             /* dense: (K, N), rows `ld` floats apart */
+   Every product is section 2's (weights stored transposed, float32 or bfloat16) or section 1's
+   (blocks); a norm is LayerNorm (with or without its bias) or RMSNorm; the activation GELU (erf
+   or tanh form), ReLU or SiLU. */
+typedef struct { /* one product: a float32 or bfloat16 weight stored transposed, or GGUF-style blocks */
+    const float *w;                             /* dense: (K, N), rows `ld` values apart */
     long ld;
     const int8_t *codes;                        /* blocks (when not NULL): (N, K), section 1 */
     const float *scales, *offsets;
     const float *bias;                          /* NULL: none */
+    const uint16_t *w16;                        /* dense in bfloat16 (when not NULL), as w */
 } Product;
 
 typedef struct {
@@ -561,7 +589,10 @@ typedef struct {
 /* y (N) = x (K) times the product's weight, plus its bias: section 2 or section 1's one row. */
 static int product(const Product *p, const float *x, long K, float *y, long N, int threads) {
     if (p->codes != NULL) return block_matmul(x, 1, K, p->codes, p->scales, p->offsets, p->bias, y, N, threads);
-    dense_row(x, K, p->w, p->ld, p->bias, y, N, threads);
+    if (p->w16 != NULL)
+        dense_row_bf16(x, K, p->w16, p->ld, p->bias, y, N, threads);
+    else
+        dense_row(x, K, p->w, p->ld, p->bias, y, N, threads);
     return 0;
 }
 

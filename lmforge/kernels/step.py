@@ -23,7 +23,7 @@ class _Product(ctypes.Structure):
     _fields_ = [
         ("w", ctypes.c_void_p),
         ("ld", ctypes.c_long),
-        *[(name, ctypes.c_void_p) for name in ("codes", "scales", "offsets", "bias")],
+        *[(name, ctypes.c_void_p) for name in ("codes", "scales", "offsets", "bias", "w16")],
     ]
 
 
@@ -40,8 +40,8 @@ class _Block(ctypes.Structure):
 
 
 class Product(NamedTuple):
-    """One product of a block: a float32 weight stored transposed, ``weight_t`` (K, N) with
-    its rows contiguous (:class:`~lmforge.quant.DecodeLinear`), or a weight kept in blocks,
+    """One product of a block: a float32 or bfloat16 weight stored transposed, ``weight_t``
+    (K, N) with its rows contiguous (:class:`~lmforge.quant.DecodeLinear`), or a weight kept in blocks,
     ``codes`` (N, K) with its ``scales`` and ``offsets`` (:class:`~lmforge.quant.BlockLinear`;
     :func:`lmforge.kernels.check_blocks` says the layout); and its ``bias`` (N,) or None."""
 
@@ -70,15 +70,20 @@ class Product(NamedTuple):
         if (
             weight is None
             or tuple(weight.shape) != shape
-            or weight.dtype is not torch.float32
+            or weight.dtype not in (torch.float32, torch.bfloat16)
             or not weight.is_cpu
             or weight.stride(1) != 1
         ):
             got = "nothing" if weight is None else f"{weight.dtype} {tuple(weight.shape)}"
-            raise ValueError(f"{name}: expected a float32 CPU weight {shape}, rows contiguous, got {got}")
+            raise ValueError(
+                f"{name}: expected a float32 or bfloat16 CPU weight {shape}, rows contiguous, got {got}"
+            )
         if self.bias is not None and self.bias.shape != (N,):
             raise ValueError(f"{name}: bias {tuple(self.bias.shape)} for {N} outputs")
-        return _Product(w=weight.data_ptr(), ld=weight.stride(0), bias=_pointer(self.bias, torch.float32))
+        bias, ld = _pointer(self.bias, torch.float32), weight.stride(0)
+        if weight.dtype is torch.bfloat16:
+            return _Product(w16=weight.data_ptr(), ld=ld, bias=bias)
+        return _Product(w=weight.data_ptr(), ld=ld, bias=bias)
 
 
 @dataclass(frozen=True)

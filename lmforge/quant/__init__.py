@@ -25,7 +25,11 @@ one-token step in one native call, :class:`DecodeStep`), :mod:`.int8` (int8 code
 
 And two ways to read fewer of them:
 
-- **bf16**: the whole model in bfloat16 (2 bytes per weight instead of 4; the KV cache too).
+- **bf16**: the fp32 form with every linear weight stored in bfloat16 (2 bytes per weight
+  instead of 4; :func:`halve_linears`), widened to float32 as the native one-row kernel and each
+  block's one-token step read it, so the arithmetic, the activations and the KV cache stay
+  float32. (Running the whole model in PyTorch's bfloat16 operators instead read no faster here:
+  0.7-1.0x fp32's speed.)
 - **int8, weight-only**: every ``nn.Linear`` of the model (the LM head included) keeps its weight
   as int8 codes q ∈ [−127, 127] and one scale per group of consecutive input columns of each
   output row, w ≈ s_g · q with s_g = max|w_g| / 127 (symmetric absmax). Where the native block
@@ -80,6 +84,7 @@ __all__ = [
     "fitting_group",
     "for_decoding",
     "fuse_for_decoding",
+    "halve_linears",
     "quantize_int8",
     "quantize_linears",
     "transpose_linears",
@@ -174,6 +179,27 @@ def transpose_linears(model: nn.Module) -> int:
     )
 
 
+def halve_linears(model: nn.Module) -> int:
+    """Store every :class:`DecodeLinear`'s weight in bfloat16, in place (bf16 decoding: half the
+    bytes a token reads; the products stay float32 arithmetic): a fused layer's buffer is
+    converted once and its parts pointed at their columns of the new one. Returns how many
+    buffers were converted."""
+    count, halved_parts = 0, set()
+    for fused in [m for m in model.modules() if isinstance(m, FusedDecodeLinear)]:
+        fused.weight_t = fused.weight_t.to(torch.bfloat16)
+        start = 0
+        for part in fused.parts:
+            part.weight_t = fused.weight_t[:, start : start + part.out_features]
+            start += part.out_features
+            halved_parts.add(id(part))
+        count += 1
+    for layer in model.modules():
+        if type(layer) is DecodeLinear and id(layer) not in halved_parts and layer.weight_t.dtype is torch.float32:
+            layer.weight_t = layer.weight_t.to(torch.bfloat16)
+            count += 1
+    return count
+
+
 def block_linears(model: nn.Module) -> int:
     """Replace every plain ``nn.Linear`` of ``model`` whose weight lies exactly on a GGUF block
     grid by a :class:`BlockLinear`, in place (a tied head gets its own blocks); not the base
@@ -199,11 +225,14 @@ def for_decoding(
       (:class:`BlockLinear`, the same values; ``blocks=False``: not), every other one is stored
       transposed (:class:`DecodeLinear`); Q/K/V and gate/up are fused
       (:class:`FusedDecodeLinear`, :class:`FusedBlockLinear`).
-    - ``bf16``: every floating-point tensor in bfloat16.
+    - ``bf16``: as ``fp32``, every transposed linear weight then stored in bfloat16
+      (:func:`halve_linears`); norms, embeddings, biases, the KV cache and all arithmetic float32.
+      A model on an accelerator is cast to bfloat16 whole (its own bf16 kernels read half the
+      bytes).
     - ``int8``: weight-only int8 linear layers (:func:`quantize_linears`: blocks of 32 columns
       where the kernels are built, Q/K/V and gate/up fused), the rest float32.
 
-    In ``fp32`` and ``int8``, where the native kernels are built, RMSNorm layers become
+    In every form on a CPU, where the native kernels are built, RMSNorm layers become
     :class:`DecodeRMSNorm` (one call each), and each pre-norm block whose products are all
     :class:`DecodeLinear` or :class:`BlockLinear` gets its one-token step in one call
     (:class:`DecodeStep`, its ``decode_step``).
@@ -214,7 +243,7 @@ def for_decoding(
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}' (one of {', '.join(DTYPES)})")
     model.eval()
-    if dtype == "bf16":
+    if dtype == "bf16" and any(p.device.type != "cpu" for p in model.parameters()):
         return model.to(torch.bfloat16)
     model.float()
     with torch.no_grad():
@@ -226,6 +255,8 @@ def for_decoding(
                 block_linears(model)
             fuse_for_decoding(model)
             transpose_linears(model)
+            if dtype == "bf16":
+                halve_linears(model)
         if block_kernels() is not None:  # the norms in one native call each
             _replace_children(model, DecodeRMSNorm.from_norm, kind=RMSNorm)
             for block in model.modules():  # and each block's one-token step in one

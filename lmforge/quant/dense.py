@@ -19,7 +19,9 @@ class DecodeLinear(nn.Module):
     products read fastest on a CPU: y = x Wᵀ + b as one ``addmm`` over it, or, for one row in
     fp32 where the native kernels are built, one call of :func:`lmforge.kernels.dense_row`
     (eight rows of the weight streamed at a time, the bias added in the same pass; the same
-    products, summed in another order).
+    products, summed in another order). The weight may be bfloat16 (bf16 decoding: half the
+    bytes to read), the arithmetic float32 either way: widened as the native kernel reads it, or
+    for several rows widened once for their ``addmm``.
 
     Args:
         weight_t: (K, N), the transposed weight (contiguous).
@@ -56,7 +58,7 @@ class DecodeLinear(nn.Module):
         if (
             x.numel() == self.in_features
             and x.dtype is torch.float32
-            and weight_t.dtype is torch.float32
+            and weight_t.dtype in (torch.float32, torch.bfloat16)
             and (bias is None or (bias.dtype is torch.float32 and bias.is_contiguous()))
             and x.is_cpu
             and weight_t.is_cpu
@@ -68,6 +70,8 @@ class DecodeLinear(nn.Module):
             out = dense_row(x.reshape(-1).contiguous(), weight_t, bias, checked=True)
             return out.view(*x.shape[:-1], self.out_features)
         rows = x.reshape(-1, self.in_features)
+        if weight_t.dtype is not rows.dtype:  # bfloat16 weights (bf16 decoding), float32 rows: widened
+            weight_t = weight_t.to(rows.dtype)
         out = rows @ weight_t if bias is None else torch.addmm(bias, rows, weight_t)
         return out.view(*x.shape[:-1], self.out_features)
 

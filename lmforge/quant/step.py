@@ -127,8 +127,11 @@ class DecodeStep:
             else Product(None, p.bias, p.codes, p.scales, p.offsets)
             for p in (qkv, out, up, down)
         ]
-        floats = [t for t in (*norms[0], *norms[1], *(t for p in products for t in p if t is not p.codes))]
-        if any(t is not None and t.dtype is not torch.float32 for t in floats):
+        floats = [*norms[0], *norms[1], *(t for p in products for t in (p.bias, p.scales, p.offsets))]
+        weights = [p.weight_t for p in products if p.weight_t is not None]  # float32, or bfloat16 (bf16 decoding)
+        if any(t is not None and t.dtype is not torch.float32 for t in floats) or any(
+            w.dtype not in (torch.float32, torch.bfloat16) for w in weights
+        ):
             return None
         attn, mlp = block.self_attn, block.mlp
         try:
