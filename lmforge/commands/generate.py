@@ -68,7 +68,8 @@ def generate(
         dtype: the weights to decode with: fp32 (the same numbers: on a CPU a GGUF file's
             Q8_0/Q4_x/Q5_x weights stay in their blocks, multiplied in fp32 by a native kernel,
             and other weights are stored transposed, the layout one-row products read fastest),
-            bf16 (half the bytes), or int8 (weight-only, one scale per 32 columns; fewer bytes
+            bf16 (half the bytes: the linear weights stored in bfloat16, the arithmetic
+            float32), or int8 (weight-only, one scale per 32 columns; fewer bytes
             read per token, at a measured quality cost: see benchmarks/RESULTS.md).
     """
     if not chat and (system is not None or chat_template is not None):
