@@ -317,7 +317,10 @@ static inline void dense_rows(const float *x, long K, const void *wt, long ldw, 
 #endif
         const long share = ((N + count - 1) / count + 15) / 16 * 16; /* whole cache lines each */
         const long n0 = t * share, n1 = n0 + share < N ? n0 + share : N;
-        if (n0 < n1) dense_columns(x, K, wt, ldw, bias, y, n0, n1, half);
+        if (n0 < n1 && half) /* two inlined copies, each with its loads fixed */
+            dense_columns(x, K, wt, ldw, bias, y, n0, n1, 1);
+        else if (n0 < n1)
+            dense_columns(x, K, wt, ldw, bias, y, n0, n1, 0);
     }
 }
 
