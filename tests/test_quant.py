@@ -160,6 +160,10 @@ def test_bf16_decoding_is_fp32_decoding_with_bfloat16_weights(name: str) -> None
         torch.testing.assert_close(ours(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
     prompt = ids[:1]
     assert torch.equal(generate(ours, prompt, max_new_tokens=8), generate(reference, prompt, max_new_tokens=8))
+    layer, rows = linears[0], torch.randn(3, 1, linears[0].in_features)  # a few rows (beams): one call each
+    expected = rows @ layer.weight_t.float() + (0 if layer.bias is None else layer.bias)
+    torch.testing.assert_close(layer(rows), expected, rtol=1e-5, atol=1e-5)
+    assert layer(rows[:0]).shape == (0, 1, layer.out_features)
 
 
 def test_bf16_model_generates_and_hands_out_float32_logits() -> None:

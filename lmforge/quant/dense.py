@@ -13,6 +13,10 @@ from ..kernels import block_kernels, dense_row, rms_norm
 from ..model.layers import RMSNorm
 from ..model.layers import rms_norm as torch_rms_norm
 
+# bfloat16 weights: up to this many rows go through the one-row kernel one by one (each reads the
+# 2-byte weights once) rather than widening the whole weight to float32 for one product
+FEW_ROWS = 4
+
 
 class DecodeLinear(nn.Module):
     """A linear layer whose weight is stored transposed, (K, N) row-major, the layout one-row
@@ -20,8 +24,8 @@ class DecodeLinear(nn.Module):
     fp32 where the native kernels are built, one call of :func:`lmforge.kernels.dense_row`
     (eight rows of the weight streamed at a time, the bias added in the same pass; the same
     products, summed in another order). The weight may be bfloat16 (bf16 decoding: half the
-    bytes to read), the arithmetic float32 either way: widened as the native kernel reads it, or
-    for several rows widened once for their ``addmm``.
+    bytes to read), the arithmetic float32 either way: widened as the native kernel reads it (a
+    few rows, :data:`FEW_ROWS`, one call each), or for more rows widened once for their ``addmm``.
 
     Args:
         weight_t: (K, N), the transposed weight (contiguous).
@@ -55,8 +59,9 @@ class DecodeLinear(nn.Module):
         # A one-token step calls this for every layer (48 times a GPT-2 token): each attribute read
         # once; one row in fp32 on the CPU goes to the native kernel, which needs its rows contiguous.
         weight_t, bias = self.weight_t, self.bias
+        rows = x.numel() // self.in_features
         if (
-            x.numel() == self.in_features
+            (rows == 1 or (0 < rows <= FEW_ROWS and weight_t.dtype is torch.bfloat16))
             and x.dtype is torch.float32
             and weight_t.dtype in (torch.float32, torch.bfloat16)
             and (bias is None or (bias.dtype is torch.float32 and bias.is_contiguous()))
@@ -67,12 +72,16 @@ class DecodeLinear(nn.Module):
             and not torch.compiler.is_compiling()
             and block_kernels() is not None
         ):
-            out = dense_row(x.reshape(-1).contiguous(), weight_t, bias, checked=True)
+            if rows == 1:
+                out = dense_row(x.reshape(-1).contiguous(), weight_t, bias, checked=True)
+            else:  # a few rows (beams, a small batch) over bfloat16 weights: each row reads them once
+                each = x.reshape(rows, -1).contiguous()
+                out = torch.stack([dense_row(row, weight_t, bias, checked=True) for row in each])
             return out.view(*x.shape[:-1], self.out_features)
-        rows = x.reshape(-1, self.in_features)
-        if weight_t.dtype is not rows.dtype:  # bfloat16 weights (bf16 decoding), float32 rows: widened
-            weight_t = weight_t.to(rows.dtype)
-        out = rows @ weight_t if bias is None else torch.addmm(bias, rows, weight_t)
+        matrix = x.reshape(-1, self.in_features)
+        if weight_t.dtype is not matrix.dtype:  # bfloat16 weights, many float32 rows (a prompt): widened once
+            weight_t = weight_t.to(matrix.dtype)
+        out = matrix @ weight_t if bias is None else torch.addmm(bias, matrix, weight_t)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
