@@ -115,17 +115,15 @@ def weight_pass(model: torch.nn.Module, *, rounds: int = 5) -> dict[str, float]:
 
 def machine() -> str:
     """CPU model, cores, and library versions: enough to tell runs apart."""
-    cpu = platform.processor() or platform.machine()
-    flags: set[str] = set()
+    fields: dict[str, str] = {}  # /proc/cpuinfo's first "model name" and "flags"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     # the vector unit torch's kernels use, and bf16 matrix hardware (what bf16 autocast runs on)
     bf16 = ", AMX bf16" if "amx_bf16" in flags else ", AVX512-BF16" if "avx512_bf16" in flags else ""
