@@ -158,10 +158,12 @@ def test_refusals() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_input_is_computed_in_float32(dtype: torch.dtype) -> None:
-    """A bfloat16/float16 projection (autocast's) runs natively up to T·D = LOW_PRECISION_WORK:
-    the output and gradient in its dtype, equal to the float32 kernel's on the same (rounded)
-    values, rounded once."""
+def test_low_precision_input_is_computed_in_float32(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without AMX tiles (here: told so; tests/test_causal_amx.py has the tiles' kernel) a
+    bfloat16/float16 projection (autocast's) runs natively up to T·D = LOW_PRECISION_WORK: the
+    output and gradient in its dtype, equal to the float32 kernel's on the same (rounded) values,
+    rounded once."""
+    monkeypatch.setattr(causal, "_tiles", lambda qkv: False)
     torch.manual_seed(0)
     H, Hkv, D = 4, 2, 32
     qkv = torch.randn(2, 12, (H + 2 * Hkv) * D).to(dtype)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 __all__ = [
     "BLOCK",
+    "amx_tiles",
     "block_dequantize",
     "block_find",
     "block_kernels",
@@ -197,6 +198,13 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     # qkv, out, dout, lse, shape, scale, angles, dqkv, threads
     lib.causal_attention_backward.argtypes = [*[pointer] * 4, *shape, real, *angles, pointer, integer]
     lib.causal_attention_backward.restype = integer
+    lib.amx_ready.argtypes = []
+    lib.amx_ready.restype = integer
+    if hasattr(lib, "causal_attention_forward_bf16"):  # the same in bfloat16 on AMX tiles (section 8)
+        lib.causal_attention_forward_bf16.argtypes = lib.causal_attention_forward.argtypes
+        lib.causal_attention_forward_bf16.restype = integer
+        lib.causal_attention_backward_bf16.argtypes = lib.causal_attention_backward.argtypes
+        lib.causal_attention_backward_bf16.restype = integer
     return lib, None
 
 
@@ -210,6 +218,15 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
 def block_kernels() -> ctypes.CDLL | None:
     """The native kernels of this machine (``native.c`` built), or None (:func:`kernel_problem` says why)."""
     return _library()[0]
+
+
+@cache
+def amx_tiles() -> bool:
+    """Whether the kernels' bfloat16 paths on AMX tiles (Intel's matrix units) run here: the
+    kernels built for a CPU with AMX-BF16, the operating system's leave to use the tiles granted,
+    and ``LMFORGE_NO_AMX`` unset (it keeps the float32 kernels, for comparisons)."""
+    lib = block_kernels()
+    return lib is not None and not os.environ.get("LMFORGE_NO_AMX") and lib.amx_ready() == 1
 
 
 def kernel_problem() -> str | None:

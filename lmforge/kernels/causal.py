@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import block_kernels
+from . import amx_tiles, block_kernels
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel's arithmetic is float32
 # bfloat16/float16 input: the native kernel (cast to float32 and back) while T·D stays at most
 # this; above it, PyTorch's own low-precision kernel comes close or passes it. Measured on an AMX
 # Xeon (AVX-512), one thread, training (forward and backward) against bf16 SDPA: 1.8-4.2x at
 # T·D <= 8192, 1.3-1.4x at T 192-256 and D 64, 1.1x at T 512, D 64 and 0.96x at T 256, D 128.
-LOW_PRECISION_WORK = 16384
+LOW_PRECISION_WORK = 16384  # (a bfloat16 qkv on a CPU with AMX tiles: section 8's kernel, any T·D)
 MAX_LENGTH = 1024  # longer sequences keep PyTorch's tiled kernel (the scores of a head stay in cache here)
 
 Angles = tuple[Tensor, Tensor]  # RoPE's cos, sin: (T, R) or (B, T, R), R even, R <= D
@@ -42,7 +42,8 @@ def native_causal_attention(
     qkv: Tensor, heads: int, kv_heads: int, head_dim: int, rope: Angles | None = None
 ) -> bool:
     """Whether :func:`causal_attention` runs natively for ``qkv`` (B, T, (H + 2·Hkv)·D): float32
-    on the CPU (or bfloat16/float16 up to T·D = :data:`LOW_PRECISION_WORK`), laid out as such, D
+    on the CPU (bfloat16 on a CPU with AMX tiles; else bfloat16/float16 up to T·D =
+    :data:`LOW_PRECISION_WORK`), laid out as such, D
     a multiple of 8, the query heads a multiple of the key/value heads, T up to
     :data:`MAX_LENGTH`, RoPE angles (if any) float32 of shape (T, R) or (B, T, R), the kernels
     built, and not traced by ``torch.compile``."""
@@ -52,13 +53,18 @@ def native_causal_attention(
         and qkv.dim() == 3
         and qkv.shape[-1] == (heads + 2 * kv_heads) * head_dim
         and 0 < qkv.shape[1] <= MAX_LENGTH
-        and (qkv.dtype is torch.float32 or qkv.shape[1] * head_dim <= LOW_PRECISION_WORK)
         and head_dim % 8 == 0
         and heads % kv_heads == 0
         and _angles_fit(rope, qkv.shape[0], qkv.shape[1], head_dim)
         and not torch.compiler.is_compiling()
         and block_kernels() is not None
+        and (qkv.dtype is torch.float32 or _tiles(qkv) or qkv.shape[1] * head_dim <= LOW_PRECISION_WORK)
     )
+
+
+def _tiles(qkv: Tensor) -> bool:
+    """Whether ``qkv`` takes the bfloat16 kernel on AMX tiles (``native.c``, section 8)."""
+    return qkv.dtype is torch.bfloat16 and amx_tiles()
 
 
 def _angle_args(cos: Tensor | None, sin: Tensor | None) -> tuple[int, int, int, int]:
@@ -85,8 +91,10 @@ class _CausalAttention(torch.autograd.Function):
         qkv = qkv.contiguous()
         B, T, _ = qkv.shape
         out = qkv.new_empty(B, T, heads * head_dim)
-        lse = qkv.new_empty(B, heads, T)
-        failed = block_kernels().causal_attention_forward(
+        lse = torch.empty(B, heads, T, dtype=torch.float32)
+        lib = block_kernels()
+        kernel = lib.causal_attention_forward_bf16 if qkv.dtype is torch.bfloat16 else lib.causal_attention_forward
+        failed = kernel(
             qkv.data_ptr(), B, T, heads, kv_heads, head_dim, scale, *_angle_args(cos, sin),
             out.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
         )
@@ -107,10 +115,12 @@ class _CausalAttention(torch.autograd.Function):
                 again = explicit_causal_attention(qkv, heads, kv_heads, head_dim, scale, rope)
                 (dqkv,) = torch.autograd.grad(again, qkv, dout, create_graph=True)
             return (dqkv, *nothing)
-        dout = dout.contiguous().float()
+        dout = dout.to(qkv.dtype).contiguous()
         B, T, _ = qkv.shape
         dqkv = torch.empty_like(qkv)
-        failed = block_kernels().causal_attention_backward(
+        lib = block_kernels()
+        kernel = lib.causal_attention_backward_bf16 if qkv.dtype is torch.bfloat16 else lib.causal_attention_backward
+        failed = kernel(
             qkv.data_ptr(), out.data_ptr(), dout.data_ptr(), lse.data_ptr(), B, T, heads, kv_heads, head_dim,
             scale, *_angle_args(cos, sin), dqkv.data_ptr(), torch.get_num_threads(),
         )
@@ -161,9 +171,11 @@ def causal_attention(
     """softmax(Q Kᵀ·scale, causal) V with every head joined: (B, T, H·D), for the fused projection
     ``qkv`` (B, T, (H + 2·Hkv)·D) holding each position's H query heads, then its Hkv key heads,
     then its Hkv value heads (query head h reads key/value head h // (H / Hkv)); with ``rope``
-    (cos, sin), queries and keys rotated first. A bfloat16 or float16 ``qkv`` (autocast's
-    projection) is read as float32 and the output comes back in its dtype: the scores, softmax and
-    sums in float32. Differentiable with respect to ``qkv`` (the angles are constants); a gradient
+    (cos, sin), queries and keys rotated first. A bfloat16 ``qkv`` (autocast's projection) on a
+    CPU with AMX tiles runs there: the products in bfloat16 with float32 sums, the scores and
+    softmax in float32, P and dS rounded to bfloat16 for their products (as flash attention on a
+    GPU); otherwise a bfloat16 or float16 ``qkv`` is read as float32 and the output comes back in
+    its dtype. Differentiable with respect to ``qkv`` (the angles are constants); a gradient
     taken with ``create_graph`` comes from :func:`explicit_causal_attention`, so it can be
     differentiated again. Only where
     :func:`native_causal_attention` says so (``checked=True``: the caller has just asked it).
@@ -178,7 +190,7 @@ def causal_attention(
             f"with {heads} heads, {kv_heads} key/value heads of {head_dim}{shapes}"
         )
     cos, sin = (None, None) if rope is None else (t.detach().contiguous() for t in rope)
-    if qkv.dtype is torch.float32:
+    if qkv.dtype is torch.float32 or _tiles(qkv):
         return _CausalAttention.apply(qkv, cos, sin, heads, kv_heads, head_dim, float(scale))
     # bfloat16 (autocast's matmuls) or float16: the scores and softmax in float32, one cast each way
     out = _CausalAttention.apply(qkv.float(), cos, sin, heads, kv_heads, head_dim, float(scale))

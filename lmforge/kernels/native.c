@@ -27,6 +27,7 @@
    which reads under a third of the bytes float32 weights take; one row of x at a time (decoding)
    is bound by reading weights, so it runs faster.
 */
+#define _DEFAULT_SOURCE /* syscall (section 8 asks for the AMX tiles) */
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
@@ -1224,3 +1225,322 @@ int causal_attention_backward(const float *qkv, const float *out, const float *d
   }
     return failed ? -1 : 0;
 }
+
+/* 8. Causal self-attention in bfloat16 on AMX tiles (Intel's matrix units), forward and backward:
+   section 7's computation for autocast's bfloat16 projection where the CPU has AMX. The products
+   (Q K^T, P V, dO V^T, dS K, Q^T dS, dO^T P) run on the tiles in bfloat16 with float32 sums; the
+   scores, softmax and log-sum-exp stay float32 between them, and P and dS are rounded to bfloat16
+   for the products that take them, as GPU flash attention does.
+
+   A tile product C (16 x 16 float32) += A (16 x 32 bfloat16, row-major) B, where B (32 x 16) is
+   stored as 16 rows of 16 pairs: pair (k, n) holds B[2k][n] and B[2k+1][n] side by side (VNNI).
+   Every operand is first copied into such a layout, padded with zeros to T and D rounded up to 32
+   (Tp, Dp): the copies cost T x D a head, the products T x T x D. The layouts, as 32-bit pairs:
+       kb[p][j]  = (K[j][2p], K[j][2p+1])      K^T for Q K^T (and V^T for dO V^T)
+       vb[jp][d] = (V[2jp][d], V[2jp+1][d])    V for P V (and K for dS K)
+       pb[ip][j] = (P[2ip][j], P[2ip+1][j])    P and dS for dO^T P and Q^T dS
+   Blocks of 16 query rows: their scores against keys 0 .. nk (the block's last row rounded up to
+   32), the softmax of each row over keys 0 .. i, the rows' products. dK and dV come out transposed
+   (D x T, summed over the query heads of a key/value head) and are turned as they are written. */
+#if LANES == 16 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes[16]; /* per row of each tile */
+    uint8_t rows[16];
+} TileConfig;
+
+/* Every tile 16 rows of 64 bytes: C (16 float32), A (32 bfloat16), B (16 pairs). A constant in
+   memory: GCC does not see that ldtilecfg reads its operand, and may drop the stores that fill a
+   local one (a fault at -O1). */
+static const TileConfig TILES = {
+    .palette = 1, .bytes = {64, 64, 64, 64, 64, 64, 64, 64}, .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
+
+static void tiles_on(void) { _tile_loadconfig(&TILES); }
+
+/* c (16 x 32 float32, row stride ldc) = (c +) sum over `chunks` of 32 columns of a (16 rows, row
+   stride lda) times the same rows of pairs of b (16 pair rows a chunk, row stride ldb pairs). */
+static inline void tile_16x32(const uint16_t *a, long lda, const uint32_t *b, long ldb, long chunks, float *c,
+                              long ldc, int add) {
+    if (add) {
+        _tile_loadd(0, c, ldc * 4);
+        _tile_loadd(1, c + 16, ldc * 4);
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+    }
+    for (long k = 0; k < chunks; k++) {
+        _tile_loadd(2, a + k * 32, lda * 2);
+        _tile_loadd(3, b + k * 16 * ldb, ldb * 4);
+        _tile_loadd(4, b + k * 16 * ldb + 16, ldb * 4);
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_dpbf16ps(1, 2, 4);
+    }
+    _tile_stored(0, c, ldc * 4);
+    _tile_stored(1, c + 16, ldc * 4);
+}
+
+static inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); } /* nearest, ties even */
+
+static inline __m512 from_bf16(const uint16_t *x, __mmask16 lanes) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, x)), 16));
+}
+
+static inline __mmask16 lanes_below(long k) { return k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k > 0 ? k : 0)) - 1); }
+
+/* dst (Tp x Dp bfloat16, zero padded) from T rows of D values at src (row stride ld), the first R
+   rotated by their positions' angles (R > 0; float32 between). */
+static void head_rows(const uint16_t *src, long ld, long T, long D, long Tp, long Dp, const float *cos,
+                      const float *sin, long R, uint16_t *dst) {
+    float row[Dp];
+    for (long t = 0; t < T; t++) {
+        uint16_t *out = dst + t * Dp;
+        if (R > 0) {
+            for (long d = 0; d < D; d += 16) _mm512_storeu_ps(row + d, from_bf16(src + t * ld + d, lanes_below(D - d)));
+            rotate(row, cos + t * R, sin + t * R, R);
+            for (long d = 0; d < D; d += 16)
+                _mm256_mask_storeu_epi16(out + d, lanes_below(D - d), to_bf16(_mm512_loadu_ps(row + d)));
+        } else {
+            memcpy(out, src + t * ld, sizeof(uint16_t) * (size_t)D);
+        }
+        memset(out + D, 0, sizeof(uint16_t) * (size_t)(Dp - D));
+    }
+    memset(dst + T * Dp, 0, sizeof(uint16_t) * (size_t)((Tp - T) * Dp));
+}
+
+/* kb[p][j] = (x[j][2p], x[j][2p+1]) for x (Tp x Dp): K^T's pairs. */
+static void pairs_across(const uint16_t *x, long Tp, long Dp, uint32_t *kb) {
+    const uint32_t *x32 = (const uint32_t *)x;
+    for (long j = 0; j < Tp; j++)
+        for (long p = 0; p < Dp / 2; p++) kb[p * Tp + j] = x32[j * (Dp / 2) + p];
+}
+
+/* vb[jp][d] = (x[2jp][d], x[2jp+1][d]) for x (Tp x Dp): pairs of rows side by side. */
+static void pairs_down(const uint16_t *x, long Tp, long Dp, uint32_t *vb) {
+    for (long jp = 0; jp < Tp / 2; jp++)
+        for (long d = 0; d < Dp; d += 16) {
+            const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + 2 * jp * Dp + d)));
+            const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + (2 * jp + 1) * Dp + d)));
+            _mm512_storeu_si512(vb + jp * Dp + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+}
+
+/* xt (Dp x Tp) = x (Tp x Dp) transposed. */
+static void transpose16(const uint16_t *x, long Tp, long Dp, uint16_t *xt) {
+    for (long t = 0; t < Tp; t++)
+        for (long d = 0; d < Dp; d++) xt[d * Tp + t] = x[t * Dp + d];
+}
+
+/* dst (16 x 32-bit pairs, row stride Tp pairs: rows i0/2 .. of a pair layout) from 16 rows of
+   float32 x (row stride Tp) over columns 0 .. nk: rows 2r and 2r+1 rounded and paired. */
+static void pair_block(const float *x, long Tp, long nk, uint32_t *dst) {
+    for (long r = 0; r < 8; r++)
+        for (long j = 0; j < nk; j += 16) {
+            const __m512i lo = _mm512_cvtepu16_epi32(to_bf16(_mm512_loadu_ps(x + 2 * r * Tp + j)));
+            const __m512i hi = _mm512_cvtepu16_epi32(to_bf16(_mm512_loadu_ps(x + (2 * r + 1) * Tp + j)));
+            _mm512_storeu_si512(dst + r * Tp + j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+}
+
+/* Whether the tiles may be used here: asks Linux for them (once; 1 when granted). */
+int amx_ready(void) {
+    static int ready = -1;
+    if (ready < 0) ready = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return ready;
+}
+
+/* out (B, T, H D) bfloat16 and lse (B, H, T) float32 from qkv (B, T, (H + 2 Hkv) D) bfloat16, as
+   section 7's causal_attention_forward; returns -1 when memory ran out. */
+int causal_attention_forward_bf16(const uint16_t *qkv, long B, long T, long H, long Hkv, long D, float scale,
+                                  const float *cos, const float *sin, long R, long rope_stride, uint16_t *out,
+                                  float *lse, int threads) {
+    const long W = (H + 2 * Hkv) * D, group = H / Hkv, Tp = round_up(T, 32), Dp = round_up(D, 32);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const unsigned int mode = flush_denormals();
+    tiles_on();
+    /* q, k, v rows (Tp x Dp each), kb, vb (as many pairs), P (16 x Tp); scores (16 x Tp float32),
+       the block's output (16 x Dp float32) */
+    uint16_t *buffer = malloc(sizeof(uint16_t) * (size_t)(5 * Tp * Dp + 16 * Tp) + sizeof(float) * (size_t)(16 * (Tp + Dp)));
+    if (buffer == NULL) failed = 1;
+#pragma omp for schedule(dynamic)
+    for (long task = 0; task < B * Hkv; task++) {
+        if (buffer == NULL) continue;
+        const long b = task / Hkv, g = task % Hkv;
+        uint16_t *q = buffer, *k = q + Tp * Dp, *v = k + Tp * Dp, *p = v + 3 * Tp * Dp;
+        uint32_t *kb = (uint32_t *)(v + Tp * Dp), *vb = kb + Tp * Dp / 2;
+        float *s = (float *)(p + 16 * Tp), *o = s + 16 * Tp;
+        const uint16_t *base = qkv + b * T * W;
+        const float *c = R > 0 ? cos + b * rope_stride : NULL, *n = R > 0 ? sin + b * rope_stride : NULL;
+        head_rows(base + (H + g) * D, W, T, D, Tp, Dp, c, n, R, k);
+        pairs_across(k, Tp, Dp, kb);
+        head_rows(base + (H + Hkv + g) * D, W, T, D, Tp, Dp, NULL, NULL, 0, v);
+        pairs_down(v, Tp, Dp, vb);
+        for (long h = g * group; h < (g + 1) * group; h++) {
+            head_rows(base + h * D, W, T, D, Tp, Dp, c, n, R, q);
+            float *head_lse = lse + (b * H + h) * T;
+            for (long i0 = 0; i0 < T; i0 += 16) {
+                const long nk = round_up(i0 + 16 < T ? i0 + 16 : T, 32);
+                for (long j0 = 0; j0 < nk; j0 += 32) tile_16x32(q + i0 * Dp, Dp, kb + j0, Tp, Dp / 32, s + j0, Tp, 0);
+                for (long r = 0; r < 16; r++) {
+                    const long i = i0 + r;
+                    float *row = s + r * Tp;
+                    uint16_t *prow = p + r * Tp;
+                    if (i >= T) {
+                        memset(prow, 0, sizeof(uint16_t) * (size_t)nk);
+                        continue;
+                    }
+                    const __m512 times = _mm512_set1_ps(scale);
+                    __m512 tops = _mm512_set1_ps(-INFINITY);
+                    for (long j = 0; j <= i; j += 16)
+                        tops = _mm512_mask_max_ps(tops, lanes_below(i + 1 - j), tops, _mm512_mul_ps(_mm512_loadu_ps(row + j), times));
+                    const float top = _mm512_reduce_max_ps(tops);
+                    const __m512 shift = _mm512_set1_ps(top);
+                    __m512 sums = _mm512_setzero_ps();
+                    long j = 0;
+                    for (; j <= i; j += 16) {
+                        const __m512 e = _mm512_maskz_mov_ps(lanes_below(i + 1 - j), exp_nonpositive(
+                            _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(row + j), times), shift)));
+                        _mm512_storeu_ps(row + j, e);
+                        sums = _mm512_add_ps(sums, e);
+                    }
+                    const float sum = _mm512_reduce_add_ps(sums);
+                    const __m512 inverse = _mm512_set1_ps(1.0f / sum);
+                    for (long m = 0; m < j; m += 16)
+                        _mm256_storeu_si256((__m256i *)(prow + m), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(row + m), inverse)));
+                    memset(prow + j, 0, sizeof(uint16_t) * (size_t)(nk - j));
+                    head_lse[i] = top + logf(sum);
+                }
+                for (long d0 = 0; d0 < Dp; d0 += 32) tile_16x32(p, Tp, vb + d0, Dp, nk / 32, o + d0, Dp, 0);
+                for (long i = i0; i < i0 + 16 && i < T; i++) {
+                    uint16_t *dst = out + (b * T + i) * H * D + h * D;
+                    for (long d = 0; d < D; d += 16)
+                        _mm256_mask_storeu_epi16(dst + d, lanes_below(D - d), to_bf16(_mm512_loadu_ps(o + (i - i0) * Dp + d)));
+                }
+            }
+        }
+    }
+    free(buffer);
+    _tile_release();
+    _mm_setcsr(mode);
+  }
+    return failed ? -1 : 0;
+}
+
+/* dqkv (B, T, (H + 2 Hkv) D) bfloat16, every element written, from the forward pass's qkv, out and
+   lse and the output's gradient dout (bfloat16), as section 7's causal_attention_backward; returns
+   -1 when memory ran out. */
+int causal_attention_backward_bf16(const uint16_t *qkv, const uint16_t *out, const uint16_t *dout, const float *lse,
+                                   long B, long T, long H, long Hkv, long D, float scale, const float *cos,
+                                   const float *sin, long R, long rope_stride, uint16_t *dqkv, int threads) {
+    const long W = (H + 2 * Hkv) * D, group = H / Hkv, Tp = round_up(T, 32), Dp = round_up(D, 32);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const unsigned int mode = flush_denormals();
+    tiles_on();
+    /* bfloat16: q, dO, k, v rows, q and dO transposed (Tp x Dp each), the block's dS rows (16 x Tp),
+       pairs of K^T, V^T, K (Tp x Dp each), of P and dS (Tp x Tp each); float32: the block's P and
+       dP/dS (16 x Tp each), dQ (16 x Dp), dK^T and dV^T (Dp x Tp each), rowsum(dO O) (Tp), a row (Dp) */
+    const size_t halves = (size_t)(9 * Tp * Dp + 16 * Tp + 2 * Tp * Tp);
+    const size_t floats = (size_t)(32 * Tp + 17 * Dp + 2 * Dp * Tp + Tp);
+    uint16_t *buffer = malloc(sizeof(uint16_t) * halves + sizeof(float) * floats);
+    if (buffer == NULL) failed = 1;
+#pragma omp for schedule(dynamic)
+    for (long task = 0; task < B * Hkv; task++) {
+        if (buffer == NULL) continue;
+        const long b = task / Hkv, g = task % Hkv;
+        uint16_t *q = buffer, *go = q + Tp * Dp, *k = go + Tp * Dp, *v = k + Tp * Dp, *qt = v + Tp * Dp;
+        uint16_t *gt = qt + Tp * Dp, *ds = gt + Tp * Dp;
+        uint32_t *kb = (uint32_t *)(ds + 16 * Tp), *vt = kb + Tp * Dp / 2, *kk = vt + Tp * Dp / 2;
+        uint32_t *pb = kk + Tp * Dp / 2, *sb = pb + Tp * Tp / 2;
+        float *s = (float *)(sb + Tp * Tp / 2), *dp = s + 16 * Tp, *dq = dp + 16 * Tp, *dkt = dq + 16 * Dp;
+        float *dvt = dkt + Dp * Tp, *delta = dvt + Dp * Tp, *row = delta + Tp;
+        const uint16_t *base = qkv + b * T * W;
+        const float *c = R > 0 ? cos + b * rope_stride : NULL, *n = R > 0 ? sin + b * rope_stride : NULL;
+        uint16_t *dbase = dqkv + b * T * W;
+        head_rows(base + (H + g) * D, W, T, D, Tp, Dp, c, n, R, k);
+        head_rows(base + (H + Hkv + g) * D, W, T, D, Tp, Dp, NULL, NULL, 0, v);
+        pairs_across(k, Tp, Dp, kb);
+        pairs_across(v, Tp, Dp, vt);
+        pairs_down(k, Tp, Dp, kk);
+        const long filled = round_up(T, 16); /* pair rows past the last block stay zero */
+        memset(pb + filled / 2 * Tp, 0, sizeof(uint32_t) * (size_t)((Tp - filled) / 2 * Tp));
+        memset(sb + filled / 2 * Tp, 0, sizeof(uint32_t) * (size_t)((Tp - filled) / 2 * Tp));
+        for (long h = g * group; h < (g + 1) * group; h++) {
+            const float *head_lse = lse + (b * H + h) * T;
+            head_rows(base + h * D, W, T, D, Tp, Dp, c, n, R, q);
+            head_rows(dout + b * T * H * D + h * D, H * D, T, D, Tp, Dp, NULL, NULL, 0, go);
+            transpose16(q, Tp, Dp, qt);
+            transpose16(go, Tp, Dp, gt);
+            for (long i = 0; i < T; i++) {
+                const uint16_t *o = out + (b * T + i) * H * D + h * D;
+                __m512 sum = _mm512_setzero_ps();
+                for (long d = 0; d < D; d += 16) {
+                    const __mmask16 lanes = lanes_below(D - d);
+                    sum = _mm512_fmadd_ps(from_bf16(go + i * Dp + d, lanes), from_bf16(o + d, lanes), sum);
+                }
+                delta[i] = _mm512_reduce_add_ps(sum);
+            }
+            for (long i0 = 0; i0 < T; i0 += 16) {
+                const long nk = round_up(i0 + 16 < T ? i0 + 16 : T, 32);
+                for (long j0 = 0; j0 < nk; j0 += 32) {
+                    tile_16x32(q + i0 * Dp, Dp, kb + j0, Tp, Dp / 32, s + j0, Tp, 0);
+                    tile_16x32(go + i0 * Dp, Dp, vt + j0, Tp, Dp / 32, dp + j0, Tp, 0);
+                }
+                const __m512 times = _mm512_set1_ps(scale);
+                for (long r = 0; r < 16; r++) {
+                    const long i = i0 + r;
+                    float *prow = s + r * Tp, *drow = dp + r * Tp;
+                    const __m512 shift = _mm512_set1_ps(i < T ? head_lse[i] : 0.0f), di = _mm512_set1_ps(i < T ? delta[i] : 0.0f);
+                    for (long j = 0; j < nk; j += 16) { /* P and dS: zero past the diagonal and past T */
+                        const __mmask16 lanes = lanes_below(i < T ? i + 1 - j : 0);
+                        const __m512 pv = _mm512_maskz_mov_ps(lanes, exp_nonpositive(
+                            _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(prow + j), times), shift)));
+                        _mm512_storeu_ps(prow + j, pv);
+                        _mm512_storeu_ps(drow + j, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(drow + j), di)));
+                    }
+                    for (long j = 0; j < nk; j += 16)
+                        _mm256_storeu_si256((__m256i *)(ds + r * Tp + j), to_bf16(_mm512_loadu_ps(drow + j)));
+                }
+                pair_block(s, Tp, nk, pb + i0 / 2 * Tp);
+                pair_block(dp, Tp, nk, sb + i0 / 2 * Tp);
+                for (long d0 = 0; d0 < Dp; d0 += 32) tile_16x32(ds, Tp, kk + d0, Dp, nk / 32, dq + d0, Dp, 0);
+                for (long i = i0; i < i0 + 16 && i < T; i++) {
+                    float *x = dq + (i - i0) * Dp;
+                    for (long d = 0; d < D; d += 16) _mm512_storeu_ps(x + d, _mm512_mul_ps(_mm512_loadu_ps(x + d), times));
+                    if (R > 0) rotate_back(x, c + i * R, n + i * R, R);
+                    uint16_t *dst = dbase + i * W + h * D;
+                    for (long d = 0; d < D; d += 16) _mm256_mask_storeu_epi16(dst + d, lanes_below(D - d), to_bf16(_mm512_loadu_ps(x + d)));
+                }
+            }
+            const int add = h > g * group;
+            for (long m0 = 0; m0 < Dp; m0 += 16)
+                for (long j0 = 0; j0 < Tp; j0 += 32) {
+                    tile_16x32(qt + m0 * Tp + j0, Tp, sb + j0 / 2 * Tp + j0, Tp, (Tp - j0) / 32, dkt + m0 * Tp + j0, Tp, add);
+                    tile_16x32(gt + m0 * Tp + j0, Tp, pb + j0 / 2 * Tp + j0, Tp, (Tp - j0) / 32, dvt + m0 * Tp + j0, Tp, add);
+                }
+        }
+        for (long t = 0; t < T; t++) { /* dK = scale (Q^T dS)^T turned back, dV = (dO^T P)^T */
+            for (long d = 0; d < D; d++) row[d] = scale * dkt[d * Tp + t];
+            if (R > 0) rotate_back(row, c + t * R, n + t * R, R);
+            uint16_t *dk = dbase + t * W + (H + g) * D, *dv = dbase + t * W + (H + Hkv + g) * D;
+            for (long d = 0; d < D; d += 16) _mm256_mask_storeu_epi16(dk + d, lanes_below(D - d), to_bf16(_mm512_loadu_ps(row + d)));
+            for (long d = 0; d < D; d++) row[d] = dvt[d * Tp + t];
+            for (long d = 0; d < D; d += 16) _mm256_mask_storeu_epi16(dv + d, lanes_below(D - d), to_bf16(_mm512_loadu_ps(row + d)));
+        }
+    }
+    free(buffer);
+    _tile_release();
+    _mm_setcsr(mode);
+  }
+    return failed ? -1 : 0;
+}
+#else
+int amx_ready(void) { return 0; }
+#endif
