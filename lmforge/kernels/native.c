@@ -1312,27 +1312,68 @@ static void head_rows(const uint16_t *src, long ld, long T, long D, long Tp, lon
     memset(dst + T * Dp, 0, sizeof(uint16_t) * (size_t)((Tp - T) * Dp));
 }
 
-/* kb[p][j] = (x[j][2p], x[j][2p+1]) for x (Tp x Dp): K^T's pairs. */
+/* 16 x 16 32-bit values in 16 registers transposed: four rounds, each pairing registers i and
+   i + b and swapping their lane blocks of b (b = 1, 2, 4, 8). */
+static inline void transpose_block(__m512i v[16]) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#pragma GCC unroll 4
+    for (int b = 1; b < 16; b *= 2) {
+        const __mmask16 upper = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(b)); /* lanes with bit b */
+        const __m512i low = _mm512_mask_add_epi32(lane, upper, lane, _mm512_set1_epi32(16 - b));
+        const __m512i high = _mm512_mask_add_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(b)), upper, lane, _mm512_set1_epi32(16));
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++)
+            if (!(i & b)) {
+                const __m512i x = v[i], y = v[i | b];
+                v[i] = _mm512_permutex2var_epi32(x, low, y);
+                v[i | b] = _mm512_permutex2var_epi32(x, high, y);
+            }
+    }
+}
+
+/* dst[c][r] = src[r][c] for 32-bit values, r < rows and c < cols both multiples of 16 (row
+   strides lds, ldd). */
+static void transpose_words(const uint32_t *src, long rows, long cols, long lds, uint32_t *dst, long ldd) {
+    for (long r0 = 0; r0 < rows; r0 += 16)
+        for (long c0 = 0; c0 < cols; c0 += 16) {
+            __m512i v[16];
+            for (int i = 0; i < 16; i++) v[i] = _mm512_loadu_si512(src + (r0 + i) * lds + c0);
+            transpose_block(v);
+            for (int i = 0; i < 16; i++) _mm512_storeu_si512(dst + (c0 + i) * ldd + r0, v[i]);
+        }
+}
+
+/* 16 values of rows t and t + 1 of x (row stride ld; a row at or past `rows` reads as zeros) from
+   column d, paired: (x[t][d + l], x[t + 1][d + l]) in lane l. */
+static inline __m512i row_pairs(const uint16_t *x, long ld, long t, long rows, long d) {
+    const __m256i zero = _mm256_setzero_si256();
+    const __m512i lo = _mm512_cvtepu16_epi32(t < rows ? _mm256_loadu_si256((const __m256i *)(x + t * ld + d)) : zero);
+    const __m512i hi = _mm512_cvtepu16_epi32(t + 1 < rows ? _mm256_loadu_si256((const __m256i *)(x + (t + 1) * ld + d)) : zero);
+    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+/* xt (cols x Tp bfloat16) = x (rows x cols, row stride ld) transposed, columns past `rows` zero;
+   Tp a multiple of 32 at least rows, cols of 16: pairs of rows, then their 32-bit transpose. */
+static void transpose_halves(const uint16_t *x, long ld, long rows, long cols, long Tp, uint16_t *xt) {
+    uint32_t *out = (uint32_t *)xt;
+    for (long t0 = 0; t0 < Tp; t0 += 32)
+        for (long c0 = 0; c0 < cols; c0 += 16) {
+            __m512i v[16];
+            for (int i = 0; i < 16; i++) v[i] = row_pairs(x, ld, t0 + 2 * i, rows, c0);
+            transpose_block(v);
+            for (int i = 0; i < 16; i++) _mm512_storeu_si512(out + (c0 + i) * (Tp / 2) + t0 / 2, v[i]);
+        }
+}
+
+/* kb[p][j] = (x[j][2p], x[j][2p+1]) for x (Tp x Dp): K^T's pairs, the 32-bit transpose of x. */
 static void pairs_across(const uint16_t *x, long Tp, long Dp, uint32_t *kb) {
-    const uint32_t *x32 = (const uint32_t *)x;
-    for (long j = 0; j < Tp; j++)
-        for (long p = 0; p < Dp / 2; p++) kb[p * Tp + j] = x32[j * (Dp / 2) + p];
+    transpose_words((const uint32_t *)x, Tp, Dp / 2, Dp / 2, kb, Tp);
 }
 
 /* vb[jp][d] = (x[2jp][d], x[2jp+1][d]) for x (Tp x Dp): pairs of rows side by side. */
 static void pairs_down(const uint16_t *x, long Tp, long Dp, uint32_t *vb) {
     for (long jp = 0; jp < Tp / 2; jp++)
-        for (long d = 0; d < Dp; d += 16) {
-            const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + 2 * jp * Dp + d)));
-            const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + (2 * jp + 1) * Dp + d)));
-            _mm512_storeu_si512(vb + jp * Dp + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-        }
-}
-
-/* xt (Dp x Tp) = x (Tp x Dp) transposed. */
-static void transpose16(const uint16_t *x, long Tp, long Dp, uint16_t *xt) {
-    for (long t = 0; t < Tp; t++)
-        for (long d = 0; d < Dp; d++) xt[d * Tp + t] = x[t * Dp + d];
+        for (long d = 0; d < Dp; d += 16) _mm512_storeu_si512(vb + jp * Dp + d, row_pairs(x, Dp, 2 * jp, Tp, d));
 }
 
 /* dst (16 x 32-bit pairs, row stride Tp pairs: rows i0/2 .. of a pair layout) from 16 rows of
@@ -1387,15 +1428,17 @@ int causal_attention_forward_bf16(const uint16_t *qkv, long B, long T, long H, l
             for (long i0 = 0; i0 < T; i0 += 16) {
                 const long nk = round_up(i0 + 16 < T ? i0 + 16 : T, 32);
                 for (long j0 = 0; j0 < nk; j0 += 32) tile_16x32(q + i0 * Dp, Dp, kb + j0, Tp, Dp / 32, s + j0, Tp, 0);
-                for (long r = 0; r < 16; r++) {
+                const __m512 times = _mm512_set1_ps(scale);
+                float inverse[16];
+                for (long r = 0; r < 16; r++) { /* P unnormalized, e^(s - top), in bfloat16; O divided by the sum below */
                     const long i = i0 + r;
-                    float *row = s + r * Tp;
+                    const float *row = s + r * Tp;
                     uint16_t *prow = p + r * Tp;
                     if (i >= T) {
                         memset(prow, 0, sizeof(uint16_t) * (size_t)nk);
+                        inverse[r] = 0.0f;
                         continue;
                     }
-                    const __m512 times = _mm512_set1_ps(scale);
                     __m512 tops = _mm512_set1_ps(-INFINITY);
                     for (long j = 0; j <= i; j += 16)
                         tops = _mm512_mask_max_ps(tops, lanes_below(i + 1 - j), tops, _mm512_mul_ps(_mm512_loadu_ps(row + j), times));
@@ -1404,23 +1447,22 @@ int causal_attention_forward_bf16(const uint16_t *qkv, long B, long T, long H, l
                     __m512 sums = _mm512_setzero_ps();
                     long j = 0;
                     for (; j <= i; j += 16) {
-                        const __m512 e = _mm512_maskz_mov_ps(lanes_below(i + 1 - j), exp_nonpositive(
-                            _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(row + j), times), shift)));
-                        _mm512_storeu_ps(row + j, e);
+                        const __m512 e = _mm512_maskz_mov_ps(lanes_below(i + 1 - j),
+                                                             exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), times, shift)));
+                        _mm256_storeu_si256((__m256i *)(prow + j), to_bf16(e));
                         sums = _mm512_add_ps(sums, e);
                     }
-                    const float sum = _mm512_reduce_add_ps(sums);
-                    const __m512 inverse = _mm512_set1_ps(1.0f / sum);
-                    for (long m = 0; m < j; m += 16)
-                        _mm256_storeu_si256((__m256i *)(prow + m), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(row + m), inverse)));
                     memset(prow + j, 0, sizeof(uint16_t) * (size_t)(nk - j));
+                    const float sum = _mm512_reduce_add_ps(sums);
+                    inverse[r] = 1.0f / sum;
                     head_lse[i] = top + logf(sum);
                 }
                 for (long d0 = 0; d0 < Dp; d0 += 32) tile_16x32(p, Tp, vb + d0, Dp, nk / 32, o + d0, Dp, 0);
                 for (long i = i0; i < i0 + 16 && i < T; i++) {
                     uint16_t *dst = out + (b * T + i) * H * D + h * D;
+                    const __m512 norm = _mm512_set1_ps(inverse[i - i0]);
                     for (long d = 0; d < D; d += 16)
-                        _mm256_mask_storeu_epi16(dst + d, lanes_below(D - d), to_bf16(_mm512_loadu_ps(o + (i - i0) * Dp + d)));
+                        _mm256_mask_storeu_epi16(dst + d, lanes_below(D - d), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(o + (i - i0) * Dp + d), norm)));
                 }
             }
         }
@@ -1446,9 +1488,10 @@ int causal_attention_backward_bf16(const uint16_t *qkv, const uint16_t *out, con
     tiles_on();
     /* bfloat16: q, dO, k, v rows, q and dO transposed (Tp x Dp each), the block's dS rows (16 x Tp),
        pairs of K^T, V^T, K (Tp x Dp each), of P and dS (Tp x Tp each); float32: the block's P and
-       dP/dS (16 x Tp each), dQ (16 x Dp), dK^T and dV^T (Dp x Tp each), rowsum(dO O) (Tp), a row (Dp) */
+       dP/dS (16 x Tp each), dQ (16 x Dp), dK^T and dV^T (Dp x Tp each), rowsum(dO O) (Tp), either
+       turned (Tp x Dp) */
     const size_t halves = (size_t)(9 * Tp * Dp + 16 * Tp + 2 * Tp * Tp);
-    const size_t floats = (size_t)(32 * Tp + 17 * Dp + 2 * Dp * Tp + Tp);
+    const size_t floats = (size_t)(32 * Tp + 16 * Dp + 3 * Dp * Tp + Tp);
     uint16_t *buffer = malloc(sizeof(uint16_t) * halves + sizeof(float) * floats);
     if (buffer == NULL) failed = 1;
 #pragma omp for schedule(dynamic)
@@ -1460,7 +1503,7 @@ int causal_attention_backward_bf16(const uint16_t *qkv, const uint16_t *out, con
         uint32_t *kb = (uint32_t *)(ds + 16 * Tp), *vt = kb + Tp * Dp / 2, *kk = vt + Tp * Dp / 2;
         uint32_t *pb = kk + Tp * Dp / 2, *sb = pb + Tp * Tp / 2;
         float *s = (float *)(sb + Tp * Tp / 2), *dp = s + 16 * Tp, *dq = dp + 16 * Tp, *dkt = dq + 16 * Dp;
-        float *dvt = dkt + Dp * Tp, *delta = dvt + Dp * Tp, *row = delta + Tp;
+        float *dvt = dkt + Dp * Tp, *delta = dvt + Dp * Tp, *turned = delta + Tp;
         const uint16_t *base = qkv + b * T * W;
         const float *c = R > 0 ? cos + b * rope_stride : NULL, *n = R > 0 ? sin + b * rope_stride : NULL;
         uint16_t *dbase = dqkv + b * T * W;
@@ -1476,8 +1519,8 @@ int causal_attention_backward_bf16(const uint16_t *qkv, const uint16_t *out, con
             const float *head_lse = lse + (b * H + h) * T;
             head_rows(base + h * D, W, T, D, Tp, Dp, c, n, R, q);
             head_rows(dout + b * T * H * D + h * D, H * D, T, D, Tp, Dp, NULL, NULL, 0, go);
-            transpose16(q, Tp, Dp, qt);
-            transpose16(go, Tp, Dp, gt);
+            transpose_halves(q, Dp, Tp, Dp, Tp, qt);
+            transpose_halves(go, Dp, Tp, Dp, Tp, gt);
             for (long i = 0; i < T; i++) {
                 const uint16_t *o = out + (b * T + i) * H * D + h * D;
                 __m512 sum = _mm512_setzero_ps();
@@ -1526,13 +1569,19 @@ int causal_attention_backward_bf16(const uint16_t *qkv, const uint16_t *out, con
                     tile_16x32(gt + m0 * Tp + j0, Tp, pb + j0 / 2 * Tp + j0, Tp, (Tp - j0) / 32, dvt + m0 * Tp + j0, Tp, add);
                 }
         }
-        for (long t = 0; t < T; t++) { /* dK = scale (Q^T dS)^T turned back, dV = (dO^T P)^T */
-            for (long d = 0; d < D; d++) row[d] = scale * dkt[d * Tp + t];
-            if (R > 0) rotate_back(row, c + t * R, n + t * R, R);
-            uint16_t *dk = dbase + t * W + (H + g) * D, *dv = dbase + t * W + (H + Hkv + g) * D;
-            for (long d = 0; d < D; d += 16) _mm256_mask_storeu_epi16(dk + d, lanes_below(D - d), to_bf16(_mm512_loadu_ps(row + d)));
-            for (long d = 0; d < D; d++) row[d] = dvt[d * Tp + t];
-            for (long d = 0; d < D; d += 16) _mm256_mask_storeu_epi16(dv + d, lanes_below(D - d), to_bf16(_mm512_loadu_ps(row + d)));
+        /* dK = scale (Q^T dS)^T turned back, dV = (dO^T P)^T */
+        transpose_words((const uint32_t *)dkt, Dp, Tp, Tp, (uint32_t *)turned, Dp);
+        for (long t = 0; t < T; t++) {
+            float *x = turned + t * Dp;
+            for (long d = 0; d < D; d += 16) _mm512_storeu_ps(x + d, _mm512_mul_ps(_mm512_loadu_ps(x + d), _mm512_set1_ps(scale)));
+            if (R > 0) rotate_back(x, c + t * R, n + t * R, R);
+            uint16_t *dk = dbase + t * W + (H + g) * D;
+            for (long d = 0; d < D; d += 16) _mm256_mask_storeu_epi16(dk + d, lanes_below(D - d), to_bf16(_mm512_loadu_ps(x + d)));
+        }
+        transpose_words((const uint32_t *)dvt, Dp, Tp, Tp, (uint32_t *)turned, Dp);
+        for (long t = 0; t < T; t++) {
+            uint16_t *dv = dbase + t * W + (H + Hkv + g) * D;
+            for (long d = 0; d < D; d += 16) _mm256_mask_storeu_epi16(dv + d, lanes_below(D - d), to_bf16(_mm512_loadu_ps(turned + t * Dp + d)));
         }
     }
     free(buffer);
@@ -1541,6 +1590,7 @@ int causal_attention_backward_bf16(const uint16_t *qkv, const uint16_t *out, con
   }
     return failed ? -1 : 0;
 }
+
 #else
 int amx_ready(void) { return 0; }
 #endif
