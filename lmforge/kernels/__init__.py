@@ -189,6 +189,9 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.gelu_bf16_forward.restype = None
     lib.gelu_bf16_backward.argtypes = [pointer, pointer, pointer, size, integer, integer]
     lib.gelu_bf16_backward.restype = None
+    lib.gelu_tables.argtypes = []
+    lib.gelu_tables.restype = None
+    lib.gelu_tables()  # the bfloat16 passes' lookup tables (AVX-512), filled once before any pass
     real = ctypes.c_float
     shape = [size] * 5  # B, T, H, Hkv, D
     angles = [pointer, pointer, size, size]  # cos, sin, R, the stride between sequences' tables

@@ -803,9 +803,47 @@ static inline vec gelu_bf16_grad(const uint16_t *dy, const uint16_t *x, int tanh
     return vmul(load_bf16(dy), tanh_form ? gelu_tanh_slope(xv) : gelu_erf_slope(xv));
 }
 
+#if LANES == 16
+/* With AVX-512 a bfloat16 GELU looks its values up: a bfloat16 input has 65,536 possible values,
+   so each form's result (rounded) and slope (float32) are tabulated once, by the formulas above,
+   and a pass gathers 16 at a time (the table entries a layer's inputs touch stay in L1): the same
+   values as the formulas give, at about the memory's speed rather than theirs. */
+static uint16_t gelu_values[2][65536 + 2]; /* + 2: a 32-bit gather at the last entry reads past it */
+static float gelu_slopes[2][65536];
+static int gelu_tabled = 0;
+
+/* Fill the tables (section 6's formulas, every bfloat16 bit pattern); called once when the
+   library is loaded, before any pass reads them. */
+void gelu_tables(void) {
+    for (int form = 0; form < 2; form++)
+        for (long u = 0; u < 65536; u += LANES) {
+            uint16_t x[LANES];
+            for (int l = 0; l < LANES; l++) x[l] = (uint16_t)(u + l);
+            store_bf16(gelu_values[form] + u, gelu_bf16(x, form));
+            vstore(gelu_slopes[form] + u, form ? gelu_tanh_slope(load_bf16(x)) : gelu_erf_slope(load_bf16(x)));
+        }
+    gelu_tabled = 1;
+}
+
+static inline __m512i bf16_index(const uint16_t *x) { return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)); }
+#else
+void gelu_tables(void) {}
+#endif
+
 /* y = GELU(x) over n bfloat16 values, the tanh form if tanh_form, else the erf form. */
 void gelu_bf16_forward(const uint16_t *x, uint16_t *y, long n, int tanh_form, int threads) {
     const long vectors = n / LANES, rest = n % LANES;
+#if LANES == 16
+    if (gelu_tabled) {
+        const uint16_t *table = gelu_values[tanh_form != 0];
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+        for (long v = 0; v < vectors; v++)
+            _mm256_storeu_si256((__m256i *)(y + 16 * v),
+                                _mm512_cvtepi32_epi16(_mm512_i32gather_epi32(bf16_index(x + 16 * v), (const void *)table, 2)));
+        for (long i = n - rest; i < n; i++) y[i] = table[x[i]];
+        return;
+    }
+#endif
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (long v = 0; v < vectors; v++) store_bf16(y + LANES * v, gelu_bf16(x + LANES * v, tanh_form));
     if (rest) { /* the last n % LANES values through the same formulas, from a zero-padded copy */
@@ -819,6 +857,22 @@ void gelu_bf16_forward(const uint16_t *x, uint16_t *y, long n, int tanh_form, in
 /* dx = dy * GELU'(x) over n bfloat16 values. */
 void gelu_bf16_backward(const uint16_t *dy, const uint16_t *x, uint16_t *dx, long n, int tanh_form, int threads) {
     const long vectors = n / LANES, rest = n % LANES;
+#if LANES == 16
+    if (gelu_tabled) {
+        const float *table = gelu_slopes[tanh_form != 0];
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+        for (long v = 0; v < vectors; v++)
+            store_bf16(dx + 16 * v, vmul(load_bf16(dy + 16 * v), _mm512_i32gather_ps(bf16_index(x + 16 * v), table, 4)));
+        if (rest) {
+            uint16_t g[LANES] = {0}, in[LANES] = {0}, out[LANES];
+            memcpy(g, dy + LANES * vectors, rest * sizeof *g);
+            memcpy(in, x + LANES * vectors, rest * sizeof *in);
+            store_bf16(out, vmul(load_bf16(g), _mm512_i32gather_ps(bf16_index(in), table, 4)));
+            memcpy(dx + LANES * vectors, out, rest * sizeof *out);
+        }
+        return;
+    }
+#endif
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (long v = 0; v < vectors; v++) store_bf16(dx + LANES * v, gelu_bf16_grad(dy + LANES * v, x + LANES * v, tanh_form));
     if (rest) {
