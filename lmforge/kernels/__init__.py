@@ -5,7 +5,8 @@ bfloat16 weight stored transposed (:class:`lmforge.quant.DecodeLinear`), RMSNorm
 cache (:class:`lmforge.model.attention.SelfAttention` decoding a token per sequence), and a whole
 pre-norm block's step for one new token (:mod:`lmforge.kernels.step`); and, for training, GELU's
 tanh and erf forms forward and backward, float32 or bfloat16 (:mod:`lmforge.kernels.activation`) and causal self-attention from
-the fused Q/K/V projection forward and backward (:mod:`lmforge.kernels.causal`).
+the fused Q/K/V projection forward and backward (:mod:`lmforge.kernels.causal`), in bfloat16 on
+AMX tiles where the CPU has them (:func:`amx_tiles`).
 
 The C source is compiled once with the system's C compiler (``$CC``, else ``cc``) and
 ``-march=native``, into ``$LMFORGE_CACHE`` (default ``~/.cache/lmforge``)``/kernels/``, under a
@@ -204,6 +205,8 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.amx_ready.argtypes = []
     lib.amx_ready.restype = integer
     if hasattr(lib, "causal_attention_forward_bf16"):  # the same in bfloat16 on AMX tiles (section 8)
+        lib.transpose_bf16.argtypes = [pointer, size, size, pointer, integer]
+        lib.transpose_bf16.restype = None
         lib.causal_attention_forward_bf16.argtypes = lib.causal_attention_forward.argtypes
         lib.causal_attention_forward_bf16.restype = integer
         lib.causal_attention_backward_bf16.argtypes = lib.causal_attention_backward.argtypes
@@ -225,9 +228,9 @@ def block_kernels() -> ctypes.CDLL | None:
 
 @cache
 def amx_tiles() -> bool:
-    """Whether the kernels' bfloat16 paths on AMX tiles (Intel's matrix units) run here: the
+    """Whether the kernels' bfloat16 paths for AMX CPUs (Intel's matrix tiles) run here: the
     kernels built for a CPU with AMX-BF16, the operating system's leave to use the tiles granted,
-    and ``LMFORGE_NO_AMX`` unset (it keeps the float32 kernels, for comparisons)."""
+    and ``LMFORGE_NO_AMX`` unset (it turns those paths off, for comparisons)."""
     lib = block_kernels()
     return lib is not None and not os.environ.get("LMFORGE_NO_AMX") and lib.amx_ready() == 1
 

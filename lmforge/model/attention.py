@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ..kernels import block_kernels, decode_attention
 from ..kernels.causal import causal_attention, native_causal_attention
+from ..kernels.linear import linear, project
 from .kv_cache import KVCache
 from .packing import Packing
 from .positions import apply_rotary
@@ -194,7 +195,7 @@ class SelfAttention(nn.Module):
             if self._causal_natively(qkv, packing, attention_mask, rope, position_bias, kv_cache, need_weights):
                 # rotation and attention in one native pass each way, heads joined: (B, T, H·D)
                 out = causal_attention(qkv, H, Hkv, D, self.scale, rope, checked=True)
-                return self.out_proj(packing.unpad(out) if packing is not None else out)
+                return project(self.out_proj, packing.unpad(out) if packing is not None else out)
             q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
             q = q.view(B, T, H, D).transpose(1, 2)  # (B, T, H·D) -> (B, H, T, D)
             k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
@@ -249,7 +250,7 @@ class SelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, H, T, D) -> (B, T, H·D)
         if packing is not None:
             out = packing.unpad(out)  # (B, T, H·D) -> (N, H·D)
-        y = self.out_proj(out)  # (B, T, E), or (N, E) packed
+        y = project(self.out_proj, out)  # (B, T, E), or (N, E) packed
         return (y, weights) if need_weights else y
 
     def _causal_natively(
@@ -403,7 +404,7 @@ class SelfAttention(nn.Module):
         projections = (self.q_proj, self.k_proj, self.v_proj)
         weight = torch.cat([p.weight for p in projections])  # ((H + 2·Hkv)·D, E)
         bias = torch.cat([p.bias for p in projections]) if self.q_proj.bias is not None else None
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
 
     def attend(
         self,

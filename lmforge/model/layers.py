@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..kernels.activation import gelu
+from ..kernels.linear import project
 from .attention import SelfAttention, one_new_token
 from .kv_cache import KVCache
 from .packing import Packing
@@ -113,13 +114,13 @@ class MLP(nn.Module):
             if fused is not None and fused.covers(self.gate_proj, self.up_proj):
                 gate, up = fused(x).chunk(2, dim=-1)  # [gate | up] = X [W_gate | W_up], one matmul
             else:
-                gate, up = self.gate_proj(x), self.up_proj(x)
+                gate, up = project(self.gate_proj, x), project(self.up_proj, x)
             hidden = self.act(gate) * up
         else:
-            hidden = self.act(self.up_proj(x))
+            hidden = self.act(project(self.up_proj, x))
         if self.dropout.p:
             hidden = self.dropout(hidden)
-        return self.down_proj(hidden)
+        return project(self.down_proj, hidden)
 
 
 class TransformerBlock(nn.Module):
