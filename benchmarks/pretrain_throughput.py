@@ -59,6 +59,7 @@ from common import (  # noqa: E402
 from lmforge import ModelConfig, Transformer  # noqa: E402
 from lmforge.model.size import flops_per_token  # noqa: E402
 from lmforge.objectives import make_objective  # noqa: E402
+from lmforge.runtime import keep_freed_memory  # noqa: E402
 
 SHAPES = {  # name: (layers, width, heads, context, batch)
     "small": (4, 128, 4, 64, 12),
@@ -211,6 +212,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=65, help="65: character-level Shakespeare, as nanoGPT")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--bf16-anyway", action="store_true", help="time bf16 even without bf16 hardware")
+    parser.add_argument(
+        "--keep-memory",
+        action="store_true",
+        help="let the allocator keep freed memory, as lmforge's training loop does on a CPU "
+        "(lmforge.runtime.keep_freed_memory); process-wide, so for every model alike",
+    )
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -224,6 +231,13 @@ def main() -> None:
     peak_text = ", ".join(f"{p} {v / 1e9:,.1f} GFLOP/s" for p, v in peaks.items())
     print(f"matmul peak per CPU second: {peak_text}", flush=True)
     notes = []
+    if args.keep_memory:
+        kept = keep_freed_memory()
+        notes.append(
+            "Allocator: freed memory kept for reuse (`--keep-memory`, as lmforge's training loop sets it "
+            f"on a CPU), for every model alike{'' if kept else ' — not taken here (no glibc)'}."
+        )
+        print(notes[-1], flush=True)
     if "bf16" in args.precisions and peaks["bf16"] < peaks["fp32"] and not args.bf16_anyway:
         args.precisions = [p for p in args.precisions if p != "bf16"]
         notes.append(

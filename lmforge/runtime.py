@@ -1,4 +1,5 @@
-"""Where this process runs: its device, and its rank among the processes of one job.
+"""Where this process runs: its device, its rank among the processes of one job, and how its
+memory allocator keeps freed memory while it trains on a CPU (:func:`keep_freed_memory`).
 
 Two questions every layer above asks, answered in one place:
 
@@ -15,7 +16,9 @@ itself (process groups, DDP, FSDP) is not here: this module only reads where it 
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -83,3 +86,26 @@ def shard_of(items: Sequence[T], *, rank_: int | None = None, world_size_: int |
     if not 0 <= r < n:
         raise ValueError(f"rank {r} is outside a world of {n} processes")
     return list(items[r::n])
+
+
+MEMORY_KEPT = 1 << 30  # bytes: freed blocks up to this size stay in the process for reuse
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's allocator keep freed memory for reuse instead of handing it back to the
+    operating system (Linux with glibc; elsewhere, or with ``LMFORGE_KEEP_MEMORY=0``, nothing
+    changes). A CPU training step frees and allocates the same tensors every step; by default
+    each block over a few MB is unmapped when freed and its pages faulted in and zeroed by the
+    kernel again on the next step, which took a fifth of a bf16 step at 6 layers/384 on one core
+    (469-506 against 377-388 ms a step once kept). The process then holds its peak memory
+    between steps. Returns whether the allocator took the settings."""
+    if os.environ.get("LMFORGE_KEEP_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # another C library (musl): its own allocator
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (malloc.h)
+    return bool(mallopt(mmap_threshold, MEMORY_KEPT)) and bool(mallopt(trim_threshold, MEMORY_KEPT))

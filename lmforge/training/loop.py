@@ -40,7 +40,7 @@ from ..errors import LMForgeError
 from ..files import METRICS_FILE, write_run_metadata
 from ..objectives.base import Batch
 from ..peft import active_adapter, training_callbacks
-from ..runtime import is_writer, resolve_device, world_size
+from ..runtime import is_writer, keep_freed_memory, resolve_device, world_size
 from . import distributed
 from .callbacks import Callback, EarlyStopping, JSONLLogger, ProgressBar, TensorBoardLogger, WandbLogger
 from .checkpoint import (
@@ -225,6 +225,8 @@ class Trainer:
             write_run_metadata(
                 self.run_dir, model=self.model, tokenizer=self.tokenizer, config=self.run_config
             )
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a step's tensors reuse the last step's memory, not fresh pages
         self.model.train()
         self._iterator = iter(self.train_data)
         self.state.should_stop = False
