@@ -76,6 +76,7 @@ def test_only_the_writer_touches_the_run_folder(tmp_path: Path, monkeypatch: pyt
 
 FAULTS = """
 import resource, sys, torch
+torch.set_num_threads(1)
 from lmforge.runtime import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 def step():  # ten 8 MB tensors allocated, written and freed, as a step's activations are
@@ -93,14 +94,16 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings are Linux's")
 def test_kept_memory_is_reused_without_page_faults() -> None:
     """With freed memory kept, a step's tensors reuse the last step's pages: no page faults
-    (without, glibc hands the freed 80 MB back and every page is faulted in again)."""
+    (without, glibc often hands the freed 80 MB back and every page is faulted in again:
+    200,000 faults here in most runs)."""
     results = {}
     for mode in ("keep", "default"):
         done = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, timeout=120)
         kept, faults = done.stdout.split()
         results[mode] = (kept == "True", int(faults))
     assert results["keep"][0] and not results["default"][0]
-    assert results["keep"][1] < 100 <= results["default"][1]
+    # (glibc's own dynamic thresholds sometimes keep this simple pattern too: no bound below)
+    assert results["keep"][1] < 100 and results["keep"][1] <= results["default"][1]
 
 
 def test_keeping_memory_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
