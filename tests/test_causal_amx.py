@@ -21,31 +21,17 @@ from lmforge.kernels.causal import (
     explicit_causal_attention,
     native_causal_attention,
 )
-from lmforge.model.positions import RotaryEmbedding
+from tests.test_causal_kernel import SHAPES as FLOAT32_SHAPES
+from tests.test_causal_kernel import angles
 
 pytestmark = pytest.mark.skipif(
     kernel_problem() is not None or not amx_tiles(),
     reason=f"no AMX tiles here ({kernel_problem() or 'CPU without AMX-BF16, or LMFORGE_NO_AMX set'})",
 )
 
-SHAPES = [  # B, T, H, Hkv, D
-    (1, 1, 1, 1, 8),
-    (2, 5, 2, 1, 8),
-    (2, 17, 2, 2, 40),
-    (1, 33, 4, 1, 64),
-    (3, 64, 4, 2, 32),
-    (1, 130, 2, 2, 16),
-    (2, 200, 3, 3, 96),
-    (1, 129, 2, 2, 128),
-]
+# the float32 kernel's shapes (odd lengths, widths with a tail of 8, GQA, MQA) and wider heads
+SHAPES = [*FLOAT32_SHAPES, (2, 200, 3, 3, 96), (1, 129, 2, 2, 128)]
 TOLERANCE = 0.02  # of the largest reference value: bfloat16 keeps 8 bits (2^-8 = 0.004 a rounding)
-
-
-def angles(B: int, T: int, R: int, *, per_sequence: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    positions = torch.arange(T)
-    if per_sequence:
-        positions = positions + 3 * torch.arange(B)[:, None]
-    return RotaryEmbedding(R, base=500.0)(positions)
 
 
 def close(ours: torch.Tensor, reference: torch.Tensor) -> bool:
