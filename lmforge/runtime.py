@@ -95,10 +95,10 @@ def keep_freed_memory() -> bool:
     """Let glibc's allocator keep freed memory for reuse instead of handing it back to the
     operating system (Linux with glibc; elsewhere, or with ``LMFORGE_KEEP_MEMORY=0``, nothing
     changes). A CPU training step frees and allocates the same tensors every step; by default
-    each block over a few MB is unmapped when freed and its pages faulted in and zeroed by the
-    kernel again on the next step, which took a fifth of a bf16 step at 6 layers/384 on one core
-    (469-506 against 377-388 ms a step once kept). The process then holds its peak memory
-    between steps. Returns whether the allocator took the settings."""
+    glibc may unmap large freed blocks or trim its heap, and their pages are faulted in and zeroed
+    by the kernel again on the next step: 6-24% of a fresh process's bf16 step at 6 layers/384 on
+    one core (417-506 against 366-393 ms a step once kept, four A/B runs). The process then holds
+    its peak memory between steps. Returns whether the allocator took the settings."""
     if os.environ.get("LMFORGE_KEEP_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
