@@ -8,7 +8,7 @@
    4. Attention for one new token of each sequence over its key/value cache (SelfAttention).
    5. A whole pre-norm Transformer block's step for one new token (TransformerBlock decoding).
    6. GELU, its tanh and erf forms, forward and backward, over many float32 or bfloat16 values
-      (training).
+      (training); 6b. LayerNorm with a bfloat16 output and gradient (training under autocast).
    7. Causal self-attention over whole sequences from the fused Q/K/V projection, forward and
       backward (training).
    8. The same in bfloat16 on AMX tiles, where the CPU has them (training under autocast).
@@ -883,6 +883,99 @@ void gelu_bf16_backward(const uint16_t *dy, const uint16_t *x, uint16_t *dx, lon
         store_bf16(out, gelu_bf16_grad(g, in, tanh_form));
         memcpy(dx + LANES * vectors, out, rest * sizeof *out);
     }
+}
+
+/* 6b. LayerNorm under bfloat16 autocast (lmforge.kernels.norm): float32 rows in, the normalized
+   rows written in bfloat16 for the projection that reads them (autocast would write float32 and
+   cast it in a second pass), and back: the gradient read in bfloat16, dx in float32 for the
+   residual stream, dw and db summed in float32. Per row, in float32:
+       mean, var = the row's (two passes), rstd = 1 / sqrt(var + eps), xhat = (x - mean) rstd,
+       y = xhat w + b;   g = dy w,   dx = rstd (g - mean(g) - xhat mean(g xhat)),
+       dw += dy xhat, db += dy. */
+static inline float row_mean(const float *x, long n) {
+    vec sums = vset(0.0f);
+    long i = 0;
+    for (; i + LANES <= n; i += LANES) sums = vadd(sums, vload(x + i));
+    float sum = vhsum(sums);
+    for (; i < n; i++) sum += x[i];
+    return sum / (float)n;
+}
+
+static inline float row_variance(const float *x, long n, float mean) {
+    const vec m = vset(mean);
+    vec sums = vset(0.0f);
+    long i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const vec d = vsub(vload(x + i), m);
+        sums = vfmadd(d, d, sums);
+    }
+    float sum = vhsum(sums);
+    for (; i < n; i++) sum += (x[i] - mean) * (x[i] - mean);
+    return sum / (float)n;
+}
+
+/* y (rows x dim, bfloat16) = LayerNorm(x) with weight w and bias b (either may be NULL); mean and
+   rstd (rows) kept for the backward pass. dim a multiple of LANES. */
+void layer_norm_bf16_forward(const float *x, const float *w, const float *b, uint16_t *y, float *mean, float *rstd,
+                             long rows, long dim, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        const float mu = row_mean(xr, dim), s = 1.0f / sqrtf(row_variance(xr, dim, mu) + eps);
+        mean[r] = mu, rstd[r] = s;
+        const vec m = vset(mu), sv = vset(s);
+        uint16_t *yr = y + r * dim;
+        for (long i = 0; i < dim; i += LANES) {
+            vec v = vmul(vsub(vload(xr + i), m), sv);
+            if (w != NULL) v = vmul(v, vload(w + i));
+            if (b != NULL) v = vadd(v, vload(b + i));
+            store_bf16(yr + i, v);
+        }
+    }
+}
+
+/* dx (rows x dim, float32) from dy (bfloat16) and the forward pass's x, w, mean, rstd; dw and db
+   (dim, either may be NULL) get the sums over the rows added (each thread's own sums first).
+   dim a multiple of LANES. Returns -1 when memory ran out. */
+int layer_norm_bf16_backward(const uint16_t *dy, const float *x, const float *w, const float *mean,
+                             const float *rstd, float *dx, float *dw, float *db, long rows, long dim, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    float *own = calloc((size_t)(2 * dim), sizeof(float)); /* this thread's sums for dw, db */
+    if (own == NULL) failed = 1;
+#pragma omp for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        if (own == NULL) continue;
+        const float *xr = x + r * dim;
+        const uint16_t *dr = dy + r * dim;
+        const vec m = vset(mean[r]), sv = vset(rstd[r]);
+        vec sums_g = vset(0.0f), sums_gx = vset(0.0f);
+        for (long i = 0; i < dim; i += LANES) {
+            const vec d = load_bf16(dr + i), xhat = vmul(vsub(vload(xr + i), m), sv);
+            const vec g = w != NULL ? vmul(d, vload(w + i)) : d;
+            sums_g = vadd(sums_g, g), sums_gx = vfmadd(g, xhat, sums_gx);
+            vstore(own + i, vfmadd(d, xhat, vload(own + i)));
+            vstore(own + dim + i, vadd(d, vload(own + dim + i)));
+        }
+        const vec mg = vset(vhsum(sums_g) / (float)dim), mgx = vset(vhsum(sums_gx) / (float)dim);
+        float *out = dx + r * dim;
+        for (long i = 0; i < dim; i += LANES) {
+            const vec d = load_bf16(dr + i), xhat = vmul(vsub(vload(xr + i), m), sv);
+            const vec g = w != NULL ? vmul(d, vload(w + i)) : d;
+            vstore(out + i, vmul(sv, vsub(vsub(g, mg), vmul(xhat, mgx))));
+        }
+    }
+    if (own != NULL) {
+#pragma omp critical
+        for (long i = 0; i < dim; i++) {
+            if (dw != NULL) dw[i] += own[i];
+            if (db != NULL) db[i] += own[dim + i];
+        }
+    }
+    free(own);
+  }
+    return failed ? -1 : 0;
 }
 
 /* 7. Causal self-attention over whole sequences, forward and backward, for training

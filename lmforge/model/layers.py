@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..kernels.activation import gelu
 from ..kernels.linear import project
+from ..kernels.norm import normed
 from .attention import SelfAttention, one_new_token
 from .kv_cache import KVCache
 from .packing import Packing
@@ -204,8 +205,8 @@ class TransformerBlock(nn.Module):
         dropout = self.dropout if self.dropout.p else None  # no call at all when it is off
 
         def sublayer(norm: nn.Module, fn, x: Tensor) -> Tensor:  # noqa: ANN001
-            if self.prenorm:  # x + f(norm(x))
-                h = fn(norm(x))
+            if self.prenorm:  # x + f(norm(x)); under CPU bf16 autocast norm(x) comes out in bf16
+                h = fn(normed(norm, x))
                 return x + (dropout(h) if dropout is not None else h)
             h = fn(x)  # norm(x + f(x))
             return norm(x + (dropout(h) if dropout is not None else h))
