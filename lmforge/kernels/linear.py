@@ -95,16 +95,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return _AutocastLinear.apply(x, weight, bias)
 
 
-def _global_hooks() -> bool:
-    """Whether hooks registered for every module are there (``nn.modules.module``'s own)."""
+def hooked(layer: nn.Module) -> bool:
+    """Whether forward hooks would run around ``layer``: its own or those registered for every
+    module (``nn.modules.module``'s), which a native path must not skip."""
     module = nn.modules.module
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+    return bool(
+        layer._forward_hooks
+        or layer._forward_pre_hooks
+        or module._global_forward_hooks
+        or module._global_forward_pre_hooks
+    )
 
 
 def project(layer: nn.Module, x: Tensor) -> Tensor:
     """``layer(x)``, through :func:`linear` for a plain ``nn.Linear`` without hooks (a PEFT
     wrapper, a quantized layer or a hooked one is called as it is)."""
-    hooked = layer._forward_hooks or layer._forward_pre_hooks or _global_hooks()
-    if type(layer) is nn.Linear and not hooked:
+    if type(layer) is nn.Linear and not hooked(layer):
         return linear(x, layer.weight, layer.bias)
     return layer(x)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import block_kernels
+from .linear import hooked
 
 MULTIPLE = 16  # the widths the kernel takes: whole vectors of either width (8 or 16 floats)
 
@@ -22,7 +23,7 @@ def applies(norm: nn.Module, x: Tensor) -> bool:
     """Whether :func:`normed` takes ``norm(x)``: a plain ``nn.LayerNorm`` over the last dimension
     (a multiple of 16) without hooks, float32 parameters and input on the CPU, under CPU bf16
     autocast with gradients on (training), the kernels built, not traced by ``torch.compile``."""
-    if type(norm) is not nn.LayerNorm or norm._forward_hooks or norm._forward_pre_hooks:
+    if type(norm) is not nn.LayerNorm or hooked(norm):
         return False
     if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16):
         return False
