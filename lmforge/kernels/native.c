@@ -978,6 +978,39 @@ int layer_norm_bf16_backward(const uint16_t *dy, const float *x, const float *w,
     return failed ? -1 : 0;
 }
 
+#if LANES == 16
+/* 16 x 16 32-bit values in 16 registers transposed: four rounds, each pairing registers i and
+   i + b and swapping their lane blocks of b (b = 1, 2, 4, 8). */
+static inline void transpose_block(__m512i v[16]) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#pragma GCC unroll 4
+    for (int b = 1; b < 16; b *= 2) {
+        const __mmask16 upper = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(b)); /* lanes with bit b */
+        const __m512i low = _mm512_mask_add_epi32(lane, upper, lane, _mm512_set1_epi32(16 - b));
+        const __m512i high = _mm512_mask_add_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(b)), upper, lane, _mm512_set1_epi32(16));
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++)
+            if (!(i & b)) {
+                const __m512i x = v[i], y = v[i | b];
+                v[i] = _mm512_permutex2var_epi32(x, low, y);
+                v[i | b] = _mm512_permutex2var_epi32(x, high, y);
+            }
+    }
+}
+
+/* dst[c][r] = src[r][c] for 32-bit values, r < rows and c < cols both multiples of 16 (row
+   strides lds, ldd). */
+static void transpose_words(const uint32_t *src, long rows, long cols, long lds, uint32_t *dst, long ldd) {
+    for (long r0 = 0; r0 < rows; r0 += 16)
+        for (long c0 = 0; c0 < cols; c0 += 16) {
+            __m512i v[16];
+            for (int i = 0; i < 16; i++) v[i] = _mm512_loadu_si512(src + (r0 + i) * lds + c0);
+            transpose_block(v);
+            for (int i = 0; i < 16; i++) _mm512_storeu_si512(dst + (c0 + i) * ldd + r0, v[i]);
+        }
+}
+#endif
+
 /* 7. Causal self-attention over whole sequences, forward and backward, for training
    (lmforge.kernels.causal). The input is the fused projection qkv (B, T, (H + 2 Hkv) D), row t of
    sequence b holding every head's query, then the Hkv keys, then the Hkv values; query head h
@@ -1137,7 +1170,13 @@ static void weighted_rows(const float *a, long ar, long aj, const float *b, long
 /* The T rows of src (row stride lds, D values each) as panels of 16 rows, panel[d][0 .. 16) per
    panel (rows past T zero): what scores_4x16 reads. */
 static void panels(const float *src, long lds, long T, long D, float *dst) {
-    for (long j0 = 0; j0 < T; j0 += KEYS) {
+    long j0 = 0;
+#if LANES == 16
+    if (D % 16 == 0) /* whole panels 16 x 16 at a time in registers */
+        for (; j0 + KEYS <= T; j0 += KEYS)
+            transpose_words((const uint32_t *)(src + j0 * lds), KEYS, D, lds, (uint32_t *)(dst + j0 * D), KEYS);
+#endif
+    for (; j0 < T; j0 += KEYS) {
         float *panel = dst + j0 * D;
         for (long d = 0; d < D; d++)
             for (long t = 0; t < KEYS; t++) panel[d * KEYS + t] = j0 + t < T ? src[(j0 + t) * lds + d] : 0.0f;
@@ -1458,37 +1497,6 @@ static void head_rows(const uint16_t *src, long ld, long T, long D, long Tp, lon
         memset(out + D, 0, sizeof(uint16_t) * (size_t)(Dp - D));
     }
     memset(dst + T * Dp, 0, sizeof(uint16_t) * (size_t)((Tp - T) * Dp));
-}
-
-/* 16 x 16 32-bit values in 16 registers transposed: four rounds, each pairing registers i and
-   i + b and swapping their lane blocks of b (b = 1, 2, 4, 8). */
-static inline void transpose_block(__m512i v[16]) {
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#pragma GCC unroll 4
-    for (int b = 1; b < 16; b *= 2) {
-        const __mmask16 upper = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(b)); /* lanes with bit b */
-        const __m512i low = _mm512_mask_add_epi32(lane, upper, lane, _mm512_set1_epi32(16 - b));
-        const __m512i high = _mm512_mask_add_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(b)), upper, lane, _mm512_set1_epi32(16));
-#pragma GCC unroll 16
-        for (int i = 0; i < 16; i++)
-            if (!(i & b)) {
-                const __m512i x = v[i], y = v[i | b];
-                v[i] = _mm512_permutex2var_epi32(x, low, y);
-                v[i | b] = _mm512_permutex2var_epi32(x, high, y);
-            }
-    }
-}
-
-/* dst[c][r] = src[r][c] for 32-bit values, r < rows and c < cols both multiples of 16 (row
-   strides lds, ldd). */
-static void transpose_words(const uint32_t *src, long rows, long cols, long lds, uint32_t *dst, long ldd) {
-    for (long r0 = 0; r0 < rows; r0 += 16)
-        for (long c0 = 0; c0 < cols; c0 += 16) {
-            __m512i v[16];
-            for (int i = 0; i < 16; i++) v[i] = _mm512_loadu_si512(src + (r0 + i) * lds + c0);
-            transpose_block(v);
-            for (int i = 0; i < 16; i++) _mm512_storeu_si512(dst + (c0 + i) * ldd + r0, v[i]);
-        }
 }
 
 /* 16 values of rows t and t + 1 of x (row stride ld; a row at or past `rows` reads as zeros) from
