@@ -28,11 +28,16 @@ WORK = 1 << 29
 ALIGN = 16  # widths the transpose takes in whole register blocks
 
 
+def bf16_autocast() -> bool:
+    """Whether CPU autocast is on in bfloat16 (the native bf16 training paths' first condition)."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
+
+
 def applies(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`linear` takes ``x @ weightᵀ``: CPU bf16 autocast on a CPU with AMX tiles,
     gradients wanted, a float32 or bf16 weight (out, in) with both widths multiples of 16, and
     tokens × in × out at least :data:`WORK`."""
-    if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16):
+    if not bf16_autocast():
         return False
     out_features, in_features = weight.shape if weight.dim() == 2 else (0, 0)
     return (

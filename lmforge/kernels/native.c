@@ -892,26 +892,20 @@ void gelu_bf16_backward(const uint16_t *dy, const uint16_t *x, uint16_t *dx, lon
        mean, var = the row's (two passes), rstd = 1 / sqrt(var + eps), xhat = (x - mean) rstd,
        y = xhat w + b;   g = dy w,   dx = rstd (g - mean(g) - xhat mean(g xhat)),
        dw += dy xhat, db += dy. */
-static inline float row_mean(const float *x, long n) {
+static inline float row_mean(const float *x, long n) { /* n a multiple of LANES */
     vec sums = vset(0.0f);
-    long i = 0;
-    for (; i + LANES <= n; i += LANES) sums = vadd(sums, vload(x + i));
-    float sum = vhsum(sums);
-    for (; i < n; i++) sum += x[i];
-    return sum / (float)n;
+    for (long i = 0; i < n; i += LANES) sums = vadd(sums, vload(x + i));
+    return vhsum(sums) / (float)n;
 }
 
 static inline float row_variance(const float *x, long n, float mean) {
     const vec m = vset(mean);
     vec sums = vset(0.0f);
-    long i = 0;
-    for (; i + LANES <= n; i += LANES) {
+    for (long i = 0; i < n; i += LANES) {
         const vec d = vsub(vload(x + i), m);
         sums = vfmadd(d, d, sums);
     }
-    float sum = vhsum(sums);
-    for (; i < n; i++) sum += (x[i] - mean) * (x[i] - mean);
-    return sum / (float)n;
+    return vhsum(sums) / (float)n;
 }
 
 /* y (rows x dim, bfloat16) = LayerNorm(x) with weight w and bias b (either may be NULL); mean and
@@ -1477,8 +1471,6 @@ static inline __m512 from_bf16(const uint16_t *x, __mmask16 lanes) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, x)), 16));
 }
 
-static inline __mmask16 lanes_below(long k) { return k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k > 0 ? k : 0)) - 1); }
-
 /* dst (Tp x Dp bfloat16, zero padded) from T rows of D values at src (row stride ld), the first R
    rotated by their positions' angles (R > 0; float32 between). */
 static void head_rows(const uint16_t *src, long ld, long T, long D, long Tp, long Dp, const float *cos,
@@ -1487,10 +1479,10 @@ static void head_rows(const uint16_t *src, long ld, long T, long D, long Tp, lon
     for (long t = 0; t < T; t++) {
         uint16_t *out = dst + t * Dp;
         if (R > 0) {
-            for (long d = 0; d < D; d += 16) _mm512_storeu_ps(row + d, from_bf16(src + t * ld + d, lanes_below(D - d)));
+            for (long d = 0; d < D; d += 16) _mm512_storeu_ps(row + d, from_bf16(src + t * ld + d, vbelow(D - d)));
             rotate(row, cos + t * R, sin + t * R, R);
             for (long d = 0; d < D; d += 16)
-                _mm256_mask_storeu_epi16(out + d, lanes_below(D - d), to_bf16(_mm512_loadu_ps(row + d)));
+                _mm256_mask_storeu_epi16(out + d, vbelow(D - d), to_bf16(_mm512_loadu_ps(row + d)));
         } else {
             memcpy(out, src + t * ld, sizeof(uint16_t) * (size_t)D);
         }
@@ -1506,19 +1498,6 @@ static inline __m512i row_pairs(const uint16_t *x, long ld, long t, long rows, l
     const __m512i lo = _mm512_cvtepu16_epi32(t < rows ? _mm256_loadu_si256((const __m256i *)(x + t * ld + d)) : zero);
     const __m512i hi = _mm512_cvtepu16_epi32(t + 1 < rows ? _mm256_loadu_si256((const __m256i *)(x + (t + 1) * ld + d)) : zero);
     return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
-}
-
-/* xt (cols x Tp bfloat16) = x (rows x cols, row stride ld) transposed, columns past `rows` zero;
-   Tp a multiple of 32 at least rows, cols of 16: pairs of rows, then their 32-bit transpose. */
-static void transpose_halves(const uint16_t *x, long ld, long rows, long cols, long Tp, uint16_t *xt) {
-    uint32_t *out = (uint32_t *)xt;
-    for (long t0 = 0; t0 < Tp; t0 += 32)
-        for (long c0 = 0; c0 < cols; c0 += 16) {
-            __m512i v[16];
-            for (int i = 0; i < 16; i++) v[i] = row_pairs(x, ld, t0 + 2 * i, rows, c0);
-            transpose_block(v);
-            for (int i = 0; i < 16; i++) _mm512_storeu_si512(out + (c0 + i) * (Tp / 2) + t0 / 2, v[i]);
-        }
 }
 
 /* kb[p][j] = (x[j][2p], x[j][2p+1]) for x (Tp x Dp): K^T's pairs, the 32-bit transpose of x. */
@@ -1545,8 +1524,9 @@ static void pair_block(const float *x, long Tp, long nk, uint32_t *dst) {
 
 /* dst (cols x rows) = src (rows x cols) transposed, bfloat16: blocks of 32 rows by 16 columns as
    pairs of rows turned 16 x 16 in registers, the edges one value at a time. For a linear layer's
-   weight gradient (lmforge.kernels.linear): PyTorch's bf16 product runs about 1.7x as fast with
-   its narrower operand transposed first, and this turns it at about the memory's speed. */
+   weight gradient (lmforge.kernels.linear: PyTorch's bf16 product runs about 1.7x as fast with its
+   narrower operand transposed first, and this turns it at about the memory's speed), and for Q^T
+   and dO^T in the attention's backward pass below. */
 void transpose_bf16(const uint16_t *src, long rows, long cols, uint16_t *dst, int threads) {
     const long full_rows = rows / 32 * 32, full_cols = cols / 16 * 16;
     /* 256 columns (rows of dst) at a time, so that their pages stay in the TLB while the rows
@@ -1618,13 +1598,13 @@ int causal_attention_forward_bf16(const uint16_t *qkv, long B, long T, long H, l
                     }
                     __m512 tops = _mm512_set1_ps(-INFINITY);
                     for (long j = 0; j <= i; j += 16)
-                        tops = _mm512_mask_max_ps(tops, lanes_below(i + 1 - j), tops, _mm512_mul_ps(_mm512_loadu_ps(row + j), times));
+                        tops = _mm512_mask_max_ps(tops, vbelow(i + 1 - j), tops, _mm512_mul_ps(_mm512_loadu_ps(row + j), times));
                     const float top = _mm512_reduce_max_ps(tops);
                     const __m512 shift = _mm512_set1_ps(top);
                     __m512 sums = _mm512_setzero_ps();
                     long j = 0;
                     for (; j <= i; j += 16) {
-                        const __m512 e = _mm512_maskz_mov_ps(lanes_below(i + 1 - j),
+                        const __m512 e = _mm512_maskz_mov_ps(vbelow(i + 1 - j),
                                                              exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), times, shift)));
                         _mm256_storeu_si256((__m256i *)(prow + j), to_bf16(e));
                         sums = _mm512_add_ps(sums, e);
@@ -1639,7 +1619,7 @@ int causal_attention_forward_bf16(const uint16_t *qkv, long B, long T, long H, l
                     uint16_t *dst = out + (b * T + i) * H * D + h * D;
                     const __m512 norm = _mm512_set1_ps(inverse[i - i0]);
                     for (long d = 0; d < D; d += 16)
-                        _mm256_mask_storeu_epi16(dst + d, lanes_below(D - d), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(o + (i - i0) * Dp + d), norm)));
+                        _mm256_mask_storeu_epi16(dst + d, vbelow(D - d), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(o + (i - i0) * Dp + d), norm)));
                 }
             }
         }
@@ -1696,13 +1676,13 @@ int causal_attention_backward_bf16(const uint16_t *qkv, const uint16_t *out, con
             const float *head_lse = lse + (b * H + h) * T;
             head_rows(base + h * D, W, T, D, Tp, Dp, c, n, R, q);
             head_rows(dout + b * T * H * D + h * D, H * D, T, D, Tp, Dp, NULL, NULL, 0, go);
-            transpose_halves(q, Dp, Tp, Dp, Tp, qt);
-            transpose_halves(go, Dp, Tp, Dp, Tp, gt);
+            transpose_bf16(q, Tp, Dp, qt, 1); /* the rows past T are zeros already */
+            transpose_bf16(go, Tp, Dp, gt, 1);
             for (long i = 0; i < T; i++) {
                 const uint16_t *o = out + (b * T + i) * H * D + h * D;
                 __m512 sum = _mm512_setzero_ps();
                 for (long d = 0; d < D; d += 16) {
-                    const __mmask16 lanes = lanes_below(D - d);
+                    const __mmask16 lanes = vbelow(D - d);
                     sum = _mm512_fmadd_ps(from_bf16(go + i * Dp + d, lanes), from_bf16(o + d, lanes), sum);
                 }
                 delta[i] = _mm512_reduce_add_ps(sum);
@@ -1719,7 +1699,7 @@ int causal_attention_backward_bf16(const uint16_t *qkv, const uint16_t *out, con
                     float *prow = s + r * Tp, *drow = dp + r * Tp;
                     const __m512 shift = _mm512_set1_ps(i < T ? head_lse[i] : 0.0f), di = _mm512_set1_ps(i < T ? delta[i] : 0.0f);
                     for (long j = 0; j < nk; j += 16) { /* P and dS: zero past the diagonal and past T */
-                        const __mmask16 lanes = lanes_below(i < T ? i + 1 - j : 0);
+                        const __mmask16 lanes = vbelow(i < T ? i + 1 - j : 0);
                         const __m512 pv = _mm512_maskz_mov_ps(lanes, exp_nonpositive(
                             _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(prow + j), times), shift)));
                         _mm512_storeu_ps(prow + j, pv);
@@ -1736,7 +1716,7 @@ int causal_attention_backward_bf16(const uint16_t *qkv, const uint16_t *out, con
                     for (long d = 0; d < D; d += 16) _mm512_storeu_ps(x + d, _mm512_mul_ps(_mm512_loadu_ps(x + d), times));
                     if (R > 0) rotate_back(x, c + i * R, n + i * R, R);
                     uint16_t *dst = dbase + i * W + h * D;
-                    for (long d = 0; d < D; d += 16) _mm256_mask_storeu_epi16(dst + d, lanes_below(D - d), to_bf16(_mm512_loadu_ps(x + d)));
+                    for (long d = 0; d < D; d += 16) _mm256_mask_storeu_epi16(dst + d, vbelow(D - d), to_bf16(_mm512_loadu_ps(x + d)));
                 }
             }
             const int add = h > g * group;
@@ -1753,12 +1733,12 @@ int causal_attention_backward_bf16(const uint16_t *qkv, const uint16_t *out, con
             for (long d = 0; d < D; d += 16) _mm512_storeu_ps(x + d, _mm512_mul_ps(_mm512_loadu_ps(x + d), _mm512_set1_ps(scale)));
             if (R > 0) rotate_back(x, c + t * R, n + t * R, R);
             uint16_t *dk = dbase + t * W + (H + g) * D;
-            for (long d = 0; d < D; d += 16) _mm256_mask_storeu_epi16(dk + d, lanes_below(D - d), to_bf16(_mm512_loadu_ps(x + d)));
+            for (long d = 0; d < D; d += 16) _mm256_mask_storeu_epi16(dk + d, vbelow(D - d), to_bf16(_mm512_loadu_ps(x + d)));
         }
         transpose_words((const uint32_t *)dvt, Dp, Tp, Tp, (uint32_t *)turned, Dp);
         for (long t = 0; t < T; t++) {
             uint16_t *dv = dbase + t * W + (H + Hkv + g) * D;
-            for (long d = 0; d < D; d += 16) _mm256_mask_storeu_epi16(dv + d, lanes_below(D - d), to_bf16(_mm512_loadu_ps(turned + t * Dp + d)));
+            for (long d = 0; d < D; d += 16) _mm256_mask_storeu_epi16(dv + d, vbelow(D - d), to_bf16(_mm512_loadu_ps(turned + t * Dp + d)));
         }
     }
     free(buffer);

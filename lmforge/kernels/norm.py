@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import block_kernels
-from .linear import hooked
+from .linear import bf16_autocast, hooked
 
 MULTIPLE = 16  # the widths the kernel takes: whole vectors of either width (8 or 16 floats)
 
@@ -25,7 +25,7 @@ def applies(norm: nn.Module, x: Tensor) -> bool:
     autocast with gradients on (training), the kernels built, not traced by ``torch.compile``."""
     if type(norm) is not nn.LayerNorm or hooked(norm):
         return False
-    if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16):
+    if not bf16_autocast():
         return False
     parameters = [p for p in (norm.weight, norm.bias) if p is not None]
     return (
