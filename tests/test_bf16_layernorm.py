@@ -112,21 +112,22 @@ def test_second_derivatives_through_pytorchs_formula() -> None:
     assert torch.allclose(seconds[0], seconds[1], rtol=1e-2, atol=1e-3)
 
 
-def count_native(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def count_native(monkeypatch: pytest.MonkeyPatch, function: type = norm_module._LayerNorm) -> list[int]:
     calls: list[int] = []
-    original = norm_module._LayerNorm.apply
-    monkeypatch.setattr(norm_module._LayerNorm, "apply", lambda *a: calls.append(1) or original(*a))
+    original = function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or original(*a))
     return calls
 
 
 def test_prenorm_training_matches_autocasts_layer_norm(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = count_native(monkeypatch)
+    calls, sums = count_native(monkeypatch), count_native(monkeypatch, norm_module._AddNorm)
     config = ModelConfig(arch="decoder", vocab_size=64, max_seq_len=32, embed_dim=64, num_layers=2, num_heads=4, dropout=0.0)
     ids = torch.randint(0, 64, (4, 33))
     results = {}
     for native in (True, False):
-        if not native:
+        if not native:  # neither the norm alone nor the residual sum with it natively
             monkeypatch.setattr(norm_module, "applies", lambda norm, x: False)
+            monkeypatch.setattr(norm_module, "sum_applies", lambda norm, x, h: False)
         torch.manual_seed(0)
         model = Transformer(config)
         with autocast():
@@ -134,17 +135,19 @@ def test_prenorm_training_matches_autocasts_layer_norm(monkeypatch: pytest.Monke
         loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         results[native] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert len(calls) == 2 * 2  # layers x (attention's norm, the MLP's); the final norm keeps its call
+    # per layer the attention's norm alone and the MLP's with the residual sum before it
+    # (tests/test_add_norm.py); the final norm keeps its call
+    assert len(calls) == 2 * 1 and len(sums) == 2 * 1
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-3)
     assert F.cosine_similarity(results[True][1], results[False][1], dim=0) > 0.999
 
 
 def test_post_norm_models_keep_their_norm(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = count_native(monkeypatch)
+    calls, sums = count_native(monkeypatch), count_native(monkeypatch, norm_module._AddNorm)
     config = ModelConfig.from_name("tiny-encoder", dropout=0.0)
     assert not config.prenorm
     model = Transformer(config)
     with autocast():
         out = model(torch.randint(0, config.vocab_size, (2, 16)))
     (out.logits if hasattr(out, "logits") else out[0]).float().sum().backward()
-    assert calls == []
+    assert calls == [] and sums == []

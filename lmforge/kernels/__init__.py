@@ -190,11 +190,15 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.gelu_bf16_forward.restype = None
     lib.gelu_bf16_backward.argtypes = [pointer, pointer, pointer, size, integer, integer]
     lib.gelu_bf16_backward.restype = None
-    # x, w, b, y, mean, rstd, rows, dim, eps, threads; dy, x, w, mean, rstd, dx, dw, db, rows, dim, threads
-    lib.layer_norm_bf16_forward.argtypes = [*[pointer] * 6, size, size, ctypes.c_float, integer]
-    lib.layer_norm_bf16_forward.restype = None
-    lib.layer_norm_bf16_backward.argtypes = [*[pointer] * 8, size, size, integer]
-    lib.layer_norm_bf16_backward.restype = integer
+    # x, h, h_half, w, b, sum, y, y_half, mean, rstd, rows, dim, eps, threads
+    lib.layer_norm_forward.argtypes = [
+        pointer, pointer, integer, pointer, pointer, pointer, pointer, integer, pointer, pointer, size, size,
+        ctypes.c_float, integer,
+    ]  # fmt: skip
+    lib.layer_norm_forward.restype = None
+    # dy, dy_half, ds, s, w, mean, rstd, dx, dh, dw, db, rows, dim, threads
+    lib.layer_norm_backward.argtypes = [pointer, integer, *[pointer] * 9, size, size, integer]
+    lib.layer_norm_backward.restype = integer
     lib.gelu_tables.argtypes = []
     lib.gelu_tables.restype = None
     lib.gelu_tables()  # the bfloat16 passes' lookup tables (AVX-512), filled once before any pass

@@ -8,7 +8,8 @@
    4. Attention for one new token of each sequence over its key/value cache (SelfAttention).
    5. A whole pre-norm Transformer block's step for one new token (TransformerBlock decoding).
    6. GELU, its tanh and erf forms, forward and backward, over many float32 or bfloat16 values
-      (training); 6b. LayerNorm with a bfloat16 output and gradient (training under autocast).
+      (training); 6b. LayerNorm for training, with the residual sum before it, in float32 or with a
+      bfloat16 output and gradient (under autocast).
    7. Causal self-attention over whole sequences from the fused Q/K/V projection, forward and
       backward (training).
    8. The same in bfloat16 on AMX tiles, where the CPU has them (training under autocast).
@@ -885,13 +886,16 @@ void gelu_bf16_backward(const uint16_t *dy, const uint16_t *x, uint16_t *dx, lon
     }
 }
 
-/* 6b. LayerNorm under bfloat16 autocast (lmforge.kernels.norm): float32 rows in, the normalized
-   rows written in bfloat16 for the projection that reads them (autocast would write float32 and
-   cast it in a second pass), and back: the gradient read in bfloat16, dx in float32 for the
-   residual stream, dw and db summed in float32. Per row, in float32:
-       mean, var = the row's (two passes), rstd = 1 / sqrt(var + eps), xhat = (x - mean) rstd,
-       y = xhat w + b;   g = dy w,   dx = rstd (g - mean(g) - xhat mean(g xhat)),
-       dw += dy xhat, db += dy. */
+/* 6b. LayerNorm for training (lmforge.kernels.norm), optionally with the residual sum before it
+   (s = x + h, the pre-norm block's "add & norm"): float32 rows in, the normalized rows written in
+   float32 or in bfloat16 for the projection that reads them under autocast (which would write
+   float32 and cast it in a second pass), and back in one pass a row: the gradient read in either
+   dtype, dx in float32 for the residual stream with the residual sum's own gradient ds added, and
+   for a bfloat16 branch h its gradient rounded to bfloat16 in the same pass (autograd would add
+   the two gradients in one pass and cast in another). Per row, in float32:
+       s = x (+ h), mean, var = the row's (two passes, in cache), rstd = 1 / sqrt(var + eps),
+       shat = (s - mean) rstd, y = shat w + b;
+       g = dy w, dx = (ds +) rstd (g - mean(g) - shat mean(g shat)), dw += dy shat, db += dy. */
 static inline float row_mean(const float *x, long n) { /* n a multiple of LANES */
     vec sums = vset(0.0f);
     for (long i = 0; i < n; i += LANES) sums = vadd(sums, vload(x + i));
@@ -908,31 +912,52 @@ static inline float row_variance(const float *x, long n, float mean) {
     return vhsum(sums) / (float)n;
 }
 
-/* y (rows x dim, bfloat16) = LayerNorm(x) with weight w and bias b (either may be NULL); mean and
-   rstd (rows) kept for the backward pass. dim a multiple of LANES. */
-void layer_norm_bf16_forward(const float *x, const float *w, const float *b, uint16_t *y, float *mean, float *rstd,
-                             long rows, long dim, float eps, int threads) {
+/* LANES values of a row held as float32 (half 0) or bfloat16 (half 1). */
+static inline vec load_as(const void *p, int half, long i) {
+    return half ? load_bf16((const uint16_t *)p + i) : vload((const float *)p + i);
+}
+
+static inline void store_as(void *p, int half, long i, vec v) {
+    if (half)
+        store_bf16((uint16_t *)p + i, v);
+    else
+        vstore((float *)p + i, v);
+}
+
+/* y (rows x dim, float32 or bfloat16: y_half) = LayerNorm(s) with weight w and bias b (either may
+   be NULL), where s = x + h written to `sum` when h is given (float32 or bfloat16: h_half), else
+   s = x (sum unused); mean and rstd (rows) kept for the backward pass. dim a multiple of LANES. */
+void layer_norm_forward(const float *x, const void *h, int h_half, const float *w, const float *b, float *sum,
+                        void *y, int y_half, float *mean, float *rstd, long rows, long dim, float eps, int threads) {
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (long r = 0; r < rows; r++) {
-        const float *xr = x + r * dim;
-        const float mu = row_mean(xr, dim), s = 1.0f / sqrtf(row_variance(xr, dim, mu) + eps);
-        mean[r] = mu, rstd[r] = s;
-        const vec m = vset(mu), sv = vset(s);
-        uint16_t *yr = y + r * dim;
+        const float *sr = x + r * dim;
+        if (h != NULL) {
+            float *out = sum + r * dim;
+            const char *hr = (const char *)h + (size_t)(r * dim) * (h_half ? 2 : 4);
+            for (long i = 0; i < dim; i += LANES) vstore(out + i, vadd(vload(sr + i), load_as(hr, h_half, i)));
+            sr = out;
+        }
+        const float mu = row_mean(sr, dim), sd = 1.0f / sqrtf(row_variance(sr, dim, mu) + eps);
+        mean[r] = mu, rstd[r] = sd;
+        const vec m = vset(mu), sv = vset(sd);
+        char *yr = (char *)y + (size_t)(r * dim) * (y_half ? 2 : 4);
         for (long i = 0; i < dim; i += LANES) {
-            vec v = vmul(vsub(vload(xr + i), m), sv);
+            vec v = vmul(vsub(vload(sr + i), m), sv);
             if (w != NULL) v = vmul(v, vload(w + i));
             if (b != NULL) v = vadd(v, vload(b + i));
-            store_bf16(yr + i, v);
+            store_as(yr, y_half, i, v);
         }
     }
 }
 
-/* dx (rows x dim, float32) from dy (bfloat16) and the forward pass's x, w, mean, rstd; dw and db
-   (dim, either may be NULL) get the sums over the rows added (each thread's own sums first).
-   dim a multiple of LANES. Returns -1 when memory ran out. */
-int layer_norm_bf16_backward(const uint16_t *dy, const float *x, const float *w, const float *mean,
-                             const float *rstd, float *dx, float *dw, float *db, long rows, long dim, int threads) {
+/* dx (rows x dim, float32) from dy (float32 or bfloat16: dy_half) and the forward pass's s (its
+   input, or the residual sum), w, mean, rstd, plus ds (the sum's own gradient) when given; dh, when
+   given, gets dx again in bfloat16. dw and db (dim, either may be NULL) get the sums over the rows
+   added (each thread's own sums first). dim a multiple of LANES. Returns -1 when memory ran out. */
+int layer_norm_backward(const void *dy, int dy_half, const float *ds, const float *s, const float *w,
+                        const float *mean, const float *rstd, float *dx, uint16_t *dh, float *dw, float *db, long rows,
+                        long dim, int threads) {
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
@@ -941,23 +966,26 @@ int layer_norm_bf16_backward(const uint16_t *dy, const float *x, const float *w,
 #pragma omp for schedule(static)
     for (long r = 0; r < rows; r++) {
         if (own == NULL) continue;
-        const float *xr = x + r * dim;
-        const uint16_t *dr = dy + r * dim;
+        const float *sr = s + r * dim;
+        const char *dr = (const char *)dy + (size_t)(r * dim) * (dy_half ? 2 : 4);
         const vec m = vset(mean[r]), sv = vset(rstd[r]);
         vec sums_g = vset(0.0f), sums_gx = vset(0.0f);
         for (long i = 0; i < dim; i += LANES) {
-            const vec d = load_bf16(dr + i), xhat = vmul(vsub(vload(xr + i), m), sv);
+            const vec d = load_as(dr, dy_half, i), shat = vmul(vsub(vload(sr + i), m), sv);
             const vec g = w != NULL ? vmul(d, vload(w + i)) : d;
-            sums_g = vadd(sums_g, g), sums_gx = vfmadd(g, xhat, sums_gx);
-            vstore(own + i, vfmadd(d, xhat, vload(own + i)));
+            sums_g = vadd(sums_g, g), sums_gx = vfmadd(g, shat, sums_gx);
+            vstore(own + i, vfmadd(d, shat, vload(own + i)));
             vstore(own + dim + i, vadd(d, vload(own + dim + i)));
         }
         const vec mg = vset(vhsum(sums_g) / (float)dim), mgx = vset(vhsum(sums_gx) / (float)dim);
         float *out = dx + r * dim;
         for (long i = 0; i < dim; i += LANES) {
-            const vec d = load_bf16(dr + i), xhat = vmul(vsub(vload(xr + i), m), sv);
+            const vec d = load_as(dr, dy_half, i), shat = vmul(vsub(vload(sr + i), m), sv);
             const vec g = w != NULL ? vmul(d, vload(w + i)) : d;
-            vstore(out + i, vmul(sv, vsub(vsub(g, mg), vmul(xhat, mgx))));
+            vec v = vmul(sv, vsub(vsub(g, mg), vmul(shat, mgx)));
+            if (ds != NULL) v = vadd(v, vload(ds + r * dim + i));
+            vstore(out + i, v);
+            if (dh != NULL) store_bf16(dh + r * dim + i, v);
         }
     }
     if (own != NULL) {

@@ -1,16 +1,25 @@
-"""LayerNorm under CPU bfloat16 autocast for the pre-norm blocks (``native.c``, section 6b): the
-residual stream stays float32, the normalized rows go straight to bfloat16 for the projection
-that reads them, and the gradient comes back from bfloat16 to float32, each in the same pass as
-the norm. Autocast runs LayerNorm in float32 and the next product casts its output to bfloat16
-(and its gradient back): a second pass over the rows each way. The values are the float32
-norm's rounded to bfloat16, as that cast rounds them.
+"""LayerNorm for training in one native pass each way (``native.c``, section 6b), in two forms:
 
-:func:`normed` is what a pre-norm block calls in place of ``norm(x)``; a norm whose output is
-the residual stream (post-norm, the final norm) keeps its own call."""
+- :func:`normed`, a pre-norm block's ``norm(x)`` under CPU bfloat16 autocast: the residual stream
+  stays float32 and the normalized rows go straight to bfloat16 for the projection that reads
+  them, the gradient coming back from bfloat16 to float32 in the norm's own pass. Autocast runs
+  LayerNorm in float32 and the next product casts its output to bfloat16 (and its gradient
+  back): a second pass over the rows each way.
+- :func:`added_normed`, the block's "add & norm" between its sublayers: ``s = x + h`` and
+  ``norm(s)`` in one pass, in float32 or under bf16 autocast (h the bf16 output of a projection,
+  the norm's output bf16 as above). Backward, one pass a row gives ``ds + dnorm(s)``, the
+  gradient of x, and for a bf16 h the same rounded to bf16; PyTorch would add h (cast to
+  float32 first under autocast), read the sum again for the norm, and on the way back add the
+  two gradients and cast the branch's copy, each a pass of its own.
+
+The values are the float32 norm's (rounded to bfloat16 where the output is bf16, as autocast's
+cast rounds them). A norm whose output is the residual stream (post-norm, the final norm)
+keeps its own call."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import block_kernels
@@ -19,13 +28,11 @@ from .linear import bf16_autocast, hooked
 MULTIPLE = 16  # the widths the kernel takes: whole vectors of either width (8 or 16 floats)
 
 
-def applies(norm: nn.Module, x: Tensor) -> bool:
-    """Whether :func:`normed` takes ``norm(x)``: a plain ``nn.LayerNorm`` over the last dimension
-    (a multiple of 16) without hooks, float32 parameters and input on the CPU, under CPU bf16
-    autocast with gradients on (training), the kernels built, not traced by ``torch.compile``."""
+def _fits(norm: nn.Module, x: Tensor) -> bool:
+    """The conditions both forms share: a plain ``nn.LayerNorm`` over the last dimension (a
+    multiple of 16) without hooks, float32 parameters and input on the CPU, gradients on
+    (training), the kernels built, not traced by ``torch.compile``."""
     if type(norm) is not nn.LayerNorm or hooked(norm):
-        return False
-    if not bf16_autocast():
         return False
     parameters = [p for p in (norm.weight, norm.bias) if p is not None]
     return (
@@ -41,45 +48,119 @@ def applies(norm: nn.Module, x: Tensor) -> bool:
     )
 
 
+def applies(norm: nn.Module, x: Tensor) -> bool:
+    """Whether :func:`normed` takes ``norm(x)``: CPU bf16 autocast, and the shared conditions (a
+    plain ``nn.LayerNorm`` over a last dimension that is a multiple of 16, float32 on the CPU,
+    training, the kernels built)."""
+    return bf16_autocast() and _fits(norm, x)
+
+
+def sum_applies(norm: nn.Module, x: Tensor, h: Tensor) -> bool:
+    """Whether :func:`added_normed` takes ``x + h`` and its norm in one pass: the shared
+    conditions, h of x's shape on the CPU, and either no CPU autocast with a float32 h or CPU bf16
+    autocast with a float32 or bf16 h."""
+    if h.shape != x.shape or h.device.type != "cpu":
+        return False
+    if bf16_autocast():
+        dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+    elif torch.is_autocast_enabled("cpu"):
+        return False
+    else:
+        dtypes = (torch.float32,)
+    return h.dtype in dtypes and _fits(norm, x)
+
+
+def _forward(x: Tensor, h: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, half: bool):  # noqa: ANN202
+    """(s or None, y, mean, rstd) from the kernel; s = x + h when h is given."""
+    dim = x.shape[-1]
+    rows = x.numel() // dim
+    s = torch.empty(x.shape, dtype=torch.float32) if h is not None else None
+    y = torch.empty(x.shape, dtype=torch.bfloat16 if half else torch.float32)
+    mean, rstd = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.float32)
+    block_kernels().layer_norm_forward(
+        x.data_ptr(), None if h is None else h.data_ptr(), h is not None and h.dtype is torch.bfloat16,
+        None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(),
+        None if s is None else s.data_ptr(), y.data_ptr(), half, mean.data_ptr(), rstd.data_ptr(),
+        rows, dim, eps, torch.get_num_threads(),
+    )  # fmt: skip
+    return s, y, mean, rstd
+
+
+def _backward(saved: tuple, dy: Tensor, ds: Tensor | None, h_half: bool, wants: tuple[bool, bool]):  # noqa: ANN202
+    """(dx, dh or None, dweight, dbias) in one pass from the saved (s, weight, bias, mean, rstd);
+    dh in bf16 when h_half, else None (dx is h's gradient too); wants: the weight's and the bias's
+    gradients asked for."""
+    s, weight, bias, mean, rstd = saved
+    dim = s.shape[-1]
+    rows = s.numel() // dim
+    dy = dy.contiguous()
+    ds = None if ds is None else ds.contiguous()
+    dx = torch.empty(s.shape, dtype=torch.float32)
+    dh = torch.empty(s.shape, dtype=torch.bfloat16) if h_half else None
+    dweight = torch.zeros(dim, dtype=torch.float32) if weight is not None and wants[0] else None
+    dbias = torch.zeros(dim, dtype=torch.float32) if bias is not None and wants[1] else None
+    failed = block_kernels().layer_norm_backward(
+        dy.data_ptr(), dy.dtype is torch.bfloat16, None if ds is None else ds.data_ptr(), s.data_ptr(),
+        None if weight is None else weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+        None if dh is None else dh.data_ptr(), None if dweight is None else dweight.data_ptr(),
+        None if dbias is None else dbias.data_ptr(), rows, dim, torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("LayerNorm backward: out of memory")
+    return dx, dh, dweight, dbias
+
+
+def _again(outputs: list[Tensor], grads: list[Tensor], inputs: tuple[Tensor | None, ...]) -> tuple:
+    """Gradients of ``outputs`` (rebuilt with PyTorch's operators from the saved inputs, which
+    keep their place in the graph) for the inputs that want them, differentiable again: the
+    create_graph (second-derivative) path."""
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
+    return tuple(next(found) if t is not None and t.requires_grad else None for t in inputs)
+
+
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:  # noqa: ANN001
         x = x.contiguous()
-        dim = x.shape[-1]
-        rows = x.numel() // dim
-        y = torch.empty(x.shape, dtype=torch.bfloat16)
-        mean, rstd = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.float32)
-        block_kernels().layer_norm_bf16_forward(
-            x.data_ptr(), None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(),
-            y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, dim, eps, torch.get_num_threads(),
-        )  # fmt: skip
+        _, y, mean, rstd = _forward(x, None, weight, bias, eps, half=True)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # noqa: ANN001, ANN205
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dim = x.shape[-1]
-        rows = x.numel() // dim
-        if torch.is_grad_enabled():  # a gradient to differentiate again (create_graph): PyTorch's operators
-            inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+        if torch.is_grad_enabled():  # a gradient to differentiate again: PyTorch's operators
+            x, weight, bias = ctx.saved_tensors[:3]
             with torch.enable_grad():
-                again = torch.nn.functional.layer_norm(x, (dim,), weight, bias, ctx.eps).to(torch.bfloat16)
-                found = iter(torch.autograd.grad(again, inputs, dy, create_graph=True))
-            return (*(next(found) if t is not None and t.requires_grad else None for t in (x, weight, bias)), None)
-        dy = dy.to(torch.bfloat16).contiguous()
-        dx = torch.empty(x.shape, dtype=torch.float32)
-        dweight = torch.zeros(dim, dtype=torch.float32) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = torch.zeros(dim, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
-        failed = block_kernels().layer_norm_bf16_backward(
-            dy.data_ptr(), x.data_ptr(), None if weight is None else weight.data_ptr(), mean.data_ptr(),
-            rstd.data_ptr(), dx.data_ptr(), None if dweight is None else dweight.data_ptr(),
-            None if dbias is None else dbias.data_ptr(), rows, dim, torch.get_num_threads(),
-        )  # fmt: skip
-        if failed:
-            raise MemoryError("LayerNorm backward: out of memory")
+                y = F.layer_norm(x, (x.shape[-1],), weight, bias, ctx.eps).to(torch.bfloat16)
+                return (*_again([y], [dy], (x, weight, bias)), None)
+        wants = (ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        dx, _, dweight, dbias = _backward(ctx.saved_tensors, dy.to(torch.bfloat16), None, False, wants)
         return dx, dweight, dbias, None
+
+
+class _AddNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, h: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, half: bool):  # noqa: ANN001, ANN205
+        s, y, mean, rstd = _forward(x.contiguous(), h.contiguous(), weight, bias, eps, half)
+        ctx.save_for_backward(s, weight, bias, mean, rstd, x, h)  # x and h for create_graph only
+        ctx.eps, ctx.half = eps, half
+        return s, y
+
+    @staticmethod
+    def backward(ctx, ds: Tensor, dy: Tensor):  # noqa: ANN001, ANN205
+        s, weight, bias, mean, rstd, x, h = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a gradient to differentiate again: PyTorch's operators
+            with torch.enable_grad():
+                again = x + h
+                y = F.layer_norm(again, (again.shape[-1],), weight, bias, ctx.eps)
+                y = y.to(torch.bfloat16) if ctx.half else y
+                return (*_again([again, y], [ds, dy], (x, h, weight, bias)), None, None)
+        h_half = h.dtype is torch.bfloat16
+        wants = (ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        dx, dh, dweight, dbias = _backward((s, weight, bias, mean, rstd), dy, ds, h_half, wants)
+        return dx, dh if h_half else dx, dweight, dbias, None, None
 
 
 def normed(norm: nn.Module, x: Tensor) -> Tensor:
@@ -87,3 +168,12 @@ def normed(norm: nn.Module, x: Tensor) -> Tensor:
     if not applies(norm, x):
         return norm(x)
     return _LayerNorm.apply(x, norm.weight, norm.bias, float(norm.eps))
+
+
+def added_normed(norm: nn.Module, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x + h, normed(norm, x + h))``, in one native pass each way where :func:`sum_applies`
+    says so (the norm's output in bf16 under CPU bf16 autocast, as :func:`normed` gives it)."""
+    if not sum_applies(norm, x, h):
+        s = x + h
+        return s, normed(norm, s)
+    return _AddNorm.apply(x, h, norm.weight, norm.bias, float(norm.eps), bf16_autocast())

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..kernels.activation import gelu
 from ..kernels.linear import project
-from ..kernels.norm import normed
+from ..kernels.norm import added_normed, normed
 from .attention import SelfAttention, one_new_token
 from .kv_cache import KVCache
 from .packing import Packing
@@ -205,10 +205,7 @@ class TransformerBlock(nn.Module):
         dropout = self.dropout if self.dropout.p else None  # no call at all when it is off
 
         def sublayer(norm: nn.Module, fn, x: Tensor) -> Tensor:  # noqa: ANN001
-            if self.prenorm:  # x + f(norm(x)); under CPU bf16 autocast norm(x) comes out in bf16
-                h = fn(normed(norm, x))
-                return x + (dropout(h) if dropout is not None else h)
-            h = fn(x)  # norm(x + f(x))
+            h = fn(x)  # post-norm: norm(x + f(x))
             return norm(x + (dropout(h) if dropout is not None else h))
 
         def self_attention(h: Tensor) -> Tensor:
@@ -241,10 +238,25 @@ class TransformerBlock(nn.Module):
                 out, cross_weights = out
             return out
 
-        x = sublayer(self.attn_norm, self_attention, x)
+        if self.cross_attn is not None and memory is None:
+            raise ValueError("this block has cross-attention: pass the encoder output as memory")
+        sublayers = [(self.attn_norm, self_attention)]
         if self.cross_attn is not None:
-            if memory is None:
-                raise ValueError("this block has cross-attention: pass the encoder output as memory")
-            x = sublayer(self.cross_norm, cross_attention, x)
-        x = sublayer(self.mlp_norm, self.mlp, x)
+            sublayers.append((self.cross_norm, cross_attention))
+        sublayers.append((self.mlp_norm, self.mlp))
+        if not self.prenorm:
+            for norm, fn in sublayers:
+                x = sublayer(norm, fn, x)
+            return x, self_weights, cross_weights
+        # pre-norm: x + f(norm(x)) for each sublayer; a residual sum and the next sublayer's norm
+        # in one pass (added_normed); under CPU bf16 autocast the norms come out in bf16
+        h = normed(self.attn_norm, x)
+        for i, (_, fn) in enumerate(sublayers):
+            out = fn(h)
+            if dropout is not None:
+                out = dropout(out)
+            if i + 1 < len(sublayers):
+                x, h = added_normed(sublayers[i + 1][0], x, out)
+            else:
+                x = x + out
         return x, self_weights, cross_weights

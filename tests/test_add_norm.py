@@ -1,0 +1,211 @@
+"""A pre-norm block's "add & norm" in one native pass each way (lmforge.kernels.norm.added_normed,
+native.c section 6b): s = x + h and LayerNorm(s) with PyTorch's values and gradients in float32;
+under CPU bf16 autocast with a bf16 branch h, the norm the same as normed(norm, x + h) and h's
+gradient x's rounded to bf16; second derivatives, an unused sum, threads, when it applies, and
+decoders and encoder-decoders (dropout on) training the same with and without it. Skipped where
+the kernels cannot be built here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge import ModelConfig, Transformer
+from lmforge.kernels import kernel_problem
+from lmforge.kernels import norm as norm_module
+from lmforge.kernels.norm import added_normed, normed, sum_applies
+
+pytestmark = pytest.mark.skipif(
+    kernel_problem() is not None, reason=f"native kernels unavailable here: {kernel_problem()}"
+)
+
+
+def autocast():  # noqa: ANN201
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def layer_norm(dim: int, affine: str) -> nn.LayerNorm:
+    layer = nn.LayerNorm(dim, bias=affine == "weight and bias", elementwise_affine=affine != "none")
+    if layer.weight is not None:
+        with torch.no_grad():
+            layer.weight.normal_()
+            if layer.bias is not None:
+                layer.bias.normal_()
+    return layer
+
+
+def run(layer: nn.LayerNorm, x0: torch.Tensor, h0: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor, *, native: bool, bf16: bool = False):  # noqa: ANN201
+    """(s, y, dx, dh, dweight, dbias) fused or as x + h and then the norm."""
+    x, h = x0.clone().requires_grad_(), h0.clone().requires_grad_()
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        if native:
+            assert sum_applies(layer, x, h)
+            s, y = added_normed(layer, x, h)
+        else:
+            s = x + h
+            y = normed(layer, s) if bf16 else layer(s)
+    torch.autograd.backward([s, y], [ds, dy.to(y.dtype)])
+    grads = [None if p is None else p.grad.clone() for p in (layer.weight, layer.bias)]
+    return s, y, x.grad, h.grad, *grads
+
+
+@pytest.mark.parametrize("affine", ["weight and bias", "weight", "none"])
+@pytest.mark.parametrize("shape", [(2, 37, 64), (5, 384), (1, 1, 16)])
+def test_float32_matches_pytorch(affine: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    layer = layer_norm(shape[-1], affine)
+    x0, h0 = torch.randn(shape) * 3 + 1, torch.randn(shape)
+    ds, dy = torch.randn(shape), torch.randn(shape)
+    ours = run(layer, x0, h0, ds, dy, native=True)
+    theirs = run(layer, x0, h0, ds, dy, native=False)
+    assert all(t is None or t.dtype is torch.float32 for t in ours)
+    assert torch.equal(ours[0], theirs[0])  # the sum itself, exactly
+    assert torch.allclose(ours[1], theirs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours[2:], theirs[2:], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("affine", ["weight and bias", "weight"])
+def test_bf16_branch_under_autocast(affine: str) -> None:
+    """The norm as normed() gives it for x + h; x's gradient the unfused one's, h's the same
+    rounded to bf16 (autograd's cast of it)."""
+    torch.manual_seed(0)
+    shape = (3, 40, 128)
+    layer = layer_norm(128, affine)
+    x0, h0 = torch.randn(shape) * 2, torch.randn(shape).bfloat16()
+    ds, dy = torch.randn(shape), torch.randn(shape).bfloat16()
+    ours = run(layer, x0, h0, ds, dy, native=True, bf16=True)
+    theirs = run(layer, x0, h0, ds, dy, native=False, bf16=True)
+    assert ours[1].dtype is torch.bfloat16 and ours[3].dtype is torch.bfloat16
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    assert torch.allclose(ours[2], theirs[2], rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours[3], ours[2].bfloat16())
+    assert (ours[3] != theirs[3]).float().mean() < 0.01  # a bf16 step where float32's sums round apart
+    for a, b in zip(ours[4:], theirs[4:], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_float32_branch_under_autocast() -> None:
+    torch.manual_seed(0)
+    layer = layer_norm(64, "weight and bias")
+    x0, h0, ds, dy = (torch.randn(4, 64) for _ in range(4))
+    ours = run(layer, x0, h0, ds, dy, native=True, bf16=True)
+    theirs = run(layer, x0, h0, ds, dy, native=False, bf16=True)
+    assert ours[1].dtype is torch.bfloat16 and ours[3].dtype is torch.float32
+    assert torch.equal(ours[1], theirs[1])
+    assert torch.allclose(ours[3], theirs[3], rtol=1e-5, atol=1e-5)
+
+
+def test_when_it_applies() -> None:
+    layer = nn.LayerNorm(64)
+    x, h = torch.randn(4, 64), torch.randn(4, 64)
+    assert sum_applies(layer, x, h)  # float32, no autocast
+    assert not sum_applies(layer, x, h.bfloat16())  # a bf16 branch only under bf16 autocast
+    assert not sum_applies(layer, x, h[:2])  # shapes differ (broadcasting stays PyTorch's)
+    assert not sum_applies(layer, torch.randn(4, 72), torch.randn(4, 72))  # width no multiple of 16
+    assert not sum_applies(nn.RMSNorm(64), x, h)
+    with autocast():
+        assert sum_applies(layer, x, h.bfloat16()) and sum_applies(layer, x, h)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not sum_applies(layer, x, h)
+    with torch.no_grad():
+        assert not sum_applies(layer, x, h)
+    handle = layer.register_forward_pre_hook(lambda *args: None)
+    assert not sum_applies(layer, x, h)
+    handle.remove()
+    s, y = added_normed(layer, x, h[:1])  # where it does not apply: x + h and the norm, as PyTorch
+    assert torch.equal(s, x + h[:1]) and torch.allclose(y, layer(x + h[:1]))
+
+
+def test_unused_sum_and_threads() -> None:
+    torch.manual_seed(0)
+    layer = layer_norm(128, "weight and bias")
+    x0, h0, dy = torch.randn(300, 128), torch.randn(300, 128), torch.randn(300, 128)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            x, h = x0.clone().requires_grad_(), h0.clone().requires_grad_()
+            layer.zero_grad()
+            _, y = added_normed(layer, x, h)
+            y.backward(dy)  # the sum itself unused: its gradient counts as zeros
+            results.append((y, x.grad, h.grad, layer.weight.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    reference = layer(x0 + h0)
+    assert torch.allclose(results[0][0], reference, atol=1e-5)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[0][1], results[0][2])
+    assert torch.allclose(results[0][3], results[1][3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_second_derivatives_through_pytorchs_formula(bf16: bool) -> None:
+    torch.manual_seed(0)
+    layer = layer_norm(32, "weight and bias")
+    x0, h0 = torch.randn(6, 32), torch.randn(6, 32)
+    seconds = []
+    for native in (True, False):
+        x, h = x0.clone().requires_grad_(), h0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if native:
+                s, y = added_normed(layer, x, h)
+            else:
+                s = x + h
+                y = normed(layer, s) if bf16 else layer(s)
+        loss = (y.float() ** 2).sum() + (s**3).sum()
+        gx, gh = torch.autograd.grad(loss, (x, h), create_graph=True)
+        seconds.append(torch.autograd.grad((gx**2).sum() + (gh * x).sum(), (x, h)))
+    for a, b in zip(*seconds, strict=True):
+        assert torch.allclose(a, b, rtol=1e-2 if bf16 else 1e-4, atol=1e-3 if bf16 else 1e-5)
+
+
+def count(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    calls: list[int] = []
+    function = getattr(norm_module, name)
+    original = function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("name", "bf16"),
+    [("decoder", False), ("decoder", True), ("encoder-decoder", False)],
+)
+def test_training_the_same_without_it(monkeypatch: pytest.MonkeyPatch, name: str, bf16: bool) -> None:
+    fused = count(monkeypatch, "_AddNorm")
+    kwargs = dict(vocab_size=64, max_seq_len=32, embed_dim=64, num_layers=2, num_heads=4, dropout=0.1)
+    if name == "encoder-decoder":
+        config = ModelConfig(arch="encoder_decoder", prenorm=True, **kwargs)
+    else:
+        config = ModelConfig(arch="decoder", **kwargs)
+    ids = torch.randint(0, 64, (4, 17))
+    results = {}
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(norm_module, "sum_applies", lambda *a: False)
+        torch.manual_seed(0)
+        model = Transformer(config)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if name == "encoder-decoder":
+                logits = model(ids[:, :8], decoder_input_ids=ids[:, 8:-1]).logits
+                target = ids[:, 9:]
+            else:
+                logits = model(ids[:, :-1]).logits
+                target = ids[:, 1:]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+        loss.backward()
+        results[native] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+    # a sum per sublayer after the first: decoder layers 1 (self-attention → MLP), encoder-decoder
+    # layers 1 in the encoder and 2 in the decoder (self → cross → MLP)
+    assert len(fused) == (2 * 1 if name == "decoder" else 2 * 1 + 2 * 2)
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-3 if bf16 else 1e-5)
+    assert F.cosine_similarity(results[True][1], results[False][1], dim=0) > (0.999 if bf16 else 0.99999)
