@@ -204,8 +204,48 @@ def test_training_the_same_without_it(monkeypatch: pytest.MonkeyPatch, name: str
         loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
         loss.backward()
         results[native] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
-    # a sum per sublayer after the first: decoder layers 1 (self-attention → MLP), encoder-decoder
-    # layers 1 in the encoder and 2 in the decoder (self → cross → MLP)
-    assert len(fused) == (2 * 1 if name == "decoder" else 2 * 1 + 2 * 2)
+    # a sum for every sublayer's norm but a stack's first (its last branch added before the final
+    # norm): 2 layers × 2 sublayers - 1 in a decoder or encoder, 2 × 3 - 1 in a decoder with
+    # cross-attention
+    assert len(fused) == (3 if name == "decoder" else 3 + 5)
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-3 if bf16 else 1e-5)
     assert F.cosine_similarity(results[True][1], results[False][1], dim=0) > (0.999 if bf16 else 0.99999)
+
+
+def test_blocks_called_whole_where_their_output_is_watched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward hook on a block sees its whole output (x with its last branch added); without
+    gradients each block is called whole too; activation checkpointing recomputes the same
+    deferred sums; the model's outputs are the same either way."""
+    fused = count(monkeypatch, "_AddNorm")
+    config = ModelConfig(arch="decoder", vocab_size=64, max_seq_len=32, embed_dim=64, num_layers=2, num_heads=4, dropout=0.0)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    ids = torch.randint(0, 64, (2, 16))
+    reference = model(ids).logits
+    assert len(fused) == 3  # across the blocks
+
+    seen = []
+    first, second = model.decoder.layers
+    handle = first.register_forward_hook(lambda module, args, out: seen.append(out[0]))
+    fused.clear()
+    hooked_logits = model(ids).logits
+    assert len(fused) == 2  # within each block only
+    assert torch.allclose(hooked_logits, reference, atol=1e-5)
+    handle.remove()
+    handle = second.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    model(ids)
+    handle.remove()
+    assert torch.equal(seen[0], seen[1])  # what the hook saw is what the next block took: all of x
+
+    fused.clear()
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reference, atol=1e-5)
+    assert fused == []
+
+    model.decoder.activation_checkpointing = True
+    fused.clear()
+    logits = model(ids).logits
+    assert torch.equal(logits, reference)
+    assert len(fused) == 3
+    logits.sum().backward()  # the blocks run again for their activations
+    assert len(fused) == 6

@@ -173,9 +173,16 @@ class TransformerBlock(nn.Module):
         # or None where it does not apply (then the modules below run).
         self.decode_step: Callable[..., Tensor | None] | None = None
 
-    def forward(
+    def forward(self, x: Tensor, **kwargs: object) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x (B, T, E) -> (x, self-attention α or None, cross-attention α or None); the keyword
+        arguments are :meth:`run`'s (masks, positions, memory, caches, packing)."""
+        x, branch, self_weights, cross_weights = self.run(x, None, **kwargs)  # type: ignore[arg-type]
+        return (x if branch is None else x + branch), self_weights, cross_weights
+
+    def run(
         self,
         x: Tensor,
+        branch: Tensor | None,
         *,
         attention_mask: Tensor | None = None,
         rope: tuple[Tensor, Tensor] | None = None,
@@ -186,27 +193,25 @@ class TransformerBlock(nn.Module):
         cross_kv_cache: KVCache | None = None,
         need_weights: bool = False,
         packing: Packing | None = None,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """x (B, T, E) -> (x, self-attention α or None, cross-attention α or None).
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """(x, branch) -> (x, branch, self-attention α or None, cross-attention α or None): the
+        block on x + branch (x alone when branch is None), its last residual branch returned
+        unadded (None after a post-norm block): a stack of pre-norm blocks adds it together with
+        the next block's first norm, in one pass (:func:`~lmforge.kernels.norm.added_normed`).
 
         With ``packing``, x holds the real tokens' rows (N, E) and keeps that shape.
         """
         step = self.decode_step
         if (
             step is not None
+            and branch is None
             and kv_cache is not None
             and one_new_token(x, memory, packing, position_bias, need_weights)
         ):
             y = step(self, x, rope, kv_cache, attention_mask)
             if y is not None:
-                return y, None, None
+                return y, None, None, None
         self_weights = cross_weights = None
-
-        dropout = self.dropout if self.dropout.p else None  # no call at all when it is off
-
-        def sublayer(norm: nn.Module, fn, x: Tensor) -> Tensor:  # noqa: ANN001
-            h = fn(x)  # post-norm: norm(x + f(x))
-            return norm(x + (dropout(h) if dropout is not None else h))
 
         def self_attention(h: Tensor) -> Tensor:
             nonlocal self_weights
@@ -244,19 +249,32 @@ class TransformerBlock(nn.Module):
         if self.cross_attn is not None:
             sublayers.append((self.cross_norm, cross_attention))
         sublayers.append((self.mlp_norm, self.mlp))
+        x, branch = self._residuals(x, branch, sublayers)
+        return x, branch, self_weights, cross_weights
+
+    def _residuals(
+        self, x: Tensor, branch: Tensor | None, sublayers: list[tuple[nn.Module, Callable[[Tensor], Tensor]]]
+    ) -> tuple[Tensor, Tensor | None]:
+        """The sublayers (norm, f) with their residual connections on x + branch: pre-norm
+        x + f(norm(x)) each, the last sum left to the caller (x, its branch); post-norm
+        norm(x + f(x)) each (x, None)."""
+        dropout = self.dropout if self.dropout.p else None  # no call at all when it is off
         if not self.prenorm:
+            x = x if branch is None else x + branch
             for norm, fn in sublayers:
-                x = sublayer(norm, fn, x)
-            return x, self_weights, cross_weights
-        # pre-norm: x + f(norm(x)) for each sublayer; a residual sum and the next sublayer's norm
-        # in one pass (added_normed); under CPU bf16 autocast the norms come out in bf16
-        h = normed(self.attn_norm, x)
+                h = fn(x)
+                x = norm(x + (dropout(h) if dropout is not None else h))
+            return x, None
+        # a residual sum and the next norm in one pass (added_normed); under CPU bf16 autocast
+        # the norms come out in bf16 for the projections
+        if branch is None:
+            h = normed(sublayers[0][0], x)
+        else:
+            x, h = added_normed(sublayers[0][0], x, branch)
         for i, (_, fn) in enumerate(sublayers):
-            out = fn(h)
+            branch = fn(h)
             if dropout is not None:
-                out = dropout(out)
+                branch = dropout(branch)
             if i + 1 < len(sublayers):
-                x, h = added_normed(sublayers[i + 1][0], x, out)
-            else:
-                x = x + out
-        return x, self_weights, cross_weights
+                x, h = added_normed(sublayers[i + 1][0], x, branch)
+        return x, branch

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from ..kernels.linear import hooked
 from .heads import LMHead, MLMHead, make_head
 from .kv_cache import KVCache, ModelCache
 from .layers import RMSNorm, TransformerBlock, make_norm
@@ -174,6 +175,16 @@ class TransformerStack(nn.Module):
 
         self_weights: list[Tensor] = []
         cross_weights: list[Tensor] = []
+        # In training, each block's last residual branch is added together with the next block's
+        # first norm (TransformerBlock.run); where hooks watch a block's output every block is
+        # called whole.
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        deferred = (
+            torch.is_grad_enabled()
+            and cache is None
+            and all(type(layer) is TransformerBlock and not hooked(layer) for layer in self.layers)
+        )
+        branch = None
         for i, layer in enumerate(self.layers):
             kwargs = dict(
                 attention_mask=attention_mask,
@@ -186,7 +197,12 @@ class TransformerStack(nn.Module):
                 need_weights=need_weights,
                 packing=packing,
             )
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if deferred:
+                if checkpointing:  # the block's activations recomputed in the backward pass
+                    x, branch, sw, cw = checkpoint(layer.run, x, branch, use_reentrant=False, **kwargs)
+                else:
+                    x, branch, sw, cw = layer.run(x, branch, **kwargs)
+            elif checkpointing:
                 x, sw, cw = checkpoint(layer, x, use_reentrant=False, **kwargs)
             else:
                 x, sw, cw = layer(x, **kwargs)
@@ -194,6 +210,8 @@ class TransformerStack(nn.Module):
                 self_weights.append(sw)
                 if cw is not None:
                     cross_weights.append(cw)
+        if branch is not None:
+            x = x + branch
         if self.norm is not None:
             x = self.norm(x)
         if packing is not None:
