@@ -204,10 +204,9 @@ def test_training_the_same_without_it(monkeypatch: pytest.MonkeyPatch, name: str
         loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
         loss.backward()
         results[native] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
-    # a sum for every sublayer's norm but a stack's first (its last branch added before the final
-    # norm): 2 layers × 2 sublayers - 1 in a decoder or encoder, 2 × 3 - 1 in a decoder with
-    # cross-attention
-    assert len(fused) == (3 if name == "decoder" else 3 + 5)
+    # a sum for every sublayer's norm but a stack's first, and for its final norm: 2 layers × 2
+    # sublayers in a decoder or encoder, 2 × 3 in a decoder with cross-attention
+    assert len(fused) == (4 if name == "decoder" else 4 + 6)
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-3 if bf16 else 1e-5)
     assert F.cosine_similarity(results[True][1], results[False][1], dim=0) > (0.999 if bf16 else 0.99999)
 
@@ -221,8 +220,16 @@ def test_blocks_called_whole_where_their_output_is_watched(monkeypatch: pytest.M
     torch.manual_seed(0)
     model = Transformer(config)
     ids = torch.randint(0, 64, (2, 16))
+    hidden = []
+    handle = model.decoder.register_forward_hook(lambda module, args, out: hidden.append(out[0]))
     reference = model(ids).logits
-    assert len(fused) == 3  # across the blocks
+    assert len(fused) == 4  # across the blocks, and the final norm
+    with autocast():
+        model(ids)
+    handle.remove()
+    assert hidden[1].dtype is torch.float32  # the final norm's output stays float32 under autocast
+    assert torch.allclose(hidden[1], hidden[0], atol=0.1)
+    fused.clear()
 
     seen = []
     first, second = model.decoder.layers
@@ -246,6 +253,6 @@ def test_blocks_called_whole_where_their_output_is_watched(monkeypatch: pytest.M
     fused.clear()
     logits = model(ids).logits
     assert torch.equal(logits, reference)
-    assert len(fused) == 3
-    logits.sum().backward()  # the blocks run again for their activations
-    assert len(fused) == 6
+    assert len(fused) == 4
+    logits.sum().backward()  # the blocks run again for their activations (not the final norm)
+    assert len(fused) == 4 + 3

@@ -135,10 +135,10 @@ def test_prenorm_training_matches_autocasts_layer_norm(monkeypatch: pytest.Monke
         loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         results[native] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
-    # the first layer's attention norm alone; every other pre-norm with the residual sum before
-    # it (tests/test_add_norm.py): the MLP's, and the second layer's attention's, which adds the
-    # first layer's MLP branch; the final norm keeps its call
-    assert len(calls) == 1 and len(sums) == 3
+    # the first layer's attention norm alone; every other norm with the residual sum before it
+    # (tests/test_add_norm.py): the MLPs', the second layer's attention's, which adds the first
+    # layer's MLP branch, and the final norm (float32 out), which adds the last
+    assert len(calls) == 1 and len(sums) == 4
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-3)
     assert F.cosine_similarity(results[True][1], results[False][1], dim=0) > 0.999
 

@@ -13,8 +13,9 @@
   two gradients and cast the branch's copy, each a pass of its own.
 
 The values are the float32 norm's (rounded to bfloat16 where the output is bf16, as autocast's
-cast rounds them). A norm whose output is the residual stream (post-norm, the final norm)
-keeps its own call."""
+cast rounds them). A norm whose output is the residual stream (post-norm) keeps its own call;
+a pre-norm stack's final norm takes the last block's branch with ``low=False``, its output
+float32."""
 
 from __future__ import annotations
 
@@ -170,10 +171,11 @@ def normed(norm: nn.Module, x: Tensor) -> Tensor:
     return _LayerNorm.apply(x, norm.weight, norm.bias, float(norm.eps))
 
 
-def added_normed(norm: nn.Module, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+def added_normed(norm: nn.Module, x: Tensor, h: Tensor, *, low: bool = True) -> tuple[Tensor, Tensor]:
     """``(x + h, normed(norm, x + h))``, in one native pass each way where :func:`sum_applies`
-    says so (the norm's output in bf16 under CPU bf16 autocast, as :func:`normed` gives it)."""
+    says so: the norm's output in bf16 under CPU bf16 autocast, as :func:`normed` gives it, or
+    in float32 with ``low=False`` (``norm(x + h)``: a stack's final norm)."""
     if not sum_applies(norm, x, h):
         s = x + h
-        return s, normed(norm, s)
-    return _AddNorm.apply(x, h, norm.weight, norm.bias, float(norm.eps), bf16_autocast())
+        return s, normed(norm, s) if low else norm(s)
+    return _AddNorm.apply(x, h, norm.weight, norm.bias, float(norm.eps), low and bf16_autocast())

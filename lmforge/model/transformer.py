@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..kernels.linear import hooked
+from ..kernels.norm import added_normed
 from .heads import LMHead, MLMHead, make_head
 from .kv_cache import KVCache, ModelCache
 from .layers import RMSNorm, TransformerBlock, make_norm
@@ -210,9 +211,11 @@ class TransformerStack(nn.Module):
                 self_weights.append(sw)
                 if cw is not None:
                     cross_weights.append(cw)
-        if branch is not None:
+        if branch is not None and self.norm is not None:  # the last branch and the final norm
+            x = added_normed(self.norm, x, branch, low=False)[1]
+        elif branch is not None:
             x = x + branch
-        if self.norm is not None:
+        elif self.norm is not None:
             x = self.norm(x)
         if packing is not None:
             x = packing.pad(x)  # (N, E) -> (B, T, E), zeros at padding positions
