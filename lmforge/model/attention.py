@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..kernels import block_kernels, decode_attention
 from ..kernels.causal import causal_attention, native_causal_attention
-from ..kernels.linear import linear, project
+from ..kernels.linear import bf16_autocast, linear, project
 from .kv_cache import KVCache
 from .packing import Packing
 from .positions import apply_rotary
@@ -402,7 +402,10 @@ class SelfAttention(nn.Module):
         if fused is not None:
             return fused(x)
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight for p in projections])  # ((H + 2·Hkv)·D, E)
+        weights = [p.weight for p in projections]
+        if bf16_autocast():  # cast before joining: the join then moves half the bytes
+            weights = [w.to(torch.bfloat16) for w in weights]
+        weight = torch.cat(weights)  # ((H + 2·Hkv)·D, E)
         bias = torch.cat([p.bias for p in projections]) if self.q_proj.bias is not None else None
         return linear(x, weight, bias)
 
