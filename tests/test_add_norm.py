@@ -27,6 +27,7 @@ def autocast():  # noqa: ANN201
 
 
 def layer_norm(dim: int, affine: str) -> nn.LayerNorm:
+    """A LayerNorm of width dim with "weight and bias", "weight" or "none", its parameters random."""
     layer = nn.LayerNorm(dim, bias=affine == "weight and bias", elementwise_affine=affine != "none")
     if layer.weight is not None:
         with torch.no_grad():

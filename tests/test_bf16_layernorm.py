@@ -15,6 +15,7 @@ from lmforge import ModelConfig, Transformer
 from lmforge.kernels import kernel_problem
 from lmforge.kernels import norm as norm_module
 from lmforge.kernels.norm import applies, normed
+from tests.test_add_norm import layer_norm
 
 pytestmark = pytest.mark.skipif(
     kernel_problem() is not None, reason=f"native kernels unavailable here: {kernel_problem()}"
@@ -44,13 +45,7 @@ def both(layer: nn.LayerNorm, x0: torch.Tensor, dy: torch.Tensor):  # noqa: ANN2
 @pytest.mark.parametrize("shape", [(2, 37, 64), (5, 384), (1, 1, 16)])
 def test_matches_autocasts_layer_norm(affine: str, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
-    dim = shape[-1]
-    layer = nn.LayerNorm(dim, bias=affine == "weight and bias", elementwise_affine=affine != "none")
-    if layer.weight is not None:
-        with torch.no_grad():
-            layer.weight.normal_()
-            if layer.bias is not None:
-                layer.bias.normal_()
+    layer = layer_norm(shape[-1], affine)
     x0 = torch.randn(shape) * 3 + 1
     dy = torch.randn(shape).bfloat16()
     ours, theirs = both(layer, x0, dy)
