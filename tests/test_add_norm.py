@@ -141,8 +141,11 @@ def test_unused_sum_and_threads() -> None:
             results.append((y, x.grad, h.grad, layer.weight.grad.clone()))
     finally:
         torch.set_num_threads(threads)
-    reference = layer(x0 + h0)
+    x = x0.clone().requires_grad_()
+    reference = layer(x + h0)
+    (dx,) = torch.autograd.grad(reference, x, dy)
     assert torch.allclose(results[0][0], reference, atol=1e-5)
+    assert torch.allclose(results[0][1], dx, rtol=1e-4, atol=1e-5)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert torch.equal(results[0][1], results[0][2])
     assert torch.allclose(results[0][3], results[1][3], rtol=1e-5, atol=1e-5)
