@@ -67,6 +67,11 @@ def _tiles(qkv: Tensor) -> bool:
     return qkv.dtype is torch.bfloat16 and amx_tiles()
 
 
+def _kernel(name: str, dtype: torch.dtype):  # noqa: ANN202
+    """Section 7's native function ``name`` (float32), or section 8's for a bfloat16 qkv."""
+    return getattr(block_kernels(), f"{name}_bf16" if dtype is torch.bfloat16 else name)
+
+
 def _angle_args(cos: Tensor | None, sin: Tensor | None) -> tuple[int, int, int, int]:
     """cos, sin, R and the stride between sequences' tables, as the kernel takes them."""
     if cos is None or sin is None:
@@ -92,9 +97,7 @@ class _CausalAttention(torch.autograd.Function):
         B, T, _ = qkv.shape
         out = qkv.new_empty(B, T, heads * head_dim)
         lse = torch.empty(B, heads, T, dtype=torch.float32)
-        lib = block_kernels()
-        kernel = lib.causal_attention_forward_bf16 if qkv.dtype is torch.bfloat16 else lib.causal_attention_forward
-        failed = kernel(
+        failed = _kernel("causal_attention_forward", qkv.dtype)(
             qkv.data_ptr(), B, T, heads, kv_heads, head_dim, scale, *_angle_args(cos, sin),
             out.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
         )
@@ -118,9 +121,7 @@ class _CausalAttention(torch.autograd.Function):
         dout = dout.to(qkv.dtype).contiguous()
         B, T, _ = qkv.shape
         dqkv = torch.empty_like(qkv)
-        lib = block_kernels()
-        kernel = lib.causal_attention_backward_bf16 if qkv.dtype is torch.bfloat16 else lib.causal_attention_backward
-        failed = kernel(
+        failed = _kernel("causal_attention_backward", qkv.dtype)(
             qkv.data_ptr(), out.data_ptr(), dout.data_ptr(), lse.data_ptr(), B, T, heads, kv_heads, head_dim,
             scale, *_angle_args(cos, sin), dqkv.data_ptr(), torch.get_num_threads(),
         )
