@@ -15,7 +15,7 @@ from torch import nn
 from lmforge import ModelConfig, Transformer
 from lmforge.kernels import kernel_problem
 from lmforge.kernels import norm as norm_module
-from lmforge.kernels.norm import added_normed, normed, sum_applies
+from lmforge.kernels.norm import Pending, added_normed, normed, settled, sum_applies
 
 pytestmark = pytest.mark.skipif(
     kernel_problem() is not None, reason=f"native kernels unavailable here: {kernel_problem()}"
@@ -260,3 +260,169 @@ def test_blocks_called_whole_where_their_output_is_watched(monkeypatch: pytest.M
     assert len(fused) == 4
     logits.sum().backward()  # the blocks run again for their activations (not the final norm)
     assert len(fused) == 4 + 3
+
+
+def run_pending(layer: nn.LayerNorm, x0: torch.Tensor, h0: torch.Tensor, b0: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor, *, native: bool, bf16: bool = False):  # noqa: ANN201
+    """(s, y, dx, dh, dbias of the branch, dweight, dbias) with h's bias pending or added first."""
+    x, h, b = x0.clone().requires_grad_(), h0.clone().requires_grad_(), b0.clone().requires_grad_()
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        if native:
+            assert sum_applies(layer, x, h, b)
+            s, y = added_normed(layer, x, Pending(h, b))
+        else:
+            s = x + h + b
+            y = normed(layer, s) if bf16 else layer(s)
+    torch.autograd.backward([s, y], [ds, dy.to(y.dtype)])
+    return s, y, x.grad, h.grad, b.grad, layer.weight.grad.clone(), layer.bias.grad.clone()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_pending_bias_added_in_the_same_pass(bf16: bool) -> None:
+    """A branch whose projection's bias is pending: s = x + h + b, the norm of s, and the bias's
+    gradient (the column sums of s's gradient) as PyTorch gives them."""
+    torch.manual_seed(0)
+    shape = (3, 21, 64)
+    layer = layer_norm(64, "weight and bias")
+    x0, b0 = torch.randn(shape) * 2, torch.randn(64)
+    h0 = torch.randn(shape).bfloat16() if bf16 else torch.randn(shape)
+    ds, dy = torch.randn(shape), torch.randn(shape)
+    ours = run_pending(layer, x0, h0, b0, ds, dy, native=True, bf16=bf16)
+    theirs = run_pending(layer, x0, h0, b0, ds, dy, native=False, bf16=bf16)
+    assert torch.allclose(ours[0], theirs[0], rtol=0, atol=1e-6)  # x + h + b, added in another order
+    assert ours[1].dtype is theirs[1].dtype
+    if bf16:
+        assert (ours[1] != theirs[1]).float().mean() < 0.01  # bf16 steps where the sums round apart
+    else:
+        assert torch.allclose(ours[1], theirs[1], rtol=1e-5, atol=1e-5)
+    assert ours[3].dtype is h0.dtype and ours[4].dtype is torch.float32
+    for a, b in zip(ours[2:], theirs[2:], strict=True):
+        scale = b.float().abs().max().item()
+        assert torch.allclose(a.float(), b.float(), rtol=1e-2 if bf16 else 1e-4, atol=1e-2 * scale if bf16 else 1e-5 * scale)
+
+
+def test_pending_bias_where_it_does_not_apply() -> None:
+    layer = nn.LayerNorm(64)
+    x, h, b = torch.randn(4, 64), torch.randn(4, 64), torch.randn(64)
+    assert sum_applies(layer, x, h, b)
+    assert not sum_applies(layer, x, h, b.double()) and not sum_applies(layer, x, h, torch.randn(32))
+    with torch.no_grad():  # PyTorch's x + h + b and the norm
+        s, y = added_normed(layer, x, Pending(h, b))
+    assert torch.equal(s, x + h + b) and torch.allclose(y, layer(x + h + b))
+    assert torch.equal(settled(Pending(h, b)), h + b) and settled(h) is h
+
+
+def test_pending_bias_second_derivatives() -> None:
+    torch.manual_seed(0)
+    layer = layer_norm(32, "weight and bias")
+    x0, h0, b0 = torch.randn(6, 32), torch.randn(6, 32), torch.randn(32)
+    seconds = []
+    for native in (True, False):
+        x, h, b = (t.clone().requires_grad_() for t in (x0, h0, b0))
+        s, y = added_normed(layer, x, Pending(h, b)) if native else (x + h + b, layer(x + h + b))
+        gx, gb = torch.autograd.grad((y**2).sum() + (s**3).sum(), (x, b), create_graph=True)
+        seconds.append(torch.autograd.grad((gx**2).sum() + (gb**2).sum(), (x, h, b)))
+    for a, b in zip(*seconds, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def biased_decoder(**overrides: object) -> Transformer:
+    """GPT-2's wiring: biased projections, pre-norm, learned positions, tanh GELU, no dropout."""
+    settings = dict(
+        arch="decoder", vocab_size=64, max_seq_len=32, embed_dim=64, num_layers=2, num_heads=4,
+        dropout=0.0, attn_dropout=0.0, bias=True, activation="gelu_tanh", position="learned",
+    )  # fmt: skip
+    settings.update(overrides)
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**settings))
+
+
+def deferred(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the output projections whose bias was left to the "add & norm"."""
+    from lmforge.model import attention as attention_module
+    from lmforge.model import layers as layers_module
+
+    calls: list[int] = []
+    original = layers_module.project_unbiased
+
+    def counted(layer: nn.Module, x: torch.Tensor):  # noqa: ANN202
+        out, bias = original(layer, x)
+        calls.extend([1] if bias is not None else [])
+        return out, bias
+
+    monkeypatch.setattr(layers_module, "project_unbiased", counted)
+    monkeypatch.setattr(attention_module, "project_unbiased", counted)
+    return calls
+
+
+def biased_step(model: Transformer, ids: torch.Tensor, *, bf16: bool = False) -> tuple[float, torch.Tensor]:
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(ids[:, :-1]).logits
+    loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_biased_decoder_trains_the_same_with_its_biases_pending(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
+    """The attention's and the MLP's output projections leave their biases to the next "add &
+    norm" (the final norm's for the last block): the same loss and gradients as with the biases
+    added by the projections."""
+    from lmforge.model import attention as attention_module
+    from lmforge.model import layers as layers_module
+
+    ids = torch.randint(0, 64, (3, 17))
+    calls = deferred(monkeypatch)
+    pending = biased_step(biased_decoder(), ids, bf16=bf16)
+    assert len(calls) == 4  # 2 blocks × (attention, MLP)
+    plain = lambda layer, x: (layers_module.project(layer, x), None)  # noqa: E731
+    monkeypatch.setattr(layers_module, "project_unbiased", plain)
+    monkeypatch.setattr(attention_module, "project_unbiased", plain)
+    added = biased_step(biased_decoder(), ids, bf16=bf16)
+    assert pending[0] == pytest.approx(added[0], rel=1e-3 if bf16 else 1e-6)
+    assert F.cosine_similarity(pending[1], added[1], dim=0) > (0.999 if bf16 else 0.999999)
+
+
+def test_biases_stay_in_their_projections_where_they_must(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not pending with dropout on, without gradients, where a hook watches a projection or a
+    sublayer (it sees the whole output), or for a wrapped (PEFT-style) or subclassed projection;
+    a block called whole returns its whole output."""
+    ids = torch.randint(0, 64, (2, 16))
+    calls = deferred(monkeypatch)
+    model = biased_decoder()
+    reference = model(ids).logits
+    assert len(calls) == 4
+    calls.clear()
+    biased_decoder(dropout=0.1)(ids)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reference, atol=1e-5)
+    assert calls == []
+
+    first = model.decoder.layers[0]
+    for module in (first.self_attn.out_proj, first.mlp, first.self_attn):
+        seen: list[torch.Tensor] = []
+        handle = module.register_forward_hook(lambda m, args, out, seen=seen: seen.append(out))
+        calls.clear()
+        assert torch.allclose(model(ids).logits, reference, atol=1e-5)
+        handle.remove()
+        assert len(calls) == 3 and isinstance(seen[0], torch.Tensor)  # the hooked one's bias stays in
+
+    class Scaled(nn.Linear):  # a projection of another kind: called as it is
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 1.0
+
+    down = first.mlp.down_proj
+    first.mlp.down_proj = Scaled(down.in_features, down.out_features)
+    first.mlp.down_proj.load_state_dict(down.state_dict())
+    calls.clear()
+    assert torch.allclose(model(ids).logits, reference, atol=1e-5)
+    assert len(calls) == 3
+    first.mlp.down_proj = down
+
+    x = torch.randn(2, 16, 64)
+    calls.clear()
+    whole, _, _ = first(x)
+    assert len(calls) == 2  # both of the block's biases pending, the last one added before returning
+    with torch.no_grad():
+        assert torch.allclose(whole, first(x)[0], atol=1e-5)

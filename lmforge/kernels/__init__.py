@@ -190,14 +190,14 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.gelu_bf16_forward.restype = None
     lib.gelu_bf16_backward.argtypes = [pointer, pointer, pointer, size, integer, integer]
     lib.gelu_bf16_backward.restype = None
-    # x, h, h_half, w, b, sum, y, y_half, mean, rstd, rows, dim, eps, threads
+    # x, h, h_half, hb, w, b, sum, y, y_half, mean, rstd, rows, dim, eps, threads
     lib.layer_norm_forward.argtypes = [
-        pointer, pointer, integer, pointer, pointer, pointer, pointer, integer, pointer, pointer, size, size,
-        ctypes.c_float, integer,
+        pointer, pointer, integer, pointer, pointer, pointer, pointer, pointer, integer, pointer, pointer, size,
+        size, ctypes.c_float, integer,
     ]  # fmt: skip
     lib.layer_norm_forward.restype = None
-    # dy, dy_half, ds, s, w, mean, rstd, dx, dh, dw, db, rows, dim, threads
-    lib.layer_norm_backward.argtypes = [pointer, integer, *[pointer] * 9, size, size, integer]
+    # dy, dy_half, ds, s, w, mean, rstd, dx, dh, dw, db, dhb, rows, dim, threads
+    lib.layer_norm_backward.argtypes = [pointer, integer, *[pointer] * 10, size, size, integer]
     lib.layer_norm_backward.restype = integer
     lib.gelu_tables.argtypes = []
     lib.gelu_tables.restype = None

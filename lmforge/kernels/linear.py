@@ -10,7 +10,8 @@ ones keep ``F.linear``, whose own path is faster there.
 
 :func:`project` is what the model's layers call in place of ``layer(x)``: a plain ``nn.Linear``
 (no PEFT wrapper, no hooks) whose product qualifies takes this path, anything else is called as
-it is."""
+it is; :func:`project_unbiased` leaves such a layer's bias to the caller (a pre-norm block's
+"add & norm" adds it)."""
 
 from __future__ import annotations
 
@@ -118,3 +119,12 @@ def project(layer: nn.Module, x: Tensor) -> Tensor:
     if type(layer) is nn.Linear and not hooked(layer):
         return linear(x, layer.weight, layer.bias)
     return layer(x)
+
+
+def project_unbiased(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(x Wᵀ, b) for a plain ``nn.Linear`` with a bias and without hooks, the bias left for the
+    caller to add (:func:`lmforge.kernels.norm.added_normed` adds it in its own pass); else
+    (``project(layer, x)``, None), the bias (if any) already in."""
+    if type(layer) is nn.Linear and layer.bias is not None and not hooked(layer):
+        return linear(x, layer.weight), layer.bias
+    return project(layer, x), None

@@ -925,17 +925,22 @@ static inline void store_as(void *p, int half, long i, vec v) {
 }
 
 /* y (rows x dim, float32 or bfloat16: y_half) = LayerNorm(s) with weight w and bias b (either may
-   be NULL), where s = x + h written to `sum` when h is given (float32 or bfloat16: h_half), else
-   s = x (sum unused); mean and rstd (rows) kept for the backward pass. dim a multiple of LANES. */
-void layer_norm_forward(const float *x, const void *h, int h_half, const float *w, const float *b, float *sum,
-                        void *y, int y_half, float *mean, float *rstd, long rows, long dim, float eps, int threads) {
+   be NULL), where s = x + h (+ hb, the bias of the projection that gave h, when not NULL) written to
+   `sum` when h is given (float32 or bfloat16: h_half), else s = x (sum unused); mean and rstd
+   (rows) kept for the backward pass. dim a multiple of LANES. */
+void layer_norm_forward(const float *x, const void *h, int h_half, const float *hb, const float *w, const float *b,
+                        float *sum, void *y, int y_half, float *mean, float *rstd, long rows, long dim, float eps,
+                        int threads) {
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (long r = 0; r < rows; r++) {
         const float *sr = x + r * dim;
         if (h != NULL) {
             float *out = sum + r * dim;
             const char *hr = (const char *)h + (size_t)(r * dim) * (h_half ? 2 : 4);
-            for (long i = 0; i < dim; i += LANES) vstore(out + i, vadd(vload(sr + i), load_as(hr, h_half, i)));
+            for (long i = 0; i < dim; i += LANES) {
+                const vec v = vadd(vload(sr + i), load_as(hr, h_half, i));
+                vstore(out + i, hb != NULL ? vadd(v, vload(hb + i)) : v);
+            }
             sr = out;
         }
         const float mu = row_mean(sr, dim), sd = 1.0f / sqrtf(row_variance(sr, dim, mu) + eps);
@@ -953,15 +958,17 @@ void layer_norm_forward(const float *x, const void *h, int h_half, const float *
 
 /* dx (rows x dim, float32) from dy (float32 or bfloat16: dy_half) and the forward pass's s (its
    input, or the residual sum), w, mean, rstd, plus ds (the sum's own gradient) when given; dh, when
-   given, gets dx again in bfloat16. dw and db (dim, either may be NULL) get the sums over the rows
-   added (each thread's own sums first). dim a multiple of LANES. Returns -1 when memory ran out. */
+   given, gets dx again in bfloat16. dw, db and dhb (dim, any may be NULL) get the sums over the
+   rows added (each thread's own sums first): the norm's weight and bias gradients, and dx's
+   column sums (the gradient of the bias hb added into s). dim a multiple of LANES. Returns -1
+   when memory ran out. */
 int layer_norm_backward(const void *dy, int dy_half, const float *ds, const float *s, const float *w,
-                        const float *mean, const float *rstd, float *dx, uint16_t *dh, float *dw, float *db, long rows,
-                        long dim, int threads) {
+                        const float *mean, const float *rstd, float *dx, uint16_t *dh, float *dw, float *db,
+                        float *dhb, long rows, long dim, int threads) {
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    float *own = calloc((size_t)(2 * dim), sizeof(float)); /* this thread's sums for dw, db */
+    float *own = calloc((size_t)(3 * dim), sizeof(float)); /* this thread's sums for dw, db, dhb */
     if (own == NULL) failed = 1;
 #pragma omp for schedule(static)
     for (long r = 0; r < rows; r++) {
@@ -985,6 +992,7 @@ int layer_norm_backward(const void *dy, int dy_half, const float *ds, const floa
             vec v = vmul(sv, vsub(vsub(g, mg), vmul(shat, mgx)));
             if (ds != NULL) v = vadd(v, vload(ds + r * dim + i));
             vstore(out + i, v);
+            if (dhb != NULL) vstore(own + 2 * dim + i, vadd(v, vload(own + 2 * dim + i)));
             if (dh != NULL) store_bf16(dh + r * dim + i, v);
         }
     }
@@ -993,6 +1001,7 @@ int layer_norm_backward(const void *dy, int dy_half, const float *ds, const floa
         for (long i = 0; i < dim; i++) {
             if (dw != NULL) dw[i] += own[i];
             if (db != NULL) db[i] += own[dim + i];
+            if (dhb != NULL) dhb[i] += own[2 * dim + i];
         }
     }
     free(own);

@@ -12,12 +12,20 @@
   float32 first under autocast), read the sum again for the norm, and on the way back add the
   two gradients and cast the branch's copy, each a pass of its own.
 
+A branch may come as :class:`Pending` (h, bias): the output of a projection whose bias is still
+to be added. The pass adds it into the sum, and its gradient (the column sums of the sum's
+gradient) comes out of the backward pass: the projection then runs as a plain product, not as
+``addmm``, whose bias is first copied into its output and read again, and no separate sum over the
+rows runs for the bias's gradient (GPT-2's biased projections: about 2% of a float32 train step).
+
 The values are the float32 norm's (rounded to bfloat16 where the output is bf16, as autocast's
 cast rounds them). A norm whose output is the residual stream (post-norm) keeps its own call;
 a pre-norm stack's final norm takes the last block's branch with ``low=False``, its output
 float32."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +35,18 @@ from . import block_kernels
 from .linear import bf16_autocast, hooked
 
 MULTIPLE = 16  # the widths the kernel takes: whole vectors of either width (8 or 16 floats)
+
+
+class Pending(NamedTuple):
+    """A residual branch whose projection's bias is still to be added: the branch is h + bias."""
+
+    h: Tensor
+    bias: Tensor
+
+
+def settled(branch: Tensor | Pending) -> Tensor:
+    """The branch's value: h + bias for a :class:`Pending` one, else the branch itself."""
+    return branch.h + branch.bias if isinstance(branch, Pending) else branch
 
 
 def _fits(norm: nn.Module, x: Tensor) -> bool:
@@ -56,11 +76,15 @@ def applies(norm: nn.Module, x: Tensor) -> bool:
     return bf16_autocast() and _fits(norm, x)
 
 
-def sum_applies(norm: nn.Module, x: Tensor, h: Tensor) -> bool:
-    """Whether :func:`added_normed` takes ``x + h`` and its norm in one pass: the shared
-    conditions, h of x's shape on the CPU, and either no CPU autocast with a float32 h or CPU bf16
-    autocast with a float32 or bf16 h."""
+def sum_applies(norm: nn.Module, x: Tensor, h: Tensor, bias: Tensor | None = None) -> bool:
+    """Whether :func:`added_normed` takes ``x + h`` (``+ bias``) and its norm in one pass: the
+    shared conditions, h of x's shape on the CPU, a bias (if any) float32 of one row's width on the
+    CPU, and either no CPU autocast with a float32 h or CPU bf16 autocast with a float32 or bf16 h."""
     if h.shape != x.shape or h.device.type != "cpu":
+        return False
+    if bias is not None and (
+        bias.dtype is not torch.float32 or bias.device.type != "cpu" or bias.shape != x.shape[-1:]
+    ):
         return False
     if bf16_autocast():
         dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
@@ -71,8 +95,11 @@ def sum_applies(norm: nn.Module, x: Tensor, h: Tensor) -> bool:
     return h.dtype in dtypes and _fits(norm, x)
 
 
-def _forward(x: Tensor, h: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, half: bool):  # noqa: ANN202
-    """(s or None, y, mean, rstd) from the kernel; s = x + h when h is given."""
+def _forward(  # noqa: ANN202
+    x: Tensor, h: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float, half: bool,
+    h_bias: Tensor | None = None,
+):  # fmt: skip
+    """(s or None, y, mean, rstd) from the kernel; s = x + h (+ h_bias) when h is given."""
     dim = x.shape[-1]
     rows = x.numel() // dim
     s = torch.empty(x.shape, dtype=torch.float32) if h is not None else None
@@ -80,17 +107,17 @@ def _forward(x: Tensor, h: Tensor | None, weight: Tensor | None, bias: Tensor | 
     mean, rstd = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.float32)
     block_kernels().layer_norm_forward(
         x.data_ptr(), None if h is None else h.data_ptr(), h is not None and h.dtype is torch.bfloat16,
-        None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(),
+        None if h_bias is None else h_bias.data_ptr(), None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(),
         None if s is None else s.data_ptr(), y.data_ptr(), half, mean.data_ptr(), rstd.data_ptr(),
         rows, dim, eps, torch.get_num_threads(),
     )  # fmt: skip
     return s, y, mean, rstd
 
 
-def _backward(saved: tuple, dy: Tensor, ds: Tensor | None, h_half: bool, wants: tuple[bool, bool]):  # noqa: ANN202
-    """(dx, dh or None, dweight, dbias) in one pass from the saved (s, weight, bias, mean, rstd);
-    dh in bf16 when h_half, else None (dx is h's gradient too); wants: the weight's and the bias's
-    gradients asked for."""
+def _backward(saved: tuple, dy: Tensor, ds: Tensor | None, h_half: bool, wants: tuple[bool, ...]):  # noqa: ANN202
+    """(dx, dh or None, dweight, dbias, dh_bias) in one pass from the saved (s, weight, bias, mean,
+    rstd); dh in bf16 when h_half, else None (dx is h's gradient too); wants: the weight's, the
+    bias's and (a third flag) the branch bias's gradients asked for (dx's column sums)."""
     s, weight, bias, mean, rstd = saved
     dim = s.shape[-1]
     rows = s.numel() // dim
@@ -100,15 +127,17 @@ def _backward(saved: tuple, dy: Tensor, ds: Tensor | None, h_half: bool, wants: 
     dh = torch.empty(s.shape, dtype=torch.bfloat16) if h_half else None
     dweight = torch.zeros(dim, dtype=torch.float32) if weight is not None and wants[0] else None
     dbias = torch.zeros(dim, dtype=torch.float32) if bias is not None and wants[1] else None
+    dh_bias = torch.zeros(dim, dtype=torch.float32) if len(wants) > 2 and wants[2] else None
     failed = block_kernels().layer_norm_backward(
         dy.data_ptr(), dy.dtype is torch.bfloat16, None if ds is None else ds.data_ptr(), s.data_ptr(),
         None if weight is None else weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
         None if dh is None else dh.data_ptr(), None if dweight is None else dweight.data_ptr(),
-        None if dbias is None else dbias.data_ptr(), rows, dim, torch.get_num_threads(),
+        None if dbias is None else dbias.data_ptr(), None if dh_bias is None else dh_bias.data_ptr(),
+        rows, dim, torch.get_num_threads(),
     )  # fmt: skip
     if failed:
         raise MemoryError("LayerNorm backward: out of memory")
-    return dx, dh, dweight, dbias
+    return dx, dh, dweight, dbias, dh_bias
 
 
 def _again(outputs: list[Tensor], grads: list[Tensor], inputs: tuple[Tensor | None, ...]) -> tuple:
@@ -137,31 +166,40 @@ class _LayerNorm(torch.autograd.Function):
                 y = F.layer_norm(x, (x.shape[-1],), weight, bias, ctx.eps).to(torch.bfloat16)
                 return (*_again([y], [dy], (x, weight, bias)), None)
         wants = (ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        dx, _, dweight, dbias = _backward(ctx.saved_tensors, dy.to(torch.bfloat16), None, False, wants)
+        dx, _, dweight, dbias, _ = _backward(ctx.saved_tensors, dy.to(torch.bfloat16), None, False, wants)
         return dx, dweight, dbias, None
 
 
 class _AddNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, h: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, half: bool):  # noqa: ANN001, ANN205
-        s, y, mean, rstd = _forward(x.contiguous(), h.contiguous(), weight, bias, eps, half)
-        ctx.save_for_backward(s, weight, bias, mean, rstd, x, h)  # x and h for create_graph only
+    def forward(  # noqa: ANN205
+        ctx,  # noqa: ANN001
+        x: Tensor,
+        h: Tensor,
+        h_bias: Tensor | None,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        half: bool,
+    ):
+        s, y, mean, rstd = _forward(x.contiguous(), h.contiguous(), weight, bias, eps, half, h_bias)
+        ctx.save_for_backward(s, weight, bias, mean, rstd, x, h, h_bias)  # x, h, h_bias for create_graph only
         ctx.eps, ctx.half = eps, half
         return s, y
 
     @staticmethod
     def backward(ctx, ds: Tensor, dy: Tensor):  # noqa: ANN001, ANN205
-        s, weight, bias, mean, rstd, x, h = ctx.saved_tensors
+        s, weight, bias, mean, rstd, x, h, h_bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # a gradient to differentiate again: PyTorch's operators
             with torch.enable_grad():
-                again = x + h
+                again = x + h if h_bias is None else x + h + h_bias
                 y = F.layer_norm(again, (again.shape[-1],), weight, bias, ctx.eps)
                 y = y.to(torch.bfloat16) if ctx.half else y
-                return (*_again([again, y], [ds, dy], (x, h, weight, bias)), None, None)
+                return (*_again([again, y], [ds, dy], (x, h, h_bias, weight, bias)), None, None)
         h_half = h.dtype is torch.bfloat16
-        wants = (ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-        dx, dh, dweight, dbias = _backward((s, weight, bias, mean, rstd), dy, ds, h_half, wants)
-        return dx, dh if h_half else dx, dweight, dbias, None, None
+        wants = (ctx.needs_input_grad[3], ctx.needs_input_grad[4], h_bias is not None and ctx.needs_input_grad[2])
+        dx, dh, dweight, dbias, dh_bias = _backward((s, weight, bias, mean, rstd), dy, ds, h_half, wants)
+        return dx, dh if h_half else dx, dh_bias, dweight, dbias, None, None
 
 
 def normed(norm: nn.Module, x: Tensor) -> Tensor:
@@ -171,11 +209,13 @@ def normed(norm: nn.Module, x: Tensor) -> Tensor:
     return _LayerNorm.apply(x, norm.weight, norm.bias, float(norm.eps))
 
 
-def added_normed(norm: nn.Module, x: Tensor, h: Tensor, *, low: bool = True) -> tuple[Tensor, Tensor]:
+def added_normed(norm: nn.Module, x: Tensor, h: Tensor | Pending, *, low: bool = True) -> tuple[Tensor, Tensor]:
     """``(x + h, normed(norm, x + h))``, in one native pass each way where :func:`sum_applies`
     says so: the norm's output in bf16 under CPU bf16 autocast, as :func:`normed` gives it, or
-    in float32 with ``low=False`` (``norm(x + h)``: a stack's final norm)."""
-    if not sum_applies(norm, x, h):
-        s = x + h
+    in float32 with ``low=False`` (``norm(x + h)``: a stack's final norm). A :class:`Pending`
+    branch (h, bias) is h + bias, the bias added in the same pass."""
+    h, h_bias = (h.h, h.bias) if isinstance(h, Pending) else (h, None)
+    if not sum_applies(norm, x, h, h_bias):
+        s = x + h if h_bias is None else x + h + h_bias
         return s, normed(norm, s) if low else norm(s)
-    return _AddNorm.apply(x, h, norm.weight, norm.bias, float(norm.eps), low and bf16_autocast())
+    return _AddNorm.apply(x, h, h_bias, norm.weight, norm.bias, float(norm.eps), low and bf16_autocast())

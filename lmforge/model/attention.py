@@ -44,7 +44,8 @@ from torch import Tensor, nn
 
 from ..kernels import block_kernels, decode_attention
 from ..kernels.causal import causal_attention, native_causal_attention
-from ..kernels.linear import bf16_autocast, linear, project
+from ..kernels.linear import bf16_autocast, linear, project, project_unbiased
+from ..kernels.norm import Pending
 from .kv_cache import KVCache
 from .packing import Packing
 from .positions import apply_rotary
@@ -151,7 +152,8 @@ class SelfAttention(nn.Module):
         kv_cache: KVCache | None = None,
         need_weights: bool = False,
         packing: Packing | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        unbiased: bool = False,
+    ) -> Tensor | Pending | tuple[Tensor, Tensor]:
         """Attend from x to itself, or to ``memory`` (cross-attention).
 
         Notation: B batch, T query length, S key length, E embed_dim, H heads, Hkv key/value
@@ -171,6 +173,9 @@ class SelfAttention(nn.Module):
             packing: x holds only the real tokens of a padded batch, as rows (N, E) (see
                 :mod:`~lmforge.model.packing`): the projections run on those rows, attention on
                 the padded layout, and Y comes back as rows (N, E).
+            unbiased: where the output projection is a plain biased ``nn.Linear``, return Y as
+                :class:`~lmforge.kernels.norm.Pending` (Y without the bias, the bias): for a
+                pre-norm block's "add & norm" to add it (not with ``need_weights``).
 
         Returns:
             Y (B, T, E), or (Y, α) when ``need_weights``.
@@ -195,7 +200,7 @@ class SelfAttention(nn.Module):
             if self._causal_natively(qkv, packing, attention_mask, rope, position_bias, kv_cache, need_weights):
                 # rotation and attention in one native pass each way, heads joined: (B, T, H·D)
                 out = causal_attention(qkv, H, Hkv, D, self.scale, rope, checked=True)
-                return project(self.out_proj, packing.unpad(out) if packing is not None else out)
+                return self._project_out(packing.unpad(out) if packing is not None else out, unbiased)
             q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
             q = q.view(B, T, H, D).transpose(1, 2)  # (B, T, H·D) -> (B, H, T, D)
             k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv·D) -> (B, Hkv, T, D)
@@ -250,8 +255,16 @@ class SelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, H, T, D) -> (B, T, H·D)
         if packing is not None:
             out = packing.unpad(out)  # (B, T, H·D) -> (N, H·D)
-        y = project(self.out_proj, out)  # (B, T, E), or (N, E) packed
+        y = self._project_out(out, unbiased and not need_weights)  # (B, T, E), or (N, E) packed
         return (y, weights) if need_weights else y
+
+    def _project_out(self, out: Tensor, unbiased: bool) -> Tensor | Pending:
+        """Y = out W_O (+ b_O), or Pending(out W_O, b_O) when ``unbiased`` and the projection
+        is a plain biased ``nn.Linear``."""
+        if not unbiased:
+            return project(self.out_proj, out)
+        y, bias = project_unbiased(self.out_proj, out)
+        return y if bias is None else Pending(y, bias)
 
     def _causal_natively(
         self,

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..kernels.activation import gelu
-from ..kernels.linear import project
-from ..kernels.norm import added_normed, normed
+from ..kernels.linear import hooked, project, project_unbiased
+from ..kernels.norm import Pending, added_normed, normed, settled
 from .attention import SelfAttention, one_new_token
 from .kv_cache import KVCache
 from .packing import Packing
@@ -110,6 +110,16 @@ class MLP(nn.Module):
         self.gate_up_decode: nn.Module | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        return project(self.down_proj, self._hidden(x))
+
+    def branch(self, x: Tensor) -> Tensor | Pending:
+        """``forward(x)``, or as :class:`~lmforge.kernels.norm.Pending` (x W_downᵀ, b_down) where
+        the down projection is a plain biased ``nn.Linear``: its bias for the block's "add & norm"
+        to add."""
+        out, bias = project_unbiased(self.down_proj, self._hidden(x))
+        return out if bias is None else Pending(out, bias)
+
+    def _hidden(self, x: Tensor) -> Tensor:
         if self.gate_proj is not None:
             fused = self.gate_up_decode
             if fused is not None and fused.covers(self.gate_proj, self.up_proj):
@@ -121,7 +131,7 @@ class MLP(nn.Module):
             hidden = self.act(project(self.up_proj, x))
         if self.dropout.p:
             hidden = self.dropout(hidden)
-        return project(self.down_proj, hidden)
+        return hidden
 
 
 class TransformerBlock(nn.Module):
@@ -177,12 +187,12 @@ class TransformerBlock(nn.Module):
         """x (B, T, E) -> (x, self-attention α or None, cross-attention α or None); the keyword
         arguments are :meth:`run`'s (masks, positions, memory, caches, packing)."""
         x, branch, self_weights, cross_weights = self.run(x, None, **kwargs)  # type: ignore[arg-type]
-        return (x if branch is None else x + branch), self_weights, cross_weights
+        return (x if branch is None else x + settled(branch)), self_weights, cross_weights
 
     def run(
         self,
         x: Tensor,
-        branch: Tensor | None,
+        branch: Tensor | Pending | None,
         *,
         attention_mask: Tensor | None = None,
         rope: tuple[Tensor, Tensor] | None = None,
@@ -193,11 +203,13 @@ class TransformerBlock(nn.Module):
         cross_kv_cache: KVCache | None = None,
         need_weights: bool = False,
         packing: Packing | None = None,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | Pending | None, Tensor | None, Tensor | None]:
         """(x, branch) -> (x, branch, self-attention α or None, cross-attention α or None): the
         block on x + branch (x alone when branch is None), its last residual branch returned
         unadded (None after a post-norm block): a stack of pre-norm blocks adds it together with
         the next block's first norm, in one pass (:func:`~lmforge.kernels.norm.added_normed`).
+        A branch may be :class:`~lmforge.kernels.norm.Pending`: its projection's bias still to be
+        added, by that same pass (pre-norm blocks in training, without dropout).
 
         With ``packing``, x holds the real tokens' rows (N, E) and keeps that shape.
         """
@@ -212,9 +224,20 @@ class TransformerBlock(nn.Module):
             if y is not None:
                 return y, None, None, None
         self_weights = cross_weights = None
+        # the sublayers' output projections may leave their biases to the "add & norm" after them
+        # (a training step without dropout; not where hooks or weights want the whole output)
+        unbiased = (
+            self.prenorm
+            and not self.dropout.p
+            and torch.is_grad_enabled()
+            and kv_cache is None
+            and cross_kv_cache is None
+            and not need_weights
+        )
 
-        def self_attention(h: Tensor) -> Tensor:
+        def self_attention(h: Tensor) -> Tensor | Pending:
             nonlocal self_weights
+            plain = unbiased and type(self.self_attn) is SelfAttention and not hooked(self.self_attn)
             out = self.self_attn(
                 h,
                 attention_mask=attention_mask,
@@ -223,14 +246,16 @@ class TransformerBlock(nn.Module):
                 kv_cache=kv_cache,
                 need_weights=need_weights,
                 packing=packing,
+                **({"unbiased": True} if plain else {}),
             )
             if need_weights:
                 out, self_weights = out
             return out
 
-        def cross_attention(h: Tensor) -> Tensor:
+        def cross_attention(h: Tensor) -> Tensor | Pending:
             nonlocal cross_weights
             assert self.cross_attn is not None
+            plain = unbiased and type(self.cross_attn) is SelfAttention and not hooked(self.cross_attn)
             out = self.cross_attn(
                 h,
                 memory,
@@ -238,31 +263,40 @@ class TransformerBlock(nn.Module):
                 kv_cache=cross_kv_cache,
                 need_weights=need_weights,
                 packing=packing,
+                **({"unbiased": True} if plain else {}),
             )
             if need_weights:
                 out, cross_weights = out
             return out
 
+        def mlp(h: Tensor) -> Tensor | Pending:
+            if unbiased and type(self.mlp) is MLP and not hooked(self.mlp):
+                return self.mlp.branch(h)
+            return self.mlp(h)
+
         if self.cross_attn is not None and memory is None:
             raise ValueError("this block has cross-attention: pass the encoder output as memory")
-        sublayers = [(self.attn_norm, self_attention)]
+        sublayers: list[tuple[nn.Module, Callable[[Tensor], Tensor | Pending]]] = [(self.attn_norm, self_attention)]
         if self.cross_attn is not None:
             sublayers.append((self.cross_norm, cross_attention))
-        sublayers.append((self.mlp_norm, self.mlp))
+        sublayers.append((self.mlp_norm, mlp))
         x, branch = self._residuals(x, branch, sublayers)
         return x, branch, self_weights, cross_weights
 
     def _residuals(
-        self, x: Tensor, branch: Tensor | None, sublayers: list[tuple[nn.Module, Callable[[Tensor], Tensor]]]
-    ) -> tuple[Tensor, Tensor | None]:
+        self,
+        x: Tensor,
+        branch: Tensor | Pending | None,
+        sublayers: list[tuple[nn.Module, Callable[[Tensor], Tensor | Pending]]],
+    ) -> tuple[Tensor, Tensor | Pending | None]:
         """The sublayers (norm, f) with their residual connections on x + branch: pre-norm
         x + f(norm(x)) each, the last sum left to the caller (x, its branch); post-norm
         norm(x + f(x)) each (x, None)."""
         dropout = self.dropout if self.dropout.p else None  # no call at all when it is off
         if not self.prenorm:
-            x = x if branch is None else x + branch
+            x = x if branch is None else x + settled(branch)
             for norm, fn in sublayers:
-                h = fn(x)
+                h = settled(fn(x))
                 x = norm(x + (dropout(h) if dropout is not None else h))
             return x, None
         # a residual sum and the next norm in one pass (added_normed); under CPU bf16 autocast
@@ -274,7 +308,7 @@ class TransformerBlock(nn.Module):
         for i, (_, fn) in enumerate(sublayers):
             branch = fn(h)
             if dropout is not None:
-                branch = dropout(branch)
+                branch = dropout(settled(branch))
             if i + 1 < len(sublayers):
                 x, h = added_normed(sublayers[i + 1][0], x, branch)
         return x, branch

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..kernels.linear import hooked
-from ..kernels.norm import added_normed
+from ..kernels.norm import added_normed, settled
 from .heads import LMHead, MLMHead, make_head
 from .kv_cache import KVCache, ModelCache
 from .layers import RMSNorm, TransformerBlock, make_norm
@@ -214,7 +214,7 @@ class TransformerStack(nn.Module):
         if branch is not None and self.norm is not None:  # the last branch and the final norm
             x = added_normed(self.norm, x, branch, low=False)[1]
         elif branch is not None:
-            x = x + branch
+            x = x + settled(branch)
         elif self.norm is not None:
             x = self.norm(x)
         if packing is not None:
