@@ -2,8 +2,10 @@
 native.c section 6b): s = x + h and LayerNorm(s) with PyTorch's values and gradients in float32;
 under CPU bf16 autocast with a bf16 branch h, the norm the same as normed(norm, x + h) and h's
 gradient x's rounded to bf16; second derivatives, an unused sum, threads, when it applies, and
-decoders and encoder-decoders (dropout on) training the same with and without it. Skipped where
-the kernels cannot be built here."""
+decoders and encoder-decoders (dropout on) training the same with and without it; a branch whose
+projection's bias is pending (GPT-2's wiring): the bias added in the pass and its gradient summed
+there, models training the same, and where the bias stays in its projection. Skipped where the
+kernels cannot be built here."""
 
 from __future__ import annotations
 
@@ -326,8 +328,9 @@ def test_pending_bias_second_derivatives() -> None:
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def biased_decoder(**overrides: object) -> Transformer:
-    """GPT-2's wiring: biased projections, pre-norm, learned positions, tanh GELU, no dropout."""
+def biased_model(**overrides: object) -> Transformer:
+    """GPT-2's wiring (a decoder unless told): biased projections, pre-norm, learned positions, tanh
+    GELU, no dropout."""
     settings = dict(
         arch="decoder", vocab_size=64, max_seq_len=32, embed_dim=64, num_layers=2, num_heads=4,
         dropout=0.0, attn_dropout=0.0, bias=True, activation="gelu_tanh", position="learned",
@@ -358,28 +361,33 @@ def deferred(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def biased_step(model: Transformer, ids: torch.Tensor, *, bf16: bool = False) -> tuple[float, torch.Tensor]:
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = model(ids[:, :-1]).logits
-    loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        if model.config.arch == "encoder_decoder":
+            logits, target = model(ids[:, :8], decoder_input_ids=ids[:, 8:-1]).logits, ids[:, 9:]
+        else:
+            logits, target = model(ids[:, :-1]).logits, ids[:, 1:]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
     loss.backward()
     return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_biased_decoder_trains_the_same_with_its_biases_pending(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
-    """The attention's and the MLP's output projections leave their biases to the next "add &
-    norm" (the final norm's for the last block): the same loss and gradients as with the biases
-    added by the projections."""
+@pytest.mark.parametrize(("arch", "bf16"), [("decoder", False), ("decoder", True), ("encoder_decoder", False)])
+def test_biased_model_trains_the_same_with_its_biases_pending(monkeypatch: pytest.MonkeyPatch, arch: str, bf16: bool) -> None:
+    """The attention's (self and cross) and the MLP's output projections leave their biases to the
+    next "add & norm" (the final norm's for a stack's last block): the same loss and gradients as
+    with the biases added by the projections."""
     from lmforge.model import attention as attention_module
     from lmforge.model import layers as layers_module
 
     ids = torch.randint(0, 64, (3, 17))
     calls = deferred(monkeypatch)
-    pending = biased_step(biased_decoder(), ids, bf16=bf16)
-    assert len(calls) == 4  # 2 blocks × (attention, MLP)
+    extra = {"arch": arch, "prenorm": True}
+    pending = biased_step(biased_model(**extra), ids, bf16=bf16)
+    # 2 blocks × (attention, MLP); an encoder-decoder's decoder blocks add cross-attention's
+    assert len(calls) == (4 if arch == "decoder" else 4 + 6)
     plain = lambda layer, x: (layers_module.project(layer, x), None)  # noqa: E731
     monkeypatch.setattr(layers_module, "project_unbiased", plain)
     monkeypatch.setattr(attention_module, "project_unbiased", plain)
-    added = biased_step(biased_decoder(), ids, bf16=bf16)
+    added = biased_step(biased_model(**extra), ids, bf16=bf16)
     assert pending[0] == pytest.approx(added[0], rel=1e-3 if bf16 else 1e-6)
     assert F.cosine_similarity(pending[1], added[1], dim=0) > (0.999 if bf16 else 0.999999)
 
@@ -390,11 +398,11 @@ def test_biases_stay_in_their_projections_where_they_must(monkeypatch: pytest.Mo
     a block called whole returns its whole output."""
     ids = torch.randint(0, 64, (2, 16))
     calls = deferred(monkeypatch)
-    model = biased_decoder()
+    model = biased_model()
     reference = model(ids).logits
     assert len(calls) == 4
     calls.clear()
-    biased_decoder(dropout=0.1)(ids)
+    biased_model(dropout=0.1)(ids)
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, reference, atol=1e-5)
     assert calls == []
