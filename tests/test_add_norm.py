@@ -330,14 +330,19 @@ def test_pending_bias_second_derivatives() -> None:
 
 def biased_model(**overrides: object) -> Transformer:
     """GPT-2's wiring (a decoder unless told): biased projections, pre-norm, learned positions, tanh
-    GELU, no dropout."""
+    GELU, no dropout; the biases random (they start at zero), so that leaving one out would show."""
     settings = dict(
         arch="decoder", vocab_size=64, max_seq_len=32, embed_dim=64, num_layers=2, num_heads=4,
         dropout=0.0, attn_dropout=0.0, bias=True, activation="gelu_tanh", position="learned",
     )  # fmt: skip
     settings.update(overrides)
     torch.manual_seed(0)
-    return Transformer(ModelConfig(**settings))
+    model = Transformer(ModelConfig(**settings))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, 0.5)
+    return model
 
 
 def deferred(monkeypatch: pytest.MonkeyPatch) -> list[int]:
