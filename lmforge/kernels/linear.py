@@ -15,6 +15,8 @@ it is; :func:`project_unbiased` leaves such a layer's bias to the caller (a pre-
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -121,10 +123,22 @@ def project(layer: nn.Module, x: Tensor) -> Tensor:
     return layer(x)
 
 
-def project_unbiased(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
-    """(x Wᵀ, b) for a plain ``nn.Linear`` with a bias and without hooks, the bias left for the
-    caller to add (:func:`lmforge.kernels.norm.added_normed` adds it in its own pass); else
-    (``project(layer, x)``, None), the bias (if any) already in."""
+class Pending(NamedTuple):
+    """A residual branch whose projection's bias is still to be added: the branch is h + bias."""
+
+    h: Tensor
+    bias: Tensor
+
+
+def settled(branch: Tensor | Pending) -> Tensor:
+    """The branch's value: h + bias for a :class:`Pending` one, else the branch itself."""
+    return branch.h + branch.bias if isinstance(branch, Pending) else branch
+
+
+def project_unbiased(layer: nn.Module, x: Tensor) -> Tensor | Pending:
+    """``Pending(x Wᵀ, b)`` for a plain ``nn.Linear`` with a bias and without hooks, the bias left
+    for the caller to add (:func:`lmforge.kernels.norm.added_normed` adds it in its own pass); else
+    ``project(layer, x)``, the bias (if any) already in."""
     if type(layer) is nn.Linear and layer.bias is not None and not hooked(layer):
-        return linear(x, layer.weight), layer.bias
-    return project(layer, x), None
+        return Pending(linear(x, layer.weight), layer.bias)
+    return project(layer, x)

@@ -12,7 +12,7 @@
   float32 first under autocast), read the sum again for the norm, and on the way back add the
   two gradients and cast the branch's copy, each a pass of its own.
 
-A branch may come as :class:`Pending` (h, bias): the output of a projection whose bias is still
+A branch may come as :class:`~lmforge.kernels.linear.Pending` (h, bias): the output of a projection whose bias is still
 to be added. The pass adds it into the sum, and its gradient (the column sums of the sum's
 gradient) comes out of the backward pass: the projection then runs as a plain product, not as
 ``addmm``, whose bias is first copied into its output and read again, and no separate sum over the
@@ -25,28 +25,14 @@ float32."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import block_kernels
-from .linear import bf16_autocast, hooked
+from .linear import Pending, bf16_autocast, hooked
 
 MULTIPLE = 16  # the widths the kernel takes: whole vectors of either width (8 or 16 floats)
-
-
-class Pending(NamedTuple):
-    """A residual branch whose projection's bias is still to be added: the branch is h + bias."""
-
-    h: Tensor
-    bias: Tensor
-
-
-def settled(branch: Tensor | Pending) -> Tensor:
-    """The branch's value: h + bias for a :class:`Pending` one, else the branch itself."""
-    return branch.h + branch.bias if isinstance(branch, Pending) else branch
 
 
 def _fits(norm: nn.Module, x: Tensor) -> bool:
@@ -114,10 +100,10 @@ def _forward(  # noqa: ANN202
     return s, y, mean, rstd
 
 
-def _backward(saved: tuple, dy: Tensor, ds: Tensor | None, h_half: bool, wants: tuple[bool, ...]):  # noqa: ANN202
+def _backward(saved: tuple, dy: Tensor, ds: Tensor | None, h_half: bool, wants: tuple[bool, bool, bool]):  # noqa: ANN202
     """(dx, dh or None, dweight, dbias, dh_bias) in one pass from the saved (s, weight, bias, mean,
     rstd); dh in bf16 when h_half, else None (dx is h's gradient too); wants: the weight's, the
-    bias's and (a third flag) the branch bias's gradients asked for (dx's column sums)."""
+    bias's and the branch bias's gradients asked for (the last: dx's column sums)."""
     s, weight, bias, mean, rstd = saved
     dim = s.shape[-1]
     rows = s.numel() // dim
@@ -127,7 +113,7 @@ def _backward(saved: tuple, dy: Tensor, ds: Tensor | None, h_half: bool, wants: 
     dh = torch.empty(s.shape, dtype=torch.bfloat16) if h_half else None
     dweight = torch.zeros(dim, dtype=torch.float32) if weight is not None and wants[0] else None
     dbias = torch.zeros(dim, dtype=torch.float32) if bias is not None and wants[1] else None
-    dh_bias = torch.zeros(dim, dtype=torch.float32) if len(wants) > 2 and wants[2] else None
+    dh_bias = torch.zeros(dim, dtype=torch.float32) if wants[2] else None
     failed = block_kernels().layer_norm_backward(
         dy.data_ptr(), dy.dtype is torch.bfloat16, None if ds is None else ds.data_ptr(), s.data_ptr(),
         None if weight is None else weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
@@ -165,7 +151,7 @@ class _LayerNorm(torch.autograd.Function):
             with torch.enable_grad():
                 y = F.layer_norm(x, (x.shape[-1],), weight, bias, ctx.eps).to(torch.bfloat16)
                 return (*_again([y], [dy], (x, weight, bias)), None)
-        wants = (ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        wants = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], False)
         dx, _, dweight, dbias, _ = _backward(ctx.saved_tensors, dy.to(torch.bfloat16), None, False, wants)
         return dx, dweight, dbias, None
 
@@ -209,13 +195,13 @@ def normed(norm: nn.Module, x: Tensor) -> Tensor:
     return _LayerNorm.apply(x, norm.weight, norm.bias, float(norm.eps))
 
 
-def added_normed(norm: nn.Module, x: Tensor, h: Tensor | Pending, *, low: bool = True) -> tuple[Tensor, Tensor]:
+def added_normed(norm: nn.Module, x: Tensor, branch: Tensor | Pending, *, low: bool = True) -> tuple[Tensor, Tensor]:
     """``(x + h, normed(norm, x + h))``, in one native pass each way where :func:`sum_applies`
     says so: the norm's output in bf16 under CPU bf16 autocast, as :func:`normed` gives it, or
-    in float32 with ``low=False`` (``norm(x + h)``: a stack's final norm). A :class:`Pending`
+    in float32 with ``low=False`` (``norm(x + h)``: a stack's final norm). A :class:`~lmforge.kernels.linear.Pending`
     branch (h, bias) is h + bias, the bias added in the same pass."""
-    h, h_bias = (h.h, h.bias) if isinstance(h, Pending) else (h, None)
+    h, h_bias = branch if isinstance(branch, Pending) else (branch, None)
     if not sum_applies(norm, x, h, h_bias):
-        s = x + h if h_bias is None else x + h + h_bias
+        s = x + h if h_bias is None else x + h + h_bias  # (x + h) + b, the kernel's order
         return s, normed(norm, s) if low else norm(s)
     return _AddNorm.apply(x, h, h_bias, norm.weight, norm.bias, float(norm.eps), low and bf16_autocast())

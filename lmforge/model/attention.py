@@ -44,8 +44,7 @@ from torch import Tensor, nn
 
 from ..kernels import block_kernels, decode_attention
 from ..kernels.causal import causal_attention, native_causal_attention
-from ..kernels.linear import bf16_autocast, linear, project, project_unbiased
-from ..kernels.norm import Pending
+from ..kernels.linear import Pending, bf16_autocast, linear, project, project_unbiased
 from .kv_cache import KVCache
 from .packing import Packing
 from .positions import apply_rotary
@@ -174,7 +173,7 @@ class SelfAttention(nn.Module):
                 :mod:`~lmforge.model.packing`): the projections run on those rows, attention on
                 the padded layout, and Y comes back as rows (N, E).
             unbiased: where the output projection is a plain biased ``nn.Linear``, return Y as
-                :class:`~lmforge.kernels.norm.Pending` (Y without the bias, the bias): for a
+                :class:`~lmforge.kernels.linear.Pending` (Y without the bias, the bias): for a
                 pre-norm block's "add & norm" to add it (not with ``need_weights``).
 
         Returns:
@@ -259,12 +258,8 @@ class SelfAttention(nn.Module):
         return (y, weights) if need_weights else y
 
     def _project_out(self, out: Tensor, unbiased: bool) -> Tensor | Pending:
-        """Y = out W_O (+ b_O), or Pending(out W_O, b_O) when ``unbiased`` and the projection
-        is a plain biased ``nn.Linear``."""
-        if not unbiased:
-            return project(self.out_proj, out)
-        y, bias = project_unbiased(self.out_proj, out)
-        return y if bias is None else Pending(y, bias)
+        """Y = out W_O (+ b_O); with ``unbiased``, :func:`~lmforge.kernels.linear.project_unbiased`'s."""
+        return project_unbiased(self.out_proj, out) if unbiased else project(self.out_proj, out)
 
     def _causal_natively(
         self,

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..kernels.activation import gelu
-from ..kernels.linear import hooked, project, project_unbiased
-from ..kernels.norm import Pending, added_normed, normed, settled
+from ..kernels.linear import Pending, hooked, project, project_unbiased, settled
+from ..kernels.norm import added_normed, normed
 from .attention import SelfAttention, one_new_token
 from .kv_cache import KVCache
 from .packing import Packing
@@ -113,11 +113,10 @@ class MLP(nn.Module):
         return project(self.down_proj, self._hidden(x))
 
     def branch(self, x: Tensor) -> Tensor | Pending:
-        """``forward(x)``, or as :class:`~lmforge.kernels.norm.Pending` (x W_downᵀ, b_down) where
+        """``forward(x)``, or as :class:`~lmforge.kernels.linear.Pending` (x W_downᵀ, b_down) where
         the down projection is a plain biased ``nn.Linear``: its bias for the block's "add & norm"
         to add."""
-        out, bias = project_unbiased(self.down_proj, self._hidden(x))
-        return out if bias is None else Pending(out, bias)
+        return project_unbiased(self.down_proj, self._hidden(x))
 
     def _hidden(self, x: Tensor) -> Tensor:
         if self.gate_proj is not None:
@@ -208,7 +207,7 @@ class TransformerBlock(nn.Module):
         block on x + branch (x alone when branch is None), its last residual branch returned
         unadded (None after a post-norm block): a stack of pre-norm blocks adds it together with
         the next block's first norm, in one pass (:func:`~lmforge.kernels.norm.added_normed`).
-        A branch may be :class:`~lmforge.kernels.norm.Pending`: its projection's bias still to be
+        A branch may be :class:`~lmforge.kernels.linear.Pending`: its projection's bias still to be
         added, by that same pass (pre-norm blocks in training, without dropout).
 
         With ``packing``, x holds the real tokens' rows (N, E) and keeps that shape.
@@ -235,9 +234,13 @@ class TransformerBlock(nn.Module):
             and not need_weights
         )
 
+        def leaves_bias(module: nn.Module | None, kind: type) -> dict[str, bool]:
+            """``unbiased=True`` for a sublayer of its own kind without hooks (else nothing: a
+            replaced module may not take the keyword)."""
+            return {"unbiased": True} if unbiased and type(module) is kind and not hooked(module) else {}
+
         def self_attention(h: Tensor) -> Tensor | Pending:
             nonlocal self_weights
-            plain = unbiased and type(self.self_attn) is SelfAttention and not hooked(self.self_attn)
             out = self.self_attn(
                 h,
                 attention_mask=attention_mask,
@@ -246,7 +249,7 @@ class TransformerBlock(nn.Module):
                 kv_cache=kv_cache,
                 need_weights=need_weights,
                 packing=packing,
-                **({"unbiased": True} if plain else {}),
+                **leaves_bias(self.self_attn, SelfAttention),
             )
             if need_weights:
                 out, self_weights = out
@@ -255,7 +258,6 @@ class TransformerBlock(nn.Module):
         def cross_attention(h: Tensor) -> Tensor | Pending:
             nonlocal cross_weights
             assert self.cross_attn is not None
-            plain = unbiased and type(self.cross_attn) is SelfAttention and not hooked(self.cross_attn)
             out = self.cross_attn(
                 h,
                 memory,
@@ -263,16 +265,14 @@ class TransformerBlock(nn.Module):
                 kv_cache=cross_kv_cache,
                 need_weights=need_weights,
                 packing=packing,
-                **({"unbiased": True} if plain else {}),
+                **leaves_bias(self.cross_attn, SelfAttention),
             )
             if need_weights:
                 out, cross_weights = out
             return out
 
         def mlp(h: Tensor) -> Tensor | Pending:
-            if unbiased and type(self.mlp) is MLP and not hooked(self.mlp):
-                return self.mlp.branch(h)
-            return self.mlp(h)
+            return self.mlp.branch(h) if leaves_bias(self.mlp, MLP) else self.mlp(h)
 
         if self.cross_attn is not None and memory is None:
             raise ValueError("this block has cross-attention: pass the encoder output as memory")

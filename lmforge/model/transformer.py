@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from ..kernels.linear import hooked
-from ..kernels.norm import added_normed, settled
+from ..kernels.linear import hooked, settled
+from ..kernels.norm import added_normed
 from .heads import LMHead, MLMHead, make_head
 from .kv_cache import KVCache, ModelCache
 from .layers import RMSNorm, TransformerBlock, make_norm
